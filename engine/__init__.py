@@ -1,0 +1,34 @@
+"""pdserve's inference engine: a Llama-family model over a paged KV cache."""
+
+from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.config import CacheConfig, EngineConfig, EngineMode, ModelConfig, SchedulerConfig
+from engine.engine import Engine, EngineStats, StepKVHook
+from engine.llm import LLM, CompletionOutput
+from engine.model.registry import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
+from engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "LLM",
+    "BlockManager",
+    "CacheConfig",
+    "CompletionOutput",
+    "Engine",
+    "EngineConfig",
+    "EngineMode",
+    "EngineStats",
+    "FinishReason",
+    "ModelConfig",
+    "NoFreeBlocksError",
+    "Request",
+    "RequestOutput",
+    "RequestStatus",
+    "SamplingParams",
+    "ScheduledBatch",
+    "ScheduledRequest",
+    "SchedulerConfig",
+    "StepKVHook",
+    "resolve_model",
+]

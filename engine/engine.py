@@ -1,0 +1,160 @@
+"""The engine: requests in, tokens out, one `step()` at a time. No I/O, no threads.
+
+Life of a request (DESIGN §2, §4):
+1. `add_request` validates it and queues it (mixed and decode-only modes run prompts
+   locally; prefill-only mode runs only prompts).
+   Decode-only mode also has `reserve`: blocks are held for a prompt whose KV a KV receiver
+   writes into `kv_cache`, then `admit_prefilled` hands over the first token.
+2. `step()` = schedule -> run the model -> sample -> update. Each call returns the tokens
+   produced this step, one `RequestOutput` per request that sampled.
+3. A request leaves when it finishes (its last `RequestOutput` has `finished=True`) or is
+   aborted. Either way its blocks are back in the block manager before the call returns.
+
+Threading: an Engine is not thread-safe. A worker drives it from one thread and applies
+control calls (add, abort, reserve) between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, EngineMode
+from engine.kv_cache import PagedKVCache, plan_layout
+from engine.model.llama import LayerKVHook
+from engine.request import Request, SamplingParams
+from engine.runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import RequestOutput, ScheduledBatch, Scheduler
+
+# Given the step's batch before the model runs, returns the per-layer KV hook for that step
+# (or None). Prefill workers use it to stream each layer's KV while later layers compute.
+StepKVHook = Callable[[ScheduledBatch], LayerKVHook | None]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load counters a router reads to place requests."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    num_reserved: int
+    num_queued_prefill_tokens: int
+    num_preemptions: int
+    num_prefix_query_tokens: int
+    num_prefix_hit_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        q = self.num_prefix_query_tokens
+        return self.num_prefix_hit_tokens / q if q else 0.0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.manual_seed(config.seed)
+        layout = plan_layout(config.model, config.cache, config.torch_dtype)
+        self.runner = ModelRunner(config, layout)
+        self.block_manager = BlockManager(
+            layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.block_manager,
+            max_model_len=config.model.max_model_len,
+            eos_token_ids=config.model.eos_token_ids,
+        )
+        self.sampler = Sampler(config.seed, self.runner.device)
+
+    @property
+    def mode(self) -> EngineMode:
+        return self.config.scheduler.mode
+
+    @property
+    def kv_cache(self) -> PagedKVCache:
+        return self.runner.kv_cache
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Queue a request. Raises ValueError for bad input; nothing is allocated then."""
+        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params))
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> list[int]:
+        """Decode-only: hold blocks for the prompt's KV and return their ids.
+
+        The caller writes the prompt's KV (positions 0..n-1) into those blocks of `kv_cache`
+        and then calls `admit_prefilled`, or gives up with `abort`. The engine keeps ownership
+        of the blocks throughout and frees them itself; the caller never frees them.
+        Raises NoFreeBlocksError when they do not fit now, ValueError for bad input.
+        """
+        return self.scheduler.reserve(self._new_request(request_id, prompt_token_ids, params))
+
+    def admit_prefilled(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """Decode-only: the reserved request's KV is in place; decode from the next step on."""
+        output = self.scheduler.admit_prefilled(request_id, first_token_id)
+        if output.finished:
+            self.sampler.forget(request_id)
+        return output
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state, freeing its blocks. Idempotent (False if unknown)."""
+        self.sampler.forget(request_id)
+        return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, kv_hook: StepKVHook | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        logits = self.runner.execute(batch, kv_hook(batch) if kv_hook else None)
+        sampling = [s.request for s in batch.requests if s.samples]
+        tokens = iter(
+            self.sampler.sample(
+                logits,
+                [r.request_id for r in sampling],
+                [r.sampling_params for r in sampling],
+            )
+        )
+        sampled = [next(tokens) if s.samples else None for s in batch.requests]
+        outputs = self.scheduler.update(batch, sampled)
+        for out in outputs:
+            if out.finished:
+                self.sampler.forget(out.request_id)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_total_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_reserved=len(s.reserved),
+            num_queued_prefill_tokens=s.num_queued_prefill_tokens,
+            num_preemptions=s.num_preemptions,
+            num_prefix_query_tokens=s.num_prefix_query_tokens,
+            num_prefix_hit_tokens=s.num_prefix_hit_tokens,
+        )
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        tokens = [int(t) for t in prompt_token_ids]
+        vocab = self.config.model.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return Request(request_id, tokens, params)

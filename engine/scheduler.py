@@ -1,0 +1,328 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption.
+
+Life of a request in the scheduler:
+1. WAITING    `add` queues it (FCFS). A preempted request goes back to the head of the queue.
+2. (RESERVED) decode-only: `reserve` holds blocks for a prompt whose KV is written from
+              outside; `admit_prefilled` moves it to RUNNING with its first token.
+3. RUNNING    each step gives it `min(uncomputed tokens, budget left)` tokens: a prompt is
+              prefilled in chunks, then it decodes one token per step. Admission first takes
+              the longest cached prefix (full blocks) from the block manager.
+4. FINISHED   EOS, a stop token, max_tokens or the model's length (prefill-only: after the
+              first token). Its blocks are freed in the same step; computed full blocks stay
+              in the prefix cache until evicted.
+
+Each step schedules running requests first (decodes cost one token each, so they are never
+starved by a long prompt, as in Sarathi-Serve), then admits waiting ones while the token
+budget and `max_num_seqs` allow. When blocks run out, the newest running request is
+preempted by recompute: its blocks are freed and it is re-queued, so the engine never
+deadlocks and never writes into a block another request owns.
+
+Ownership: the scheduler holds exactly one block-manager reference per id in each live
+request's `block_ids` and gives it back when the request leaves (finish, abort, preempt).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
+from engine.config import EngineMode, SchedulerConfig
+from engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int  # first token position computed this step
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the request's last known token, so it samples one."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    requests: list[ScheduledRequest]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        eos_token_ids: Sequence[int],
+    ):
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.reserved: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    # -- entry points ------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self._check_new(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def reserve(self, request: Request) -> list[int]:
+        """Decode-only: hold blocks for the prompt's KV, which the caller writes in.
+
+        Returns the block ids (a copy; the scheduler keeps the references). The caller
+        must end the reservation with `admit_prefilled` or `abort`; either way the blocks
+        are freed by the scheduler, never by the caller.
+        Raises NoFreeBlocksError when the prompt does not fit now.
+        """
+        if self.config.mode is not EngineMode.DECODE_ONLY:
+            raise ValueError(f"reserve needs a decode-only engine, this one is {self.config.mode}")
+        self._check_new(request)
+        num_blocks = self.block_manager.blocks_needed(request.num_prompt_tokens)
+        request.block_ids = self.block_manager.allocate(num_blocks)
+        request.status = RequestStatus.RESERVED
+        self.requests[request.request_id] = request
+        self.reserved[request.request_id] = request
+        return list(request.block_ids)
+
+    def admit_prefilled(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """Decode-only: the prompt's KV is in the reserved blocks; start decoding.
+
+        The prompt's full blocks join the prefix cache. If the first token already ends the
+        request (EOS, max_tokens=1), it finishes here and its blocks are freed.
+        """
+        request = self.reserved.pop(request_id, None)
+        if request is None:
+            raise ValueError(f"no reservation for request {request_id!r}")
+        request.num_computed_tokens = request.num_prompt_tokens
+        self._register_full_blocks(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return self._append_token(request, first_token_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state and free its blocks. Idempotent: False if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        elif request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.RESERVED:
+            del self.reserved[request_id]
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    # -- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_uncomputed_tokens, budget)
+            while not self._grow(request, request.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+            i += 1
+
+        while (
+            self.waiting
+            and budget > 0
+            and not preempted
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            admitted = self._admit(self.waiting[0], budget)
+            if admitted is None:
+                break
+            self.waiting.popleft()
+            self.running.append(admitted.request)
+            scheduled.append(admitted)
+            budget -= admitted.num_new_tokens
+
+        return ScheduledBatch(scheduled, preempted)
+
+    def update(
+        self, batch: ScheduledBatch, sampled_token_ids: Sequence[int | None]
+    ) -> list[RequestOutput]:
+        """Record a step's results. `sampled_token_ids[i]` is the token sampled for
+        `batch.requests[i]`, or None where that request did not sample this step."""
+        outputs = []
+        for item, token_id in zip(batch.requests, sampled_token_ids, strict=True):
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # aborted while its step ran
+            request.num_computed_tokens = item.end
+            self._register_full_blocks(request)
+            if token_id is not None:
+                outputs.append(self._append_token(request, token_id))
+        return outputs
+
+    # -- counters ----------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed (waiting and partly prefilled requests)."""
+        waiting = sum(r.num_tokens for r in self.waiting)
+        return waiting + sum(r.num_uncomputed_tokens for r in self.running if r.is_prefilling)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check_new(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not request.prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; the model's maximum length is "
+                f"{self.max_model_len}, which must leave room for at least one new token"
+            )
+        bm = self.block_manager
+        if bm.blocks_needed(request.num_prompt_tokens + 1) > bm.num_blocks:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; the KV cache holds only "
+                f"{bm.num_blocks * bm.block_size}"
+            )
+
+    def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
+        bm = self.block_manager
+        # Keep the last token out of the cache lookup: it must be computed to sample.
+        max_hit_blocks = (request.num_tokens - 1) // bm.block_size
+        hits, hashes = bm.match_prefix(request.all_token_ids, max_hit_blocks)
+        num_cached = len(hits) * bm.block_size
+        num_new = min(request.num_tokens - num_cached, budget)
+        num_fresh = bm.blocks_needed(num_cached + num_new) - len(hits)
+        if num_fresh > bm.num_free_after_acquire(hits):
+            return None
+        bm.acquire(hits)
+        request.block_ids = hits + bm.allocate(num_fresh)
+        request.block_hashes = hashes
+        request.num_computed_tokens = num_cached
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_cached
+            self.num_prefix_query_tokens += request.num_prompt_tokens
+            self.num_prefix_hit_tokens += num_cached
+        request.status = RequestStatus.RUNNING
+        return ScheduledRequest(request, num_cached, num_new)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        bm = self.block_manager
+        missing = bm.blocks_needed(num_tokens) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > bm.num_free_blocks:
+            return False
+        request.block_ids += bm.allocate(missing)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.block_ids)
+        request.block_ids = []
+        request.block_hashes = []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _register_full_blocks(self, request: Request) -> None:
+        bm = self.block_manager
+        bs = bm.block_size
+        num_full = request.num_computed_tokens // bs
+        while len(request.block_hashes) < num_full:
+            i = len(request.block_hashes)
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            tokens = request.token_ids_slice(i * bs, (i + 1) * bs)
+            block_hash = hash_block(parent, tokens)
+            bm.register(request.block_ids[i], block_hash, tokens)
+            request.block_hashes.append(block_hash)
+
+    def _append_token(self, request: Request, token_id: int) -> RequestOutput:
+        request.output_token_ids.append(token_id)
+        status = self._stop_status(request, token_id)
+        if status is not None:
+            self.running.remove(request)
+            self._finish(request, status)
+        return RequestOutput(
+            request.request_id,
+            (token_id,),
+            finished=status is not None,
+            finish_reason=FinishReason.of(status) if status else None,
+        )
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if self.config.mode is EngineMode.PREFILL_ONLY:
+            return RequestStatus.FINISHED_PREFILLED
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.block_manager.free(request.block_ids)
+        request.block_ids = []
+        request.status = status
+        del self.requests[request.request_id]
+
+
+__all__ = [
+    "NoFreeBlocksError",
+    "RequestOutput",
+    "ScheduledBatch",
+    "ScheduledRequest",
+    "Scheduler",
+]
