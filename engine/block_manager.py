@@ -60,7 +60,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, token_ids: Sequence[int], max_blocks: int) -> tuple[list[int], list[int]]:
+    def match_prefix(
+        self, token_ids: Sequence[int], max_blocks: int
+    ) -> tuple[list[int], list[int]]:
         """Longest run of leading full blocks of `token_ids` whose KV is cached.
 
         Looks at no more than `max_blocks` blocks. Returns `(block_ids, hashes)`; the blocks

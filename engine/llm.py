@@ -123,11 +123,14 @@ class LLM:
             if params.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer; this model folder has none")
         request_ids = [f"gen-{next(self._ids)}" for _ in token_lists]
-        trackers = {rid: _StopTracker(self.tokenizer, p) for rid, p in zip(request_ids, param_list)}
+        trackers = {
+            rid: _StopTracker(self.tokenizer, p)
+            for rid, p in zip(request_ids, param_list, strict=True)
+        }
         results: dict[str, CompletionOutput] = {}
         cached: dict[str, int] = {}
         try:
-            for rid, tokens, params in zip(request_ids, token_lists, param_list):
+            for rid, tokens, params in zip(request_ids, token_lists, param_list, strict=True):
                 self.engine.add_request(rid, tokens, params)
                 cached[rid] = 0
             while len(results) < len(request_ids):
@@ -145,7 +148,7 @@ class LLM:
                 self.engine.abort(rid)
         return [
             replace(results[rid], prompt_token_ids=tokens)
-            for rid, tokens in zip(request_ids, token_lists)
+            for rid, tokens in zip(request_ids, token_lists, strict=True)
         ]
 
     def _collect_cache_hits(self, cached: dict[str, int]) -> None:

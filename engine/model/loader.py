@@ -23,7 +23,9 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def load_model(
+    cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype
+) -> LlamaForCausalLM:
     """Construct the model without initialising weights, then load every parameter.
 
     Raises ValueError naming the folder and the first missing or misshapen tensors.

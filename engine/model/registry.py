@@ -73,6 +73,7 @@ def ensure_converted(model: BuiltinModel, *, verbose: bool = True) -> Path:
     gguf_path = _find_gguf(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
         _convert(gguf_path, tmp, verbose=verbose)
         try:

