@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+if not __package__:
+    # Run as a file, this script's folder comes first on sys.path and its own name would
+    # shadow the `engine` package: put the repository root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from engine import LLM, SamplingParams, resolve_model
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams, resolve_model  # noqa: E402
 
 
 def _median_time(fn, repeats: int) -> float:

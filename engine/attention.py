@@ -103,17 +103,19 @@ class SdpaBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SdpaMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
+        # NOTE: 4-D inputs (a batch dim of 1) select torch's fused CPU kernel; 3-D ones fall
+        # back to the unfused math path, which is several times slower.
         for p in meta.prefills:
-            qs = q[p.q_start : p.q_end].transpose(0, 1)  # [heads, n, head_dim]
+            qs = q[p.q_start : p.q_end].transpose(0, 1)[None]  # [1, heads, n, head_dim]
             if p.block_table is None:
-                ks = k[p.q_start : p.q_end].transpose(0, 1)
-                vs = v[p.q_start : p.q_end].transpose(0, 1)
+                ks = k[p.q_start : p.q_end].transpose(0, 1)[None]
+                vs = v[p.q_start : p.q_end].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)
-                vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)
+                ks = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
+                vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
-            out[p.q_start : p.q_end] = o.transpose(0, 1)
+            out[p.q_start : p.q_end] = o[0].transpose(0, 1)
         if meta.decode_index.numel():
             qd = q[meta.decode_index][:, :, None]  # [batch, heads, 1, head_dim]
             kd = k_cache[meta.decode_block_table].flatten(1, 2)  # [batch, ctx, kv_heads, d]

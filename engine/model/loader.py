@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
+from engine.model.cpu_linear import pack_linears
 from engine.model.llama import LlamaForCausalLM
 
 
@@ -57,4 +58,6 @@ def load_model(
             )
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
+    if torch.device(device).type == "cpu":
+        pack_linears(model)
     return model.eval()

@@ -98,3 +98,20 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
         assert out.token_ids == hf_greedy(smollm2_hf, out.prompt_token_ids, 32)
     assert "Paris" in outs[0].text
     assert_no_leaks(smollm2_llm.engine)
+
+
+def test_packed_cpu_linears_match_plain_linear():
+    from torch import nn
+
+    from engine.model.cpu_linear import PackedLinear, onednn_available, pack_linears
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        ref = model(x)
+        assert pack_linears(model) == 2
+        assert isinstance(model[0], PackedLinear) and isinstance(model[2], PackedLinear)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
