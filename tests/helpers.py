@@ -13,6 +13,7 @@ from engine.scheduler import ScheduledBatch
 def make_engine(model_dir: Path, *, block_size: int = 4, num_blocks: int = 256,
                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                 enable_prefix_caching: bool = True, **scheduler_kw) -> Engine:
+    """A CPU engine on `model_dir`; `scheduler_kw` go to SchedulerConfig (e.g. mode)."""
     return Engine(EngineConfig(
         model=ModelConfig.from_pretrained(model_dir),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
