@@ -64,11 +64,19 @@ class SdpaMetadata:
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]
     decode_context_len: int  # exact context length when there is a single decode
+    decode_lens: torch.Tensor  # [num_decodes] context length of each decode
 
 
 class SdpaBackend(AttentionBackend):
     """torch.nn.functional.scaled_dot_product_attention. Decode queries (one new token after
-    a prefix) of a step are batched into one padded call; each prefill chunk gets its own."""
+    a prefix) of a step are batched into one padded call; each prefill chunk gets its own.
+
+    With `decode_kernel` (engine.cpu_kernels, float32 CPU only) decode queries read K and V
+    in place from the paged cache instead of gathering them first.
+    """
+
+    def __init__(self, decode_kernel=None):
+        self.decode_kernel = decode_kernel
 
     def build(self, seqs: list[SeqSlice], block_size: int, device: torch.device) -> SdpaMetadata:
         prefills, decode_index, decode_tables, decode_lens = [], [], [], []
@@ -99,6 +107,7 @@ class SdpaBackend(AttentionBackend):
             decode_block_table=tables,
             decode_mask=mask,
             decode_context_len=decode_lens[0] if len(decode_lens) == 1 else 0,
+            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
         )
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SdpaMetadata) -> torch.Tensor:
@@ -116,7 +125,11 @@ class SdpaBackend(AttentionBackend):
                 vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
             out[p.q_start : p.q_end] = o[0].transpose(0, 1)
-        if meta.decode_index.numel():
+        if meta.decode_index.numel() and self._kernel_fits(q, k_cache):
+            out[meta.decode_index] = self.decode_kernel.paged_decode_attention(
+                q[meta.decode_index], k_cache, v_cache, meta.decode_block_table,
+                meta.decode_lens, q.shape[-1] ** -0.5)
+        elif meta.decode_index.numel():
             qd = q[meta.decode_index][:, :, None]  # [batch, heads, 1, head_dim]
             batch = meta.decode_block_table.shape[0]
             flat = meta.decode_block_table.reshape(-1)
@@ -132,6 +145,11 @@ class SdpaBackend(AttentionBackend):
             )
             out[meta.decode_index] = o[:, :, 0]
         return out
+
+
+    def _kernel_fits(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return (self.decode_kernel is not None and q.device.type == "cpu"
+                and q.dtype == torch.float32 and k_cache.is_contiguous())
 
 
 def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -212,8 +230,13 @@ def flash_attn_available(device: str) -> bool:
     return True
 
 
-def select_backend(device: str, block_size: int) -> AttentionBackend:
-    """flash-attn on CUDA when it imports and the block size suits it; SDPA otherwise."""
+def select_backend(device: str, block_size: int, dtype: torch.dtype) -> AttentionBackend:
+    """flash-attn on CUDA when it imports and the block size suits it; SDPA otherwise, with
+    the in-place paged decode kernel on a float32 CPU engine when it builds."""
     if flash_attn_available(device) and block_size % 256 == 0:
         return FlashAttentionBackend()
+    if device == "cpu" and dtype == torch.float32:
+        from engine.cpu_kernels import paged_decode_kernel
+
+        return SdpaBackend(decode_kernel=paged_decode_kernel())
     return SdpaBackend()

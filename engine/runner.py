@@ -22,7 +22,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model = load_model(config.model, self.device, config.torch_dtype)
         self.kv_cache = PagedKVCache(layout, config.model, config.torch_dtype, self.device)
-        self.backend = select_backend(config.device, layout.block_size)
+        self.backend = select_backend(config.device, layout.block_size, config.torch_dtype)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, hook: LayerKVHook | None = None) -> torch.Tensor:

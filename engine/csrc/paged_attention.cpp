@@ -1,0 +1,101 @@
+// Decode attention straight from the paged KV cache on CPU: one query token per sequence,
+// keys and values read in place through the block table (no gather copy).
+//
+// q        [batch, num_heads, head_dim]                      float32, contiguous
+// k_cache  [num_blocks, block_size, num_kv_heads, head_dim]  float32, contiguous
+// v_cache  same as k_cache
+// table    [batch, max_blocks] int64 block ids
+// lens     [batch] int64 context length of each sequence
+// returns  [batch, num_heads, head_dim]
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor table, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
+                  v_cache.dtype() == torch::kFloat32, "float32 tensors expected");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "contiguous tensors expected");
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t width = table.size(1);
+  auto table_c = table.to(torch::kInt64).contiguous();
+  auto lens_c = lens.to(torch::kInt64).contiguous();
+  auto out = torch::empty_like(q);
+
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* tp = table_c.data_ptr<int64_t>();
+  const int64_t* lp = lens_c.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t token_stride = num_kv_heads * head_dim;  // floats between tokens in a block
+  const float fscale = static_cast<float>(scale);
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "context length ", lp[b],
+                " out of range for ", width, " blocks of ", block_size);
+
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / num_kv_heads, kvh = job % num_kv_heads;
+      const int64_t len = lp[b];
+      const float* q0 = qp + (b * num_heads + kvh * group) * head_dim;
+      scores.assign(group * len, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = tp[b * width + t / block_size] * block_size + t % block_size;
+        const float* kt = kp + slot * token_stride + kvh * head_dim;
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * len + t] = dot(q0 + g * head_dim, kt, head_dim) * fscale;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * len;
+        const float mx = *std::max_element(s, s + len);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = std::exp(s[t] - mx);
+          sum += s[t];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      float* o0 = op + (b * num_heads + kvh * group) * head_dim;
+      std::fill(o0, o0 + group * head_dim, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = tp[b * width + t / block_size] * block_size + t % block_size;
+        const float* vt = vp + slot * token_stride + kvh * head_dim;
+        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vt, o0 + g * head_dim, head_dim);
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention read in place from a paged KV cache (CPU, float32)");
+}
