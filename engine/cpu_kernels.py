@@ -1,11 +1,14 @@
-"""A C++ kernel for decode attention on CPU, compiled once per machine and cached.
+"""C++ kernels for decode on CPU (`csrc/cpu_kernels.cpp`), compiled once per machine.
 
-Decode attention through torch ops must first gather every sequence's KV out of the paged
-cache into a padded tensor, then read it again; at batch 32-64 that copy costs more than
-the attention itself. `csrc/paged_attention.cpp` reads K and V in place through the block
-table instead (about 2-3x faster at batch 32, bench/README.md).
+- `paged_decode_attention`: decode attention through torch ops must first gather every
+  sequence's KV out of the paged cache into a padded tensor, then read it again; at batch
+  32-64 that copy costs more than the attention itself. The kernel reads K and V in place
+  through the block table instead.
+- `skinny_linear`: a linear layer for 1-3 rows streams the weights at close to the memory
+  bandwidth, where MKL and oneDNN reach about a third of it on this kind of CPU.
+Figures in bench/README.md.
 
-The kernel is built with torch's C++ extension loader into
+The module is built with torch's C++ extension loader into
 `$PDSERVE_CACHE_DIR/kernels/<cpu capability>/` the first time an engine starts on a
 machine (about 30 s; needs a C++ compiler and ninja). When the build fails the engine keeps
 the torch-ops path, which gives the same results.
@@ -24,13 +27,13 @@ import torch
 from engine.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}
 
 
 @functools.cache
-def paged_decode_kernel() -> Any | None:
-    """The compiled module (with `paged_decode_attention`), or None if it cannot be built."""
+def cpu_kernels() -> Any | None:
+    """The compiled module, or None if it cannot be built here."""
     try:
         from torch.utils.cpp_extension import load
     except ImportError:
@@ -40,11 +43,11 @@ def paged_decode_kernel() -> Any | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-fopenmp", "-ffast-math", *_ISA_FLAGS.get(capability, [])]
     if not any(build_dir.glob("*.so")):
-        print("pdserve: compiling the CPU paged-attention kernel (once per machine)...",
+        print("pdserve: compiling the CPU decode kernels (once per machine)...",
               file=sys.stderr)
     try:
-        return load("pdserve_paged_attention", [str(SOURCE)], extra_cflags=flags,
+        return load("pdserve_cpu_kernels", [str(SOURCE)], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
     except Exception as e:  # compiler or ninja missing, build error
-        log.warning("CPU paged-attention kernel unavailable (%s); using torch ops", e)
+        log.warning("CPU decode kernels unavailable (%s); using torch ops", e)
         return None

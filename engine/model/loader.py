@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
-from engine.model.cpu_linear import pack_linears
+from engine.cpu_kernels import cpu_kernels
+from engine.model.cpu_linear import optimize_linears
 from engine.model.llama import LlamaForCausalLM
 
 
@@ -58,6 +59,6 @@ def load_model(
             )
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
-    if torch.device(device).type == "cpu":
-        pack_linears(model)
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        optimize_linears(model, cpu_kernels())
     return model.eval()

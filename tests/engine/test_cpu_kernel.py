@@ -1,17 +1,18 @@
-"""The in-place CPU decode-attention kernel against torch SDPA over a gathered context."""
+"""The CPU decode kernels against the torch ops they replace."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.attention import SdpaBackend, SeqSlice
-from engine.cpu_kernels import paged_decode_kernel
+from engine.cpu_kernels import cpu_kernels
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    k = paged_decode_kernel()
+    k = cpu_kernels()
     if k is None:
         pytest.skip("the C++ kernel could not be built here")
     return k
@@ -42,3 +43,13 @@ def test_kernel_rejects_a_context_longer_than_its_blocks(kernel):
     with pytest.raises(RuntimeError, match="context length"):
         kernel.paged_decode_attention(torch.randn(1, 1, 8), k_cache, k_cache.clone(),
                                       torch.tensor([[0]]), torch.tensor([5]), 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_linear_matches_f_linear(kernel, rows, with_bias):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 96), torch.randn(200, 96)
+    b = torch.randn(200) if with_bias else None
+    torch.testing.assert_close(kernel.skinny_linear(x, w, b), F.linear(x, w, b),
+                               rtol=1e-5, atol=1e-4)

@@ -100,18 +100,18 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
     assert_no_leaks(smollm2_llm.engine)
 
 
-def test_packed_cpu_linears_match_plain_linear():
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_cpu_linears_match_plain_linear(rows):
     from torch import nn
 
-    from engine.model.cpu_linear import PackedLinear, onednn_available, pack_linears
+    from engine.cpu_kernels import cpu_kernels
+    from engine.model.cpu_linear import CpuLinear, optimize_linears
 
-    if not onednn_available():
-        pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
-    x = torch.randn(5, 16)
+    x = torch.randn(rows, 16)
     with torch.inference_mode():
         ref = model(x)
-        assert pack_linears(model) == 2
-        assert isinstance(model[0], PackedLinear) and isinstance(model[2], PackedLinear)
+        assert optimize_linears(model, cpu_kernels()) == 2
+        assert isinstance(model[0], CpuLinear) and isinstance(model[2], CpuLinear)
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
-// Decode attention straight from the paged KV cache on CPU: one query token per sequence,
-// keys and values read in place through the block table (no gather copy).
+// CPU kernels for the memory-bound parts of decode, float32.
 //
+// paged_decode_attention: one query token per sequence, keys and values read in place
+// through the block table (no gather copy).
 // q        [batch, num_heads, head_dim]                      float32, contiguous
 // k_cache  [num_blocks, block_size, num_kv_heads, head_dim]  float32, contiguous
 // v_cache  same as k_cache
@@ -64,11 +65,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       const int64_t len = lp[b];
       const float* q0 = qp + (b * num_heads + kvh * group) * head_dim;
       scores.assign(group * len, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tp[b * width + t / block_size] * block_size + t % block_size;
-        const float* kt = kp + slot * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * len + t] = dot(q0 + g * head_dim, kt, head_dim) * fscale;
+      // Block by block, so no division per token.
+      for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
+        const float* kb = kp + tp[b * width + blk] * block_size * token_stride + kvh * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* kt = kb + i * token_stride;
+          for (int64_t g = 0; g < group; ++g)
+            scores[g * len + t0 + i] = dot(q0 + g * head_dim, kt, head_dim) * fscale;
+        }
       }
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
@@ -85,17 +90,55 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
       float* o0 = op + (b * num_heads + kvh * group) * head_dim;
       std::fill(o0, o0 + group * head_dim, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tp[b * width + t / block_size] * block_size + t % block_size;
-        const float* vt = vp + slot * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vt, o0 + g * head_dim, head_dim);
+      for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
+        const float* vb = vp + tp[b * width + blk] * block_size * token_stride + kvh * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* vt = vb + i * token_stride;
+          for (int64_t g = 0; g < group; ++g)
+            axpy(scores[g * len + t0 + i], vt, o0 + g * head_dim, head_dim);
+        }
       }
     }
   });
   return out;
 }
 
+// skinny_linear: y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for a handful of rows (decode at
+// batch 1-3). Each weight row is streamed once and dotted with every input row, with the
+// output rows split over the threads; general GEMM kernels run this shape at a fraction of
+// the memory bandwidth.
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32,
+              "float32 tensors expected");
+  TORCH_CHECK(w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "x [M, K] and a contiguous w [N, K] expected");
+  const int64_t rows = x.size(0), k = x.size(1), n = w.size(0);
+  auto xc = x.contiguous();
+  auto y = torch::empty({rows, n}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  torch::Tensor bias_c;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    bp = bias_c.data_ptr<float>();
+  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const float* wr = wp + j * k;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float acc = dot(wr, xp + r * k, k);
+        yp[r * n + j] = bp ? acc + bp[j] : acc;
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention read in place from a paged KV cache (CPU, float32)");
+  m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for a few rows (CPU, float32)");
 }
