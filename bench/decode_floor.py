@@ -29,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from engine import LLM, ModelConfig, SamplingParams  # noqa: E402
 
 CATEGORIES = {
-    "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear"),
+    "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear",
+               "skinny_linear"),
     "attention": ("scaled_dot_product", "flash_attention", "paged_decode_attention"),
     "KV gather/write": ("aten::index", "aten::index_copy_"),
 }

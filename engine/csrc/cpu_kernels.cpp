@@ -58,25 +58,26 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "context length ", lp[b],
                 " out of range for ", width, " blocks of ", block_size);
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One job per sequence: a token's row holds every KV head, so reading whole rows keeps
+  // the memory stream contiguous.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t b = job / num_kv_heads, kvh = job % num_kv_heads;
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t len = lp[b];
-      const float* q0 = qp + (b * num_heads + kvh * group) * head_dim;
-      scores.assign(group * len, 0.f);
-      // Block by block, so no division per token.
+      const float* q0 = qp + b * num_heads * head_dim;
+      scores.assign(num_heads * len, 0.f);
       for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-        const float* kb = kp + tp[b * width + blk] * block_size * token_stride + kvh * head_dim;
+        const float* kb = kp + tp[b * width + blk] * block_size * token_stride;
         const int64_t n = std::min(block_size, len - t0);
         for (int64_t i = 0; i < n; ++i) {
-          const float* kt = kb + i * token_stride;
-          for (int64_t g = 0; g < group; ++g)
-            scores[g * len + t0 + i] = dot(q0 + g * head_dim, kt, head_dim) * fscale;
+          const float* row = kb + i * token_stride;
+          for (int64_t h = 0; h < num_heads; ++h)
+            scores[h * len + t0 + i] = dot(q0 + h * head_dim, row + (h / group) * head_dim,
+                                           head_dim) * fscale;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* s = scores.data() + h * len;
         const float mx = *std::max_element(s, s + len);
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -88,15 +89,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
-      float* o0 = op + (b * num_heads + kvh * group) * head_dim;
-      std::fill(o0, o0 + group * head_dim, 0.f);
+      float* o0 = op + b * num_heads * head_dim;
+      std::fill(o0, o0 + num_heads * head_dim, 0.f);
       for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-        const float* vb = vp + tp[b * width + blk] * block_size * token_stride + kvh * head_dim;
+        const float* vb = vp + tp[b * width + blk] * block_size * token_stride;
         const int64_t n = std::min(block_size, len - t0);
         for (int64_t i = 0; i < n; ++i) {
-          const float* vt = vb + i * token_stride;
-          for (int64_t g = 0; g < group; ++g)
-            axpy(scores[g * len + t0 + i], vt, o0 + g * head_dim, head_dim);
+          const float* row = vb + i * token_stride;
+          for (int64_t h = 0; h < num_heads; ++h)
+            axpy(scores[h * len + t0 + i], row + (h / group) * head_dim, o0 + h * head_dim,
+                 head_dim);
         }
       }
     }

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 SKINNY_MAX_ROWS = 3  # from 4 rows on, oneDNN's GEMM is as fast (bench/README.md)
 
@@ -39,7 +40,8 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, in]
         if self.kernels is not None and x.shape[0] <= SKINNY_MAX_ROWS:
-            return self.kernels.skinny_linear(x, self.weight, self.bias)
+            with record_function("pdserve::skinny_linear"):  # named in profiles
+                return self.kernels.skinny_linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
