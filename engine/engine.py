@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineMode
 from engine.kv_cache import PagedKVCache, plan_layout
@@ -58,7 +56,6 @@ class EngineStats:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        torch.manual_seed(config.seed)
         layout = plan_layout(config.model, config.cache, config.torch_dtype)
         self.runner = ModelRunner(config, layout)
         self.block_manager = BlockManager(
