@@ -31,7 +31,7 @@ test: model
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check engine deploy tests bench
+	$(VENV)/bin/ruff check engine kvtransfer deploy tests bench
 
 bench-engine: model
 	$(PY) bench/engine.py --json bench/results/engine.json

@@ -1,0 +1,145 @@
+"""Control messages of the KV transfer protocol: typed dataclasses, msgpack on the wire.
+
+Every message travels as one msgpack array `[MsgType, field, field, ...]` in dataclass
+field order; `decode` rebuilds the dataclass and rejects anything malformed with a
+ProtocolError, so a peer speaking another version fails loudly instead of misreading.
+Payload bytes never go through msgpack: a `ChunkHeader` frame is followed by one raw frame
+holding K then V, each `[tokens, kv_heads, head_dim]`, whose xxh3-64 is the header's
+`checksum`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import astuple, dataclass, fields
+
+import msgpack
+import xxhash
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a well-formed message of this protocol version."""
+
+
+class MsgType(enum.IntEnum):
+    HANDSHAKE = 1
+    HANDSHAKE_REPLY = 2
+    CHUNK_HEADER = 3
+    DONE = 4
+    ABORT = 5
+    ACK = 6
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """Sent once per sender-receiver pair; the receiver refuses a mismatch."""
+
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "float32"
+    protocol_version: int = PROTOCOL_VERSION
+
+    def mismatch(self, other: Handshake) -> str | None:
+        """Why `other` cannot exchange KV with this side, or None when it can."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                return f"{f.name} differs: {mine!r} here, {theirs!r} at the peer"
+        return None
+
+
+@dataclass(frozen=True)
+class HandshakeReply:
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """One (transfer, layer, token range) frame; the raw K+V frame follows it."""
+
+    transfer_id: str
+    layer: int
+    start: int  # first token position
+    end: int  # one past the last token position
+    dtype: str
+    num_kv_heads: int
+    head_dim: int
+    checksum: int  # xxh3-64 of the payload frame
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    def payload_bytes(self, element_size: int) -> int:
+        return 2 * self.num_tokens * self.num_kv_heads * self.head_dim * element_size
+
+
+@dataclass(frozen=True)
+class Done:
+    """Every layer and token range of the transfer was sent; carries the first token."""
+
+    transfer_id: str
+    num_tokens: int
+    first_token_id: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    transfer_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The receiver's verdict on a whole transfer."""
+
+    transfer_id: str
+    ok: bool
+    reason: str = ""
+
+
+Message = Handshake | HandshakeReply | ChunkHeader | Done | Abort | Ack
+_TYPES: dict[MsgType, type] = {
+    MsgType.HANDSHAKE: Handshake,
+    MsgType.HANDSHAKE_REPLY: HandshakeReply,
+    MsgType.CHUNK_HEADER: ChunkHeader,
+    MsgType.DONE: Done,
+    MsgType.ABORT: Abort,
+    MsgType.ACK: Ack,
+}
+_CODES = {cls: code for code, cls in _TYPES.items()}
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb([int(_CODES[type(msg)]), *astuple(msg)], use_bin_type=True)
+
+
+def decode(frame: bytes | memoryview) -> Message:
+    try:
+        items = msgpack.unpackb(frame, raw=False, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable control frame: {e}") from e
+    if not isinstance(items, list) or not items:
+        raise ProtocolError("a control frame must be a non-empty msgpack array")
+    try:
+        cls = _TYPES[MsgType(items[0])]
+    except (ValueError, TypeError):
+        raise ProtocolError(f"unknown message type {items[0]!r}") from None
+    cls_fields = fields(cls)
+    values = items[1:]
+    if len(values) != len(cls_fields):
+        raise ProtocolError(f"{cls.__name__} needs {len(cls_fields)} fields, got {len(values)}")
+    for f, v in zip(cls_fields, values, strict=True):
+        expected = {"str": str, "int": int, "bool": bool}[f.type]
+        if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+            raise ProtocolError(f"{cls.__name__}.{f.name} must be {f.type}, got {v!r}")
+    return cls(*values)
+
+
+def checksum(payload: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
