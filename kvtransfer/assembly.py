@@ -1,0 +1,104 @@
+"""Receiver-side bookkeeping of one transfer, shared by every transport.
+
+An `Assembly` checks each arriving frame against what was expected (layer, token range,
+dtype, shape, checksum, no overlap with a frame already taken), scatters it into the
+reserved blocks, and decides DONE or FAILED. It holds no socket and no thread: a transport
+calls it under its own lock.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from kvtransfer.base import KVSpec, TransferResult, TransferStatus
+from kvtransfer.layout import scatter_tokens
+from kvtransfer.messages import ChunkHeader, Done, checksum
+
+
+class FrameError(ValueError):
+    """A frame that must fail its transfer; the message says why."""
+
+
+class Assembly:
+    def __init__(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
+                 spec: KVSpec, deadline: float):
+        if num_tokens < 1:
+            raise ValueError(f"transfer {transfer_id!r}: num_tokens must be >= 1")
+        self.transfer_id = transfer_id
+        self.block_ids = list(block_ids)
+        self.num_tokens = num_tokens
+        self.spec = spec
+        self.deadline = deadline  # time.monotonic() seconds
+        self.status = TransferStatus.PENDING
+        self.reason = ""
+        self.first_token_id: int | None = None
+        # per layer: token ranges taken so far
+        self._ranges: list[list[tuple[int, int]]] = [[] for _ in range(spec.num_layers)]
+        self.num_bytes = 0
+
+    @property
+    def result(self) -> TransferResult:
+        return TransferResult(self.status, self.first_token_id, self.reason)
+
+    def fail(self, reason: str) -> None:
+        if not self.status.is_terminal:
+            self.status, self.reason = TransferStatus.FAILED, reason
+
+    def expire(self, now: float | None = None) -> bool:
+        """Fail the transfer if its deadline passed; True if it did just now."""
+        if self.status.is_terminal or (now or time.monotonic()) < self.deadline:
+            return False
+        self.fail("deadline passed before all KV arrived")
+        return True
+
+    def accept(self, header: ChunkHeader, payload: bytes | memoryview,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Check one frame and scatter it into this transfer's blocks of `k_cache`/`v_cache`
+        (`[num_layers, num_blocks, block_size, kv_heads, head_dim]`). Raises FrameError."""
+        if self.status.is_terminal:
+            raise FrameError(f"transfer is already {self.status.value}")
+        spec = self.spec
+        if not 0 <= header.layer < spec.num_layers:
+            raise FrameError(f"layer {header.layer} outside [0, {spec.num_layers})")
+        if not 0 <= header.start < header.end <= self.num_tokens:
+            raise FrameError(f"token range [{header.start}, {header.end}) outside "
+                             f"[0, {self.num_tokens})")
+        expected = (spec.handshake().dtype, spec.num_kv_heads, spec.head_dim)
+        got = (header.dtype, header.num_kv_heads, header.head_dim)
+        if got != expected:
+            raise FrameError(f"frame dtype/heads/head_dim {got} != expected {expected}")
+        size = header.payload_bytes(torch.empty((), dtype=spec.dtype).element_size())
+        if len(payload) != size:
+            raise FrameError(f"payload has {len(payload)} bytes, header implies {size}")
+        if checksum(payload) != header.checksum:
+            raise FrameError(f"checksum mismatch in layer {header.layer} "
+                             f"[{header.start}, {header.end})")
+        taken = self._ranges[header.layer]
+        if any(s < header.end and header.start < e for s, e in taken):
+            raise FrameError(f"duplicate tokens in layer {header.layer} "
+                             f"[{header.start}, {header.end})")
+        with warnings.catch_warnings():  # read-only buffers are fine: scatter copies out
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(payload, dtype=spec.dtype)
+        kv = flat.view(2, header.num_tokens, spec.num_kv_heads, spec.head_dim)
+        scatter_tokens(k_cache[header.layer], self.block_ids, header.start, kv[0])
+        scatter_tokens(v_cache[header.layer], self.block_ids, header.start, kv[1])
+        taken.append((header.start, header.end))
+        self.num_bytes += size
+        self.status = TransferStatus.TRANSFERRING
+
+    def complete(self, done: Done) -> None:
+        """The sender says it sent everything: DONE if every layer covers every token."""
+        if self.status.is_terminal:
+            return
+        if done.num_tokens != self.num_tokens:
+            return self.fail(f"sender sent {done.num_tokens} tokens, {self.num_tokens} "
+                             "were reserved")
+        for layer, taken in enumerate(self._ranges):
+            if sum(e - s for s, e in taken) != self.num_tokens:
+                return self.fail(f"layer {layer} is missing tokens")
+        self.status, self.first_token_id = TransferStatus.DONE, done.first_token_id

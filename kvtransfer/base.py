@@ -1,0 +1,124 @@
+"""The transport seam: a sender on the prefill side, a receiver on the decode side.
+
+Life of a transfer (keyed by the router's `transfer_id`, never a worker-local id):
+1. PENDING       the receiver `expect`s it (blocks reserved by the decode engine) and the
+                 sender `begin`s it (the receiver's endpoint is known).
+2. TRANSFERRING  the sender streams one frame per (layer, token range) as prefill computes
+                 them; the receiver checks each frame (checksum, shape, range, no duplicate)
+                 and scatters it into the reserved blocks.
+3. DONE          the sender's `finish` carries the first token; the receiver has every layer
+                 of every token, acknowledges, and the decode engine can admit the request.
+   FAILED        a bad frame, an abort on either side, a deadline, or a peer that vanished
+                 or refused the handshake. Both sides stop touching the transfer's memory.
+
+Ownership: the receiver writes only into the blocks named in `expect`, and only until the
+transfer is DONE or FAILED; the blocks stay the decode engine's, which frees them (on
+FAILED too). The sender copies each layer into its own staging memory before `send_layer`
+returns, so the prefill engine may reuse its cache blocks at once. Every method is
+thread-safe; `abort`, `release` and `close` are idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtransfer.messages import Handshake
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (TransferStatus.DONE, TransferStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    status: TransferStatus
+    first_token_id: int | None = None  # set once DONE
+    reason: str = ""  # why, when FAILED
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What both sides must agree on to exchange KV (checked by the handshake)."""
+
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def handshake(self) -> Handshake:
+        return Handshake(self.model_id, self.num_layers, self.num_kv_heads, self.head_dim,
+                         str(self.dtype).removeprefix("torch."))
+
+
+class KVReceiver(ABC):
+    """Decode side: owns an endpoint and writes arriving KV into reserved blocks."""
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str:
+        """Where senders reach this receiver."""
+
+    @abstractmethod
+    def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
+               timeout_s: float) -> None:
+        """Announce a transfer of `num_tokens` tokens into `block_ids`. It fails unless DONE
+        within `timeout_s`. Raises ValueError for a transfer id already expected."""
+
+    @abstractmethod
+    def poll(self, transfer_id: str) -> TransferResult:
+        """Current state; FAILED with a reason for an id this receiver does not know."""
+
+    @abstractmethod
+    def abort(self, transfer_id: str, reason: str) -> None:
+        """Fail the transfer now; later frames for it are dropped."""
+
+    @abstractmethod
+    def release(self, transfer_id: str) -> None:
+        """Forget a transfer (any state; a live one is aborted first)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Fail every live transfer and free the endpoint."""
+
+
+class KVSender(ABC):
+    """Prefill side: streams a transfer's KV, layer by layer, to a receiver's endpoint."""
+
+    @abstractmethod
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
+        """Open a transfer to `endpoint`. Raises ValueError for an id already begun."""
+
+    @abstractmethod
+    def send_layer(self, transfer_id: str, layer: int, start: int, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        """Queue K and V `[tokens, kv_heads, head_dim]` of positions [start, start + tokens)
+        of one layer. Copies them before returning; never blocks on the network."""
+
+    @abstractmethod
+    def finish(self, transfer_id: str, first_token_id: int) -> None:
+        """Everything was sent; the receiver checks completeness and acknowledges."""
+
+    @abstractmethod
+    def poll(self, transfer_id: str) -> TransferResult:
+        """DONE once the receiver acknowledged; FAILED for an unknown id."""
+
+    @abstractmethod
+    def abort(self, transfer_id: str, reason: str) -> None:
+        """Stop sending and tell the receiver; idempotent."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Fail every live transfer and release sockets and threads."""
