@@ -74,7 +74,8 @@ def test_handshake_mismatch_is_refused(setup):
     other.begin("t", receiver.endpoint, 4)
     result = other.poll("t")
     assert result.status is TransferStatus.FAILED
-    assert result.reason == "handshake refused: dtype differs: 'float32' here, 'bfloat16' at the peer"
+    assert result.reason == ("handshake refused: dtype differs: 'float32' here, "
+                             "'bfloat16' at the peer")
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "duplicate", "missing_layer", "unknown",
