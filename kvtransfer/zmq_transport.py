@@ -1,0 +1,344 @@
+"""KV transfer over ZeroMQ (TCP or IPC): the receiver binds a ROUTER, senders connect DEALERs.
+
+Wire: `[control]` or `[control, payload]` multipart messages; control is a msgpack message
+(kvtransfer.messages), payload the raw K+V bytes of a ChunkHeader, sent with `copy=False`
+from the sender's staging buffer. Each side runs one I/O thread that alone touches its
+sockets; the public methods only exchange state with it under a lock or through a queue,
+so they never block on the network.
+
+Handshake: a sender's first message to an endpoint is a Handshake; the receiver answers
+with a HandshakeReply and drops frames from peers it has not accepted. Bounded waits: a
+handshake or a final Ack that does not come within its timeout fails the transfers
+waiting on it, so a vanished receiver never hangs a sender.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from kvtransfer.assembly import Assembly, FrameError
+from kvtransfer.base import KVReceiver, KVSender, KVSpec, TransferResult, TransferStatus
+from kvtransfer.frames import make_chunk
+from kvtransfer.messages import (
+    Abort,
+    Ack,
+    ChunkHeader,
+    Done,
+    Handshake,
+    HandshakeReply,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+_POLL_MS = 20
+
+
+class ZmqReceiver(KVReceiver):
+    def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 bind: str = "tcp://127.0.0.1:*"):
+        """`bind` is a ZMQ endpoint; a `*` port picks a free one (see `endpoint`)."""
+        self.spec, self.k_cache, self.v_cache = spec, k_cache, v_cache
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(bind)
+        self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+        self._assemblies: dict[str, Assembly] = {}
+        self._peers: set[bytes] = set()  # identities that passed the handshake
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
+               timeout_s: float) -> None:
+        with self._lock:
+            if transfer_id in self._assemblies:
+                raise ValueError(f"transfer {transfer_id!r} is already expected")
+            self._assemblies[transfer_id] = Assembly(
+                transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
+
+    def poll(self, transfer_id: str) -> TransferResult:
+        with self._lock:
+            a = self._assemblies.get(transfer_id)
+            if a is None:
+                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
+            a.expire()
+            return a.result
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        with self._lock:
+            if (a := self._assemblies.get(transfer_id)) is not None:
+                a.fail(reason)
+
+    def release(self, transfer_id: str) -> None:
+        with self._lock:
+            if (a := self._assemblies.pop(transfer_id, None)) is not None:
+                a.fail("released")
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join()
+        self._sock.close()
+        with self._lock:
+            for a in self._assemblies.values():
+                a.fail("receiver closed")
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            if self._sock.poll(_POLL_MS):
+                while True:
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            with self._lock:
+                now = time.monotonic()
+                for a in self._assemblies.values():
+                    a.expire(now)
+
+    def _handle(self, frames) -> None:
+        peer = frames[0].bytes
+        try:
+            msg = decode(frames[1].buffer)
+        except (ProtocolError, IndexError) as e:
+            return self._reply(peer, Ack("", False, f"bad control frame: {e}"))
+        if isinstance(msg, Handshake):
+            reason = self.spec.handshake().mismatch(msg)
+            if reason is None:
+                self._peers.add(peer)
+            return self._reply(peer, HandshakeReply(reason is None, reason or ""))
+        tid = getattr(msg, "transfer_id", "")
+        if peer not in self._peers:
+            return self._reply(peer, Ack(tid, False, "no handshake from this sender"))
+        with self._lock:
+            a = self._assemblies.get(tid)
+            if a is None:
+                verdict = Ack(tid, False, f"receiver does not expect transfer {tid!r}")
+            elif isinstance(msg, ChunkHeader):
+                verdict = self._accept(a, msg, frames)
+            elif isinstance(msg, Done):
+                if not a.expire():
+                    a.complete(msg)
+                verdict = Ack(tid, a.status is TransferStatus.DONE, a.reason)
+            elif isinstance(msg, Abort):
+                a.fail(msg.reason)
+                verdict = None
+            else:
+                verdict = Ack(tid, False, f"unexpected {type(msg).__name__}")
+        if verdict is not None:
+            self._reply(peer, verdict)
+
+    def _accept(self, a: Assembly, header: ChunkHeader, frames) -> Ack | None:
+        if a.expire():
+            return Ack(a.transfer_id, False, a.reason)
+        if len(frames) != 3:
+            a.fail("chunk header without its payload frame")
+            return Ack(a.transfer_id, False, a.reason)
+        try:
+            a.accept(header, frames[2].buffer, self.k_cache, self.v_cache)
+        except FrameError as e:
+            a.fail(str(e))
+            return Ack(a.transfer_id, False, a.reason)
+        return None  # frames are acknowledged once, at Done
+
+    def _reply(self, peer: bytes, msg) -> None:
+        try:
+            self._sock.send_multipart([peer, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone; its transfers fail by their deadlines
+
+
+@dataclass
+class _Outgoing:
+    endpoint: str
+    num_tokens: int
+    result: TransferResult = field(default_factory=lambda: TransferResult(
+        TransferStatus.PENDING))
+    ack_deadline: float | None = None  # set by finish()
+    first_token_id: int | None = None
+
+
+@dataclass
+class _Peer:
+    sock: zmq.Socket
+    accepted: bool = False
+    handshake_deadline: float = 0.0
+    backlog: list[list] = field(default_factory=list)  # messages held until the handshake
+
+
+class ZmqSender(KVSender):
+    def __init__(self, spec: KVSpec, handshake_timeout_s: float = 5.0,
+                 ack_timeout_s: float = 10.0):
+        self.spec = spec
+        self.handshake_timeout_s = handshake_timeout_s
+        self.ack_timeout_s = ack_timeout_s
+        self._ctx = zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._transfers: dict[str, _Outgoing] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    # -- public, any thread ----------------------------------------------------------------
+
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
+        with self._lock:
+            if transfer_id in self._transfers:
+                raise ValueError(f"transfer {transfer_id!r} was already begun")
+            self._transfers[transfer_id] = _Outgoing(endpoint, num_tokens)
+        self._commands.put(("connect", endpoint))
+
+    def send_layer(self, transfer_id, layer, start, k, v) -> None:
+        entry = self._entry(transfer_id)
+        if entry.result.status.is_terminal:
+            return
+        header, payload = make_chunk(transfer_id, layer, start, k, v)
+        self._commands.put(("send", entry.endpoint, transfer_id, [encode(header), payload]))
+        with self._lock:
+            if entry.result.status is TransferStatus.PENDING:
+                entry.result = TransferResult(TransferStatus.TRANSFERRING)
+
+    def finish(self, transfer_id: str, first_token_id: int) -> None:
+        entry = self._entry(transfer_id)
+        done = Done(transfer_id, entry.num_tokens, first_token_id)
+        with self._lock:  # before queueing: the Ack may come back at once
+            entry.ack_deadline = time.monotonic() + self.ack_timeout_s
+            entry.first_token_id = first_token_id
+        self._commands.put(("send", entry.endpoint, transfer_id, [encode(done)]))
+
+    def poll(self, transfer_id: str) -> TransferResult:
+        with self._lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None:
+                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
+            return entry.result
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        with self._lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None or entry.result.status.is_terminal:
+                return
+            entry.result = TransferResult(TransferStatus.FAILED, reason=reason)
+        self._commands.put(("send", entry.endpoint, None,
+                            [encode(Abort(transfer_id, reason))]))
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join()
+        with self._lock:
+            for entry in self._transfers.values():
+                if not entry.result.status.is_terminal:
+                    entry.result = TransferResult(TransferStatus.FAILED, reason="sender closed")
+
+    # -- I/O thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        peers: dict[str, _Peer] = {}
+        poller = zmq.Poller()
+        while not self._closed.is_set():
+            self._drain_commands(peers, poller)
+            for sock, _ in poller.poll(_POLL_MS):
+                endpoint = next(e for e, p in peers.items() if p.sock is sock)
+                self._receive(endpoint, peers[endpoint])
+            self._check_deadlines(peers, poller)
+        for p in peers.values():
+            p.sock.close(linger=0)
+
+    def _drain_commands(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            endpoint = cmd[1]
+            peer = peers.get(endpoint)
+            if peer is None:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+                sock.send(encode(self.spec.handshake()))
+                peer = peers[endpoint] = _Peer(
+                    sock, handshake_deadline=time.monotonic() + self.handshake_timeout_s)
+                poller.register(sock, zmq.POLLIN)
+            if cmd[0] == "send":
+                if cmd[2] is not None and self.poll(cmd[2]).status.is_terminal:
+                    continue
+                if peer.accepted:
+                    peer.sock.send_multipart(cmd[3], copy=False)
+                else:
+                    peer.backlog.append(cmd[3])
+
+    def _receive(self, endpoint: str, peer: _Peer) -> None:
+        while True:
+            try:
+                msg = decode(peer.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except ProtocolError as e:
+                return self._fail_endpoint(endpoint, f"bad reply from receiver: {e}")
+            if isinstance(msg, HandshakeReply):
+                if not msg.accepted:
+                    self._fail_endpoint(endpoint, f"handshake refused: {msg.reason}")
+                    peer.backlog.clear()
+                    continue
+                peer.accepted = True
+                for parts in peer.backlog:
+                    peer.sock.send_multipart(parts, copy=False)
+                peer.backlog.clear()
+            elif isinstance(msg, Ack):
+                with self._lock:
+                    entry = self._transfers.get(msg.transfer_id)
+                    if entry is None or entry.result.status.is_terminal:
+                        continue
+                    if msg.ok and entry.ack_deadline is not None:
+                        entry.result = TransferResult(TransferStatus.DONE,
+                                                      entry.first_token_id)
+                    elif not msg.ok:
+                        entry.result = TransferResult(TransferStatus.FAILED, reason=msg.reason)
+
+    def _check_deadlines(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
+        now = time.monotonic()
+        for endpoint, peer in list(peers.items()):
+            if not peer.accepted and now > peer.handshake_deadline:
+                self._fail_endpoint(endpoint, f"no handshake reply from {endpoint}")
+                poller.unregister(peer.sock)
+                peer.sock.close(linger=0)
+                del peers[endpoint]  # a later begin() to it tries again
+        with self._lock:
+            for entry in self._transfers.values():
+                if (entry.ack_deadline is not None and now > entry.ack_deadline
+                        and not entry.result.status.is_terminal):
+                    entry.result = TransferResult(
+                        TransferStatus.FAILED, reason="no acknowledgement from the receiver")
+
+    def _fail_endpoint(self, endpoint: str, reason: str) -> None:
+        with self._lock:
+            for entry in self._transfers.values():
+                if entry.endpoint == endpoint and not entry.result.status.is_terminal:
+                    entry.result = TransferResult(TransferStatus.FAILED, reason=reason)
+
+    def _entry(self, transfer_id: str) -> _Outgoing:
+        with self._lock:
+            entry = self._transfers.get(transfer_id)
+        if entry is None:
+            raise ValueError(f"transfer {transfer_id!r} was never begun")
+        return entry

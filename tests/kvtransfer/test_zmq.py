@@ -1,0 +1,224 @@
+"""The ZeroMQ transport on real loopback sockets (TCP and IPC): transfers, refusals,
+vanished peers, corrupt frames and deadlines all end in a defined state, in bounded time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from kvtransfer.base import KVSpec, TransferStatus
+from kvtransfer.frames import make_chunk
+from kvtransfer.layout import gather_tokens
+from kvtransfer.messages import HandshakeReply, decode, encode
+from kvtransfer.zmq_transport import ZmqReceiver, ZmqSender
+
+SPEC = KVSpec("tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def caches(num_blocks, block_size, fill=False):
+    shape = (SPEC.num_layers, num_blocks, block_size, SPEC.num_kv_heads, SPEC.head_dim)
+    return (torch.randn(shape), torch.randn(shape)) if fill else (torch.zeros(shape),
+                                                                   torch.zeros(shape))
+
+
+def wait_for(poll, timeout=5.0):
+    """Poll until the transfer is terminal; the result."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        result = poll()
+        if result.status.is_terminal:
+            return result
+        time.sleep(0.005)
+    raise AssertionError(f"not terminal after {timeout}s: {poll()}")
+
+
+def send_layers(sender, tid, p_cache, p_blocks, n, layers=None):
+    pk, pv = p_cache
+    for layer in range(SPEC.num_layers) if layers is None else layers:
+        for start, end in ((0, n // 2), (n // 2, n)):
+            sender.send_layer(tid, layer, start, gather_tokens(pk[layer], p_blocks, start, end),
+                              gather_tokens(pv[layer], p_blocks, start, end))
+
+
+@pytest.fixture
+def p_cache():
+    torch.manual_seed(0)
+    return caches(32, 4, fill=True)
+
+
+@pytest.fixture
+def receiver():
+    r = ZmqReceiver(SPEC, *caches(32, 8))
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sender():
+    s = ZmqSender(SPEC, handshake_timeout_s=1.0, ack_timeout_s=1.0)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:*", "ipc"])
+def test_complete_transfer(p_cache, sender, bind, tmp_path):
+    if bind == "ipc":
+        bind = f"ipc://{tmp_path}/kv.sock"
+    receiver = ZmqReceiver(SPEC, *caches(32, 8), bind=bind)
+    try:
+        n, p_blocks, d_blocks = 13, [7, 2, 9, 4], [3, 5]
+        receiver.expect("t", d_blocks, n, timeout_s=5)
+        sender.begin("t", receiver.endpoint, n)
+        send_layers(sender, "t", p_cache, p_blocks, n)
+        sender.finish("t", 42)
+        assert wait_for(lambda: sender.poll("t")).first_token_id == 42
+        result = receiver.poll("t")
+        assert result.status is TransferStatus.DONE and result.first_token_id == 42
+        for layer in range(SPEC.num_layers):
+            for src, dst in zip(p_cache, (receiver.k_cache, receiver.v_cache), strict=True):
+                assert torch.equal(gather_tokens(dst[layer], d_blocks, 0, n),
+                                   gather_tokens(src[layer], p_blocks, 0, n))
+    finally:
+        receiver.close()
+
+
+def test_handshake_mismatch_is_refused_at_connect(receiver):
+    other = ZmqSender(KVSpec("tiny", 4, 2, 8, torch.float32))
+    try:
+        receiver.expect("t", [0], 4, timeout_s=5)
+        other.begin("t", receiver.endpoint, 4)
+        result = wait_for(lambda: other.poll("t"), timeout=2)
+        assert result.reason == "handshake refused: num_layers differs: 3 here, 4 at the peer"
+    finally:
+        other.close()
+
+
+def test_no_receiver_fails_within_the_handshake_timeout(sender, p_cache):
+    t0 = time.monotonic()
+    sender.begin("t", "tcp://127.0.0.1:1", 4)  # nothing listens there
+    send_layers(sender, "t", p_cache, [0], 4, layers=[0])
+    result = wait_for(lambda: sender.poll("t"), timeout=3)
+    assert "no handshake reply" in result.reason and time.monotonic() - t0 < 3
+
+
+def test_receiver_vanishing_mid_transfer_fails_the_sender(sender, p_cache):
+    receiver = ZmqReceiver(SPEC, *caches(32, 8))
+    receiver.expect("t", [0, 1], 8, timeout_s=5)
+    sender.begin("t", receiver.endpoint, 8)
+    send_layers(sender, "t", p_cache, [0, 1], 8, layers=[0])
+    time.sleep(0.1)
+    receiver.close()
+    send_layers(sender, "t", p_cache, [0, 1], 8, layers=[1, 2])
+    sender.finish("t", 1)
+    result = wait_for(lambda: sender.poll("t"), timeout=3)
+    assert result.reason == "no acknowledgement from the receiver"
+    assert receiver.poll("t").reason == "receiver closed"
+
+
+def test_unknown_transfer_missing_layer_and_deadline(receiver, sender, p_cache):
+    sender.begin("ghost", receiver.endpoint, 4)
+    send_layers(sender, "ghost", p_cache, [0], 4, layers=[0])
+    assert "does not expect transfer 'ghost'" in wait_for(lambda: sender.poll("ghost")).reason
+
+    receiver.expect("partial", [0], 4, timeout_s=5)
+    sender.begin("partial", receiver.endpoint, 4)
+    send_layers(sender, "partial", p_cache, [1], 4, layers=[0, 1])
+    sender.finish("partial", 7)
+    assert wait_for(lambda: sender.poll("partial")).reason == "layer 2 is missing tokens"
+
+    receiver.expect("late", [1], 4, timeout_s=0.05)
+    time.sleep(0.15)
+    assert receiver.poll("late").reason == "deadline passed before all KV arrived"
+    sender.begin("late", receiver.endpoint, 4)
+    send_layers(sender, "late", p_cache, [2], 4, layers=[0])
+    assert "deadline" in wait_for(lambda: sender.poll("late")).reason
+
+
+def test_corrupt_and_duplicate_frames_are_rejected(receiver, p_cache):
+    """A hand-driven peer sends frames no correct sender would."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    sock.connect(receiver.endpoint)
+    try:
+        sock.send(encode(SPEC.handshake()))
+        assert decode(sock.recv()) == HandshakeReply(True, "")
+        pk, pv = p_cache
+        for tid in ("corrupt", "dup"):
+            receiver.expect(tid, [0], 4, timeout_s=5)
+            header, payload = make_chunk(tid, 0, 0, pk[0, 0], pv[0, 0])
+            if tid == "corrupt":
+                bad = bytearray(payload)
+                bad[7] ^= 0x10
+                sock.send_multipart([encode(header), bytes(bad)])
+            else:
+                sock.send_multipart([encode(header), payload])
+                sock.send_multipart([encode(header), payload])
+            reply = decode(sock.recv())
+            assert not reply.ok and reply.transfer_id == tid
+        assert "checksum mismatch" in receiver.poll("corrupt").reason
+        assert "duplicate tokens" in receiver.poll("dup").reason
+        # a peer without a handshake is refused
+        stranger = zmq.Context.instance().socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.setsockopt(zmq.RCVTIMEO, 3000)
+        stranger.connect(receiver.endpoint)
+        stranger.send_multipart([encode(header), payload])
+        assert decode(stranger.recv()).reason == "no handshake from this sender"
+        stranger.close()
+    finally:
+        sock.close()
+
+
+def test_abort_reaches_the_receiver(receiver, sender, p_cache):
+    receiver.expect("t", [0, 1], 8, timeout_s=5)
+    sender.begin("t", receiver.endpoint, 8)
+    send_layers(sender, "t", p_cache, [0, 1], 8, layers=[0])
+    sender.abort("t", "client cancelled")
+    assert wait_for(lambda: receiver.poll("t")).reason == "client cancelled"
+    sender.abort("t", "again")
+    assert sender.poll("t").reason == "client cancelled"
+
+
+def test_64_concurrent_transfers(p_cache):
+    receiver = ZmqReceiver(SPEC, *caches(64, 8))
+    senders = [ZmqSender(SPEC) for _ in range(4)]
+    n, ids = 6, list(range(64))  # one destination block each
+    try:
+        for i in ids:
+            receiver.expect(f"t{i}", [i], n, timeout_s=20)
+
+        def run(sender, mine):
+            for i in mine:
+                sender.begin(f"t{i}", receiver.endpoint, n)
+            for layer in range(SPEC.num_layers):  # interleaved across transfers
+                for i in mine:
+                    pk, pv = p_cache
+                    blocks = [i % 30, i % 30 + 1]
+                    sender.send_layer(f"t{i}", layer, 0, gather_tokens(pk[layer], blocks, 0, n),
+                                      gather_tokens(pv[layer], blocks, 0, n))
+            for i in mine:
+                sender.finish(f"t{i}", i)
+
+        threads = [threading.Thread(target=run, args=(s, ids[j::4]))
+                   for j, s in enumerate(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for j, s in enumerate(senders):
+            for i in ids[j::4]:
+                assert wait_for(lambda s=s, i=i: s.poll(f"t{i}")).first_token_id == i
+        for i in ids:
+            blocks = [i % 30, i % 30 + 1]
+            for layer in range(SPEC.num_layers):
+                assert torch.equal(gather_tokens(receiver.v_cache[layer], [i], 0, n),
+                                   gather_tokens(p_cache[1][layer], blocks, 0, n))
+    finally:
+        for s in senders:
+            s.close()
+        receiver.close()
