@@ -14,6 +14,7 @@ waiting on it, so a vanished receiver never hangs a sender.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -192,6 +193,9 @@ class ZmqSender(KVSender):
         self._lock = threading.Lock()
         self._transfers: dict[str, _Outgoing] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # A pipe in the I/O thread's poller: a queued command wakes it at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
@@ -203,14 +207,14 @@ class ZmqSender(KVSender):
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer {transfer_id!r} was already begun")
             self._transfers[transfer_id] = _Outgoing(endpoint, num_tokens)
-        self._commands.put(("connect", endpoint))
+        self._command(("connect", endpoint))
 
     def send_layer(self, transfer_id, layer, start, k, v) -> None:
         entry = self._entry(transfer_id)
         if entry.result.status.is_terminal:
             return
         header, payload = make_chunk(transfer_id, layer, start, k, v)
-        self._commands.put(("send", entry.endpoint, transfer_id, [encode(header), payload]))
+        self._command(("send", entry.endpoint, transfer_id, [encode(header), payload]))
         with self._lock:
             if entry.result.status is TransferStatus.PENDING:
                 entry.result = TransferResult(TransferStatus.TRANSFERRING)
@@ -221,7 +225,7 @@ class ZmqSender(KVSender):
         with self._lock:  # before queueing: the Ack may come back at once
             entry.ack_deadline = time.monotonic() + self.ack_timeout_s
             entry.first_token_id = first_token_id
-        self._commands.put(("send", entry.endpoint, transfer_id, [encode(done)]))
+        self._command(("send", entry.endpoint, transfer_id, [encode(done)]))
 
     def poll(self, transfer_id: str) -> TransferResult:
         with self._lock:
@@ -236,14 +240,16 @@ class ZmqSender(KVSender):
             if entry is None or entry.result.status.is_terminal:
                 return
             entry.result = TransferResult(TransferStatus.FAILED, reason=reason)
-        self._commands.put(("send", entry.endpoint, None,
-                            [encode(Abort(transfer_id, reason))]))
+        self._command(("send", entry.endpoint, None, [encode(Abort(transfer_id, reason))]))
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
+        os.write(self._wake_w, b"x")
         self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         with self._lock:
             for entry in self._transfers.values():
                 if not entry.result.status.is_terminal:
@@ -251,12 +257,24 @@ class ZmqSender(KVSender):
 
     # -- I/O thread ------------------------------------------------------------------------
 
+    def _command(self, cmd: tuple) -> None:
+        self._commands.put(cmd)
+        os.write(self._wake_w, b"x")
+
     def _run(self) -> None:
         peers: dict[str, _Peer] = {}
         poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed.is_set():
             self._drain_commands(peers, poller)
             for sock, _ in poller.poll(_POLL_MS):
+                if sock == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
                 endpoint = next(e for e, p in peers.items() if p.sock is sock)
                 self._receive(endpoint, peers[endpoint])
             self._check_deadlines(peers, poller)
