@@ -1,20 +1,22 @@
-"""Receiver-side bookkeeping of one transfer, shared by every transport.
+"""Receiver-side bookkeeping, shared by every transport.
 
-An `Assembly` checks each arriving frame against what was expected (layer, token range,
-dtype, shape, checksum, no overlap with a frame already taken), scatters it into the
-reserved blocks, and decides DONE or FAILED. It holds no socket and no thread: a transport
-calls it under its own lock.
+An `Assembly` checks each arriving frame of one transfer against what was expected (layer,
+token range, dtype, shape, checksum, no overlap with a frame already taken), scatters it
+into the reserved blocks, and decides DONE or FAILED. `AssemblingReceiver` keeps the
+assemblies of one receiver behind a lock and implements the bookkeeping half of
+`KVReceiver`; a transport adds how frames arrive.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from kvtransfer.base import KVSpec, TransferResult, TransferStatus
+from kvtransfer.base import KVReceiver, KVSpec, TransferResult, TransferStatus
 from kvtransfer.layout import scatter_tokens
 from kvtransfer.messages import ChunkHeader, Done, checksum
 
@@ -102,3 +104,43 @@ class Assembly:
             if sum(e - s for s, e in taken) != self.num_tokens:
                 return self.fail(f"layer {layer} is missing tokens")
         self.status, self.first_token_id = TransferStatus.DONE, done.first_token_id
+
+
+class AssemblingReceiver(KVReceiver):
+    """`expect`, `poll`, `abort` and `release` over a lock-guarded map of assemblies."""
+
+    def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        self.spec, self.k_cache, self.v_cache = spec, k_cache, v_cache
+        self._lock = threading.Lock()
+        self._assemblies: dict[str, Assembly] = {}
+
+    def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
+               timeout_s: float) -> None:
+        with self._lock:
+            if transfer_id in self._assemblies:
+                raise ValueError(f"transfer {transfer_id!r} is already expected")
+            self._assemblies[transfer_id] = Assembly(
+                transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
+
+    def poll(self, transfer_id: str) -> TransferResult:
+        with self._lock:
+            a = self._assemblies.get(transfer_id)
+            if a is None:
+                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
+            a.expire()
+            return a.result
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        with self._lock:
+            if (a := self._assemblies.get(transfer_id)) is not None:
+                a.fail(reason)
+
+    def release(self, transfer_id: str) -> None:
+        with self._lock:
+            if (a := self._assemblies.pop(transfer_id, None)) is not None:
+                a.fail("released")
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            for a in self._assemblies.values():
+                a.fail(reason)

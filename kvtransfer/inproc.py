@@ -8,14 +8,12 @@ through the production transports: a receiver that vanishes, a corrupted frame.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kvtransfer.assembly import Assembly, FrameError
-from kvtransfer.base import KVReceiver, KVSender, KVSpec, TransferResult, TransferStatus
+from kvtransfer.assembly import AssemblingReceiver, FrameError
+from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from kvtransfer.frames import make_chunk
 from kvtransfer.messages import ChunkHeader, Done
 
@@ -58,48 +56,20 @@ class InProcHub:
             return hit
 
 
-class InProcReceiver(KVReceiver):
+class InProcReceiver(AssemblingReceiver):
     def __init__(self, hub: InProcHub, spec: KVSpec, k_cache: torch.Tensor,
                  v_cache: torch.Tensor):
-        self.hub, self.spec, self.k_cache, self.v_cache = hub, spec, k_cache, v_cache
-        self._lock = threading.Lock()
-        self._assemblies: dict[str, Assembly] = {}
+        super().__init__(spec, k_cache, v_cache)
+        self.hub = hub
         self._endpoint = hub.register(self)
 
     @property
     def endpoint(self) -> str:
         return self._endpoint
 
-    def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-               timeout_s: float) -> None:
-        with self._lock:
-            if transfer_id in self._assemblies:
-                raise ValueError(f"transfer {transfer_id!r} is already expected")
-            self._assemblies[transfer_id] = Assembly(
-                transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
-
-    def poll(self, transfer_id: str) -> TransferResult:
-        with self._lock:
-            a = self._assemblies.get(transfer_id)
-            if a is None:
-                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
-            a.expire()
-            return a.result
-
-    def abort(self, transfer_id: str, reason: str) -> None:
-        with self._lock:
-            if (a := self._assemblies.get(transfer_id)) is not None:
-                a.fail(reason)
-
-    def release(self, transfer_id: str) -> None:
-        with self._lock:
-            self._assemblies.pop(transfer_id, None)
-
     def close(self) -> None:
         self.hub.disconnect(self._endpoint)
-        with self._lock:
-            for a in self._assemblies.values():
-                a.fail("receiver closed")
+        self._fail_all("receiver closed")
 
     # -- called by InProcSender ------------------------------------------------------------
 

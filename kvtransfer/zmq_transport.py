@@ -18,14 +18,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from kvtransfer.assembly import Assembly, FrameError
-from kvtransfer.base import KVReceiver, KVSender, KVSpec, TransferResult, TransferStatus
+from kvtransfer.assembly import AssemblingReceiver, Assembly, FrameError
+from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from kvtransfer.frames import make_chunk
 from kvtransfer.messages import (
     Abort,
@@ -42,18 +41,16 @@ from kvtransfer.messages import (
 _POLL_MS = 20
 
 
-class ZmqReceiver(KVReceiver):
+class ZmqReceiver(AssemblingReceiver):
     def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  bind: str = "tcp://127.0.0.1:*"):
         """`bind` is a ZMQ endpoint; a `*` port picks a free one (see `endpoint`)."""
-        self.spec, self.k_cache, self.v_cache = spec, k_cache, v_cache
+        super().__init__(spec, k_cache, v_cache)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._lock = threading.Lock()
-        self._assemblies: dict[str, Assembly] = {}
         self._peers: set[bytes] = set()  # identities that passed the handshake
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
@@ -63,41 +60,13 @@ class ZmqReceiver(KVReceiver):
     def endpoint(self) -> str:
         return self._endpoint
 
-    def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-               timeout_s: float) -> None:
-        with self._lock:
-            if transfer_id in self._assemblies:
-                raise ValueError(f"transfer {transfer_id!r} is already expected")
-            self._assemblies[transfer_id] = Assembly(
-                transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
-
-    def poll(self, transfer_id: str) -> TransferResult:
-        with self._lock:
-            a = self._assemblies.get(transfer_id)
-            if a is None:
-                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
-            a.expire()
-            return a.result
-
-    def abort(self, transfer_id: str, reason: str) -> None:
-        with self._lock:
-            if (a := self._assemblies.get(transfer_id)) is not None:
-                a.fail(reason)
-
-    def release(self, transfer_id: str) -> None:
-        with self._lock:
-            if (a := self._assemblies.pop(transfer_id, None)) is not None:
-                a.fail("released")
-
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._thread.join()
         self._sock.close()
-        with self._lock:
-            for a in self._assemblies.values():
-                a.fail("receiver closed")
+        self._fail_all("receiver closed")
 
     def _run(self) -> None:
         while not self._closed.is_set():
