@@ -120,5 +120,10 @@ class KVSender(ABC):
         """Stop sending and tell the receiver; idempotent."""
 
     @abstractmethod
+    def release(self, transfer_id: str) -> None:
+        """Forget a transfer (any state; a live one is aborted first). Callers release every
+        transfer they began once they have read its outcome."""
+
+    @abstractmethod
     def close(self) -> None:
         """Fail every live transfer and release sockets and threads."""

@@ -8,7 +8,6 @@ through the production transports: a receiver that vanishes, a corrupted frame.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +15,7 @@ from kvtransfer.assembly import AssemblingReceiver, FrameError
 from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from kvtransfer.frames import make_chunk
 from kvtransfer.messages import ChunkHeader, Done
+from kvtransfer.outgoing import OutgoingBook
 
 
 class InProcHub:
@@ -101,30 +101,18 @@ class InProcReceiver(AssemblingReceiver):
             return a.result
 
 
-@dataclass
-class _Outgoing:
-    endpoint: str
-    num_tokens: int
-    result: TransferResult
-
-
 class InProcSender(KVSender):
     def __init__(self, hub: InProcHub, spec: KVSpec):
         self.hub, self.spec = hub, spec
-        self._lock = threading.Lock()
-        self._transfers: dict[str, _Outgoing] = {}
+        self._book = OutgoingBook()
 
     def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
-        with self._lock:
-            if transfer_id in self._transfers:
-                raise ValueError(f"transfer {transfer_id!r} was already begun")
-            self._transfers[transfer_id] = _Outgoing(
-                endpoint, num_tokens, TransferResult(TransferStatus.PENDING))
+        self._book.begin(transfer_id, endpoint, num_tokens)
         receiver = self.hub.lookup(endpoint)
         if receiver is None:
-            return self._fail(transfer_id, f"no receiver at {endpoint}")
-        if (reason := receiver.check_handshake(self.spec)) is not None:
-            self._fail(transfer_id, f"handshake refused: {reason}")
+            self._book.fail(transfer_id, f"no receiver at {endpoint}")
+        elif (reason := receiver.check_handshake(self.spec)) is not None:
+            self._book.fail(transfer_id, f"handshake refused: {reason}")
 
     def send_layer(self, transfer_id, layer, start, k, v) -> None:
         receiver = self._live_receiver(transfer_id)
@@ -136,55 +124,40 @@ class InProcSender(KVSender):
             corrupted[len(corrupted) // 2] ^= 0xFF
             payload = memoryview(bytes(corrupted))
         if (reason := receiver.deliver(header, payload)) is not None:
-            return self._fail(transfer_id, reason)
-        self._set(transfer_id, TransferResult(TransferStatus.TRANSFERRING))
+            self._book.fail(transfer_id, reason)
+        else:
+            self._book.settle(transfer_id, TransferResult(TransferStatus.TRANSFERRING))
 
     def finish(self, transfer_id: str, first_token_id: int) -> None:
         receiver = self._live_receiver(transfer_id)
         if receiver is None:
             return
-        num_tokens = self._transfers[transfer_id].num_tokens
-        self._set(transfer_id, receiver.deliver_done(Done(transfer_id, num_tokens,
-                                                          first_token_id)))
+        done = Done(transfer_id, self._book.get(transfer_id).num_tokens, first_token_id)
+        self._book.settle(transfer_id, receiver.deliver_done(done))
 
     def poll(self, transfer_id: str) -> TransferResult:
-        with self._lock:
-            entry = self._transfers.get(transfer_id)
-        if entry is None:
-            return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
-        return entry.result
+        return self._book.poll(transfer_id)
 
     def abort(self, transfer_id: str, reason: str) -> None:
-        if transfer_id not in self._transfers:
-            return
-        receiver = self._live_receiver(transfer_id)
-        if receiver is not None:
+        if self._book.poll(transfer_id).status.is_terminal:
+            return  # unknown or already ended
+        if (receiver := self._live_receiver(transfer_id)) is not None:
             receiver.abort(transfer_id, reason)
-        self._fail(transfer_id, reason)
+        self._book.fail(transfer_id, reason)
+
+    def release(self, transfer_id: str) -> None:
+        self.abort(transfer_id, "released")
+        self._book.release(transfer_id)
 
     def close(self) -> None:
-        with self._lock:
-            live = [t for t, o in self._transfers.items() if not o.result.status.is_terminal]
-        for transfer_id in live:
+        for transfer_id in self._book.live_ids():
             self.abort(transfer_id, "sender closed")
 
     def _live_receiver(self, transfer_id: str) -> InProcReceiver | None:
-        with self._lock:
-            entry = self._transfers.get(transfer_id)
-        if entry is None:
-            raise ValueError(f"transfer {transfer_id!r} was never begun")
+        entry = self._book.get(transfer_id)
         if entry.result.status.is_terminal:
             return None
         receiver = self.hub.lookup(entry.endpoint)
         if receiver is None:
-            self._fail(transfer_id, f"receiver at {entry.endpoint} is gone")
+            self._book.fail(transfer_id, f"receiver at {entry.endpoint} is gone")
         return receiver
-
-    def _set(self, transfer_id: str, result: TransferResult) -> None:
-        with self._lock:
-            entry = self._transfers[transfer_id]
-            if not entry.result.status.is_terminal:
-                entry.result = result
-
-    def _fail(self, transfer_id: str, reason: str) -> None:
-        self._set(transfer_id, TransferResult(TransferStatus.FAILED, reason=reason))

@@ -37,6 +37,7 @@ from kvtransfer.messages import (
     decode,
     encode,
 )
+from kvtransfer.outgoing import OutgoingBook
 
 _POLL_MS = 20
 
@@ -135,16 +136,6 @@ class ZmqReceiver(AssemblingReceiver):
 
 
 @dataclass
-class _Outgoing:
-    endpoint: str
-    num_tokens: int
-    result: TransferResult = field(default_factory=lambda: TransferResult(
-        TransferStatus.PENDING))
-    ack_deadline: float | None = None  # set by finish()
-    first_token_id: int | None = None
-
-
-@dataclass
 class _Peer:
     sock: zmq.Socket
     accepted: bool = False
@@ -159,8 +150,7 @@ class ZmqSender(KVSender):
         self.handshake_timeout_s = handshake_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self._ctx = zmq.Context.instance()
-        self._lock = threading.Lock()
-        self._transfers: dict[str, _Outgoing] = {}
+        self._book = OutgoingBook()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # A pipe in the I/O thread's poller: a queued command wakes it at once.
         self._wake_r, self._wake_w = os.pipe()
@@ -172,44 +162,38 @@ class ZmqSender(KVSender):
     # -- public, any thread ----------------------------------------------------------------
 
     def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
-        with self._lock:
-            if transfer_id in self._transfers:
-                raise ValueError(f"transfer {transfer_id!r} was already begun")
-            self._transfers[transfer_id] = _Outgoing(endpoint, num_tokens)
+        self._book.begin(transfer_id, endpoint, num_tokens)
         self._command(("connect", endpoint))
 
     def send_layer(self, transfer_id, layer, start, k, v) -> None:
-        entry = self._entry(transfer_id)
+        entry = self._book.get(transfer_id)
         if entry.result.status.is_terminal:
             return
         header, payload = make_chunk(transfer_id, layer, start, k, v)
         self._command(("send", entry.endpoint, transfer_id, [encode(header), payload]))
-        with self._lock:
+        with self._book.lock:
             if entry.result.status is TransferStatus.PENDING:
                 entry.result = TransferResult(TransferStatus.TRANSFERRING)
 
     def finish(self, transfer_id: str, first_token_id: int) -> None:
-        entry = self._entry(transfer_id)
+        entry = self._book.get(transfer_id)
         done = Done(transfer_id, entry.num_tokens, first_token_id)
-        with self._lock:  # before queueing: the Ack may come back at once
+        with self._book.lock:  # before queueing: the Ack may come back at once
             entry.ack_deadline = time.monotonic() + self.ack_timeout_s
             entry.first_token_id = first_token_id
         self._command(("send", entry.endpoint, transfer_id, [encode(done)]))
 
     def poll(self, transfer_id: str) -> TransferResult:
-        with self._lock:
-            entry = self._transfers.get(transfer_id)
-            if entry is None:
-                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
-            return entry.result
+        return self._book.poll(transfer_id)
 
     def abort(self, transfer_id: str, reason: str) -> None:
-        with self._lock:
-            entry = self._transfers.get(transfer_id)
-            if entry is None or entry.result.status.is_terminal:
-                return
-            entry.result = TransferResult(TransferStatus.FAILED, reason=reason)
-        self._command(("send", entry.endpoint, None, [encode(Abort(transfer_id, reason))]))
+        if self._book.fail(transfer_id, reason):
+            endpoint = self._book.get(transfer_id).endpoint
+            self._command(("send", endpoint, None, [encode(Abort(transfer_id, reason))]))
+
+    def release(self, transfer_id: str) -> None:
+        self.abort(transfer_id, "released")
+        self._book.release(transfer_id)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -219,10 +203,7 @@ class ZmqSender(KVSender):
         self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        with self._lock:
-            for entry in self._transfers.values():
-                if not entry.result.status.is_terminal:
-                    entry.result = TransferResult(TransferStatus.FAILED, reason="sender closed")
+        self._book.fail_where(lambda entry: True, "sender closed")
 
     # -- I/O thread ------------------------------------------------------------------------
 
@@ -291,16 +272,15 @@ class ZmqSender(KVSender):
                 for parts in peer.backlog:
                     peer.sock.send_multipart(parts, copy=False)
                 peer.backlog.clear()
+            elif isinstance(msg, Ack) and not msg.ok:
+                self._book.fail(msg.transfer_id, msg.reason)
             elif isinstance(msg, Ack):
-                with self._lock:
-                    entry = self._transfers.get(msg.transfer_id)
-                    if entry is None or entry.result.status.is_terminal:
-                        continue
-                    if msg.ok and entry.ack_deadline is not None:
-                        entry.result = TransferResult(TransferStatus.DONE,
-                                                      entry.first_token_id)
-                    elif not msg.ok:
-                        entry.result = TransferResult(TransferStatus.FAILED, reason=msg.reason)
+                # finish() set first_token_id before sending the Done this Ack answers
+                try:
+                    first = self._book.get(msg.transfer_id).first_token_id
+                except ValueError:
+                    continue  # released meanwhile
+                self._book.settle(msg.transfer_id, TransferResult(TransferStatus.DONE, first))
 
     def _check_deadlines(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
         now = time.monotonic()
@@ -310,22 +290,8 @@ class ZmqSender(KVSender):
                 poller.unregister(peer.sock)
                 peer.sock.close(linger=0)
                 del peers[endpoint]  # a later begin() to it tries again
-        with self._lock:
-            for entry in self._transfers.values():
-                if (entry.ack_deadline is not None and now > entry.ack_deadline
-                        and not entry.result.status.is_terminal):
-                    entry.result = TransferResult(
-                        TransferStatus.FAILED, reason="no acknowledgement from the receiver")
+        self._book.fail_where(lambda e: e.ack_deadline is not None and now > e.ack_deadline,
+                              "no acknowledgement from the receiver")
 
     def _fail_endpoint(self, endpoint: str, reason: str) -> None:
-        with self._lock:
-            for entry in self._transfers.values():
-                if entry.endpoint == endpoint and not entry.result.status.is_terminal:
-                    entry.result = TransferResult(TransferStatus.FAILED, reason=reason)
-
-    def _entry(self, transfer_id: str) -> _Outgoing:
-        with self._lock:
-            entry = self._transfers.get(transfer_id)
-        if entry is None:
-            raise ValueError(f"transfer {transfer_id!r} was never begun")
-        return entry
+        self._book.fail_where(lambda e: e.endpoint == endpoint, reason)

@@ -167,3 +167,17 @@ def test_64_concurrent_transfers_interleave(setup):
     for i in range(64):
         assert receiver.poll(f"t{i}").first_token_id == i
         assert_same_kv(p_cache, [i % 60, i % 60 + 1], d_cache, [i], n)
+
+
+def test_release_forgets_on_both_sides_and_aborts_a_live_transfer(setup):
+    _, receiver, sender, _, _ = setup
+    receiver.expect("t", [0], 4, timeout_s=5)
+    sender.begin("t", receiver.endpoint, 4)
+    sender.release("t")
+    assert receiver.poll("t").reason == "released"
+    assert sender.poll("t").reason == "unknown transfer"
+    sender.release("t")  # idempotent
+    receiver.release("t")
+    assert receiver.poll("t").reason == "unknown transfer"
+    sender.begin("t", receiver.endpoint, 4)  # the id can be used again
+    assert sender.poll("t").status is TransferStatus.PENDING

@@ -222,3 +222,20 @@ def test_64_concurrent_transfers(p_cache):
         for s in senders:
             s.close()
         receiver.close()
+
+
+def test_release_after_done_and_while_live(receiver, sender, p_cache):
+    receiver.expect("done", [0], 4, timeout_s=5)
+    sender.begin("done", receiver.endpoint, 4)
+    send_layers(sender, "done", p_cache, [0], 4)
+    sender.finish("done", 3)
+    assert wait_for(lambda: sender.poll("done")).status is TransferStatus.DONE
+    sender.release("done")
+    receiver.release("done")
+    assert sender.poll("done").reason == receiver.poll("done").reason == "unknown transfer"
+
+    receiver.expect("live", [1], 4, timeout_s=5)
+    sender.begin("live", receiver.endpoint, 4)
+    send_layers(sender, "live", p_cache, [1], 4, layers=[0])
+    sender.release("live")
+    assert wait_for(lambda: receiver.poll("live")).reason == "released"

@@ -1,0 +1,76 @@
+"""Sender-side bookkeeping, shared by every transport: which transfers are open, to which
+endpoint, and how each one stands. A result only ever moves forward: once DONE or FAILED
+it stays so (`settle` ignores later verdicts)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvtransfer.base import TransferResult, TransferStatus
+
+
+@dataclass
+class Outgoing:
+    endpoint: str
+    num_tokens: int
+    result: TransferResult = field(
+        default_factory=lambda: TransferResult(TransferStatus.PENDING))
+    ack_deadline: float | None = None  # set by finish()
+    first_token_id: int | None = None  # set by finish()
+
+
+class OutgoingBook:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._transfers: dict[str, Outgoing] = {}
+
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> Outgoing:
+        with self.lock:
+            if transfer_id in self._transfers:
+                raise ValueError(f"transfer {transfer_id!r} was already begun")
+            entry = self._transfers[transfer_id] = Outgoing(endpoint, num_tokens)
+            return entry
+
+    def get(self, transfer_id: str) -> Outgoing:
+        with self.lock:
+            entry = self._transfers.get(transfer_id)
+        if entry is None:
+            raise ValueError(f"transfer {transfer_id!r} was never begun")
+        return entry
+
+    def poll(self, transfer_id: str) -> TransferResult:
+        with self.lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None:
+                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
+            return entry.result
+
+    def settle(self, transfer_id: str, result: TransferResult) -> bool:
+        """Record `result` unless the transfer already ended; True if it was recorded."""
+        with self.lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None or entry.result.status.is_terminal:
+                return False
+            entry.result = result
+            return True
+
+    def fail(self, transfer_id: str, reason: str) -> bool:
+        return self.settle(transfer_id, TransferResult(TransferStatus.FAILED, reason=reason))
+
+    def fail_where(self, predicate: Callable[[Outgoing], bool], reason: str) -> None:
+        """Fail every live transfer for which `predicate(entry)` holds."""
+        failed = TransferResult(TransferStatus.FAILED, reason=reason)
+        with self.lock:
+            for entry in self._transfers.values():
+                if not entry.result.status.is_terminal and predicate(entry):
+                    entry.result = failed
+
+    def live_ids(self) -> list[str]:
+        with self.lock:
+            return [t for t, e in self._transfers.items() if not e.result.status.is_terminal]
+
+    def release(self, transfer_id: str) -> None:
+        with self.lock:
+            self._transfers.pop(transfer_id, None)
