@@ -54,25 +54,3 @@ class PagedKVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer: `[num_blocks, block_size, num_kv_heads, head_dim]` each."""
         return self.k[index], self.v[index]
-
-    def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """Flat slot index (block * block_size + offset) of token positions [start, end)."""
-        bs = self.layout.block_size
-        positions = torch.arange(start, end)
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[positions // bs] * bs + positions % bs
-
-    def read_tokens(self, layer: int, block_ids: list[int], start: int, end: int):
-        """K and V of token positions [start, end) of one sequence: `[tokens, kv_heads,
-        head_dim]` each (a copy)."""
-        idx = self.slots(block_ids, start, end).to(self.k.device)
-        k, v = self.layer(layer)
-        return k.flatten(0, 1)[idx], v.flatten(0, 1)[idx]
-
-    def write_tokens(self, layer: int, block_ids: list[int], start: int,
-                     k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K and V `[tokens, kv_heads, head_dim]` for positions starting at `start`."""
-        idx = self.slots(block_ids, start, start + k.shape[0]).to(self.k.device)
-        kc, vc = self.layer(layer)
-        kc.flatten(0, 1).index_copy_(0, idx, k.to(kc.dtype))
-        vc.flatten(0, 1).index_copy_(0, idx, v.to(vc.dtype))

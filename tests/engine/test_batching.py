@@ -9,6 +9,7 @@ import torch
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
 
 from engine import EngineMode, RequestStatus, ScheduledBatch
+from kvtransfer.layout import scatter_tokens
 
 PROMPTS = {f"r{i}": [(i * 31 + j * 7) % 250 + 3 for j in range(n)]
            for i, n in enumerate([5, 23, 64, 9, 41, 17, 70, 3])}
@@ -101,7 +102,8 @@ class KVCapture:
 @pytest.mark.parametrize("p_budget", [16, 2048])
 def test_prefill_only_to_decode_only_handoff(tiny_llama_dir, alone, p_budget):
     """P computes prompts (chunked), its hook captures each layer's KV; D reserves blocks of
-    another size, gets the KV written in, and decodes exactly what a mixed engine would."""
+    another size, gets the KV scattered in (kvtransfer.layout, as the workers will), and
+    decodes exactly what a mixed engine would."""
     prefill = make_engine(tiny_llama_dir, block_size=4, max_num_batched_tokens=p_budget,
                           mode=EngineMode.PREFILL_ONLY)
     decode = make_engine(tiny_llama_dir, block_size=16, mode=EngineMode.DECODE_ONLY)
@@ -123,7 +125,9 @@ def test_prefill_only_to_decode_only_handoff(tiny_llama_dir, alone, p_budget):
         blocks = decode.reserve(rid, prompt, greedy(NEW_TOKENS))
         for layer, pieces in capture.kv[rid].items():
             for start, k, v in pieces:
-                decode.kv_cache.write_tokens(layer, blocks, start, k, v)
+                k_layer, v_layer = decode.kv_cache.layer(layer)
+                scatter_tokens(k_layer, blocks, start, k)
+                scatter_tokens(v_layer, blocks, start, v)
         covered = sorted((s, s + k.shape[0]) for s, k, _ in capture.kv[rid][0])
         assert covered[0][0] == 0 and covered[-1][1] == len(prompt)
         decode.admit_prefilled(rid, first_tokens[rid])
