@@ -128,13 +128,10 @@ class LLM:
             for rid, p in zip(request_ids, param_list, strict=True)
         }
         results: dict[str, CompletionOutput] = {}
-        cached: dict[str, int] = {}
         try:
             for rid, tokens, params in zip(request_ids, token_lists, param_list, strict=True):
                 self.engine.add_request(rid, tokens, params)
-                cached[rid] = 0
             while len(results) < len(request_ids):
-                self._collect_cache_hits(cached)
                 for out in self.engine.step():
                     tracker = trackers[out.request_id]
                     stopped = tracker.add(out.new_token_ids)
@@ -142,7 +139,7 @@ class LLM:
                         self.engine.abort(out.request_id)
                     if stopped or out.finished:
                         reason = "stop" if stopped else out.finish_reason.value
-                        results[out.request_id] = tracker.result(reason, cached[out.request_id])
+                        results[out.request_id] = tracker.result(reason, out.num_cached_tokens)
         finally:
             for rid in request_ids:
                 self.engine.abort(rid)
@@ -150,12 +147,6 @@ class LLM:
             replace(results[rid], prompt_token_ids=tokens)
             for rid, tokens in zip(request_ids, token_lists, strict=True)
         ]
-
-    def _collect_cache_hits(self, cached: dict[str, int]) -> None:
-        for rid in cached:
-            request = self.engine.scheduler.requests.get(rid)
-            if request is not None and request.num_cached_tokens:
-                cached[rid] = request.num_cached_tokens
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

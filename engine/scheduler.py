@@ -70,6 +70,7 @@ class RequestOutput:
     new_token_ids: tuple[int, ...]
     finished: bool
     finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 class Scheduler:
@@ -296,6 +297,7 @@ class Scheduler:
             (token_id,),
             finished=status is not None,
             finish_reason=FinishReason.of(status) if status else None,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:

@@ -62,3 +62,15 @@ def test_whole_prompt_cached_still_computes_last_token(tiny_llama_dir):
     engine.add_request("c", prompt, greedy(3))
     assert run_to_completion(engine)["c"] == first
     assert_no_leaks(engine)
+
+
+def test_llm_reports_prefix_cache_hits(tiny_llama_dir):
+    from engine import LLM
+
+    llm = LLM(str(tiny_llama_dir), block_size=4, num_blocks=64)
+    first, = llm.generate([SHARED], greedy(3))
+    second, = llm.generate([SHARED], greedy(3))
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 20  # 5 full blocks; the last token is recomputed
+    assert second.token_ids == first.token_ids
+    assert_no_leaks(llm.engine)
