@@ -56,6 +56,7 @@ class _SdpaPrefill:
     block_table: torch.Tensor | None  # None: no cached prefix, attend within the chunk
     context_len: int
     mask: torch.Tensor | None  # [num_new, context_len] bool, True = attend
+    num_seqs: int = 1  # fresh prompts of equal length run as one batched call
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,14 @@ class SdpaBackend(AttentionBackend):
                 decode_tables.append(s.block_ids)
                 decode_lens.append(s.context_len)
             elif s.start == 0:
-                prefills.append(_SdpaPrefill(offset, offset + s.num_new, None, s.num_new, None))
+                last = prefills[-1] if prefills else None
+                if (last is not None and last.block_table is None and last.q_end == offset
+                        and last.context_len == s.num_new):
+                    prefills[-1] = _SdpaPrefill(last.q_start, offset + s.num_new, None,
+                                                s.num_new, None, last.num_seqs + 1)
+                else:
+                    prefills.append(
+                        _SdpaPrefill(offset, offset + s.num_new, None, s.num_new, None))
             else:
                 ctx = s.context_len
                 q_pos = torch.arange(s.start, ctx, device=device)
@@ -116,15 +124,17 @@ class SdpaBackend(AttentionBackend):
         # NOTE: 4-D inputs (a batch dim of 1) select torch's fused CPU kernel; 3-D ones fall
         # back to the unfused math path, which is several times slower.
         for p in meta.prefills:
-            qs = q[p.q_start : p.q_end].transpose(0, 1)[None]  # [1, heads, n, head_dim]
             if p.block_table is None:
-                ks = k[p.q_start : p.q_end].transpose(0, 1)[None]
-                vs = v[p.q_start : p.q_end].transpose(0, 1)[None]
+                # [num_seqs, heads, n, head_dim]: one call per run of equal-length prompts
+                qs, ks, vs = (t[p.q_start : p.q_end].unflatten(0, (p.num_seqs, -1))
+                              .transpose(1, 2) for t in (q, k, v))
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:
-                ks = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
-                vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
+                out[p.q_start : p.q_end] = o.transpose(1, 2).flatten(0, 1)
+                continue
+            qs = q[p.q_start : p.q_end].transpose(0, 1)[None]  # [1, heads, n, head_dim]
+            ks = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
+            vs = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
             out[p.q_start : p.q_end] = o[0].transpose(0, 1)
         if meta.decode_index.numel() and self._kernel_fits(q, k_cache):
             with record_function("pdserve::paged_decode_attention"):  # named in profiles

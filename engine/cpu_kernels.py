@@ -6,6 +6,9 @@
   through the block table instead.
 - `skinny_linear`: a linear layer for 1-3 rows streams the weights at close to the memory
   bandwidth, where MKL and oneDNN reach about a third of it on this kind of CPU.
+- `rms_norm`, `fused_add_rms_norm`, `silu_and_mul`, `rotary_embedding`
+  (`csrc/elementwise.cpp`): one pass per row where torch runs a chain of ops, each reading
+  and writing the whole activation (engine.model.ops picks them).
 Figures in bench/README.md.
 
 The module is built with torch's C++ extension loader into
@@ -27,7 +30,8 @@ import torch
 from engine.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "elementwise.cpp"]
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}
 
 
@@ -46,7 +50,8 @@ def cpu_kernels() -> Any | None:
         print("pdserve: compiling the CPU decode kernels (once per machine)...",
               file=sys.stderr)
     try:
-        return load("pdserve_cpu_kernels", [str(SOURCE)], extra_cflags=flags,
+        return load("pdserve_cpu_kernels", [str(p) for p in SOURCES], extra_cflags=flags,
+                    extra_include_paths=[str(CSRC)],
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
     except Exception as e:  # compiler or ninja missing, build error
         log.warning("CPU decode kernels unavailable (%s); using torch ops", e)

@@ -102,7 +102,7 @@ class LLM:
         tokens = self._tokenize(prompt)
         params = params or SamplingParams()
         request_id = f"stream-{next(self._ids)}"
-        tracker = _StopTracker(self.tokenizer, params)
+        tracker = _StopTracker(self.tokenizer, params, streaming=True)
         self.engine.add_request(request_id, tokens, params)
         emitted = 0
         try:
@@ -185,17 +185,19 @@ class LLM:
 class _StopTracker:
     """Detokenizes one request's output and finds its stop strings."""
 
-    def __init__(self, tokenizer, params: SamplingParams):
+    def __init__(self, tokenizer, params: SamplingParams, streaming: bool = False):
         self.tokenizer = tokenizer
+        self.streaming = streaming  # `text` must follow every `add`
         self.stop = params.stop
         self.token_ids: list[int] = []
         self.text = ""
+        self.cut = False  # a stop string ended the text
 
     def add(self, token_ids: Sequence[int]) -> bool:
         """Append tokens; True when a stop string appeared (the text is cut before it)."""
         self.token_ids += token_ids
-        if self.tokenizer is None:
-            return False
+        if self.tokenizer is None or not (self.stop or self.streaming):
+            return False  # nobody reads the text before the end: decode it once, then
         # A trailing replacement char is an unfinished multi-byte sequence: wait for more.
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
@@ -205,11 +207,12 @@ class _StopTracker:
         hits = [at for at in (text.find(s, start) for s in self.stop) if at != -1]
         if hits:
             self.text = text[: min(hits)]
+            self.cut = True
             return True
         return False
 
     def result(self, reason: str, num_cached: int) -> CompletionOutput:
-        if self.tokenizer is not None and reason != "stop":
+        if self.tokenizer is not None and not self.cut:
             self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         return CompletionOutput([], list(self.token_ids), self.text, reason, num_cached)
 

@@ -10,6 +10,7 @@ import torch
 
 from engine.attention import SeqSlice, select_backend
 from engine.config import CacheLayout, EngineConfig
+from engine.host_memory import tune_malloc
 from engine.kv_cache import PagedKVCache
 from engine.model.llama import LayerKVHook
 from engine.model.loader import load_model
@@ -20,6 +21,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, layout: CacheLayout):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            tune_malloc()
         self.model = load_model(config.model, self.device, config.torch_dtype)
         self.kv_cache = PagedKVCache(layout, config.model, config.torch_dtype, self.device)
         self.backend = select_backend(config.device, layout.block_size, config.torch_dtype)

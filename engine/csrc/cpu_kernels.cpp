@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "elementwise.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -143,4 +145,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention read in place from a paged KV cache (CPU, float32)");
   m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for a few rows (CPU, float32)");
+  m.def("rms_norm", &rms_norm, "RMSNorm (CPU, float32)");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [gate | up] rows (CPU, float32)");
+  m.def("rotary_embedding", &rotary_embedding, "NeoX rotary embedding in place (CPU, float32)");
 }

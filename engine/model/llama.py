@@ -1,9 +1,11 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache.
 
 Reads top to bottom: RoPE, RMSNorm, attention, MLP, decoder layer, model. Parameter names
-equal the HF checkpoint names, so HF safetensors load without a mapping table. Tokens are
-flat (`[num_tokens, ...]`) across the sequences of a step; the attention backend and its
-per-step metadata know where one sequence ends and the next begins.
+equal the HF checkpoint names, so HF safetensors load without a mapping table; after loading,
+`fuse()` joins q/k/v and gate/up into one linear each (as vLLM does), so a step runs one GEMM
+where it would run three or two. Tokens are flat (`[num_tokens, ...]`) across the sequences
+of a step; the attention backend and its per-step metadata know where one sequence ends and
+the next begins. Elementwise work goes through `FusedOps` (engine.model.ops).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend
 from engine.config import ModelConfig, RopeScaling
 from engine.kv_cache import PagedKVCache
+from engine.model.ops import FusedOps
 
 # Called once per layer as soon as that layer's K and V for the step's tokens are in the
 # cache: (layer index, k, v), k and v `[num_tokens, num_kv_heads, head_dim]`.
@@ -43,16 +45,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(is_mid, blended, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    freqs = positions[:, None].float() * inv_freq[None, :]  # [num_tokens, head_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [num_tokens, head_dim]
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [num_tokens, 1, d]
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos and sin of each position's angles, float32 `[num_tokens, head_dim / 2]`."""
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    return freqs.cos().contiguous(), freqs.sin().contiguous()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear computing the outputs of `parts` side by side (one GEMM instead of several)."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    biases = [p.bias for p in parts]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if biases[0] is not None:
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return fused
 
 
 class RMSNorm(nn.Module):
@@ -61,14 +69,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
 
 class Attention(nn.Module):
+    """q/k/v exist under their checkpoint names until `fuse()` joins them into `qkv_proj`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -81,12 +85,17 @@ class Attention(nn.Module):
         o_bias = bias and cfg.model_type != "qwen2"
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
 
-    def forward(self, x, cos, sin, layer_idx, kv_cache, slot_mapping, backend, meta, hook):
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def fuse(self) -> None:
+        self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, ops, cos, sin, layer_idx, kv_cache, slot_mapping, backend, meta, hook):
+        n, d = x.shape[0], self.head_dim
+        q_width, kv_width = self.num_heads * d, self.num_kv_heads * d
+        qkv = ops.rotary(self.qkv_proj(x), cos, sin, self.num_heads + self.num_kv_heads, d)
+        q = qkv[:, :q_width].reshape(n, self.num_heads, d)
+        k = qkv[:, q_width:q_width + kv_width].reshape(n, self.num_kv_heads, d)
+        v = qkv[:, q_width + kv_width:].reshape(n, self.num_kv_heads, d)
         k_cache, v_cache = kv_cache.layer(layer_idx)
         k_cache.flatten(0, 1).index_copy_(0, slot_mapping, k)
         v_cache.flatten(0, 1).index_copy_(0, slot_mapping, v)
@@ -97,6 +106,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gate/up exist under their checkpoint names until `fuse()` joins them into `gate_up_proj`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         b = cfg.mlp_bias
@@ -104,8 +115,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -116,9 +131,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, *attn_args):
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, ops, *attn_args):
+        """Takes and returns (the last sublayer's output, the residual stream before it); the
+        residual add happens inside the next norm, where it is fused with it."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, ops, *attn_args)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -137,6 +161,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # A plain attribute, not a buffer: the model is built on the meta device and loaded.
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.ops = FusedOps(None)
+
+    def fuse(self, kernels=None) -> None:
+        """After loading: join q/k/v and gate/up into single linears, and run the elementwise
+        ops through `kernels` (engine.cpu_kernels) where they apply."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self.ops = FusedOps(kernels)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -156,10 +189,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, kv_cache, slot_mapping, backend, meta, hook)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, self.ops, cos, sin, i, kv_cache, slot_mapping,
+                                backend, meta, hook)
+        norm = self.model.norm
+        return self.ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ def load_model(
             )
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
-    if torch.device(device).type == "cpu" and dtype == torch.float32:
-        optimize_linears(model, cpu_kernels())
+    on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
+    kernels = cpu_kernels() if on_cpu else None
+    model.fuse(kernels)
+    if on_cpu:
+        optimize_linears(model, kernels)
     return model.eval()
