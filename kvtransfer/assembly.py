@@ -57,10 +57,13 @@ class Assembly:
         self.fail("deadline passed before all KV arrived")
         return True
 
-    def accept(self, header: ChunkHeader, payload: bytes | memoryview,
+    def accept(self, header: ChunkHeader, payload: bytes | memoryview | torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Check one frame and scatter it into this transfer's blocks of `k_cache`/`v_cache`
-        (`[num_layers, num_blocks, block_size, kv_heads, head_dim]`). Raises FrameError."""
+        (`[num_layers, num_blocks, block_size, kv_heads, head_dim]`). Raises FrameError.
+
+        `payload` is host bytes, whose checksum is verified, or a uint8 GPU tensor (NCCL),
+        which is not hashed."""
         if self.status.is_terminal:
             raise FrameError(f"transfer is already {self.status.value}")
         spec = self.spec
@@ -74,18 +77,23 @@ class Assembly:
         if got != expected:
             raise FrameError(f"frame dtype/heads/head_dim {got} != expected {expected}")
         size = header.payload_bytes(torch.empty((), dtype=spec.dtype).element_size())
-        if len(payload) != size:
-            raise FrameError(f"payload has {len(payload)} bytes, header implies {size}")
-        if checksum(payload) != header.checksum:
+        on_gpu = isinstance(payload, torch.Tensor)
+        got_size = payload.numel() if on_gpu else len(payload)
+        if got_size != size:
+            raise FrameError(f"payload has {got_size} bytes, header implies {size}")
+        if not on_gpu and checksum(payload) != header.checksum:
             raise FrameError(f"checksum mismatch in layer {header.layer} "
                              f"[{header.start}, {header.end})")
         taken = self._ranges[header.layer]
         if any(s < header.end and header.start < e for s, e in taken):
             raise FrameError(f"duplicate tokens in layer {header.layer} "
                              f"[{header.start}, {header.end})")
-        with warnings.catch_warnings():  # read-only buffers are fine: scatter copies out
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(payload, dtype=spec.dtype)
+        if on_gpu:
+            flat = payload.view(spec.dtype)
+        else:
+            with warnings.catch_warnings():  # read-only buffers are fine: scatter copies out
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(payload, dtype=spec.dtype)
         kv = flat.view(2, header.num_tokens, spec.num_kv_heads, spec.head_dim)
         scatter_tokens(k_cache[header.layer], self.block_ids, header.start, kv[0])
         scatter_tokens(v_cache[header.layer], self.block_ids, header.start, kv[1])

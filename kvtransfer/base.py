@@ -58,9 +58,9 @@ class KVSpec:
     head_dim: int
     dtype: torch.dtype
 
-    def handshake(self) -> Handshake:
+    def handshake(self, transport: str = "zmq") -> Handshake:
         return Handshake(self.model_id, self.num_layers, self.num_kv_heads, self.head_dim,
-                         str(self.dtype).removeprefix("torch."))
+                         str(self.dtype).removeprefix("torch."), transport)
 
 
 class KVReceiver(ABC):

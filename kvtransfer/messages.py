@@ -41,6 +41,7 @@ class Handshake:
     num_kv_heads: int
     head_dim: int
     dtype: str  # torch dtype name, e.g. "float32"
+    transport: str = "zmq"  # how payloads travel: "zmq" (in the message) or "torch"
     protocol_version: int = PROTOCOL_VERSION
 
     def mismatch(self, other: Handshake) -> str | None:
@@ -56,6 +57,8 @@ class Handshake:
 class HandshakeReply:
     accepted: bool
     reason: str = ""
+    # torch transport: "host:port/prefix" of the receiver's TCPStore and this pair's keys
+    rendezvous: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class ChunkHeader:
     dtype: str
     num_kv_heads: int
     head_dim: int
-    checksum: int  # xxh3-64 of the payload frame
+    checksum: int  # xxh3-64 of the payload frame; 0 where the payload stays on a GPU
 
     @property
     def num_tokens(self) -> int:

@@ -71,6 +71,11 @@ class OutgoingBook:
         with self.lock:
             return [t for t, e in self._transfers.items() if not e.result.status.is_terminal]
 
+    def live_endpoints(self) -> set[str]:
+        with self.lock:
+            return {e.endpoint for e in self._transfers.values()
+                    if not e.result.status.is_terminal}
+
     def release(self, transfer_id: str) -> None:
         with self.lock:
             self._transfers.pop(transfer_id, None)

@@ -43,6 +43,8 @@ _POLL_MS = 20
 
 
 class ZmqReceiver(AssemblingReceiver):
+    TRANSPORT = "zmq"
+
     def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  bind: str = "tcp://127.0.0.1:*"):
         """`bind` is a ZMQ endpoint; a `*` port picks a free one (see `endpoint`)."""
@@ -53,6 +55,10 @@ class ZmqReceiver(AssemblingReceiver):
         self._sock.bind(bind)
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers: set[bytes] = set()  # identities that passed the handshake
+        # Replies posted by other threads; the pipe wakes the I/O thread to send them.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
         self._thread.start()
@@ -65,19 +71,42 @@ class ZmqReceiver(AssemblingReceiver):
         if self._closed.is_set():
             return
         self._closed.set()
+        os.write(self._wake_w, b"x")
         self._thread.join()
         self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         self._fail_all("receiver closed")
 
+    def _post(self, peer: bytes, msg) -> None:
+        """Send `msg` to `peer` from any thread (through the I/O thread)."""
+        self._outbox.put((peer, msg))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # closed meanwhile
+
     def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed.is_set():
-            if self._sock.poll(_POLL_MS):
+            ready = dict(poller.poll(_POLL_MS))
+            if self._sock in ready:
                 while True:
                     try:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._handle(frames)
+            if self._wake_r in ready:
+                _drain_pipe(self._wake_r)
+            while True:
+                try:
+                    peer, msg = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                self._reply(peer, msg)
             with self._lock:
                 now = time.monotonic()
                 for a in self._assemblies.values():
@@ -90,13 +119,16 @@ class ZmqReceiver(AssemblingReceiver):
         except (ProtocolError, IndexError) as e:
             return self._reply(peer, Ack("", False, f"bad control frame: {e}"))
         if isinstance(msg, Handshake):
-            reason = self.spec.handshake().mismatch(msg)
+            reason = self.spec.handshake(self.TRANSPORT).mismatch(msg)
             if reason is None:
                 self._peers.add(peer)
-            return self._reply(peer, HandshakeReply(reason is None, reason or ""))
+                return self._reply(peer, self._accept_peer(peer))
+            return self._reply(peer, HandshakeReply(False, reason))
         tid = getattr(msg, "transfer_id", "")
         if peer not in self._peers:
             return self._reply(peer, Ack(tid, False, "no handshake from this sender"))
+        if self._route(peer, msg, frames):
+            return
         with self._lock:
             a = self._assemblies.get(tid)
             if a is None:
@@ -114,6 +146,14 @@ class ZmqReceiver(AssemblingReceiver):
                 verdict = Ack(tid, False, f"unexpected {type(msg).__name__}")
         if verdict is not None:
             self._reply(peer, verdict)
+
+    def _accept_peer(self, peer: bytes) -> HandshakeReply:
+        """A sender passed the handshake; transports with a side channel set it up here."""
+        return HandshakeReply(True)
+
+    def _route(self, peer: bytes, msg, frames) -> bool:
+        """Take a message from an accepted peer out of the default path; True if taken."""
+        return False
 
     def _accept(self, a: Assembly, header: ChunkHeader, frames) -> Ack | None:
         if a.expire():
@@ -140,10 +180,13 @@ class _Peer:
     sock: zmq.Socket
     accepted: bool = False
     handshake_deadline: float = 0.0
-    backlog: list[list] = field(default_factory=list)  # messages held until the handshake
+    backlog: list[tuple] = field(default_factory=list)  # messages held until the handshake
+    channel: object = None  # the transport's side channel for payloads, if any
 
 
 class ZmqSender(KVSender):
+    TRANSPORT = "zmq"
+
     def __init__(self, spec: KVSpec, handshake_timeout_s: float = 5.0,
                  ack_timeout_s: float = 10.0):
         self.spec = spec
@@ -169,8 +212,8 @@ class ZmqSender(KVSender):
         entry = self._book.get(transfer_id)
         if entry.result.status.is_terminal:
             return
-        header, payload = make_chunk(transfer_id, layer, start, k, v)
-        self._command(("send", entry.endpoint, transfer_id, [encode(header), payload]))
+        self._command(("send", entry.endpoint, transfer_id,
+                       self._chunk_message(transfer_id, layer, start, k, v)))
         with self._book.lock:
             if entry.result.status is TransferStatus.PENDING:
                 entry.result = TransferResult(TransferStatus.TRANSFERRING)
@@ -181,7 +224,7 @@ class ZmqSender(KVSender):
         with self._book.lock:  # before queueing: the Ack may come back at once
             entry.ack_deadline = time.monotonic() + self.ack_timeout_s
             entry.first_token_id = first_token_id
-        self._command(("send", entry.endpoint, transfer_id, [encode(done)]))
+        self._command(("send", entry.endpoint, transfer_id, ([encode(done)], None)))
 
     def poll(self, transfer_id: str) -> TransferResult:
         return self._book.poll(transfer_id)
@@ -189,7 +232,7 @@ class ZmqSender(KVSender):
     def abort(self, transfer_id: str, reason: str) -> None:
         if self._book.fail(transfer_id, reason):
             endpoint = self._book.get(transfer_id).endpoint
-            self._command(("send", endpoint, None, [encode(Abort(transfer_id, reason))]))
+            self._command(("send", endpoint, None, ([encode(Abort(transfer_id, reason))], None)))
 
     def release(self, transfer_id: str) -> None:
         self.abort(transfer_id, "released")
@@ -207,6 +250,22 @@ class ZmqSender(KVSender):
 
     # -- I/O thread ------------------------------------------------------------------------
 
+    def _chunk_message(self, transfer_id, layer, start, k, v) -> tuple:
+        """(control frames, side-channel payload or None) for one chunk; copies K and V."""
+        header, payload = make_chunk(transfer_id, layer, start, k, v)
+        return [encode(header), payload], None
+
+    def _transmit(self, endpoint: str, peer: _Peer, message: tuple) -> None:
+        peer.sock.send_multipart(message[0], copy=False)
+
+    def _on_accepted(self, endpoint: str, peer: _Peer, reply: HandshakeReply) -> None:
+        """The receiver accepted the handshake; transports with a side channel open it."""
+
+    def _drop_peer(self, endpoint: str, peers: dict, poller: zmq.Poller) -> None:
+        peer = peers.pop(endpoint)  # a later begin() to it tries again
+        poller.unregister(peer.sock)
+        peer.sock.close(linger=0)
+
     def _command(self, cmd: tuple) -> None:
         self._commands.put(cmd)
         os.write(self._wake_w, b"x")
@@ -219,17 +278,13 @@ class ZmqSender(KVSender):
             self._drain_commands(peers, poller)
             for sock, _ in poller.poll(_POLL_MS):
                 if sock == self._wake_r:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                    _drain_pipe(self._wake_r)
                     continue
                 endpoint = next(e for e, p in peers.items() if p.sock is sock)
                 self._receive(endpoint, peers[endpoint])
             self._check_deadlines(peers, poller)
-        for p in peers.values():
-            p.sock.close(linger=0)
+        for endpoint in list(peers):
+            self._drop_peer(endpoint, peers, poller)
 
     def _drain_commands(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
         while True:
@@ -243,7 +298,7 @@ class ZmqSender(KVSender):
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(endpoint)
-                sock.send(encode(self.spec.handshake()))
+                sock.send(encode(self.spec.handshake(self.TRANSPORT)))
                 peer = peers[endpoint] = _Peer(
                     sock, handshake_deadline=time.monotonic() + self.handshake_timeout_s)
                 poller.register(sock, zmq.POLLIN)
@@ -251,7 +306,7 @@ class ZmqSender(KVSender):
                 if cmd[2] is not None and self.poll(cmd[2]).status.is_terminal:
                     continue
                 if peer.accepted:
-                    peer.sock.send_multipart(cmd[3], copy=False)
+                    self._transmit(endpoint, peer, cmd[3])
                 else:
                     peer.backlog.append(cmd[3])
 
@@ -269,8 +324,9 @@ class ZmqSender(KVSender):
                     peer.backlog.clear()
                     continue
                 peer.accepted = True
-                for parts in peer.backlog:
-                    peer.sock.send_multipart(parts, copy=False)
+                self._on_accepted(endpoint, peer, msg)
+                for message in peer.backlog:
+                    self._transmit(endpoint, peer, message)
                 peer.backlog.clear()
             elif isinstance(msg, Ack) and not msg.ok:
                 self._book.fail(msg.transfer_id, msg.reason)
@@ -287,11 +343,17 @@ class ZmqSender(KVSender):
         for endpoint, peer in list(peers.items()):
             if not peer.accepted and now > peer.handshake_deadline:
                 self._fail_endpoint(endpoint, f"no handshake reply from {endpoint}")
-                poller.unregister(peer.sock)
-                peer.sock.close(linger=0)
-                del peers[endpoint]  # a later begin() to it tries again
+                self._drop_peer(endpoint, peers, poller)
         self._book.fail_where(lambda e: e.ack_deadline is not None and now > e.ack_deadline,
                               "no acknowledgement from the receiver")
 
     def _fail_endpoint(self, endpoint: str, reason: str) -> None:
         self._book.fail_where(lambda e: e.endpoint == endpoint, reason)
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

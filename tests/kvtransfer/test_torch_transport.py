@@ -1,0 +1,106 @@
+"""What only the torch.distributed transport has: a payload stream beside the control
+stream that must stay aligned, per-pair process groups that are bounded, and a payload
+that may never come."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from kv_helpers import SPEC, caches, send_layers, wait_for
+
+from kvtransfer.base import TransferStatus
+from kvtransfer.layout import gather_tokens
+from kvtransfer.torch_transport import TorchReceiver, TorchSender
+
+
+class CorruptingSender(TorchSender):
+    """Flips one payload bit after hashing, for transfers whose id starts with 'bad'."""
+
+    def _chunk_message(self, transfer_id, layer, start, k, v):
+        parts, payload = super()._chunk_message(transfer_id, layer, start, k, v)
+        if transfer_id.startswith("bad"):
+            payload[5] ^= 0x01
+        return parts, payload
+
+
+class PayloadLosingSender(TorchSender):
+    """Sends chunk headers but never their payloads: a sender that died in between."""
+
+    def _transmit(self, endpoint, peer, message):
+        peer.sock.send_multipart(message[0], copy=False)
+
+
+def channel_threads(name: str) -> int:
+    return sum(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def transfer(sender, receiver, tid, p_cache, d_blocks, n=8):
+    receiver.expect(tid, d_blocks, n, timeout_s=5)
+    sender.begin(tid, receiver.endpoint, n)
+    send_layers(sender, tid, p_cache, [0, 1], n)
+    sender.finish(tid, 5)
+    return wait_for(lambda: sender.poll(tid), timeout=8)
+
+
+def test_a_rejected_payload_is_drained_and_the_pair_carries_on():
+    torch.manual_seed(0)
+    p_cache = caches(32, 4, fill=True)
+    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=5)
+    sender = CorruptingSender(SPEC, timeout_s=5)
+    try:
+        bad = transfer(sender, receiver, "bad", p_cache, [0])
+        assert "checksum mismatch" in bad.reason
+        good = transfer(sender, receiver, "good", p_cache, [1])
+        assert good.status is TransferStatus.DONE
+        for layer in range(SPEC.num_layers):
+            assert torch.equal(gather_tokens(receiver.k_cache[layer], [1], 0, 8),
+                               gather_tokens(p_cache[0][layer], [0, 1], 0, 8))
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_groups_are_bounded_and_rebuilt_on_demand():
+    torch.manual_seed(0)
+    p_cache = caches(32, 4, fill=True)
+    receivers = [TorchReceiver(SPEC, *caches(8, 8), timeout_s=5) for _ in range(3)]
+    sender = TorchSender(SPEC, timeout_s=5, max_pairs=1)
+    try:
+        for i, r in enumerate(receivers * 2):  # back to the first after the others
+            assert transfer(sender, r, f"t{i}", p_cache, [i % 8]).status is TransferStatus.DONE
+            sender.release(f"t{i}")
+        time.sleep(0.1)  # evictions happen on the I/O thread's next turn
+        assert channel_threads("kv-send-channel") <= 1
+    finally:
+        sender.close()
+        for r in receivers:
+            r.close()
+    deadline = time.monotonic() + 3
+    while channel_threads("kv-send-channel") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert channel_threads("kv-send-channel") == 0
+
+
+def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
+    torch.manual_seed(0)
+    p_cache = caches(32, 4, fill=True)
+    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=1.5)
+    lost = PayloadLosingSender(SPEC, timeout_s=1.5, ack_timeout_s=1.0)
+    try:
+        receiver.expect("lost", [0], 8, timeout_s=0.5)
+        lost.begin("lost", receiver.endpoint, 8)
+        send_layers(lost, "lost", p_cache, [0, 1], 8, layers=[0])
+        assert "deadline" in wait_for(lambda: receiver.poll("lost"), timeout=3).reason
+        lost.finish("lost", 1)
+        assert wait_for(lambda: lost.poll("lost"), timeout=5).status is TransferStatus.FAILED
+    finally:
+        lost.close()
+    # the dead pair does not stop a healthy sender
+    healthy = TorchSender(SPEC, timeout_s=5)
+    try:
+        assert transfer(healthy, receiver, "ok", p_cache, [2]).status is TransferStatus.DONE
+    finally:
+        healthy.close()
+        receiver.close()
