@@ -32,6 +32,7 @@ class Assembly:
             raise ValueError(f"transfer {transfer_id!r}: num_tokens must be >= 1")
         self.transfer_id = transfer_id
         self.block_ids = list(block_ids)
+        self._table: torch.Tensor | None = None  # block_ids on the cache's device, made once
         self.num_tokens = num_tokens
         self.spec = spec
         self.deadline = deadline  # time.monotonic() seconds
@@ -95,8 +96,10 @@ class Assembly:
                 warnings.simplefilter("ignore", UserWarning)
                 flat = torch.frombuffer(payload, dtype=spec.dtype)
         kv = flat.view(2, header.num_tokens, spec.num_kv_heads, spec.head_dim)
-        scatter_tokens(k_cache[header.layer], self.block_ids, header.start, kv[0])
-        scatter_tokens(v_cache[header.layer], self.block_ids, header.start, kv[1])
+        if self._table is None:
+            self._table = torch.tensor(self.block_ids, dtype=torch.long, device=k_cache.device)
+        scatter_tokens(k_cache[header.layer], self._table, header.start, kv[0])
+        scatter_tokens(v_cache[header.layer], self._table, header.start, kv[1])
         taken.append((header.start, header.end))
         self.num_bytes += size
         self.status = TransferStatus.TRANSFERRING

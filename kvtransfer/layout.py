@@ -12,21 +12,25 @@ from collections.abc import Sequence
 import torch
 
 
-def slot_index(block_ids: Sequence[int], block_size: int, start: int, end: int,
+def slot_index(block_ids: Sequence[int] | torch.Tensor, block_size: int, start: int, end: int,
                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Flat cache slots (block * block_size + offset) of token positions [start, end)."""
+    """Flat cache slots (block * block_size + offset) of token positions [start, end).
+    `block_ids` may be a long tensor already on `device` (callers that reuse a table)."""
     if not 0 <= start <= end:
         raise ValueError(f"bad token range [{start}, {end})")
     if end > len(block_ids) * block_size:
         raise ValueError(f"token range [{start}, {end}) exceeds {len(block_ids)} blocks of "
                          f"{block_size}")
     positions = torch.arange(start, end, device=device)
-    table = torch.as_tensor(list(block_ids), dtype=torch.long, device=device)
+    if isinstance(block_ids, torch.Tensor):
+        table = block_ids.to(device=device, dtype=torch.long)
+    else:
+        table = torch.as_tensor(list(block_ids), dtype=torch.long, device=device)
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def gather_tokens(layer: torch.Tensor, block_ids: Sequence[int], start: int, end: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tokens(layer: torch.Tensor, block_ids: Sequence[int] | torch.Tensor, start: int,
+                  end: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens [start, end) of one cache layer as `[tokens, kv_heads, head_dim]`.
 
     Writes into `out` (a staging buffer of that shape) when given, else allocates.
@@ -38,7 +42,7 @@ def gather_tokens(layer: torch.Tensor, block_ids: Sequence[int], start: int, end
     return torch.index_select(flat, 0, idx, out=out)
 
 
-def scatter_tokens(layer: torch.Tensor, block_ids: Sequence[int], start: int,
+def scatter_tokens(layer: torch.Tensor, block_ids: Sequence[int] | torch.Tensor, start: int,
                    tokens: torch.Tensor) -> None:
     """Write `tokens` `[n, kv_heads, head_dim]` at positions [start, start + n)."""
     if tokens.shape[1:] != layer.shape[2:]:

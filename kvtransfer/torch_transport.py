@@ -241,12 +241,12 @@ class TorchSender(ZmqSender):
 
     def __init__(self, spec: KVSpec, device: torch.device | str = "cpu",
                  handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0,
-                 timeout_s: float = 30.0, max_pairs: int = 64):
+                 timeout_s: float = 30.0, max_pairs: int = 64, max_frame_bytes: int = 1 << 20):
         self._device = torch.device(device)
         self._backend = backend_for(self._device)
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._max_pairs = max_pairs
-        super().__init__(spec, handshake_timeout_s, ack_timeout_s)
+        super().__init__(spec, handshake_timeout_s, ack_timeout_s, max_frame_bytes)
 
     def _chunk_message(self, transfer_id, layer, start, k, v) -> tuple:
         if k.shape != v.shape or k.dim() != 3:

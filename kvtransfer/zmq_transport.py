@@ -188,8 +188,9 @@ class ZmqSender(KVSender):
     TRANSPORT = "zmq"
 
     def __init__(self, spec: KVSpec, handshake_timeout_s: float = 5.0,
-                 ack_timeout_s: float = 10.0):
+                 ack_timeout_s: float = 10.0, max_frame_bytes: int = 1 << 20):
         self.spec = spec
+        self.max_frame_bytes = max_frame_bytes
         self.handshake_timeout_s = handshake_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self._ctx = zmq.Context.instance()
@@ -212,8 +213,12 @@ class ZmqSender(KVSender):
         entry = self._book.get(transfer_id)
         if entry.result.status.is_terminal:
             return
-        self._command(("send", entry.endpoint, transfer_id,
-                       self._chunk_message(transfer_id, layer, start, k, v)))
+        # Frames of at most max_frame_bytes: while the I/O thread sends one, this thread
+        # stages the next, and the receiver checks and scatters frames as they come.
+        step = max(1, self.max_frame_bytes // max(1, 2 * k[0].numel() * k.element_size()))
+        for i in range(0, k.shape[0], step):
+            self._command(("send", entry.endpoint, transfer_id, self._chunk_message(
+                transfer_id, layer, start + i, k[i:i + step], v[i:i + step])))
         with self._book.lock:
             if entry.result.status is TransferStatus.PENDING:
                 entry.result = TransferResult(TransferStatus.TRANSFERRING)

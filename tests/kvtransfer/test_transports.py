@@ -245,3 +245,20 @@ def test_release_after_done_and_while_live(receiver, sender, p_cache):
     send_layers(sender, "live", p_cache, [1], 4, layers=[0])
     sender.release("live")
     assert wait_for(lambda: receiver.poll("live")).reason == "released"
+
+
+def test_a_layer_larger_than_one_frame_is_split_and_reassembled(kind, receiver, p_cache):
+    # 128 bytes per token here: 300-byte frames carry 2 tokens each
+    small = make_sender(kind, max_frame_bytes=300)
+    try:
+        n, p_blocks, d_blocks = 13, [7, 2, 9, 4], [3, 5]
+        receiver.expect("t", d_blocks, n, timeout_s=5)
+        small.begin("t", receiver.endpoint, n)
+        send_layers(small, "t", p_cache, p_blocks, n)
+        small.finish("t", 4)
+        assert wait_for(lambda: small.poll("t")).status is TransferStatus.DONE
+        for layer in range(SPEC.num_layers):
+            assert torch.equal(gather_tokens(receiver.k_cache[layer], d_blocks, 0, n),
+                               gather_tokens(p_cache[0][layer], p_blocks, 0, n))
+    finally:
+        small.close()
