@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model serve test lint bench-engine bench-offline bench-decode clean
+.PHONY: setup model serve test lint bench-engine bench-offline bench-decode bench-kv clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ bench-offline: model
 
 bench-decode: model
 	$(PY) bench/decode_floor.py --json bench/results/decode_floor.json
+
+bench-kv: model
+	$(PY) bench/kvtransfer.py --json bench/results/kvtransfer.json
+	$(PY) bench/kv_overlap.py --json bench/results/kv_overlap.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

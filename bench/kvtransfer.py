@@ -40,11 +40,12 @@ TOKEN_BYTES = 2 * HEADS * DIM * 4  # K and V, float32
 mp = mp.get_context("spawn")  # children start clean: no inherited ZMQ context or threads
 
 
-def _receiver_process(kind: str, bind: str, blocks: int, conn) -> None:
-    """Child process: hosts the receiver (as a decode worker would) and obeys `conn`."""
+def receiver_process(kind: str, bind: str, spec: KVSpec, blocks: int, conn) -> None:
+    """Child process: hosts a receiver (as a decode worker would) with `blocks` blocks of
+    BLOCK tokens per layer, sends its endpoint, then obeys ("expect" | "release", transfer
+    id, tokens) commands from `conn`, answering each, until None."""
     tune_malloc()
-    spec = KVSpec("bench", 1, HEADS, DIM, torch.float32)
-    shape = (1, blocks, BLOCK, HEADS, DIM)
+    shape = (spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim)
     cls = TorchReceiver if kind == "torch" else ZmqReceiver
     receiver = cls(spec, torch.zeros(shape), torch.zeros(shape), bind=bind)
     conn.send(receiver.endpoint)
@@ -76,7 +77,7 @@ def transport_times(kind: str, bind: str, num_bytes: int, repeats: int) -> list[
     blocks = -(-tokens // BLOCK)
     spec = KVSpec("bench", 1, HEADS, DIM, torch.float32)
     conn, child_conn = mp.Pipe()
-    child = mp.Process(target=_receiver_process, args=(kind, bind, blocks, child_conn))
+    child = mp.Process(target=receiver_process, args=(kind, bind, spec, blocks, child_conn))
     child.start()
     endpoint = conn.recv()
     sender = TorchSender(spec) if kind == "torch" else ZmqSender(spec)

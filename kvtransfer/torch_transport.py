@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -59,11 +58,14 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def _endpoint_host(endpoint: str) -> str:
-    """The host of a tcp:// endpoint (loopback for ipc:// and wildcards)."""
+    """Where peers reach the TCPStore of a receiver bound at `endpoint`: its tcp:// host;
+    for a wildcard bind, this machine's address on the default route; loopback for ipc://."""
     if not endpoint.startswith("tcp://"):
         return "127.0.0.1"
-    host = urlsplit(endpoint).hostname or "127.0.0.1"
-    return "127.0.0.1" if host in ("*", "0.0.0.0") else host
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0] or "*"
+    if host in ("*", "0.0.0.0"):
+        return _local_address_towards("192.0.2.1")  # TEST-NET-1: only the route is looked up
+    return host
 
 
 def _local_address_towards(host: str) -> str:
