@@ -42,7 +42,7 @@ bench-offline: model
 		$(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
 
 bench-decode: model
-	$(PY) bench/decode_floor.py --json bench/results/decode_floor.json
+	$(PY) bench/decode_floor.py --batches 1 8 32 64 --json bench/results/decode_floor.json
 
 bench-kv: model
 	$(PY) bench/kvtransfer.py --json bench/results/kvtransfer.json
