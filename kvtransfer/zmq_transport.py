@@ -55,10 +55,7 @@ class ZmqReceiver(AssemblingReceiver):
         self._sock.bind(bind)
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers: set[bytes] = set()  # identities that passed the handshake
-        # Replies posted by other threads; the pipe wakes the I/O thread to send them.
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._outbox = _Mailbox()  # replies posted by other threads
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
         self._thread.start()
@@ -71,25 +68,20 @@ class ZmqReceiver(AssemblingReceiver):
         if self._closed.is_set():
             return
         self._closed.set()
-        os.write(self._wake_w, b"x")
+        self._outbox.wake()
         self._thread.join()
         self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._outbox.close()
         self._fail_all("receiver closed")
 
     def _post(self, peer: bytes, msg) -> None:
         """Send `msg` to `peer` from any thread (through the I/O thread)."""
         self._outbox.put((peer, msg))
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # closed meanwhile
 
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._outbox.fd, zmq.POLLIN)
         while not self._closed.is_set():
             ready = dict(poller.poll(_POLL_MS))
             if self._sock in ready:
@@ -99,13 +91,7 @@ class ZmqReceiver(AssemblingReceiver):
                     except zmq.Again:
                         break
                     self._handle(frames)
-            if self._wake_r in ready:
-                _drain_pipe(self._wake_r)
-            while True:
-                try:
-                    peer, msg = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
+            for peer, msg in self._outbox.take():
                 self._reply(peer, msg)
             with self._lock:
                 now = time.monotonic()
@@ -195,10 +181,7 @@ class ZmqSender(KVSender):
         self.ack_timeout_s = ack_timeout_s
         self._ctx = zmq.Context.instance()
         self._book = OutgoingBook()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        # A pipe in the I/O thread's poller: a queued command wakes it at once.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._commands = _Mailbox()  # in the I/O thread's poller: a command wakes it at once
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
@@ -247,10 +230,9 @@ class ZmqSender(KVSender):
         if self._closed.is_set():
             return
         self._closed.set()
-        os.write(self._wake_w, b"x")
+        self._commands.wake()
         self._thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._commands.close()
         self._book.fail_where(lambda entry: True, "sender closed")
 
     # -- I/O thread ------------------------------------------------------------------------
@@ -273,18 +255,16 @@ class ZmqSender(KVSender):
 
     def _command(self, cmd: tuple) -> None:
         self._commands.put(cmd)
-        os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
         peers: dict[str, _Peer] = {}
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._commands.fd, zmq.POLLIN)
         while not self._closed.is_set():
             self._drain_commands(peers, poller)
             for sock, _ in poller.poll(_POLL_MS):
-                if sock == self._wake_r:
-                    _drain_pipe(self._wake_r)
-                    continue
+                if sock == self._commands.fd:
+                    continue  # its commands are taken at the top of the loop
                 endpoint = next(e for e, p in peers.items() if p.sock is sock)
                 self._receive(endpoint, peers[endpoint])
             self._check_deadlines(peers, poller)
@@ -292,11 +272,7 @@ class ZmqSender(KVSender):
             self._drop_peer(endpoint, peers, poller)
 
     def _drain_commands(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for cmd in self._commands.take():
             endpoint = cmd[1]
             peer = peers.get(endpoint)
             if peer is None:
@@ -356,9 +332,46 @@ class ZmqSender(KVSender):
         self._book.fail_where(lambda e: e.endpoint == endpoint, reason)
 
 
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
+class _Mailbox:
+    """A queue for an I/O thread that polls `fd`: `put` from any thread wakes the poll."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()  # no write after close: the fd number may be reused
+        self._closed = False
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+        self.wake()
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.write(self._write_fd, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups already
+
+    def take(self) -> list:
+        """Everything queued so far; also empties the wake-up pipe."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
             pass
-    except BlockingIOError:
-        pass
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+                os.close(self._write_fd)
