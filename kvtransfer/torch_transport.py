@@ -288,8 +288,9 @@ class TorchSender(ZmqSender):
             try:
                 ch.group.send([payload], 1, _TAG).wait()
             except Exception as e:  # the receiver vanished or the group timed out
+                # The I/O thread fails the endpoint's transfers if this is still its channel;
+                # a channel already replaced must not fail the transfers of its successor.
                 ch.error = f"payload channel failed: {e}"
-                self._fail_endpoint(endpoint, ch.error)
 
         peer.channel = _Channel("kv-send-channel", connect, work)
 

@@ -40,6 +40,9 @@ from kvtransfer.messages import (
 from kvtransfer.outgoing import OutgoingBook
 
 _POLL_MS = 20
+# The receiver's answer to a sender it has not (or no longer) accepted: it restarted, or
+# evicted the pair. The sender then drops the connection; the next begin() handshakes anew.
+NO_HANDSHAKE = "no handshake from this sender"
 
 
 class ZmqReceiver(AssemblingReceiver):
@@ -112,7 +115,7 @@ class ZmqReceiver(AssemblingReceiver):
             return self._reply(peer, HandshakeReply(False, reason))
         tid = getattr(msg, "transfer_id", "")
         if peer not in self._peers:
-            return self._reply(peer, Ack(tid, False, "no handshake from this sender"))
+            return self._reply(peer, Ack(tid, False, NO_HANDSHAKE))
         if self._route(peer, msg, frames):
             return
         with self._lock:
@@ -166,6 +169,7 @@ class _Peer:
     sock: zmq.Socket
     accepted: bool = False
     handshake_deadline: float = 0.0
+    forgotten: bool = False  # the receiver answered NO_HANDSHAKE
     backlog: list[tuple] = field(default_factory=list)  # messages held until the handshake
     channel: object = None  # the transport's side channel for payloads, if any
 
@@ -311,6 +315,7 @@ class ZmqSender(KVSender):
                 peer.backlog.clear()
             elif isinstance(msg, Ack) and not msg.ok:
                 self._book.fail(msg.transfer_id, msg.reason)
+                peer.forgotten |= msg.reason == NO_HANDSHAKE
             elif isinstance(msg, Ack):
                 # finish() set first_token_id before sending the Done this Ack answers
                 try:
@@ -324,6 +329,10 @@ class ZmqSender(KVSender):
         for endpoint, peer in list(peers.items()):
             if not peer.accepted and now > peer.handshake_deadline:
                 self._fail_endpoint(endpoint, f"no handshake reply from {endpoint}")
+                self._drop_peer(endpoint, peers, poller)
+            elif peer.forgotten:  # what was sent on this connection is lost to the receiver
+                self._fail_endpoint(endpoint, f"the receiver at {endpoint} forgot this sender "
+                                              "(restarted, or closed the pair)")
                 self._drop_peer(endpoint, peers, poller)
         self._book.fail_where(lambda e: e.ack_deadline is not None and now > e.ack_deadline,
                               "no acknowledgement from the receiver")

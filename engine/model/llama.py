@@ -64,6 +64,8 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
+    """Holds the checkpoint's norm weight and eps; the computation is FusedOps'."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))

@@ -1,6 +1,6 @@
 """What only the torch.distributed transport has: a payload stream beside the control
 stream that must stay aligned, per-pair process groups that are bounded, and a payload
-that may never come."""
+that may never come, and a receiver that accepts but names no rendezvous."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import threading
 import time
 
 import torch
+import zmq
 from kv_helpers import SPEC, caches, send_layers, wait_for
 
 from kvtransfer.base import TransferStatus
 from kvtransfer.layout import gather_tokens
+from kvtransfer.messages import Handshake, HandshakeReply, decode, encode
 from kvtransfer.torch_transport import TorchReceiver, TorchSender
 
 
@@ -104,3 +106,43 @@ def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
     finally:
         healthy.close()
         receiver.close()
+
+
+def test_a_sender_whose_pair_the_receiver_evicted_reconnects():
+    torch.manual_seed(0)
+    p_cache = caches(32, 4, fill=True)
+    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=3, max_pairs=1)
+    a, b = TorchSender(SPEC, timeout_s=3), TorchSender(SPEC, timeout_s=3)
+    try:
+        assert transfer(a, receiver, "a1", p_cache, [0]).status is TransferStatus.DONE
+        assert transfer(b, receiver, "b1", p_cache, [1]).status is TransferStatus.DONE  # evicts a
+        evicted = transfer(a, receiver, "a2", p_cache, [2])
+        assert evicted.status is TransferStatus.FAILED
+        # either the control path (no handshake) or the closed gloo pair reports it first
+        assert any(why in evicted.reason for why in
+                   ("forgot this sender", "no handshake", "payload channel failed"))
+        receiver.release("a2")
+        assert transfer(a, receiver, "a3", p_cache, [3]).status is TransferStatus.DONE
+    finally:
+        a.close()
+        b.close()
+        receiver.close()
+
+
+def test_a_receiver_that_accepts_without_a_rendezvous_fails_the_transfer():
+    """A hand-driven ZMQ peer speaks the handshake but names no TCPStore."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sender = TorchSender(SPEC, timeout_s=2)
+    try:
+        sender.begin("t", f"tcp://127.0.0.1:{port}", 4)
+        peer, frame = sock.recv_multipart()
+        assert isinstance(decode(frame), Handshake)
+        sock.send_multipart([peer, encode(HandshakeReply(True))])
+        result = wait_for(lambda: sender.poll("t"), timeout=3)
+        assert "receiver sent no rendezvous" in result.reason
+    finally:
+        sender.close()
+        sock.close()

@@ -252,3 +252,35 @@ def test_release_after_done_and_while_live(receiver, sender, p_cache):
     sender.release("live")
     assert wait_for(lambda: receiver.poll("live")).reason == "released"
 
+
+
+def test_a_restarted_receiver_fails_the_old_connection_then_accepts_a_new_one(
+        kind, sender, p_cache, tmp_path):
+    bind = f"ipc://{tmp_path}/kv.sock"
+    first = make_receiver(kind, caches(32, 8), bind=bind)
+    first.expect("a", [0], 4, timeout_s=5)
+    sender.begin("a", first.endpoint, 4)
+    send_layers(sender, "a", p_cache, [0], 4)
+    sender.finish("a", 1)
+    assert wait_for(lambda: sender.poll("a")).status is TransferStatus.DONE
+    first.close()
+    second = make_receiver(kind, caches(32, 8), bind=bind)  # same endpoint, new process state
+    try:
+        second.expect("b", [0], 4, timeout_s=5)
+        sender.begin("b", second.endpoint, 4)
+        send_layers(sender, "b", p_cache, [0], 4)
+        sender.finish("b", 2)
+        result = wait_for(lambda: sender.poll("b"), timeout=8)
+        # the old connection may or may not have reached the new receiver before it failed
+        if result.status is TransferStatus.FAILED:
+            # torch: the old pair's gloo connection may report the restart first
+            assert ("forgot this sender" in result.reason or "no handshake" in result.reason
+                    or kind == "torch" and "payload channel failed" in result.reason)
+            second.release("b")
+            second.expect("c", [1], 4, timeout_s=5)
+            sender.begin("c", second.endpoint, 4)
+            send_layers(sender, "c", p_cache, [1], 4)
+            sender.finish("c", 3)
+            assert wait_for(lambda: sender.poll("c"), timeout=8).status is TransferStatus.DONE
+    finally:
+        second.close()
