@@ -31,8 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from engine.host_memory import tune_malloc  # noqa: E402
 from kvtransfer.base import KVSpec, TransferStatus  # noqa: E402
-from kvtransfer.torch_transport import TorchReceiver, TorchSender  # noqa: E402
-from kvtransfer.zmq_transport import ZmqReceiver, ZmqSender  # noqa: E402
+from kvtransfer.transports import TransportKind, make_receiver, make_sender  # noqa: E402
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer
@@ -46,8 +45,8 @@ def receiver_process(kind: str, bind: str, spec: KVSpec, blocks: int, conn) -> N
     id, tokens) commands from `conn`, answering each, until None."""
     tune_malloc()
     shape = (spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim)
-    cls = TorchReceiver if kind == "torch" else ZmqReceiver
-    receiver = cls(spec, torch.zeros(shape), torch.zeros(shape), bind=bind)
+    receiver = make_receiver(TransportKind(kind), spec, torch.zeros(shape), torch.zeros(shape),
+                             bind)
     conn.send(receiver.endpoint)
     while (cmd := conn.recv()) is not None:
         op, tid, tokens = cmd
@@ -80,7 +79,7 @@ def transport_times(kind: str, bind: str, num_bytes: int, repeats: int) -> list[
     child = mp.Process(target=receiver_process, args=(kind, bind, spec, blocks, child_conn))
     child.start()
     endpoint = conn.recv()
-    sender = TorchSender(spec) if kind == "torch" else ZmqSender(spec)
+    sender = make_sender(TransportKind(kind), spec)
     k, v = torch.randn(tokens, HEADS, DIM), torch.randn(tokens, HEADS, DIM)
     times = []
     try:

@@ -1,0 +1,131 @@
+"""Workers in child processes on this machine, without Ray.
+
+Each worker gets its own process (and, given `cpus`, its own cores), as it would on a
+cluster; the parent calls it through a `multiprocessing.managers` proxy whose methods are
+the worker's public ones. Benchmarks and tests use this to run the real data path (KV over
+ZMQ between processes, the token stream) without a Ray cluster.
+
+Life of a worker process:
+1. STARTING  `WorkerProcess(role, config, cpus)` starts a child (spawn context). The child
+             pins itself to `cpus` and sets torch's threads to match (DESIGN §5), builds the
+             worker (loading the model), starts a manager server on loopback and reports
+             its address, or the error that stopped it (raised here as WorkerStartError).
+2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
+             run concurrently, as the workers' thread-safe methods allow.
+3. STOPPED   `stop()` closes the worker (its jobs end, its sockets close) and the process
+             exits; `kill()` is SIGKILL, as a crash would be. Calls then raise
+             ConnectionError or EOFError.
+"""
+
+from __future__ import annotations
+
+import enum
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from multiprocessing.managers import BaseManager
+
+from decode_worker import ColocatedWorker, DecodeWorker, DecodeWorkerConfig
+from prefill_worker import PrefillWorker, PrefillWorkerConfig
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+_EXPOSED = {
+    Role.PREFILL: ("prefill", "abort", "job_state", "load", "close"),
+    Role.DECODE: ("reserve", "generate", "abort", "job_state", "load", "close"),
+    Role.COLOCATED: ("generate", "abort", "job_state", "load", "close"),
+}
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process could not start; the message holds the child's error."""
+
+
+def build_worker(role: Role, config: PrefillWorkerConfig | DecodeWorkerConfig):
+    if role is Role.PREFILL:
+        return PrefillWorker(config)
+    return DecodeWorker(config) if role is Role.DECODE else ColocatedWorker(config)
+
+
+class _Manager(BaseManager):
+    pass
+
+
+_Manager.register("worker")
+
+
+class WorkerProcess:
+    def __init__(self, role: Role, config: PrefillWorkerConfig | DecodeWorkerConfig,
+                 cpus: tuple[int, ...] | None = None, start_timeout_s: float = 300.0):
+        self.role = role
+        ctx = mp.get_context("spawn")
+        conn, child_conn = ctx.Pipe(duplex=False)
+        authkey = os.urandom(16)
+        self.process = ctx.Process(target=_serve, args=(role, config, cpus, child_conn, authkey),
+                                   name=f"pdserve-{role.value}", daemon=True)
+        self.process.start()
+        child_conn.close()
+        if not conn.poll(start_timeout_s):
+            self.kill()
+            raise WorkerStartError(f"{role.value} worker did not start in {start_timeout_s}s")
+        try:
+            status, detail = conn.recv()
+        except EOFError:
+            status, detail = "error", f"exited with code {self.process.exitcode}"
+        if status != "ready":
+            self.process.join(10)
+            raise WorkerStartError(f"{role.value} worker failed to start: {detail}")
+        self._manager = _Manager(address=detail, authkey=authkey)
+        self._manager.connect()
+        self.worker = self._manager.worker()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close the worker and end the process (killed if it does not exit in time)."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.join(timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+
+def _serve(role: Role, config, cpus, conn, authkey: bytes) -> None:
+    """Child process: build the worker and serve its methods until SIGTERM."""
+    try:
+        import torch
+
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+            torch.set_num_threads(len(cpus))
+        worker = build_worker(role, config)
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", traceback.format_exc()))
+        return
+
+    class Server(BaseManager):
+        pass
+
+    Server.register("worker", callable=lambda: worker, exposed=_EXPOSED[role])
+    server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
+
+    def shutdown(signum, frame):
+        worker.close()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    conn.send(("ready", server.address))
+    conn.close()
+    server.serve_forever()
