@@ -167,7 +167,9 @@ class ZmqReceiver(AssemblingReceiver):
 @dataclass
 class _Peer:
     sock: zmq.Socket
+    monitor: zmq.Socket  # tells when the connection to the receiver drops
     accepted: bool = False
+    disconnected: bool = False
     handshake_deadline: float = 0.0
     forgotten: bool = False  # the receiver answered NO_HANDSHAKE
     backlog: list[tuple] = field(default_factory=list)  # messages held until the handshake
@@ -255,6 +257,9 @@ class ZmqSender(KVSender):
     def _drop_peer(self, endpoint: str, peers: dict, poller: zmq.Poller) -> None:
         peer = peers.pop(endpoint)  # a later begin() to it tries again
         poller.unregister(peer.sock)
+        poller.unregister(peer.monitor)
+        peer.sock.disable_monitor()
+        peer.monitor.close(linger=0)
         peer.sock.close(linger=0)
 
     def _command(self, cmd: tuple) -> None:
@@ -269,8 +274,13 @@ class ZmqSender(KVSender):
             for sock, _ in poller.poll(_POLL_MS):
                 if sock == self._commands.fd:
                     continue  # its commands are taken at the top of the loop
-                endpoint = next(e for e, p in peers.items() if p.sock is sock)
-                self._receive(endpoint, peers[endpoint])
+                endpoint, peer = next((e, p) for e, p in peers.items()
+                                      if sock is p.sock or sock is p.monitor)
+                if sock is peer.monitor:
+                    peer.monitor.recv_multipart()
+                    peer.disconnected = True  # the receiver process closed or died
+                else:
+                    self._receive(endpoint, peer)
             self._check_deadlines(peers, poller)
         for endpoint in list(peers):
             self._drop_peer(endpoint, peers, poller)
@@ -282,11 +292,17 @@ class ZmqSender(KVSender):
             if peer is None:
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
+                # No high-water mark: a send never blocks this thread. What a slow receiver
+                # has not taken yet is bounded by the live transfers; a dead one is noticed
+                # by the monitor and its queue dropped with the socket.
+                sock.setsockopt(zmq.SNDHWM, 0)
+                monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 sock.connect(endpoint)
                 sock.send(encode(self.spec.handshake(self.TRANSPORT)))
                 peer = peers[endpoint] = _Peer(
-                    sock, handshake_deadline=time.monotonic() + self.handshake_timeout_s)
+                    sock, monitor, handshake_deadline=time.monotonic() + self.handshake_timeout_s)
                 poller.register(sock, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
             if cmd[0] == "send":
                 if cmd[2] is not None and self.poll(cmd[2]).status.is_terminal:
                     continue
@@ -329,6 +345,9 @@ class ZmqSender(KVSender):
         for endpoint, peer in list(peers.items()):
             if not peer.accepted and now > peer.handshake_deadline:
                 self._fail_endpoint(endpoint, f"no handshake reply from {endpoint}")
+                self._drop_peer(endpoint, peers, poller)
+            elif peer.disconnected:  # what it had not taken yet is lost
+                self._fail_endpoint(endpoint, f"the receiver at {endpoint} disconnected")
                 self._drop_peer(endpoint, peers, poller)
             elif peer.forgotten:  # what was sent on this connection is lost to the receiver
                 self._fail_endpoint(endpoint, f"the receiver at {endpoint} forgot this sender "
