@@ -62,13 +62,17 @@ _Manager.register("worker")
 
 class WorkerProcess:
     def __init__(self, role: Role, config: PrefillWorkerConfig | DecodeWorkerConfig,
-                 cpus: tuple[int, ...] | None = None, start_timeout_s: float = 300.0):
+                 cpus: tuple[int, ...] | None = None, num_threads: int | None = None,
+                 start_timeout_s: float = 300.0):
+        """`cpus`: cores to pin the process to (torch then uses that many threads);
+        `num_threads`: torch threads when not pinned (default: torch's own choice)."""
         self.role = role
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
-        self.process = ctx.Process(target=_serve, args=(role, config, cpus, child_conn, authkey),
-                                   name=f"pdserve-{role.value}", daemon=True)
+        self.process = ctx.Process(
+            target=_serve, args=(role, config, cpus, num_threads, child_conn, authkey),
+            name=f"pdserve-{role.value}", daemon=True)
         self.process.start()
         child_conn.close()
         if not conn.poll(start_timeout_s):
@@ -102,14 +106,16 @@ class WorkerProcess:
         self.process.join()
 
 
-def _serve(role: Role, config, cpus, conn, authkey: bytes) -> None:
+def _serve(role: Role, config, cpus, num_threads, conn, authkey: bytes) -> None:
     """Child process: build the worker and serve its methods until SIGTERM."""
     try:
         import torch
 
         if cpus:
             os.sched_setaffinity(0, cpus)
-            torch.set_num_threads(len(cpus))
+            num_threads = len(cpus)
+        if num_threads:
+            torch.set_num_threads(num_threads)
         worker = build_worker(role, config)
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))

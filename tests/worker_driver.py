@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from decode_worker import DecodeJob, StreamFinish, TokenBatch, TokenChunk
-from engine import SamplingParams
+from engine import NoFreeBlocksError, SamplingParams
 from prefill_worker import PrefillJob, PrefillResult
 
 
@@ -86,7 +86,15 @@ def run_disaggregated(collector: StreamCollector, prefill, decode, transfer_id: 
                       lease_s: float = 30.0) -> Outcome:
     """One request through `prefill` and `decode`, as the router runs it (DESIGN §2)."""
     job = DecodeJob(transfer_id, tuple(prompt), params, collector.endpoint, lease_s)
-    endpoint = decode.reserve(job)
+    deadline = time.monotonic() + 60
+    while True:  # a full decode worker: wait for room, as the router's queue does
+        try:
+            endpoint = decode.reserve(job)
+            break
+        except NoFreeBlocksError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
     result = prefill.prefill(PrefillJob(transfer_id, tuple(prompt), params, endpoint))
     s = collector.wait(transfer_id)
     return Outcome(s.token_ids, s.final.finish, s.final.error, result, s)
@@ -118,6 +126,16 @@ def wait_idle(worker, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"worker not idle after {timeout}s: {worker.load()}")
+
+
+def wait_load(worker, predicate, timeout: float = 10.0) -> None:
+    """Until `predicate(engine stats)` holds in the worker's load report."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate(worker.load().engine):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"load never matched: {worker.load()}")
 
 
 def wait_state(worker, transfer_id: str, state, timeout: float = 30.0) -> None:
