@@ -60,18 +60,21 @@ class TokenBatch:
     @classmethod
     def decode(cls, data: bytes) -> TokenBatch:
         try:
-            version, worker_id, t, raw_chunks = msgpack.unpackb(data)
-            if version != STREAM_VERSION:
-                raise ValueError(f"token stream version {version}, expected {STREAM_VERSION}")
+            message = msgpack.unpackb(data)
+            version = message[0]
+        except Exception as e:  # noqa: BLE001 - any malformed message is one error
+            raise ValueError(f"malformed token stream message: {e}") from e
+        if version != STREAM_VERSION:
+            raise ValueError(f"token stream version {version!r}, expected {STREAM_VERSION}")
+        try:
+            _, worker_id, t, raw_chunks = message
             chunks = tuple(
                 TokenChunk(str(tid), tuple(int(x) for x in tokens),
                            StreamFinish(finish) if finish is not None else None, str(error),
                            DecodeStamps.from_wire(stamps) if stamps is not None else None)
                 for tid, tokens, finish, error, stamps in raw_chunks)
             return cls(str(worker_id), float(t), chunks)
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any malformed message is one error
+        except Exception as e:  # noqa: BLE001
             raise ValueError(f"malformed token stream message: {e}") from e
 
 

@@ -17,7 +17,9 @@ ALLOWED = {
     "decode_worker": {"engine", "kvtransfer", "rpc"},
     "router": {"rpc"},
     "deploy": {"rpc", "engine", "kvtransfer", "prefill_worker", "decode_worker", "router"},
-    "bench": {"rpc", "engine", "kvtransfer"},
+    # microbenchmarks below the public API: the engine, the transports, and the workers in
+    # local processes (deploy.local), as `pdserve serve` would place them
+    "bench": {"rpc", "engine", "kvtransfer", "prefill_worker", "decode_worker", "deploy"},
 }
 # third-party modules a package must never import
 FORBIDDEN = {

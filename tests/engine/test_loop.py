@@ -1,0 +1,90 @@
+"""The engine loop: control calls between steps, errors to their callers, a broken engine
+reported instead of hidden, and nothing accepted after close."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import assert_no_leaks, greedy, make_engine
+
+from engine.loop import EngineLoop, LoopHandler
+
+
+class Recorder(LoopHandler):
+    def __init__(self, fail_tick: bool = False):
+        self.outputs = []
+        self.fail_tick = fail_tick
+        self.closed = threading.Event()
+        self.thread = None
+
+    def after_step(self, outputs):
+        self.thread = threading.current_thread()
+        self.outputs += outputs
+
+    def tick(self):
+        if self.fail_tick:
+            raise RuntimeError("transport exploded")
+
+    def close(self):
+        self.closed.set()
+
+
+@pytest.fixture()
+def engine(tiny_llama_dir):
+    return make_engine(tiny_llama_dir)
+
+
+def test_calls_run_on_the_loop_thread_and_requests_complete(engine):
+    handler = Recorder()
+    loop = EngineLoop(engine, handler)
+    try:
+        for i in range(3):
+            loop.call(lambda i=i: engine.add_request(f"r{i}", [1, 2, 3 + i], greedy(5))).result(5)
+        done = threading.Event()
+        loop.post(done.set)
+        assert done.wait(5)
+        thread = loop.call(threading.current_thread).result(5)
+        assert thread is not threading.current_thread()
+        # wait for all three to finish, then the engine is clean
+        loop.call(lambda: None).result(5)
+        for _ in range(200):
+            if sum(o.finished for o in handler.outputs) == 3:
+                break
+            loop.call(lambda: None).result(5)
+        assert sum(o.finished for o in handler.outputs) == 3
+        assert handler.thread is thread
+    finally:
+        loop.close()
+    assert handler.closed.is_set()
+    assert_no_leaks(engine)
+
+
+def test_an_exception_in_a_call_goes_to_its_caller_and_the_loop_carries_on(engine):
+    loop = EngineLoop(engine, Recorder())
+    try:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            loop.call(lambda: engine.add_request("bad", [10**6], greedy(2))).result(5)
+        assert loop.call(lambda: 42).result(5) == 42
+        assert loop.load().error == ""
+    finally:
+        loop.close()
+
+
+def test_a_failing_handler_breaks_the_loop_visibly(engine):
+    handler = Recorder(fail_tick=True)
+    loop = EngineLoop(engine, handler)
+    assert handler.closed.wait(5)
+    loop.close()
+    assert "transport exploded" in loop.load().error
+    with pytest.raises(RuntimeError, match="transport exploded"):
+        loop.call(lambda: 1).result(5)
+
+
+def test_nothing_runs_after_close(engine):
+    loop = EngineLoop(engine, Recorder())
+    loop.close()
+    assert not loop.is_alive
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call(lambda: 1).result(5)
+    loop.close()  # idempotent
