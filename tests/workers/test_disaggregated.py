@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import greedy
-from worker_driver import (
-    StreamCollector,
-    run_colocated,
-    run_disaggregated,
-    run_many,
-    wait_idle,
-    wait_load,
-)
+from worker_driver import wait_idle, wait_load
 from worker_procs import spawn, stop_all, worker_config
 
 from decode_worker import DecodeJob, StreamFinish
+from deploy.driver import StreamCollector, run_colocated, run_disaggregated, run_many
 from deploy.local import Role
 from engine import LLM, NoFreeBlocksError
 

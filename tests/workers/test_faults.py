@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import greedy
-from worker_driver import StreamCollector, run_disaggregated, wait_idle, wait_state
+from worker_driver import wait_idle, wait_state
 from worker_procs import spawn, stop_all, worker_config
 
 from decode_worker import DecodeJob, DecodeState, StreamFinish
+from deploy.driver import StreamCollector, run_disaggregated
 from deploy.local import Role
 from engine import LLM
 from prefill_worker import PrefillJob, PrefillState

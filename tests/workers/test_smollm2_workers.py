@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 from helpers import greedy
-from worker_driver import StreamCollector, run_colocated, run_many, wait_idle
+from worker_driver import wait_idle
 from worker_procs import spawn, stop_all, worker_config
 
+from deploy.driver import StreamCollector, run_colocated, run_many
 from deploy.local import Role
 
 pytestmark = pytest.mark.slow
