@@ -8,7 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup model serve test lint bench-engine bench-offline bench-decode bench-kv clean
+.PHONY: setup model serve test lint bench-engine bench-offline bench-decode bench-kv bench-ttft \
+	clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +32,7 @@ test: model
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check engine kvtransfer deploy tests bench
+	$(VENV)/bin/ruff check engine kvtransfer prefill_worker decode_worker deploy tests bench
 
 bench-engine: model
 	$(PY) bench/engine.py --json bench/results/engine.json
@@ -47,6 +48,9 @@ bench-decode: model
 bench-kv: model
 	$(PY) bench/kvtransfer.py --json bench/results/kvtransfer.json
 	$(PY) bench/kv_overlap.py --json bench/results/kv_overlap.json
+
+bench-ttft: model
+	$(PY) bench/ttft.py --json bench/results/ttft.json --plot bench/results/ttft.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache
