@@ -14,8 +14,6 @@ waiting on it, so a vanished receiver never hangs a sender.
 
 from __future__ import annotations
 
-import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import zmq
 from kvtransfer.assembly import AssemblingReceiver, Assembly, FrameError
 from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from kvtransfer.frames import make_chunk
+from kvtransfer.mailbox import Mailbox
 from kvtransfer.messages import (
     Abort,
     Ack,
@@ -58,7 +57,7 @@ class ZmqReceiver(AssemblingReceiver):
         self._sock.bind(bind)
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers: set[bytes] = set()  # identities that passed the handshake
-        self._outbox = _Mailbox()  # replies posted by other threads
+        self._outbox = Mailbox()  # replies posted by other threads
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
         self._thread.start()
@@ -187,7 +186,7 @@ class ZmqSender(KVSender):
         self.ack_timeout_s = ack_timeout_s
         self._ctx = zmq.Context.instance()
         self._book = OutgoingBook()
-        self._commands = _Mailbox()  # in the I/O thread's poller: a command wakes it at once
+        self._commands = Mailbox()  # in the I/O thread's poller: a command wakes it at once
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
@@ -358,48 +357,3 @@ class ZmqSender(KVSender):
 
     def _fail_endpoint(self, endpoint: str, reason: str) -> None:
         self._book.fail_where(lambda e: e.endpoint == endpoint, reason)
-
-
-class _Mailbox:
-    """A queue for an I/O thread that polls `fd`: `put` from any thread wakes the poll."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.fd, self._write_fd = os.pipe()
-        os.set_blocking(self.fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._lock = threading.Lock()  # no write after close: the fd number may be reused
-        self._closed = False
-
-    def put(self, item) -> None:
-        self._queue.put(item)
-        self.wake()
-
-    def wake(self) -> None:
-        with self._lock:
-            if not self._closed:
-                try:
-                    os.write(self._write_fd, b"x")
-                except BlockingIOError:
-                    pass  # the pipe is full of wake-ups already
-
-    def take(self) -> list:
-        """Everything queued so far; also empties the wake-up pipe."""
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        items = []
-        while True:
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                return items
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.fd)
-                os.close(self._write_fd)

@@ -10,7 +10,7 @@ from worker_driver import wait_idle, wait_load
 from worker_procs import spawn, stop_all, worker_config
 
 from decode_worker import DecodeJob, StreamFinish
-from deploy.driver import StreamCollector, run_colocated, run_disaggregated, run_many
+from deploy.driver import run_colocated, run_disaggregated, run_many
 from deploy.local import Role
 from engine import LLM, NoFreeBlocksError
 
@@ -40,13 +40,6 @@ def procs(tiny_llama_dir):
     procs = spawn(specs)
     yield dict(zip(["p0", "p1", "d0", "d1", "c0"], procs, strict=True))
     stop_all(procs)
-
-
-@pytest.fixture(scope="module")
-def collector():
-    c = StreamCollector()
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

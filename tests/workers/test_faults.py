@@ -15,7 +15,7 @@ from worker_driver import wait_idle, wait_state
 from worker_procs import spawn, stop_all, worker_config
 
 from decode_worker import DecodeJob, DecodeState, StreamFinish
-from deploy.driver import StreamCollector, run_disaggregated
+from deploy.driver import run_disaggregated
 from deploy.local import Role
 from engine import LLM
 from prefill_worker import PrefillJob, PrefillState
@@ -45,13 +45,6 @@ def prefill(procs):
 @pytest.fixture(scope="module")
 def decode(procs):
     return procs[1].worker
-
-
-@pytest.fixture(scope="module")
-def collector():
-    c = StreamCollector()
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
