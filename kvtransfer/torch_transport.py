@@ -313,11 +313,11 @@ class TorchSender(ZmqSender):
             self._drop_peer(oldest, peers, poller)
             accepted.remove(oldest)
 
-    def _drop_peer(self, endpoint: str, peers: dict, poller) -> None:
+    def _drop_peer(self, endpoint: str, peers: dict, poller, linger_ms: int = 0) -> None:
         ch = peers[endpoint].channel
         if ch is not None:
             ch.close()
-        super()._drop_peer(endpoint, peers, poller)
+        super()._drop_peer(endpoint, peers, poller, linger_ms)
 
 
 

@@ -253,13 +253,14 @@ class ZmqSender(KVSender):
     def _on_accepted(self, endpoint: str, peer: _Peer, reply: HandshakeReply) -> None:
         """The receiver accepted the handshake; transports with a side channel open it."""
 
-    def _drop_peer(self, endpoint: str, peers: dict, poller: zmq.Poller) -> None:
+    def _drop_peer(self, endpoint: str, peers: dict, poller: zmq.Poller,
+                   linger_ms: int = 0) -> None:
         peer = peers.pop(endpoint)  # a later begin() to it tries again
         poller.unregister(peer.sock)
         poller.unregister(peer.monitor)
         peer.sock.disable_monitor()
         peer.monitor.close(linger=0)
-        peer.sock.close(linger=0)
+        peer.sock.close(linger=linger_ms)
 
     def _command(self, cmd: tuple) -> None:
         self._commands.put(cmd)
@@ -281,8 +282,9 @@ class ZmqSender(KVSender):
                 else:
                     self._receive(endpoint, peer)
             self._check_deadlines(peers, poller)
+        self._drain_commands(peers, poller)  # aborts posted just before close() still leave
         for endpoint in list(peers):
-            self._drop_peer(endpoint, peers, poller)
+            self._drop_peer(endpoint, peers, poller, linger_ms=1000)
 
     def _drain_commands(self, peers: dict[str, _Peer], poller: zmq.Poller) -> None:
         for cmd in self._commands.take():
@@ -328,9 +330,13 @@ class ZmqSender(KVSender):
                 for message in peer.backlog:
                     self._transmit(endpoint, peer, message)
                 peer.backlog.clear()
+            elif isinstance(msg, Ack) and not msg.ok and msg.reason == NO_HANDSHAKE:
+                # Fail this endpoint's transfers and drop the connection in one step
+                # (_check_deadlines): a transfer begun after the failure shows must go out
+                # on a fresh connection, not be failed with the old one.
+                peer.forgotten = True
             elif isinstance(msg, Ack) and not msg.ok:
                 self._book.fail(msg.transfer_id, msg.reason)
-                peer.forgotten |= msg.reason == NO_HANDSHAKE
             elif isinstance(msg, Ack):
                 # finish() set first_token_id before sending the Done this Ack answers
                 try:

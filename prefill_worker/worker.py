@@ -214,6 +214,7 @@ class _PrefillJobs(LoopHandler):
     def close(self) -> None:
         for tid, entry in list(self.jobs.items()):
             self.engine.abort(tid)
+            self.sender.abort(tid, "prefill worker closed")  # the decode side learns why
             self._settle(entry, PrefillState.FAILED, "prefill worker closed")
         self.sender.close()
 

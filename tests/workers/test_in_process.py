@@ -70,10 +70,14 @@ def test_closing_workers_ends_their_live_jobs(tiny_llama_dir, collector):
     wait_state(d, "live", DecodeState.RECEIVING)
     p.close()
     assert result.result(5).state is PrefillState.FAILED
-    assert "closed" in result.result().reason
-    d.close()
-    final = collector.wait("live").final
-    assert final.finish is StreamFinish.ERROR and "closed" in final.error
-    assert p.load().is_idle and d.load().is_idle
+    assert result.result().reason == "prefill worker closed"
+    final = collector.wait("live").final  # the prefill worker told the decode worker
+    assert final.finish is StreamFinish.ERROR and "prefill worker closed" in final.error
     with pytest.raises(RuntimeError, match="closed"):
         p.submit(PrefillJob("late", prompt, greedy(4), endpoint)).result(5)
+
+    d.reserve(DecodeJob("waiting", prompt, greedy(4), collector.endpoint))
+    d.close()
+    final = collector.wait("waiting").final
+    assert final.finish is StreamFinish.ERROR and final.error == "decode worker closed"
+    assert p.load().is_idle and d.load().is_idle

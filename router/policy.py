@@ -1,0 +1,69 @@
+"""Routing policies: pure functions of the workers' load, each unit-tested.
+
+Loads come from the workers' heartbeats (a little stale); `in_flight` is this router's own
+count of requests it has on a worker, which is current.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    worker_id: str
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+    in_flight: int = 0
+
+
+class Hint(enum.Enum):
+    AUTO = 0
+    ALWAYS = 1
+    NEVER = 2
+
+
+def should_disaggregate(hint: Hint, num_prompt_tokens: int, threshold: int,
+                        have_prefill_workers: bool) -> bool:
+    """`never`, or a prompt under the threshold with `auto`, prefills where it decodes: a
+    short prefill costs less than the transfer's fixed overhead (bench/README.md, TTFT)."""
+    if hint is Hint.NEVER or not have_prefill_workers:
+        return False
+    return hint is Hint.ALWAYS or num_prompt_tokens >= threshold
+
+
+def choose_decode(workers: Sequence[WorkerLoad], num_prompt_tokens: int,
+                  max_in_flight: int) -> WorkerLoad | None:
+    """The worker with the smallest running batch (heartbeat + this router's own requests)
+    among those with room for the prompt's blocks; ties go to the most free blocks. None
+    when no worker has both a free slot and the blocks."""
+    fits = [w for w in workers if w.in_flight < max_in_flight
+            and -(-(num_prompt_tokens + 1) // w.block_size) <= w.free_blocks]
+    return min(fits, key=lambda w: (w.running + w.waiting + w.in_flight, -w.free_blocks,
+                                    w.worker_id), default=None)
+
+
+def choose_prefill(workers: Sequence[WorkerLoad], num_prompt_tokens: int,
+                   cached_blocks: Mapping[str, int], max_in_flight: int) -> WorkerLoad | None:
+    """The worker that would finish this prompt first: least queued prefill tokens plus the
+    prompt's tokens its prefix cache does not hold."""
+    free = [w for w in workers if w.in_flight < max_in_flight]
+
+    def work(w: WorkerLoad) -> tuple[int, str]:
+        hit = cached_blocks.get(w.worker_id, 0) * w.block_size
+        return w.queued_prefill_tokens + max(num_prompt_tokens - hit, 1), w.worker_id
+
+    return min(free, key=work, default=None)
+
+
+def round_robin(workers: Sequence[WorkerLoad], turn: int,
+                max_in_flight: int) -> WorkerLoad | None:
+    """The `turn`-th worker with a free slot, cyclically (the baseline policy)."""
+    free = sorted((w for w in workers if w.in_flight < max_in_flight), key=lambda w: w.worker_id)
+    return free[turn % len(free)] if free else None

@@ -1,0 +1,127 @@
+"""The cluster's shared state in Redis: which workers exist, their load, and which prompt
+prefixes their KV caches hold. Tensors never go here.
+
+Keys (all under `pdserve:`):
+- `pdserve:worker:<id>`   hash: a WorkerRecord, with a TTL; a worker that stops
+                          heartbeating disappears when it expires;
+- `pdserve:workers`       sorted set of worker ids by last heartbeat (discovery);
+- `pdserve:prefix:<hash>` set of worker ids whose prefix cache holds that block (the block
+                          hash chain of router.prefix), kept by the workers' heartbeats.
+
+Writers (a worker's heartbeat, in deploy/) use a synchronous client; the router reads with
+an asyncio client. Readers never trust the sorted set alone: a worker whose hash expired is
+dead, and is dropped from the set by the first reader to notice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+PREFIX = "pdserve:"
+WORKERS = PREFIX + "workers"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{PREFIX}worker:{worker_id}"
+
+
+def prefix_key(block_hash: int) -> str:
+    return f"{PREFIX}prefix:{block_hash:016x}"
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    node: str
+    kv_endpoint: str
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+    heartbeat: float  # Unix seconds
+
+    def to_redis(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_redis(cls, raw: dict) -> WorkerRecord:
+        raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
+                                                            else v) for k, v in raw.items()}
+        values = {}
+        for f in fields(cls):
+            value = raw[f.name]
+            values[f.name] = (int(value) if f.type == "int" else float(value)
+                              if f.type == "float" else value)
+        return cls(**values)
+
+
+# -- writers (synchronous redis client) -------------------------------------------------------
+
+def publish(client, record: WorkerRecord, ttl_s: float) -> None:
+    """Register or refresh a worker; it expires `ttl_s` after its last heartbeat."""
+    pipe = client.pipeline()
+    pipe.hset(worker_key(record.worker_id), mapping=record.to_redis())
+    pipe.pexpire(worker_key(record.worker_id), int(ttl_s * 1000))
+    pipe.zadd(WORKERS, {record.worker_id: record.heartbeat})
+    pipe.execute()
+
+
+def unpublish(client, worker_id: str) -> None:
+    pipe = client.pipeline()
+    pipe.delete(worker_key(worker_id))
+    pipe.zrem(WORKERS, worker_id)
+    pipe.execute()
+
+
+def index_prefixes(client, worker_id: str, added: Iterable[int], removed: Iterable[int]) -> None:
+    """Record blocks that entered and left a worker's prefix cache."""
+    pipe = client.pipeline()
+    for h in added:
+        pipe.sadd(prefix_key(h), worker_id)
+    for h in removed:
+        pipe.srem(prefix_key(h), worker_id)
+    pipe.execute()
+
+
+# -- readers (redis.asyncio client) -----------------------------------------------------------
+
+async def live_workers(client) -> list[WorkerRecord]:
+    ids = [i.decode() if isinstance(i, bytes) else i for i in await client.zrange(WORKERS, 0, -1)]
+    if not ids:
+        return []
+    pipe = client.pipeline()
+    for worker_id in ids:
+        pipe.hgetall(worker_key(worker_id))
+    records, dead = [], []
+    for worker_id, raw in zip(ids, await pipe.execute(), strict=True):
+        if raw:
+            records.append(WorkerRecord.from_redis(raw))
+        else:
+            dead.append(worker_id)
+    if dead:
+        await client.zrem(WORKERS, *dead)
+    return records
+
+
+async def prefix_hits(client, hashes: Sequence[int]) -> dict[str, int]:
+    """Per worker: how many leading blocks of the chain `hashes` its cache holds."""
+    if not hashes:
+        return {}
+    pipe = client.pipeline()
+    for h in hashes:
+        pipe.smembers(prefix_key(h))
+    holders = [{m.decode() if isinstance(m, bytes) else m for m in s}
+               for s in await pipe.execute()]
+    hits: dict[str, int] = {}
+    alive = set(holders[0])
+    for depth, members in enumerate(holders):
+        alive &= members
+        for w in alive:
+            hits[w] = depth + 1
+        if not alive:
+            break
+    return hits
