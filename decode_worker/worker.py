@@ -61,7 +61,7 @@ class DecodeWorker:
         self.kv_spec = KVSpec(Path(m.path).name, m.num_layers, m.num_kv_heads, m.head_dim,
                               config.engine.torch_dtype)
         receiver = self._make_receiver()
-        self.kv_endpoint = receiver.endpoint if receiver else ""
+        self._kv_endpoint = receiver.endpoint if receiver else ""
         self._jobs = DecodeJobs(self.engine, receiver, TokenPublisher(config.worker_id))
         self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
 
@@ -72,7 +72,11 @@ class DecodeWorker:
     def reserve(self, job: DecodeJob) -> str:
         """Hold blocks for `job`'s prompt KV under its lease; this worker's KV endpoint."""
         self._loop.call(lambda: self._jobs.reserve(job)).result(_CALL_TIMEOUT_S)
-        return self.kv_endpoint
+        return self._kv_endpoint
+
+    def kv_endpoint(self) -> str:
+        """Where prefill workers send KV to this worker ("" for a colocated one)."""
+        return self._kv_endpoint
 
     def generate(self, job: DecodeJob) -> None:
         """Prefill `job`'s prompt here and decode it (no KV transfer)."""
@@ -87,6 +91,11 @@ class DecodeWorker:
 
     def load(self) -> LoadReport:
         return self._loop.load()
+
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        """As PrefillWorker.drain_prefix_events, for this worker's prefix cache."""
+        drain = self.engine.block_manager.drain_prefix_events
+        return self._loop.call(drain).result(_CALL_TIMEOUT_S)
 
     def close(self) -> None:
         """End every job with an error chunk, close the receiver and the stream; idempotent."""

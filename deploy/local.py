@@ -37,9 +37,10 @@ class Role(enum.Enum):
 
 
 _EXPOSED = {
-    Role.PREFILL: ("prefill", "abort", "job_state", "load", "close"),
-    Role.DECODE: ("reserve", "generate", "abort", "job_state", "load", "close"),
-    Role.COLOCATED: ("generate", "abort", "job_state", "load", "close"),
+    Role.PREFILL: ("prefill", "abort", "job_state", "load", "drain_prefix_events", "close"),
+    Role.DECODE: ("reserve", "generate", "abort", "job_state", "load", "kv_endpoint",
+                  "drain_prefix_events", "close"),
+    Role.COLOCATED: ("generate", "abort", "job_state", "load", "drain_prefix_events", "close"),
 }
 
 

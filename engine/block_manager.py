@@ -45,6 +45,8 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
         self._block_tokens: dict[int, tuple[int, ...]] = {}
+        # (entered, left) the prefix cache since the last drain; None until first asked
+        self._events: tuple[set[int], set[int]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -125,10 +127,27 @@ class BlockManager:
             return
         self._forget(block_id)
         self._hash_to_block[block_hash] = block_id
+        if self._events is not None:
+            self._events[0].add(block_hash)
+            self._events[1].discard(block_hash)
         self._block_hash[block_id] = block_hash
         self._block_tokens[block_id] = tuple(token_ids)
 
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes that entered and left the prefix cache since the last call (what a
+        cluster-wide prefix index needs). Recording starts with the first call, so an engine
+        nobody asks keeps no log."""
+        if self._events is None:
+            self._events = (set(), set())
+            return list(self._hash_to_block), []
+        entered, left = self._events
+        self._events = (set(), set())
+        return sorted(entered), sorted(left)
+
     def reset_prefix_cache(self) -> None:
+        if self._events is not None:
+            self._events[1].update(self._hash_to_block)
+            self._events[0].clear()
         self._hash_to_block.clear()
         self._block_hash.clear()
         self._block_tokens.clear()
@@ -138,3 +157,6 @@ class BlockManager:
         if h is not None:
             del self._hash_to_block[h]
             del self._block_tokens[block_id]
+            if self._events is not None:
+                self._events[1].add(h)
+                self._events[0].discard(h)

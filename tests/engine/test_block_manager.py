@@ -77,3 +77,17 @@ def test_prefix_caching_off_never_matches():
     bm.register(b[0], hash_block(None, [1]), [1])
     bm.free(b)
     assert bm.match_prefix([1, 2], 2) == ([], [])
+
+
+def test_prefix_events_report_blocks_entering_and_leaving_the_cache():
+    bm = BlockManager(num_blocks=2, block_size=2)
+    assert bm.drain_prefix_events() == ([], [])  # recording starts now
+    a, b = bm.allocate(2)
+    bm.register(a, 11, [1, 2])
+    bm.register(b, 22, [3, 4])
+    assert bm.drain_prefix_events() == ([11, 22], [])
+    bm.free([a, b])
+    (c,) = bm.allocate(1)  # evicts the least recently freed cached block
+    assert bm.drain_prefix_events() == ([], [22 if c == b else 11])
+    bm.reset_prefix_cache()
+    assert bm.drain_prefix_events() == ([], [11 if c == b else 22])
