@@ -142,7 +142,12 @@ class Router:
         for worker_id, record in records.items():
             known = self.workers.get(worker_id)
             if known is None:
-                self.workers[worker_id] = _Worker(record, self._connect(record))
+                try:
+                    handle = self._connect(record)
+                except Exception as e:  # noqa: BLE001 - one unreachable worker is not fatal
+                    log.error("cannot reach worker %s: %s", worker_id, e)
+                    continue
+                self.workers[worker_id] = _Worker(record, handle)
             else:
                 known.record = record
         async with self._changed:
