@@ -201,3 +201,35 @@ def test_the_typed_async_client(cluster, smollm2_llm):
     assert "".join(p.text for p in pieces) == want.text
     assert pieces[-1].final.usage.completion_tokens == 8
     assert len(status.workers) == 3
+
+
+def test_reflection_alone_finds_and_calls_generate(cluster):
+    """A generic client: no pdserve stubs, only what the server's reflection serves."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    channel = grpc.insecure_channel(cluster.address)
+    db = ProtoReflectionDescriptorDatabase(channel)
+    assert "pdserve.v1.PdServe" in db.get_services()
+    pool = descriptor_pool.DescriptorPool(db)
+    service = pool.FindServiceByName("pdserve.v1.PdServe")
+    assert {m.name for m in service.methods} == {"Generate", "GetClusterStatus"}
+    method = service.FindMethodByName("Generate")
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    request = request_cls(prompt="The capital of France is")
+    request.sampling.max_tokens = 4
+    request.sampling.temperature = 0.0
+    call = channel.unary_stream(f"/{service.full_name}/{method.name}",
+                                request_serializer=request_cls.SerializeToString,
+                                response_deserializer=response_cls.FromString)
+    responses = list(call(request, timeout=60))
+    assert responses[-1].WhichOneof("response") == "final"
+    assert sum(len(r.chunk.token_ids) for r in responses[:-1]) == 4
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "pdserve.v1.PdServe"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING

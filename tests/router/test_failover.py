@@ -1,0 +1,81 @@
+"""Two routers on one Redis, and a decode worker that dies: its in-flight request ends with
+UNAVAILABLE, new requests go to the survivor, and both routers drop the dead worker once
+its heartbeat entry expires."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
+
+from deploy.local_cluster import ClusterSpec, LocalCluster
+from engine import SamplingParams
+from router.router import RouterConfig
+from rpc import pdserve_pb2 as pb
+
+pytestmark = pytest.mark.slow
+ALWAYS = pb.DISAGGREGATION_ALWAYS
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    spec = ClusterSpec(prefill=1, decode=2, num_blocks=256, heartbeat_s=0.2,
+                       heartbeat_ttl_s=1.5, router=RouterConfig(refresh_s=0.2))
+    c = LocalCluster(spec)
+    c.add_router()
+    yield c
+    c.close()
+
+
+def test_two_routers_on_one_redis_both_serve(cluster, smollm2_llm):
+    want = smollm2_llm.generate(["Once upon a time"],
+                                SamplingParams(max_tokens=12, temperature=0.0))[0]
+    for router in cluster.routers:
+        text, ids, final = collect(stub_for(router.address),
+                                   greedy_request("Once upon a time", 12, disaggregation=ALWAYS))
+        assert (text, ids) == (want.text, want.token_ids)
+    wait_cluster_idle(cluster)
+
+
+def test_a_dead_decode_worker_fails_its_requests_and_the_survivor_serves(cluster):
+    stub = stub_for(cluster.address)
+    req = greedy_request("Count to a thousand:", 2000, disaggregation=ALWAYS)
+    req.sampling.ignore_eos = True
+    outcome = {}
+
+    def long_request():
+        try:
+            collect(stub, req, timeout=120)
+            outcome["code"] = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            outcome["code"], outcome["details"] = e.code(), e.details()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    victim = None
+    while victim is None:  # which decode worker took it
+        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
+        victim = busy[0] if busy else None
+        time.sleep(0.05)
+    time.sleep(0.5)  # decoding
+    killed = time.monotonic()
+    cluster.kill_worker(victim)
+    thread.join(30)
+    assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome
+    assert time.monotonic() - killed < 15
+    survivor = "decode-1" if victim == "decode-0" else "decode-0"
+    _, _, final = collect(stub, greedy_request("Hello", 4, disaggregation=ALWAYS))
+    assert final.decode_worker == survivor
+    for router in cluster.routers:  # the dead worker's entry expires from both views
+        deadline = time.monotonic() + 10
+        while True:
+            status = stub_for(router.address).GetClusterStatus(pb.GetClusterStatusRequest())
+            if victim not in {w.worker_id for w in status.workers}:
+                break
+            assert time.monotonic() < deadline, f"{victim} still listed by {router.address}"
+            time.sleep(0.1)
+    wait_cluster_idle(cluster)  # the survivors hold nothing
