@@ -43,7 +43,6 @@ from kvtransfer.layout import gather_tokens
 from kvtransfer.transports import TransportKind, make_sender
 from prefill_worker.job import PrefillJob, PrefillResult, PrefillStamps, PrefillState
 
-
 _CALL_TIMEOUT_S = 120.0  # a loop that takes longer for one step is broken
 
 
