@@ -6,10 +6,16 @@ import argparse
 import sys
 import time
 
+from deploy.client_cmds import add_generate, add_status
+from deploy.serve_cmd import add_serve
+
 DESCRIPTION = """\
 pdserve serves large language models with disaggregated prefill and decode.
 
 Commands:
+  serve     serve a model: router (gRPC API), prefill and decode workers, Redis
+  generate  stream an answer from a running server
+  status    workers, their load and KV use, of a running server
   chat      run the engine in this process and answer one chat message
   convert   prepare a built-in model (convert its GGUF once into the model cache)
   models    list the built-in models
@@ -31,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve(sub)
+    add_generate(sub)
+    add_status(sub)
 
     chat = sub.add_parser("chat", help="answer one chat message with an in-process engine",
                           description="Apply the model's chat template to MESSAGE and stream "

@@ -1,0 +1,90 @@
+"""`pdserve generate` and `pdserve status`: the gRPC API from the terminal (rpc.client)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from rpc.client import PdServeClient
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream an answer from a running pdserve server",
+                       description="Send PROMPT to the server's Generate RPC and stream the "
+                                   "text to stdout; the finish reason, usage and timing "
+                                   "breakdown go to stderr.")
+    p.add_argument("prompt")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (%(default)s)")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user chat message (the model's chat template)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (%(default)s)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--disaggregation", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.set_defaults(func=cmd_generate)
+
+
+def add_status(sub) -> None:
+    p = sub.add_parser("status", help="workers, nodes, load and KV use of a running server")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (%(default)s)")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+
+    async def run() -> int:
+        async with PdServeClient(args.target) as client:
+            final = None
+            async for piece in client.generate(
+                    prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                    disaggregation=args.disaggregation, timeout=args.timeout):
+                if piece.final is not None:
+                    final = piece.final
+                else:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            t, u = final.timing, final.usage
+            where = (f"prefill {final.prefill_worker} -> decode {final.decode_worker}"
+                     if final.disaggregated else f"local on {final.decode_worker}")
+            reason = {1: "stop", 2: "length"}.get(final.finish_reason, "?")
+            print(f"[{reason}; {u.prompt_tokens} prompt + {u.completion_tokens} tokens; "
+                  f"{where}; TTFT {t.first_token_ms:.0f} ms (queue {t.router_queue_ms:.0f}, "
+                  f"prefill {t.prefill_compute_ms:.0f}, KV {t.kv_transfer_ms:.1f}), "
+                  f"decode {t.decode_ms:.0f} ms]", file=sys.stderr)
+            return 0
+
+    return _rpc(run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with PdServeClient(args.target) as client:
+            status = await client.cluster_status(timeout=10)
+        print(f"router {status.router_id}: {len(status.workers)} workers")
+        print(f"{'worker':14} {'role':10} {'node':16} {'running':>7} {'waiting':>7} "
+              f"{'queued pf':>9} {'in flight':>9} {'KV used':>8}")
+        for w in status.workers:
+            print(f"{w.worker_id:14} {w.role:10} {w.node[:16]:16} {w.running:>7} "
+                  f"{w.waiting:>7} {w.queued_prefill_tokens:>9} {w.in_flight:>9} "
+                  f"{100 * w.kv_usage:>7.1f}%")
+        return 0
+
+    return _rpc(run)
+
+
+def _rpc(run) -> int:
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as e:
+        print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1

@@ -1,0 +1,75 @@
+"""`pdserve serve`: a whole cluster on this machine, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model: router (gRPC), prefill and decode workers",
+                       description="Start Redis (embedded unless --redis-url), the workers "
+                                   "(each in its own process) and the router's gRPC server; "
+                                   "print the address when ready; stop everything on Ctrl-C "
+                                   "or SIGTERM.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in model name or local HF folder (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (%(default)s)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (%(default)s)")
+    p.add_argument("--colocated", type=int, default=0,
+                   help="colocated workers, prefill and decode in one (%(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (%(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one")
+    p.add_argument("--transport", choices=["zmq", "torch"], default="zmq",
+                   help="KV transfer: zmq (TCP) or torch (gloo on CPU, NCCL on GPU)")
+    p.add_argument("--redis-url", default=None,
+                   help="an external Redis (default: start the embedded one)")
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step: the chunked-prefill budget")
+    p.add_argument("--disaggregation-threshold", type=int, default=128,
+                   help="prompts shorter than this prefill on the decode worker under the "
+                        "`auto` hint (%(default)s tokens)")
+    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--pin-cores", action="store_true", help="one core per worker")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.local_cluster import ClusterSpec, LocalCluster
+    from kvtransfer.transports import TransportKind
+    from router.router import RouterConfig
+
+    if args.prefill < 0 or args.decode < 0 or args.colocated < 0:
+        raise ValueError("worker counts must be >= 0")
+    if args.decode + args.colocated == 0:
+        raise ValueError("at least one decode or colocated worker is needed")
+    spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
+                       colocated=args.colocated, block_size=args.block_size,
+                       num_blocks=args.num_blocks,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       transport=TransportKind(args.transport),
+                       threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
+                       router=RouterConfig(
+                           disaggregation_threshold=args.disaggregation_threshold))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    n = args.prefill + args.decode + args.colocated
+    print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
+          f"decode, {args.colocated} colocated) and the router...", file=sys.stderr)
+    t0 = time.monotonic()
+    cluster = LocalCluster(spec, redis_url=args.redis_url, address=f"{args.host}:{args.port}")
+    try:
+        print(f"pdserve: ready in {time.monotonic() - t0:.1f}s; gRPC on {cluster.address} "
+              f"(Redis {cluster.redis_url})", file=sys.stderr)
+        print(cluster.address, flush=True)
+        stop.wait()
+        print("pdserve: shutting down", file=sys.stderr)
+    finally:
+        cluster.close()
+    return 0

@@ -1,0 +1,66 @@
+"""`pdserve serve` as users run it: a subprocess that prints its address, answers
+`pdserve generate` and `pdserve status`, and leaves no process behind after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    tree, found = {}, set()
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        tree.setdefault(pp, []).append(p)
+    todo = [pid]
+    while todo:
+        for c in tree.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
+
+
+def test_serve_answers_and_leaves_nothing_after_sigterm():
+    cli = [sys.executable, "-m", "deploy.cli"]
+    server = subprocess.Popen([*cli, "serve", "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        address = server.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), server.stderr.read()
+        children = _children(server.pid)
+        assert len(children) >= 3  # two workers and Redis
+        out = subprocess.run([*cli, "generate", "--target", address, "--max-tokens", "8",
+                              "The capital of France is"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() and "length" in out.stderr
+        status = subprocess.run([*cli, "status", "--target", address], capture_output=True,
+                                text=True, timeout=60)
+        assert "prefill-0" in status.stdout and "decode-0" in status.stdout
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while (alive := [p for p in children if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                          text=True).stdout.strip()
+    return bool(stat) and not stat.startswith("Z")
