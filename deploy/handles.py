@@ -10,7 +10,7 @@ import asyncio
 
 from decode_worker import DecodeJob
 from engine import NoFreeBlocksError, SamplingParams
-from prefill_worker import PrefillJob, PrefillState
+from prefill_worker import PrefillJob, PrefillResult, PrefillState
 from router.handles import NoRoom, WorkerGone
 from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus, Sampling
 
@@ -36,6 +36,12 @@ def prefill_job(order: PrefillOrder) -> PrefillJob:
 
 _STATUS = {PrefillState.DONE: PrefillStatus.DONE, PrefillState.FAILED: PrefillStatus.FAILED,
            PrefillState.ABORTED: PrefillStatus.ABORTED}
+
+
+def to_outcome(result: PrefillResult) -> PrefillOutcome:
+    return PrefillOutcome(_STATUS[result.state], result.first_token_id, result.reason,
+                          result.num_cached_tokens, result.stamps.prefill_start,
+                          result.stamps.prefill_end)
 
 
 class ThreadDecodeHandle:
@@ -80,9 +86,7 @@ class ThreadPrefillHandle:
             raise
         except _GONE as e:
             raise WorkerGone(f"{self.worker_id}: {e!r}") from e
-        return PrefillOutcome(_STATUS[result.state], result.first_token_id, result.reason,
-                              result.num_cached_tokens, result.stamps.prefill_start,
-                              result.stamps.prefill_end)
+        return to_outcome(result)
 
     async def abort(self, transfer_id: str) -> None:
         try:

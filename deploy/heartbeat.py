@@ -37,6 +37,7 @@ class Heartbeat:
         self._interval = interval_s
         self._ttl = ttl_s
         self._stop = threading.Event()
+        self._started = time.time()
         self.beat()  # registered before anyone is told the worker is up
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{identity.worker_id}",
                                         daemon=True)
@@ -50,7 +51,7 @@ class Heartbeat:
         publish(self._client, WorkerRecord(
             ident.worker_id, ident.role, ident.node, ident.kv_endpoint, ident.block_size,
             e.num_total_blocks, e.num_free_blocks, e.num_running, e.num_waiting,
-            e.num_queued_prefill_tokens, time.time()), self._ttl)
+            e.num_queued_prefill_tokens, time.time(), self._started), self._ttl)
         added, removed = self._worker.drain_prefix_events()
         if added or removed:
             index_prefixes(self._client, ident.worker_id, added, removed)

@@ -23,14 +23,16 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0, start_timeout_s: float = 10.0):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0):
+        """`host`: the address it binds and clients use (loopback unless other machines
+        need it)."""
         self.port = port or _free_port()
         self._dir = tempfile.mkdtemp(prefix="pdserve-redis-")
         self._proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            [redis_server_binary(), "--port", str(self.port), "--bind", host,
              "--save", "", "--appendonly", "no", "--dir", self._dir, "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{host}:{self.port}/0"
         deadline = time.monotonic() + start_timeout_s
         client = redis.Redis.from_url(self.url)
         try:

@@ -11,10 +11,10 @@ import time
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: router (gRPC), prefill and decode workers",
-                       description="Start Redis (embedded unless --redis-url), the workers "
-                                   "(each in its own process) and the router's gRPC server; "
-                                   "print the address when ready; stop everything on Ctrl-C "
-                                   "or SIGTERM.")
+                       description="Start Redis (embedded unless --redis-url), the workers as "
+                                   "Ray actors (a local Ray instance unless --ray-address) and "
+                                   "the router's gRPC server; print the address when ready; "
+                                   "stop everything on Ctrl-C or SIGTERM.")
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in model name or local HF folder (default: %(default)s)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (%(default)s)")
@@ -34,8 +34,23 @@ def add_serve(sub) -> None:
     p.add_argument("--disaggregation-threshold", type=int, default=128,
                    help="prompts shorter than this prefill on the decode worker under the "
                         "`auto` hint (%(default)s tokens)")
-    p.add_argument("--threads-per-worker", type=int, default=1)
-    p.add_argument("--pin-cores", action="store_true", help="one core per worker")
+    p.add_argument("--threads-per-worker", type=int, default=1,
+                   help="torch threads (and Ray CPUs) per worker (%(default)s)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto, or HOST:6379); default: start a "
+                        "local Ray instance")
+    p.add_argument("--prefill-resource", default=None,
+                   help="custom Ray resource that marks prefill nodes (one unit per worker)")
+    p.add_argument("--decode-resource", default=None,
+                   help="custom Ray resource that marks decode nodes (one unit per worker)")
+    p.add_argument("--pack", action="store_true",
+                   help="keep each pool on one node (default: spread over nodes)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts of a dead worker actor (%(default)s)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="plain local processes instead of Ray (one machine only)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="with --no-ray: one core per worker")
     p.set_defaults(func=cmd_serve)
 
 
@@ -57,13 +72,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        router=RouterConfig(
                            disaggregation_threshold=args.disaggregation_threshold))
     stop = threading.Event()
+    n = args.prefill + args.decode + args.colocated
+    where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"
+    print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
+          f"decode, {args.colocated} colocated) on {where}, and the router...",
+          file=sys.stderr)
+    t0 = time.monotonic()
+    address = f"{args.host}:{args.port}"
+    if args.no_ray:
+        cluster = LocalCluster(spec, redis_url=args.redis_url, address=address)
+    else:
+        from deploy.ray_cluster import ClusterStartError, Placement, RayCluster
+
+        placement = Placement(args.prefill_resource, args.decode_resource, args.pack)
+        try:
+            cluster = RayCluster(spec, placement, ray_address=args.ray_address,
+                                 redis_url=args.redis_url, address=address,
+                                 max_restarts=args.max_restarts, progress=True)
+        except ClusterStartError as e:
+            print(f"pdserve serve: {e}", file=sys.stderr)
+            return 1
+    # after the start: Ray installs its own handlers while it starts
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    n = args.prefill + args.decode + args.colocated
-    print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
-          f"decode, {args.colocated} colocated) and the router...", file=sys.stderr)
-    t0 = time.monotonic()
-    cluster = LocalCluster(spec, redis_url=args.redis_url, address=f"{args.host}:{args.port}")
     try:
         print(f"pdserve: ready in {time.monotonic() - t0:.1f}s; gRPC on {cluster.address} "
               f"(Redis {cluster.redis_url})", file=sys.stderr)

@@ -43,6 +43,7 @@ class WorkerRecord:
     waiting: int
     queued_prefill_tokens: int
     heartbeat: float  # Unix seconds
+    started: float  # Unix seconds: a restarted worker (same id) is a new incarnation
 
     def to_redis(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}

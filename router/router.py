@@ -136,9 +136,10 @@ class Router:
         """Take the registry's view: new workers join, expired ones leave (and their
         in-flight requests fail with UNAVAILABLE)."""
         records = {r.worker_id: r for r in await live_workers(self.redis)}
-        for worker_id in list(self.workers):
-            if worker_id not in records:
-                self._drop(worker_id)
+        for worker_id, worker in list(self.workers.items()):
+            record = records.get(worker_id)
+            if record is None or record.started != worker.record.started:
+                self._drop(worker_id)  # gone, or restarted: what it held is lost
         for worker_id, record in records.items():
             known = self.workers.get(worker_id)
             if known is None:

@@ -39,7 +39,7 @@ def client(server):
 
 def record(wid, role="decode", free=10):
     return WorkerRecord(wid, role, "node-a", "tcp://127.0.0.1:1", 16, 20, free, 1, 0, 0,
-                        time.time())
+                        time.time(), 1.0)
 
 
 def read(server, fn, *args):
