@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 model: setup
 	$(VENV)/bin/pdserve convert $(MODEL)
 
+# 1 prefill + 1 decode worker on Ray, the gRPC router, one request through `pdserve generate`
 serve: model
-	$(VENV)/bin/pdserve chat --model $(MODEL) --max-tokens 64 "$(PROMPT)"
+	$(PY) -m deploy.demo --model $(MODEL) --prompt "$(PROMPT)"
 
 test: model
 	$(PY) -m pytest

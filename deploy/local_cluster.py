@@ -34,6 +34,7 @@ from engine import (
     SchedulerConfig,
     resolve_model,
 )
+from engine.config import default_device
 from kvtransfer.transports import TransportKind
 from prefill_worker import PrefillWorkerConfig
 from router.registry import WorkerRecord
@@ -57,6 +58,7 @@ class ClusterSpec:
     max_num_seqs: int = 64
     transport: TransportKind = TransportKind.ZMQ
     threads_per_worker: int = 1
+    gpus_per_worker: float = 0.0  # Ray only: GPUs each worker actor asks for
     pin_cores: bool = False  # one core per worker, round robin over this process's cores
     heartbeat_s: float = 0.5
     heartbeat_ttl_s: float = 3.0
@@ -74,7 +76,7 @@ class ClusterSpec:
             scheduler=SchedulerConfig(mode=_MODES[role],
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_num_seqs=self.max_num_seqs),
-            device="cpu")
+            device=default_device())  # evaluated where the worker runs
         if role is Role.PREFILL:
             return PrefillWorkerConfig(engine, self.transport, worker_id=worker_id)
         return DecodeWorkerConfig(engine, self.transport, worker_id=worker_id)

@@ -118,7 +118,8 @@ class RayCluster:
         for worker_id, role in roles:
             options = dict(name=worker_id, namespace=NAMESPACE, max_restarts=max_restarts,
                            max_task_retries=0, max_concurrency=256,
-                           num_cpus=spec.threads_per_worker, **strategies[worker_id])
+                           num_cpus=spec.threads_per_worker, num_gpus=spec.gpus_per_worker,
+                           **strategies[worker_id])
             self.actors[worker_id] = WorkerActor.options(**options).remote(
                 spec, worker_id, role, self.redis_url)
         refs = {worker_id: actor.ready.remote() for worker_id, actor in self.actors.items()}

@@ -36,6 +36,8 @@ def add_serve(sub) -> None:
                         "`auto` hint (%(default)s tokens)")
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch threads (and Ray CPUs) per worker (%(default)s)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each worker actor asks Ray for (%(default)s; 1 on GPU nodes)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto, or HOST:6379); default: start a "
                         "local Ray instance")
@@ -69,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        transport=TransportKind(args.transport),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
+                       gpus_per_worker=args.gpus_per_worker,
                        router=RouterConfig(
                            disaggregation_threshold=args.disaggregation_threshold))
     stop = threading.Event()

@@ -1,0 +1,29 @@
+"""The example cluster configs parse and give the prefill and decode groups the custom
+resources that `pdserve serve --prefill-resource prefill --decode-resource decode` names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "configs"
+
+
+def test_ray_up_config_marks_prefill_and_decode_nodes():
+    cfg = yaml.safe_load((CONFIGS / "ray-cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    assert types["prefill"]["resources"] == {"prefill": 1}
+    assert types["decode"]["resources"]["decode"] >= 1
+    assert cfg["head_node_type"] in types
+    assert "--prefill-resource prefill" in (CONFIGS / "ray-cluster.yaml").read_text()
+
+
+def test_kuberay_manifest_marks_prefill_and_decode_groups():
+    manifest = yaml.safe_load((CONFIGS / "kuberay.yaml").read_text())
+    assert manifest["kind"] == "RayCluster"
+    groups = {g["groupName"]: g for g in manifest["spec"]["workerGroupSpecs"]}
+    for name in ("prefill", "decode"):
+        resources = json.loads(json.loads(groups[name]["rayStartParams"]["resources"]))
+        assert resources[name] >= 1
