@@ -1,0 +1,136 @@
+"""Where the load generator sends requests: pdserve's gRPC API, or any OpenAI-compatible
+completions endpoint with SSE streaming (vLLM, SGLang, ...), behind one interface.
+
+Both send token-id prompts with a forced output length (ignore_eos, greedy) and time the
+stream on the client exactly as vLLM's benchmark does (bench.metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+
+from bench.metrics import STAGES, RequestResult
+from bench.workload import Sample
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    async def send(self, sample: Sample) -> RequestResult:
+        """One request; never raises (a failure is a RequestResult with success False)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class PdServeBackend(Backend):
+    name = "pdserve"
+
+    def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0):
+        import grpc
+
+        from rpc import pdserve_pb2 as pb
+        from rpc import pdserve_pb2_grpc
+
+        self._pb = pb
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pdserve_pb2_grpc.PdServeStub(self._channel)
+        self._hint = pb.Disaggregation.Value(f"DISAGGREGATION_{disaggregation.upper()}")
+        self._timeout = timeout_s
+
+    async def send(self, sample: Sample) -> RequestResult:
+        pb = self._pb
+        req = pb.GenerateRequest(token_ids=list(sample.prompt), disaggregation=self._hint)
+        req.sampling.max_tokens = sample.output_len
+        req.sampling.temperature = 0.0
+        req.sampling.ignore_eos = True
+        result = RequestResult(prompt_len=len(sample.prompt))
+        start = last = time.perf_counter()
+        try:
+            async for response in self._stub.Generate(req, timeout=self._timeout):
+                now = time.perf_counter()
+                if response.HasField("final"):
+                    f = response.final
+                    result.output_len = f.usage.completion_tokens
+                    result.stages = {s: getattr(f.timing, s) for s in STAGES}
+                    result.disaggregated = f.disaggregated
+                    if f.disaggregated and f.timing.kv_received:
+                        result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
+                    continue
+                if not response.chunk.token_ids:
+                    continue
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+            result.latency = last - start
+            result.success = result.output_len > 0
+        except Exception as e:  # noqa: BLE001 - grpc errors and anything else: a failure
+            details = e.details() if hasattr(e, "details") else str(e)
+            result.error = f"{type(e).__name__}: {details}"
+        return result
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class OpenAIBackend(Backend):
+    """POST /v1/completions with `stream: true`; tokens counted from the usage report."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0):
+        self._url = base_url.rstrip("/") + "/v1/completions"
+        self._model = model
+        self._timeout_s = timeout_s
+        self._session = None
+
+    async def send(self, sample: Sample) -> RequestResult:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        body = {"model": self._model, "prompt": list(sample.prompt),
+                "max_tokens": sample.output_len, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        result = RequestResult(prompt_len=len(sample.prompt))
+        start = last = time.perf_counter()
+        try:
+            async with self._session.post(self._url, json=body) as resp:
+                if resp.status != 200:
+                    result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                    return result
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line.removeprefix("data:").strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if event.get("usage"):
+                        result.output_len = event["usage"]["completion_tokens"]
+                    choices = event.get("choices") or []
+                    if not choices or not choices[0].get("text"):
+                        continue
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+            result.latency = last - start
+            result.success = result.output_len > 0 and result.ttft > 0
+        except Exception as e:  # noqa: BLE001
+            result.error = f"{type(e).__name__}: {e}"
+        return result
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,125 @@
+"""Requests to send and when: datasets (random, trace replay) and open-loop arrivals.
+
+Datasets give token-id prompts (the public API takes ids, so no tokenizer is needed and
+lengths are exact) with forced output lengths (sent with ignore_eos).
+- `random`: input length uniform in [L(1 - r), L(1 + r)], same for outputs (vLLM's
+  `--random-range-ratio`), optionally after a shared prefix of `prefix_len` tokens.
+- traces (`../shared/traces/`): Azure 2023 conversation / code (CSV) and Mooncake (JSONL)
+  lengths and arrival times, scaled by `length_scale` (lengths) and `time_scale` (gaps are
+  multiplied by it: 2.0 replays at half the rate). For Mooncake, requests that share leading
+  `hash_ids` share that many prefix blocks (512 tokens x length_scale each).
+Arrivals: gamma-distributed gaps with shape `burstiness` (1 = Poisson), rescaled so the last
+request is sent at N / rate, as vLLM's benchmark does; rate inf sends everything at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+TRACES = {"azure-conv": "azure2023_conv.csv", "azure-code": "azure2023_code.csv",
+          "mooncake": "mooncake_synthetic.jsonl"}
+MOONCAKE_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: tuple[int, ...]
+    output_len: int
+    arrival: float | None = None  # seconds from the start, for trace replay
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
+    # skip the low ids, where tokenizers keep their special tokens
+    return tuple(rng.randrange(1000, vocab) for _ in range(n))
+
+
+def random_dataset(n: int, input_len: int, output_len: int, range_ratio: float = 0.0,
+                   prefix_len: int = 0, vocab: int = 49152, seed: int = 0) -> list[Sample]:
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
+    rng = random.Random(seed)
+    prefix = _tokens(rng, prefix_len, vocab)
+
+    def length(mean: int) -> int:
+        return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
+
+    return [Sample(prefix + _tokens(rng, length(input_len), vocab), length(output_len))
+            for _ in range(n)]
+
+
+def trace_dataset(name: str, traces_dir: Path, n: int, length_scale: float = 1.0,
+                  time_scale: float = 1.0, max_input: int | None = None, max_output: int = 512,
+                  vocab: int = 49152, seed: int = 0) -> list[Sample]:
+    """The first `n` requests of a trace (arrival times relative to the first)."""
+    path = traces_dir / TRACES[name]
+    rows = _mooncake_rows(path, n) if name == "mooncake" else _azure_rows(path, n)
+    if not rows:
+        raise ValueError(f"{path} has no requests")
+    rng = random.Random(seed)
+    blocks: dict[int, tuple[int, ...]] = {}
+    block_len = max(1, round(MOONCAKE_BLOCK * length_scale))
+    t0 = rows[0][0]
+    out = []
+    for t, in_len, out_len, hash_ids in rows:
+        in_len = max(1, round(in_len * length_scale))
+        if max_input:
+            in_len = min(in_len, max_input)
+        prompt: tuple[int, ...] = ()
+        for h in hash_ids:  # shared prefix blocks first
+            if len(prompt) + block_len > in_len:
+                break
+            if h not in blocks:
+                blocks[h] = _tokens(rng, block_len, vocab)
+            prompt += blocks[h]
+        prompt += _tokens(rng, in_len - len(prompt), vocab)
+        out_len = min(max(1, round(out_len * length_scale)), max_output)
+        out.append(Sample(prompt, out_len, (t - t0) * time_scale))
+    return out
+
+
+def _azure_rows(path: Path, n: int):
+    rows = []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            t = datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp()
+            rows.append((t, int(row["ContextTokens"]), int(row["GeneratedTokens"]), []))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def _mooncake_rows(path: Path, n: int):
+    rows = []
+    with path.open() as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append((r["timestamp"] / 1e3, r["input_length"], r["output_length"],
+                         r.get("hash_ids", [])))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    """Send times (s from the start) of `n` requests at `rate` req/s."""
+    if n == 0:
+        return []
+    if math.isinf(rate):
+        return [0.0] * n
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError("rate and burstiness must be > 0")
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+    gaps[0] = 0.0  # the first request goes at once
+    times = np.cumsum(gaps)
+    if times[-1] > 0:  # the last request at N / rate, as vLLM's benchmark rescales
+        times *= (n / rate) / times[-1]
+    return times.tolist()
