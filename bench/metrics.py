@@ -127,11 +127,15 @@ def required_slo_scale(r: RequestResult, base: Slo) -> float:
 
 def min_slo_scale(results: Sequence[RequestResult], base: Slo, target: float = 0.9) -> float:
     """The smallest scale s such that at least `target` of ALL requests meet s x base."""
-    scales = sorted(required_slo_scale(r, base) for r in results)
+    return scale_quantile([required_slo_scale(r, base) for r in results], target)
+
+
+def scale_quantile(required: Sequence[float], target: float = 0.9) -> float:
+    """The smallest scale met by at least `target` of requests with these required scales."""
+    scales = sorted(required)
     if not scales:
         return math.inf
-    k = math.ceil(target * len(scales)) - 1
-    return scales[max(k, 0)]
+    return scales[max(math.ceil(target * len(scales)) - 1, 0)]
 
 
 def attainment_rate(points: Sequence[tuple[float, float]], target: float = 0.9

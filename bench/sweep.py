@@ -1,0 +1,271 @@
+"""SLO / goodput experiments (also `pdserve bench sweep`): 1 prefill + 1 decode worker
+against 2 colocated workers (one core per worker in both) and, given --peer-python, vLLM's
+CPU server on the same 2 cores, on one workload.
+
+Per workload:
+0. calibration: unloaded TTFT and TPOT (requests one at a time on one colocated worker's
+   deployment); the SLOs are multiples of them, written with their absolute values;
+1. for each deployment, started through its public command line: a rate sweep, `--seeds`
+   runs of `--num-prompts` requests per rate (Poisson arrivals);
+2. attainment per rate (mean over seeds), goodput = the rate at 90% attainment (linear
+   interpolation) per worker, and the smallest SLO scale reaching 90% at `--fixed-rate`;
+3. JSON with every run (vLLM's keys) and the summary: `--out/<workload>.json`.
+`bench/report.py` draws the plots and writes the markdown report from those files.
+
+    .venv/bin/python -m bench.sweep --workload summarize --out bench/results/sweep \\
+        --peer-python /path/to/vllm-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.backends import Backend, OpenAIBackend, PdServeBackend
+from bench.metrics import Slo, goodput_per_worker, required_slo_scale, scale_quantile, summarize
+from bench.serve_bench import run_load
+from bench.workload import Sample, random_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_CLI = ROOT.parent / "shared" / "peers" / "vllm_cpu_cli.py"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    input_len: int
+    output_len: int
+    range_ratio: float
+    rates: tuple[float, ...]
+    fixed_rate: float
+    ttft_scale: float  # SLO = scale x unloaded value
+    tpot_scale: float
+    about: str
+
+
+WORKLOADS = {
+    "chat": Workload("chat", 192, 96, 0.5, (0.5, 1.0, 1.5, 2.0), 1.0, 5.0, 3.0,
+                     "chat-like: short prompts (96-288 tokens), long answers (48-144)"),
+    "summarize": Workload("summarize", 768, 48, 0.25, (0.15, 0.3, 0.45, 0.6), 0.3, 5.0, 2.0,
+                          "summarization-like: long prompts (576-960 tokens) arriving while "
+                          "others decode, short answers (36-60), tight TPOT SLO"),
+}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    workers: int
+    args: tuple[str, ...]  # `pdserve serve` flags; empty for the peer
+
+
+DEPLOYMENTS = {
+    "1p1d": Deployment("1p1d", 2, ("--prefill", "1", "--decode", "1",
+                                   "--disaggregation-threshold", "1")),
+    "2colo": Deployment("2colo", 2, ("--prefill", "0", "--decode", "0", "--colocated", "2")),
+    "vllm": Deployment("vllm", 1, ()),
+}
+
+
+class Server:
+    """A deployment started through its command line, stopped with SIGTERM."""
+
+    def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None):
+        self.deployment = deployment
+        self.port = port
+        log = open(f"/tmp/pdserve-sweep-{deployment.name}.log", "w")  # noqa: SIM115
+        if deployment.name == "vllm":
+            if not peer_python:
+                raise ValueError("the vllm deployment needs --peer-python")
+            self.proc = subprocess.Popen(_peer_command(peer_python, model, port), env=_peer_env(
+                peer_python), stdout=log, stderr=subprocess.STDOUT)
+            _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "deploy.cli", "serve", "--no-ray", "--pin-cores",
+                 "--model", model, "--port", str(port), "--num-blocks", "1024",
+                 *deployment.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+            if not self.proc.stdout.readline().strip():
+                raise RuntimeError(f"pdserve serve ({deployment.name}) did not start: see "
+                                   f"{log.name}")
+
+    def backend(self) -> Backend:
+        if self.deployment.name == "vllm":
+            return OpenAIBackend(f"http://127.0.0.1:{self.port}", "smollm2")
+        return PdServeBackend(f"127.0.0.1:{self.port}", "auto")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _peer_env(peer_python: str) -> dict:
+    venv = Path(peer_python).resolve().parents[1]
+    tcmalloc = subprocess.run("ldconfig -p | grep -o '/[^ ]*libtcmalloc_minimal.so.4' | head -1",
+                              shell=True, capture_output=True, text=True).stdout.strip()
+    iomp = venv / "lib" / "libiomp5.so"
+    preload = ":".join(p for p in (tcmalloc, str(iomp) if iomp.exists() else "") if p)
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+            "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+            "LD_PRELOAD": preload}
+
+
+def _peer_command(peer_python: str, model: str, port: int) -> list[str]:
+    from engine import resolve_model
+
+    return [peer_python, str(PEER_CLI), "serve", str(resolve_model(model)), "--host",
+            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
+            "--served-model-name", "smollm2", "--no-enable-prefix-caching", "--enforce-eager"]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer in {timeout_s}s")
+
+
+def samples_for(w: Workload, n: int, seed: int) -> list[Sample]:
+    return random_dataset(n, w.input_len, w.output_len, w.range_ratio, seed=1000 + seed)
+
+
+async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, float]:
+    """Median TTFT and TPOT (ms) of requests sent one at a time."""
+    backend = server.backend()  # made on this event loop: gRPC channels belong to one
+    try:
+        await backend.send(Sample(samples_for(w, 1, seed=98)[0].prompt, 4))  # warm-up
+        results = [await backend.send(s) for s in samples_for(w, n, seed=99)]
+    finally:
+        await backend.close()
+    ok = [r for r in results if r.success]
+    if len(ok) < n // 2:
+        raise RuntimeError(f"calibration failed: {[r.error for r in results]}")
+    return (statistics.median(r.ttft for r in ok) * 1e3,
+            statistics.median(r.tpot for r in ok if r.tpot) * 1e3)
+
+
+async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
+                           seeds: list[int]) -> list[dict]:
+    backend = server.backend()
+    runs = []
+    try:
+        warm = samples_for(w, 2, seed=98)
+        for s in warm:
+            await backend.send(Sample(s.prompt, 4))
+        for rate in w.rates:
+            for seed in seeds:
+                results, duration = await run_load(backend, samples_for(w, n, seed), rate,
+                                                   seed=seed)
+                run = summarize(results, duration, slo)
+                run.update({"deployment": server.deployment.name, "workload": w.name,
+                            "request_rate": rate, "seed": seed,
+                            "num_workers": server.deployment.workers,
+                            "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
+                runs.append(run)
+                print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
+                      f"{run['slo_attainment']:.0%}, TTFT p50 {run['median_ttft_ms']:.0f} ms, "
+                      f"TPOT p50 {run['median_tpot_ms']:.0f} ms", file=sys.stderr)
+    finally:
+        await backend.close()
+    return runs
+
+
+def _scales(results, base: Slo) -> list[float]:
+    return [required_slo_scale(r, base) for r in results]
+
+
+def analyse(runs: list[dict], w: Workload, workers: dict[str, int]) -> dict:
+    out = {}
+    for dep in sorted({r["deployment"] for r in runs}):
+        mine = [r for r in runs if r["deployment"] == dep]
+        curve = []
+        for rate in w.rates:
+            at = [r["slo_attainment"] for r in mine if r["request_rate"] == rate]
+            if at:
+                curve.append((rate, statistics.mean(at)))
+        per_worker, note = goodput_per_worker(curve, workers[dep])
+        fixed = [s for r in mine if r["request_rate"] == w.fixed_rate
+                 for s in r["required_scales"]]
+        out[dep] = {"attainment": curve, "goodput_per_worker": per_worker,
+                    "goodput": per_worker * workers[dep], "goodput_note": note,
+                    "workers": workers[dep],
+                    "min_slo_scale_at_fixed_rate": scale_quantile(fixed) if fixed else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pdserve bench sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    ap.add_argument("--deployments", nargs="+", choices=sorted(DEPLOYMENTS),
+                    default=["1p1d", "2colo", "vllm"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rates", type=float, nargs="+", default=None,
+                    help="override the workload's rates (req/s)")
+    ap.add_argument("--peer-python", default=None, help="python of a vllm-cpu venv")
+    ap.add_argument("--port", type=int, default=50090)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep")
+    args = ap.parse_args(argv)
+    w = WORKLOADS[args.workload]
+    if args.rates:
+        w = Workload(**{**w.__dict__, "rates": tuple(args.rates)})
+    deployments = [DEPLOYMENTS[d] for d in args.deployments
+                   if d != "vllm" or args.peer_python]
+    print(f"workload {w.name}: {w.about}", file=sys.stderr)
+    server = Server(DEPLOYMENTS["2colo"], args.model, args.port, None)
+    try:
+        ttft0, tpot0 = asyncio.run(calibrate(server, w))
+    finally:
+        server.stop()
+    slo = Slo(w.ttft_scale * ttft0, w.tpot_scale * tpot0)
+    print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
+          f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
+    runs: list[dict] = []
+    for dep in deployments:
+        server = Server(dep, args.model, args.port, args.peer_python)
+        try:
+            runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds))
+        finally:
+            server.stop()
+    summary = analyse(runs, w, {d.name: d.workers for d in deployments})
+    result = {"workload": w.__dict__, "calibration": {"ttft_ms": ttft0, "tpot_ms": tpot0},
+              "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+              "num_prompts": args.num_prompts, "seeds": args.seeds,
+              "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "command": " ".join(["python -m bench.sweep", *(argv or sys.argv[1:])]),
+              "summary": summary, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{w.name}.json"
+    path.write_text(json.dumps(result, indent=1, default=float))
+    for dep, s in summary.items():
+        print(f"{dep:6} goodput {s['goodput']:.3f} req/s ({s['goodput_per_worker']:.3f} per "
+              f"worker{', ' + s['goodput_note'] if s['goodput_note'] else ''}); min SLO scale "
+              f"at {w.fixed_rate} req/s: {s['min_slo_scale_at_fixed_rate']}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
