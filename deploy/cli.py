@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from deploy.bench_cmd import add_bench, run_bench
 from deploy.client_cmds import add_generate, add_status
 from deploy.serve_cmd import add_serve
 
@@ -16,6 +17,7 @@ Commands:
   serve     serve a model: router (gRPC API), prefill and decode workers, Redis
   generate  stream an answer from a running server
   status    workers, their load and KV use, of a running server
+  bench     load-test a server (vLLM's metrics, SLO attainment); `bench sweep` for goodput
   chat      run the engine in this process and answer one chat message
   convert   prepare a built-in model (convert its GGUF once into the model cache)
   models    list the built-in models
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     add_generate(sub)
     add_status(sub)
+    add_bench(sub)
 
     chat = sub.add_parser("chat", help="answer one chat message with an in-process engine",
                           description="Apply the model's chat template to MESSAGE and stream "
@@ -116,6 +119,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every later argument is the benchmark's own
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -113,9 +113,12 @@ def test_a_killed_decode_actor_fails_its_request_and_rejoins_after_restart(pd):
     while victim not in served:
         assert time.monotonic() < deadline, f"{victim} never served again"
         # while both are idle the policy prefers decode-0: run two at once to reach both
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(collect(
-            stub, greedy_request("Hi", 24, disaggregation=ALWAYS))[2])) for _ in range(2)]
+        results: list = []
+
+        def one(results=results):
+            results.append(collect(stub, greedy_request("Hi", 24, disaggregation=ALWAYS))[2])
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:

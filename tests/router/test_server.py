@@ -233,3 +233,21 @@ def test_reflection_alone_finds_and_calls_generate(cluster):
     for name in ("", "pdserve.v1.PdServe"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_load_generator_against_the_server(cluster):
+    import argparse
+
+    from bench.serve_bench import add_arguments, bench
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    args = ap.parse_args(["--target", cluster.address, "--num-prompts", "3", "--input-len",
+                          "40", "--output-len", "6", "--request-rate", "inf",
+                          "--disaggregation", "always", "--slo-ttft-ms", "60000",
+                          "--slo-tpot-ms", "60000"])
+    result = asyncio.run(bench(args))
+    assert result["completed"] == 3 and result["total_output_tokens"] == 18
+    assert result["slo_attainment"] == 1.0 and result["disagg_requests"] == 3
+    assert result["num_prefill_workers"] == 1 and result["num_colocated_workers"] == 1
+    assert result["mean_ttft_ms"] > 0 and result["disagg_mean_prefill_compute_ms"] > 0
