@@ -239,6 +239,7 @@ class Router:
                 decodes = self._role(*decode_roles)
                 if not decodes:
                     raise unavailable(f"no live {' or '.join(decode_roles)} worker")
+                _check_fits(decodes, len(req.prompt_token_ids))
                 prefill = None
                 if disagg:
                     prefills = self._role("prefill")
@@ -398,6 +399,14 @@ class Router:
                 waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
                 in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used))
         return pb.ClusterStatus(workers=workers, router_id=self.config.router_id)
+
+
+def _check_fits(workers: list[_Worker], num_prompt_tokens: int) -> None:
+    """A prompt no worker could ever hold is refused now instead of waiting forever."""
+    capacity = max(w.record.total_blocks * w.record.block_size for w in workers)
+    if num_prompt_tokens + 1 > capacity:
+        raise RequestError("INVALID_ARGUMENT", f"prompt: {num_prompt_tokens} tokens need more "
+                                               f"KV than any worker holds ({capacity} tokens)")
 
 
 def _without_room(record: WorkerRecord) -> WorkerRecord:

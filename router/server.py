@@ -44,6 +44,8 @@ class PdServeService:
                 yield response
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
+        except ValueError as e:  # a worker refused the job (e.g. more KV than it holds)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
 
     async def GetClusterStatus(self, request, context):  # noqa: N802
         return self.router.status()

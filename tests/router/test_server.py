@@ -109,7 +109,8 @@ def _bad_requests():
         (req(sampling_top_p=0.0), "sampling.top_p"),
         (req(sampling_top_k=-1), "sampling.top_k"),
         (req(disaggregation=7), "disaggregation"),
-        (pb.GenerateRequest(prompt="word " * 9000), "prompt"),
+        (pb.GenerateRequest(prompt="word " * 9000), "prompt"),  # over the model's length
+        (pb.GenerateRequest(prompt="word " * 5000), "prompt"),  # over every worker's KV
         (bad_role, "messages[0].role"),
         (vocab_ids, "token_ids[1]"),
         (stop_ids, "sampling.stop_token_ids[0]"),
