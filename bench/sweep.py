@@ -145,8 +145,11 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer in {timeout_s}s")
 
 
-def samples_for(w: Workload, n: int, seed: int) -> list[Sample]:
-    return random_dataset(n, w.input_len, w.output_len, w.range_ratio, seed=1000 + seed)
+def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0) -> list[Sample]:
+    """Fresh prompts for every run (seed and rate): a prompt seen before would be served from
+    a worker's prefix cache and measure the cache, not the deployment."""
+    return random_dataset(n, w.input_len, w.output_len, w.range_ratio,
+                          seed=1000 * (rate_index + 1) + seed)
 
 
 async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, float]:
@@ -172,10 +175,10 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
         warm = samples_for(w, 2, seed=98)
         for s in warm:
             await backend.send(Sample(s.prompt, 4))
-        for rate in w.rates:
+        for i, rate in enumerate(w.rates):
             for seed in seeds:
-                results, duration = await run_load(backend, samples_for(w, n, seed), rate,
-                                                   seed=seed)
+                results, duration = await run_load(backend, samples_for(w, n, seed, i + 1),
+                                                   rate, seed=seed)
                 run = summarize(results, duration, slo)
                 run.update({"deployment": server.deployment.name, "workload": w.name,
                             "request_rate": rate, "seed": seed,
@@ -183,8 +186,11 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
                             "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
                 runs.append(run)
                 print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
-                      f"{run['slo_attainment']:.0%}, TTFT p50 {run['median_ttft_ms']:.0f} ms, "
-                      f"TPOT p50 {run['median_tpot_ms']:.0f} ms", file=sys.stderr)
+                      f"{run['slo_attainment']:.0%} (TTFT {run['slo_ttft_attainment']:.0%}, "
+                      f"TPOT {run['slo_tpot_attainment']:.0%}, {run['failed']} failed), TTFT "
+                      f"p50/p99 {run['median_ttft_ms']:.0f}/{run['p99_ttft_ms']:.0f} ms, TPOT "
+                      f"p50/p99 {run['median_tpot_ms']:.0f}/{run['p99_tpot_ms']:.0f} ms",
+                      file=sys.stderr)
     finally:
         await backend.close()
     return runs
@@ -243,22 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
           f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
     runs: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{w.name}.json"
+    done: list[Deployment] = []
     for dep in deployments:
         server = Server(dep, args.model, args.port, args.peer_python)
         try:
             runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds))
         finally:
             server.stop()
-    summary = analyse(runs, w, {d.name: d.workers for d in deployments})
-    result = {"workload": w.__dict__, "calibration": {"ttft_ms": ttft0, "tpot_ms": tpot0},
-              "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
-              "num_prompts": args.num_prompts, "seeds": args.seeds,
-              "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "command": " ".join(["python -m bench.sweep", *(argv or sys.argv[1:])]),
-              "summary": summary, "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{w.name}.json"
-    path.write_text(json.dumps(result, indent=1, default=float))
+        done.append(dep)
+        summary = analyse(runs, w, {d.name: d.workers for d in done})
+        result = {"workload": w.__dict__, "calibration": {"ttft_ms": ttft0, "tpot_ms": tpot0},
+                  "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+                  "num_prompts": args.num_prompts, "seeds": args.seeds,
+                  "machine": f"{os.cpu_count()} cores",
+                  "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "command": " ".join(["python -m bench.sweep", *(argv or sys.argv[1:])]),
+                  "summary": summary, "runs": runs}
+        path.write_text(json.dumps(result, indent=1, default=float))  # after each deployment
     for dep, s in summary.items():
         print(f"{dep:6} goodput {s['goodput']:.3f} req/s ({s['goodput_per_worker']:.3f} per "
               f"worker{', ' + s['goodput_note'] if s['goodput_note'] else ''}); min SLO scale "
