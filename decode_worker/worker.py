@@ -94,8 +94,7 @@ class DecodeWorker:
 
     def drain_prefix_events(self) -> tuple[list[int], list[int]]:
         """As PrefillWorker.drain_prefix_events, for this worker's prefix cache."""
-        drain = self.engine.block_manager.drain_prefix_events
-        return self._loop.call(drain).result(_CALL_TIMEOUT_S)
+        return self._loop.drain_prefix_events()
 
     def close(self) -> None:
         """End every job with an error chunk, close the receiver and the stream; idempotent."""

@@ -86,6 +86,9 @@ class EngineLoop:
             queue.SimpleQueue())
         self._stop = threading.Event()
         self._error = ""
+        # prefix-cache events gathered on the loop thread, handed out without waiting
+        self._prefix_lock = threading.Lock()
+        self._prefix_events: tuple[set[int], set[int]] | None = None  # None: nobody asked
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -106,6 +109,19 @@ class EngineLoop:
 
     def load(self) -> LoadReport:
         return self._report
+
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes that entered and left the engine's prefix cache since the last call,
+        as of the last turn. Never waits for a step (a heartbeat must not stall behind a long
+        prefill); the first call starts the recording, whose first batch is every block
+        cached then."""
+        with self._prefix_lock:
+            if self._prefix_events is None:
+                self._prefix_events = (set(), set())
+                return [], []
+            entered, left = self._prefix_events
+            self._prefix_events = (set(), set())
+        return sorted(entered), sorted(left)
 
     @property
     def is_alive(self) -> bool:
@@ -178,6 +194,20 @@ class EngineLoop:
     def _closed_reason(self) -> str:
         return f"engine loop stopped: {self._error}" if self._error else "engine loop closed"
 
+    def _gather_prefix_events(self) -> None:
+        with self._prefix_lock:
+            tracking = self._prefix_events is not None
+        if not tracking:
+            return
+        new_in, new_out = self.engine.block_manager.drain_prefix_events()
+        with self._prefix_lock:
+            entered, left = self._prefix_events
+            entered.difference_update(new_out)
+            left.difference_update(new_in)
+            entered.update(new_in)
+            left.update(new_out)
+
     def _snapshot(self) -> LoadReport:
+        self._gather_prefix_events()
         return LoadReport(self.engine.stats(), self.handler.num_jobs(), time.time(),
                           self._error)

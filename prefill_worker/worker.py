@@ -43,9 +43,6 @@ from kvtransfer.layout import gather_tokens
 from kvtransfer.transports import TransportKind, make_sender
 from prefill_worker.job import PrefillJob, PrefillResult, PrefillStamps, PrefillState
 
-_CALL_TIMEOUT_S = 120.0  # a loop that takes longer for one step is broken
-
-
 @dataclass(frozen=True)
 class PrefillWorkerConfig:
     engine: EngineConfig  # scheduler mode must be PREFILL_ONLY
@@ -102,8 +99,7 @@ class PrefillWorker:
     def drain_prefix_events(self) -> tuple[list[int], list[int]]:
         """Block hashes that entered and left this worker's prefix cache since the last call
         (the first call returns every cached block): what the cluster's prefix index keeps."""
-        drain = self.engine.block_manager.drain_prefix_events
-        return self._loop.call(drain).result(_CALL_TIMEOUT_S)
+        return self._loop.drain_prefix_events()
 
     def close(self) -> None:
         """Fail live jobs, close the sender, stop the loop; idempotent."""

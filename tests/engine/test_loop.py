@@ -4,6 +4,7 @@ reported instead of hidden, and nothing accepted after close."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from helpers import assert_no_leaks, greedy, make_engine
@@ -88,3 +89,34 @@ def test_nothing_runs_after_close(engine):
     with pytest.raises(RuntimeError, match="closed"):
         loop.call(lambda: 1).result(5)
     loop.close()  # idempotent
+
+
+class SlowStep(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.in_step = threading.Event()
+
+    def after_step(self, outputs):
+        self.in_step.set()
+        time.sleep(1.0)  # a long prefill step
+        super().after_step(outputs)
+
+
+def test_prefix_events_are_handed_out_without_waiting_for_a_step(engine):
+    handler = SlowStep()
+    loop = EngineLoop(engine, handler)
+    try:
+        assert loop.drain_prefix_events() == ([], [])  # starts the recording
+        loop.call(lambda: engine.add_request("r", list(range(1, 18)), greedy(3))).result(5)
+        assert handler.in_step.wait(5)
+        t0 = time.monotonic()
+        loop.drain_prefix_events()
+        assert time.monotonic() - t0 < 0.2  # did not wait for the 1 s step
+        entered: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(entered) < 4 and time.monotonic() < deadline:  # 17 tokens: 4 full blocks
+            entered += loop.drain_prefix_events()[0]
+            time.sleep(0.05)
+        assert len(entered) >= 4
+    finally:
+        loop.close()
