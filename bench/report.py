@@ -37,7 +37,9 @@ def plot_attainment(sweeps: dict[str, dict], path: Path) -> None:
         for dep, s in sweep["summary"].items():
             rates = [r for r, _ in s["attainment"]]
             ax.plot(rates, [100 * a for _, a in s["attainment"]], "o-", color=COLORS[dep],
-                    label=f"{LABELS[dep]}: goodput {s['goodput']:.2f} req/s")
+                    label=f"{LABELS[dep]}: goodput "
+                          f"{'>= ' if s['goodput_note'] == 'all above' else ''}"
+                          f"{s['goodput']:.2f} req/s")
             runs = [r for r in sweep["runs"] if r["deployment"] == dep]
             ax.scatter([r["request_rate"] for r in runs],
                        [100 * r["slo_attainment"] for r in runs], color=COLORS[dep], alpha=0.3,
