@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from router.detok import IncrementalDetokenizer
+from router.final import final_response
 from router.handles import NoRoom, WorkerGone
 from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus
 from router.policy import (
@@ -212,9 +213,11 @@ class Router:
                     if stopped or chunk.finish is not None:
                         finished = chunk.finish is not None
                         outcome = await self._prefill_outcome(prefill_task)
-                        yield self._final(request_id, req, "stop" if stopped else chunk.finish,
-                                          len(out_ids), chunk.stamps, outcome, arrival, dispatched,
-                                          first_token, decode, prefill)
+                        yield final_response(
+                            request_id, req, "stop" if stopped else chunk.finish, len(out_ids),
+                            chunk.stamps, outcome, arrival, dispatched, first_token,
+                            decode.record.worker_id,
+                            prefill.record.worker_id if prefill else "")
                         return
         finally:
             self.stream.close_queue(tid)
@@ -348,45 +351,6 @@ class Router:
                 await worker.handle.abort(tid)
             except Exception as e:  # noqa: BLE001 - a dead worker has freed everything
                 log.info("abort of %s on %s failed: %s", tid, worker.record.worker_id, e)
-
-    def _final(self, request_id, req: ValidRequest, finish: str, completion_tokens: int,
-               stamps: dict | None, outcome: PrefillOutcome | None, arrival: float,
-               dispatched: float, first_token: float, decode: _Worker,
-               prefill: _Worker | None) -> pb.GenerateResponse:
-        s = stamps or {}
-        t = pb.Timing(arrival=arrival, dispatched=dispatched, first_token=first_token,
-                      finished=time.time(), kv_received=s.get("kv_received", 0.0),
-                      decode_admitted=s.get("decode_admitted", 0.0))
-        if outcome is not None:
-            t.prefill_start, t.prefill_end = outcome.prefill_start, outcome.prefill_end
-        else:
-            t.prefill_start = s.get("prefill_start", 0.0)
-            t.prefill_end = s.get("prefill_end", 0.0)
-
-        def ms(a: float, b: float) -> float:
-            return max(0.0, (b - a) * 1e3) if a and b else 0.0
-
-        t.router_queue_ms = ms(arrival, dispatched)
-        t.prefill_queue_ms = ms(dispatched, t.prefill_start)
-        t.prefill_compute_ms = ms(t.prefill_start, t.prefill_end)
-        t.kv_transfer_ms = ms(t.prefill_end, t.kv_received)
-        t.decode_queue_ms = ms(t.kv_received, t.decode_admitted)
-        t.first_token_ms = ms(arrival, first_token)
-        t.decode_ms = ms(first_token, t.finished)
-        reason = pb.FINISH_REASON_LENGTH if finish == "length" else pb.FINISH_REASON_STOP
-        slo = pb.Slo()
-        if req.slo_ttft_ms is not None:
-            slo.ttft_ms = req.slo_ttft_ms
-        if req.slo_tpot_ms is not None:
-            slo.tpot_ms = req.slo_tpot_ms
-        usage = pb.Usage(prompt_tokens=len(req.prompt_token_ids),
-                         completion_tokens=completion_tokens,
-                         cached_prompt_tokens=outcome.num_cached_tokens if outcome else 0)
-        return pb.GenerateResponse(final=pb.FinalResponse(
-            request_id=request_id, finish_reason=reason, usage=usage, timing=t,
-            disaggregated=prefill is not None,
-            prefill_worker=prefill.record.worker_id if prefill else "",
-            decode_worker=decode.record.worker_id, slo=slo))
 
     def status(self) -> pb.ClusterStatus:
         workers = []

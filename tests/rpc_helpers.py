@@ -43,3 +43,35 @@ def wait_cluster_idle(cluster, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"workers not idle: {loads}")
+
+
+class LongRequest:
+    """A long disaggregated request streaming in a thread; `victim` is the decode worker
+    that holds it (from the router's status); `outcome` its gRPC code once it ended."""
+
+    def __init__(self, stub):
+        import threading
+
+        from rpc import pdserve_pb2 as pb
+
+        req = greedy_request("Count to a thousand:", 2000,
+                             disaggregation=pb.DISAGGREGATION_ALWAYS)
+        req.sampling.ignore_eos = True
+        self.outcome: dict = {}
+
+        def run():
+            try:
+                collect(stub, req, timeout=120)
+                self.outcome["code"] = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                self.outcome["code"], self.outcome["details"] = e.code(), e.details()
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        self.victim = None
+        while self.victim is None:
+            status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+            busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
+            self.victim = busy[0] if busy else None
+            time.sleep(0.05)
+        time.sleep(0.5)  # decoding by now

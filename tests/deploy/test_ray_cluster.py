@@ -14,7 +14,7 @@ import grpc
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from rpc_helpers import collect, greedy_request, stub_for
+from rpc_helpers import LongRequest, collect, greedy_request, stub_for
 
 from deploy.local_cluster import ClusterSpec
 from deploy.ray_cluster import Placement, RayCluster
@@ -71,26 +71,8 @@ def test_requests_through_the_router_equal_llm(pd, smollm2_llm):
 
 def test_a_killed_decode_actor_fails_its_request_and_rejoins_after_restart(pd):
     stub = stub_for(pd.address)
-    req = greedy_request("Count to a thousand:", 2000, disaggregation=ALWAYS)
-    req.sampling.ignore_eos = True
-    outcome = {}
-
-    def long_request():
-        try:
-            collect(stub, req, timeout=120)
-            outcome["code"] = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            outcome["code"], outcome["details"] = e.code(), e.details()
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    victim = None
-    while victim is None:
-        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
-        busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
-        victim = busy[0] if busy else None
-        time.sleep(0.05)
-    time.sleep(0.5)
+    long = LongRequest(stub)
+    victim, outcome, thread = long.victim, long.outcome, long.thread
     os.kill(pd.pids[victim], signal.SIGKILL)  # the worker's process dies, as in a crash
     thread.join(60)
     assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome

@@ -4,12 +4,11 @@ its heartbeat entry expires."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 import pytest
-from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
+from rpc_helpers import LongRequest, collect, greedy_request, stub_for, wait_cluster_idle
 
 from deploy.local_cluster import ClusterSpec, LocalCluster
 from engine import SamplingParams
@@ -42,26 +41,8 @@ def test_two_routers_on_one_redis_both_serve(cluster, smollm2_llm):
 
 def test_a_dead_decode_worker_fails_its_requests_and_the_survivor_serves(cluster):
     stub = stub_for(cluster.address)
-    req = greedy_request("Count to a thousand:", 2000, disaggregation=ALWAYS)
-    req.sampling.ignore_eos = True
-    outcome = {}
-
-    def long_request():
-        try:
-            collect(stub, req, timeout=120)
-            outcome["code"] = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            outcome["code"], outcome["details"] = e.code(), e.details()
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    victim = None
-    while victim is None:  # which decode worker took it
-        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
-        busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
-        victim = busy[0] if busy else None
-        time.sleep(0.05)
-    time.sleep(0.5)  # decoding
+    long = LongRequest(stub)
+    victim, outcome, thread = long.victim, long.outcome, long.thread
     killed = time.monotonic()
     cluster.kill_worker(victim)
     thread.join(30)
