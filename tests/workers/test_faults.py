@@ -139,7 +139,8 @@ def test_abort_in_each_state_frees_both_sides(state, pool, collector, prefill, d
     _abort_both(prefill, decode, tid)
     outcome = result.result(timeout=30)
     if state == "decoding":
-        assert outcome.state is PrefillState.DONE  # the prefill had ended
+        # the prefill had ended; its worker may not have read the ack before the abort came
+        assert outcome.state in (PrefillState.DONE, PrefillState.ABORTED)
     else:
         assert outcome.state in (PrefillState.ABORTED, PrefillState.FAILED)
     final = collector.wait(tid).final
