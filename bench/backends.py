@@ -15,6 +15,26 @@ from bench.metrics import STAGES, RequestResult
 from bench.workload import Sample
 
 
+class _StreamClock:
+    """Client-side timing of one stream, as vLLM's benchmark takes it: TTFT at the first
+    chunk with output, ITL between chunks, E2EL at the last."""
+
+    def __init__(self, result: RequestResult):
+        self.result = result
+        self.start = self.last = time.perf_counter()
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self.result.ttft == 0.0:
+            self.result.ttft = now - self.start
+        else:
+            self.result.itl.append(now - self.last)
+        self.last = now
+
+    def end(self) -> None:
+        self.result.latency = self.last - self.start
+
+
 class Backend(ABC):
     name: str
 
@@ -49,10 +69,9 @@ class PdServeBackend(Backend):
         req.sampling.temperature = 0.0
         req.sampling.ignore_eos = True
         result = RequestResult(prompt_len=len(sample.prompt))
-        start = last = time.perf_counter()
+        clock = _StreamClock(result)
         try:
             async for response in self._stub.Generate(req, timeout=self._timeout):
-                now = time.perf_counter()
                 if response.HasField("final"):
                     f = response.final
                     result.output_len = f.usage.completion_tokens
@@ -61,14 +80,9 @@ class PdServeBackend(Backend):
                     if f.disaggregated and f.timing.kv_received:
                         result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
                     continue
-                if not response.chunk.token_ids:
-                    continue
-                if result.ttft == 0.0:
-                    result.ttft = now - start
-                else:
-                    result.itl.append(now - last)
-                last = now
-            result.latency = last - start
+                if response.chunk.token_ids:
+                    clock.chunk()
+            clock.end()
             result.success = result.output_len > 0
         except Exception as e:  # noqa: BLE001 - grpc errors and anything else: a failure
             details = e.details() if hasattr(e, "details") else str(e)
@@ -100,7 +114,7 @@ class OpenAIBackend(Backend):
                 "max_tokens": sample.output_len, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         result = RequestResult(prompt_len=len(sample.prompt))
-        start = last = time.perf_counter()
+        clock = _StreamClock(result)
         try:
             async with self._session.post(self._url, json=body) as resp:
                 if resp.status != 200:
@@ -117,15 +131,9 @@ class OpenAIBackend(Backend):
                     if event.get("usage"):
                         result.output_len = event["usage"]["completion_tokens"]
                     choices = event.get("choices") or []
-                    if not choices or not choices[0].get("text"):
-                        continue
-                    now = time.perf_counter()
-                    if result.ttft == 0.0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-            result.latency = last - start
+                    if choices and choices[0].get("text"):
+                        clock.chunk()
+            clock.end()
             result.success = result.output_len > 0 and result.ttft > 0
         except Exception as e:  # noqa: BLE001
             result.error = f"{type(e).__name__}: {e}"

@@ -1,7 +1,7 @@
 """The router's worker handles over worker objects: in this process, or `deploy.local`
 proxies to child processes (both have the same methods). Calls run in threads
-(`asyncio.to_thread`); the router's orders become the workers' jobs here, the one place
-that knows both.
+(`ThreadCalls`) or as Ray actor calls (`deploy.ray_actors.RayCalls`); the router's orders
+become the workers' jobs here, the one place that knows both.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from engine import NoFreeBlocksError, SamplingParams
 from prefill_worker import PrefillJob, PrefillResult, PrefillState
 from router.handles import NoRoom, WorkerGone
 from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus, Sampling
-
-# what a dead process, a closed manager connection or a stopped loop raise
-_GONE = (ConnectionError, EOFError, BrokenPipeError, OSError, RuntimeError)
 
 
 def sampling_params(s: Sampling) -> SamplingParams:
@@ -44,52 +41,61 @@ def to_outcome(result: PrefillResult) -> PrefillOutcome:
                           result.stamps.prefill_end)
 
 
-class ThreadDecodeHandle:
-    def __init__(self, worker, worker_id: str):
-        self.worker = worker
+class ThreadCalls:
+    """Calls a worker object's method in a thread (the object, or a `deploy.local` proxy)."""
+
+    # what a dead process, a closed manager connection or a stopped loop raise
+    gone: tuple[type[BaseException], ...] = (ConnectionError, EOFError, OSError, RuntimeError)
+
+    async def __call__(self, method, arg):
+        return await asyncio.to_thread(method, arg)
+
+
+class DecodeHandle:
+    """The router's decode-side handle over `target` (a worker, a proxy or a Ray actor),
+    whose methods `calls` invokes; worker errors become the router's (router.handles)."""
+
+    def __init__(self, target, worker_id: str, calls=None):
+        self.target = target
         self.worker_id = worker_id
+        self._calls = calls or ThreadCalls()
 
     async def reserve(self, order: DecodeOrder) -> str:
-        try:
-            return await asyncio.to_thread(self.worker.reserve, decode_job(order))
-        except NoFreeBlocksError as e:
-            raise NoRoom(str(e)) from e
-        except ValueError:
-            raise
-        except _GONE as e:
-            raise WorkerGone(f"{self.worker_id}: {e!r}") from e
+        return await _call(self, self.target.reserve, decode_job(order))
 
     async def generate(self, order: DecodeOrder) -> None:
-        try:
-            await asyncio.to_thread(self.worker.generate, decode_job(order))
-        except ValueError:
-            raise
-        except _GONE as e:
-            raise WorkerGone(f"{self.worker_id}: {e!r}") from e
+        await _call(self, self.target.generate, decode_job(order))
 
     async def abort(self, transfer_id: str) -> None:
-        try:
-            await asyncio.to_thread(self.worker.abort, transfer_id)
-        except _GONE:
-            pass  # a dead worker holds nothing
+        await _abort(self, transfer_id)
 
 
-class ThreadPrefillHandle:
-    def __init__(self, worker, worker_id: str):
-        self.worker = worker
+class PrefillHandle:
+    def __init__(self, target, worker_id: str, calls=None):
+        self.target = target
         self.worker_id = worker_id
+        self._calls = calls or ThreadCalls()
 
     async def prefill(self, order: PrefillOrder) -> PrefillOutcome:
-        try:
-            result = await asyncio.to_thread(self.worker.prefill, prefill_job(order))
-        except ValueError:
-            raise
-        except _GONE as e:
-            raise WorkerGone(f"{self.worker_id}: {e!r}") from e
-        return to_outcome(result)
+        return to_outcome(await _call(self, self.target.prefill, prefill_job(order)))
 
     async def abort(self, transfer_id: str) -> None:
-        try:
-            await asyncio.to_thread(self.worker.abort, transfer_id)
-        except _GONE:
-            pass
+        await _abort(self, transfer_id)
+
+
+async def _call(handle, method, arg):
+    try:
+        return await handle._calls(method, arg)
+    except NoFreeBlocksError as e:  # before `gone`: it is a RuntimeError
+        raise NoRoom(str(e)) from e
+    except ValueError:
+        raise
+    except handle._calls.gone as e:
+        raise WorkerGone(f"{handle.worker_id}: {e!r}") from e
+
+
+async def _abort(handle, transfer_id: str) -> None:
+    try:
+        await _call(handle, handle.target.abort, transfer_id)
+    except WorkerGone:
+        pass  # a dead worker holds nothing

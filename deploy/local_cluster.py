@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import redis.asyncio
 
 from decode_worker import DecodeWorkerConfig
-from deploy.handles import ThreadDecodeHandle, ThreadPrefillHandle
+from deploy.handles import DecodeHandle, PrefillHandle
 from deploy.heartbeat import Heartbeat, WorkerIdentity
 from deploy.local import Role, WorkerProcess
 from deploy.redis_server import RedisServer
@@ -134,6 +134,13 @@ class RouterThread:
         self._loop.close()
 
 
+def start_router(spec: ClusterSpec, redis_url: str, connect, index: int,
+                 address: str) -> RouterThread:
+    """The cluster's `index`-th router (id `router-<index>`) and its gRPC server."""
+    config = replace(spec.router, router_id=f"router-{index}")
+    return RouterThread(config, resolve_model(spec.model), redis_url, connect, address)
+
+
 class LocalCluster:
     def __init__(self, spec: ClusterSpec, redis_url: str | None = None,
                  address: str = "127.0.0.1:0"):
@@ -145,7 +152,7 @@ class LocalCluster:
         self.routers: list[RouterThread] = []
         try:
             self._start_workers()
-            self.add_router(address, spec.router)
+            self.add_router(address)
         except BaseException:
             self.close()
             raise
@@ -178,16 +185,12 @@ class LocalCluster:
         proc = self.procs.get(record.worker_id)
         if proc is None:
             raise ValueError(f"worker {record.worker_id} is not part of this cluster")
-        if record.role == Role.PREFILL.value:
-            return ThreadPrefillHandle(proc.worker, record.worker_id)
-        return ThreadDecodeHandle(proc.worker, record.worker_id)
+        handle = PrefillHandle if record.role == Role.PREFILL.value else DecodeHandle
+        return handle(proc.worker, record.worker_id)
 
-    def add_router(self, address: str = "127.0.0.1:0",
-                   config: RouterConfig | None = None) -> RouterThread:
-        config = config or replace(self.spec.router,
-                                   router_id=f"router-{len(self.routers)}")
-        router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
-                              self.connect, address)
+    def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
+        router = start_router(self.spec, self.redis_url, self.connect, len(self.routers),
+                              address)
         self.routers.append(router)
         return router
 

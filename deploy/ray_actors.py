@@ -1,4 +1,4 @@
-"""Workers as Ray actors, and the router's handles over them.
+"""Workers as Ray actors, and how the router's handles call them.
 
 An actor's process is the worker's process: `WorkerHost` builds the worker (loading the
 model) and its registry heartbeat there, on the node Ray placed it. Calls are explicit
@@ -18,13 +18,9 @@ from dataclasses import replace
 import ray
 from ray.exceptions import RayActorError
 
-from deploy.handles import decode_job, prefill_job, to_outcome
 from deploy.heartbeat import Heartbeat, WorkerIdentity
 from deploy.local import Role, build_worker
 from deploy.local_cluster import ClusterSpec
-from engine import NoFreeBlocksError
-from router.handles import NoRoom, WorkerGone
-from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome
 
 NAMESPACE = "pdserve"
 
@@ -72,45 +68,10 @@ class WorkerHost:
 WorkerActor = ray.remote(WorkerHost)
 
 
-class RayDecodeHandle:
-    def __init__(self, actor, worker_id: str):
-        self.actor = actor
-        self.worker_id = worker_id
+class RayCalls:
+    """Calls an actor's method remotely (for deploy.handles.DecodeHandle/PrefillHandle)."""
 
-    async def reserve(self, order: DecodeOrder) -> str:
-        try:
-            return await self.actor.reserve.remote(decode_job(order))
-        except NoFreeBlocksError as e:
-            raise NoRoom(str(e)) from e
-        except RayActorError as e:
-            raise WorkerGone(f"{self.worker_id}: {e}") from e
+    gone: tuple[type[BaseException], ...] = (RayActorError,)
 
-    async def generate(self, order: DecodeOrder) -> None:
-        try:
-            await self.actor.generate.remote(decode_job(order))
-        except RayActorError as e:
-            raise WorkerGone(f"{self.worker_id}: {e}") from e
-
-    async def abort(self, transfer_id: str) -> None:
-        try:
-            await self.actor.abort.remote(transfer_id)
-        except RayActorError:
-            pass  # a dead worker holds nothing
-
-
-class RayPrefillHandle:
-    def __init__(self, actor, worker_id: str):
-        self.actor = actor
-        self.worker_id = worker_id
-
-    async def prefill(self, order: PrefillOrder) -> PrefillOutcome:
-        try:
-            return to_outcome(await self.actor.prefill.remote(prefill_job(order)))
-        except RayActorError as e:
-            raise WorkerGone(f"{self.worker_id}: {e}") from e
-
-    async def abort(self, transfer_id: str) -> None:
-        try:
-            await self.actor.abort.remote(transfer_id)
-        except RayActorError:
-            pass
+    async def __call__(self, method, arg):
+        return await method.remote(arg)

@@ -23,11 +23,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
+from deploy.handles import DecodeHandle, PrefillHandle
 from deploy.local import Role
-from deploy.local_cluster import ClusterSpec, RouterThread
-from deploy.ray_actors import NAMESPACE, RayDecodeHandle, RayPrefillHandle, WorkerActor
+from deploy.local_cluster import ClusterSpec, RouterThread, start_router
+from deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
 from deploy.redis_server import RedisServer
-from engine import resolve_model
 from router.registry import WorkerRecord
 
 
@@ -71,9 +71,7 @@ class RayCluster:
             self._step("Redis", lambda: self._start_redis(redis_url))
             self._step("workers", lambda: self._start_actors(placement, max_restarts,
                                                              progress))
-            self._step("router", lambda: self.routers.append(RouterThread(
-                spec.router, resolve_model(spec.model), self.redis_url, self.connect,
-                address)))
+            self._step("router", lambda: self.add_router(address))
         except BaseException:
             self.close()
             raise
@@ -158,14 +156,12 @@ class RayCluster:
 
     def connect(self, record: WorkerRecord):
         actor = ray.get_actor(record.worker_id, namespace=NAMESPACE)
-        if record.role == Role.PREFILL.value:
-            return RayPrefillHandle(actor, record.worker_id)
-        return RayDecodeHandle(actor, record.worker_id)
+        handle = PrefillHandle if record.role == Role.PREFILL.value else DecodeHandle
+        return handle(actor, record.worker_id, RayCalls())
 
     def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
-        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
-        router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
-                              self.connect, address)
+        router = start_router(self.spec, self.redis_url, self.connect, len(self.routers),
+                              address)
         self.routers.append(router)
         return router
 
