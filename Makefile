@@ -27,7 +27,7 @@ model: setup
 
 # 1 prefill + 1 decode worker on Ray, the gRPC router, one request through `pdserve generate`
 serve: model
-	$(PY) -m deploy.demo --model $(MODEL) --prompt "$(PROMPT)"
+	$(PY) -m pdserve.deploy.demo --model $(MODEL) --prompt "$(PROMPT)"
 
 test: model
 	$(PY) -m pytest
@@ -38,7 +38,7 @@ lint: setup
 
 # regenerate rpc/ stubs from proto/ (tests/test_rpc_stubs.py fails while they are stale)
 proto: setup
-	$(PY) -m rpc.codegen
+	$(PY) -m pdserve.rpc.codegen
 
 bench-engine: model
 	$(PY) bench/engine.py --json bench/results/engine.json

@@ -11,8 +11,8 @@ import json
 import time
 from abc import ABC, abstractmethod
 
-from bench.metrics import STAGES, RequestResult
-from bench.workload import Sample
+from pdserve.bench.metrics import STAGES, RequestResult
+from pdserve.bench.workload import Sample
 
 
 class _StreamClock:
@@ -53,8 +53,8 @@ class PdServeBackend(Backend):
     def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0):
         import grpc
 
-        from rpc import pdserve_pb2 as pb
-        from rpc import pdserve_pb2_grpc
+        from pdserve.rpc import pdserve_pb2 as pb
+        from pdserve.rpc import pdserve_pb2_grpc
 
         self._pb = pb
         self._channel = grpc.aio.insecure_channel(target)

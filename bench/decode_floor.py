@@ -20,13 +20,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-if not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from engine import LLM, ModelConfig, SamplingParams  # noqa: E402
+from pdserve.engine import LLM, ModelConfig, SamplingParams
 
 CATEGORIES = {
     "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear",

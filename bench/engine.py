@@ -19,14 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:
-    # Run as a file, this script's folder comes first on sys.path and its own name would
-    # shadow the `engine` package: put the repository root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
+import torch
 
-from engine import LLM, SamplingParams, resolve_model  # noqa: E402
+from pdserve.engine import LLM, SamplingParams, resolve_model
 
 
 def _median_time(fn, repeats: int) -> float:

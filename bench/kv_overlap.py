@@ -26,18 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from bench.kvtransfer import BLOCK, mp, receiver_process  # noqa: E402
-from engine import Engine, EngineConfig, ModelConfig, SamplingParams  # noqa: E402
-from engine.config import CacheConfig, EngineMode, SchedulerConfig  # noqa: E402
-from engine.model.registry import resolve_model  # noqa: E402
-from kvtransfer.base import KVSpec, TransferStatus  # noqa: E402
-from kvtransfer.zmq_transport import ZmqSender  # noqa: E402
+from pdserve.bench.kvtransfer import BLOCK, mp, receiver_process
+from pdserve.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+from pdserve.engine.config import CacheConfig, EngineMode, SchedulerConfig
+from pdserve.engine.model.registry import resolve_model
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.zmq_transport import ZmqSender
 
 
 def prefill_engine(model: str, prompt_len: int) -> Engine:

@@ -22,16 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
 
-import torch  # noqa: E402
-import zmq  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import zmq
+from tqdm import tqdm
 
-from engine.host_memory import tune_malloc  # noqa: E402
-from kvtransfer.base import KVSpec, TransferStatus  # noqa: E402
-from kvtransfer.transports import TransportKind, make_receiver, make_sender  # noqa: E402
+from pdserve.engine.host_memory import tune_malloc
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.transports import TransportKind, make_receiver, make_sender
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer

@@ -24,14 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from engine import LLM, SamplingParams, resolve_model  # noqa: E402
+from pdserve.engine import LLM, SamplingParams, resolve_model
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:

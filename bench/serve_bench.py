@@ -1,12 +1,12 @@
 """The serving load generator (also `pdserve bench`): open-loop arrivals against pdserve's
 gRPC API or an OpenAI-compatible server, vLLM's metrics, SLO attainment, a JSON result.
 
-    .venv/bin/python -m bench.serve_bench --backend pdserve --target 127.0.0.1:50051 \\
+    .venv/bin/python -m pdserve.bench.serve_bench --backend pdserve --target 127.0.0.1:50051 \\
         --dataset random --input-len 512 --output-len 64 --num-prompts 32 \\
         --request-rate 0.5 --slo-ttft-ms 3000 --slo-tpot-ms 100 --json result.json
-    .venv/bin/python -m bench.serve_bench --backend openai --base-url http://127.0.0.1:8011 \\
+    .venv/bin/python -m pdserve.bench.serve_bench --backend openai --base-url http://127.0.0.1:8011 \\
         --model smollm2 ...                                     # vLLM, SGLang, ...
-    .venv/bin/python -m bench.serve_bench --dataset mooncake --length-scale 0.05 \\
+    .venv/bin/python -m pdserve.bench.serve_bench --dataset mooncake --length-scale 0.05 \\
         --time-scale 20 ...                                     # trace replay, scaled
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.backends import Backend, OpenAIBackend, PdServeBackend
-from bench.metrics import RequestResult, Slo, summarize
-from bench.workload import TRACES, Sample, arrival_times, random_dataset, trace_dataset
+from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
+from pdserve.bench.metrics import RequestResult, Slo, summarize
+from pdserve.bench.workload import TRACES, Sample, arrival_times, random_dataset, trace_dataset
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
@@ -168,7 +168,7 @@ async def bench(args) -> dict:
 
 
 async def _workers(args) -> dict:
-    from rpc.client import PdServeClient
+    from pdserve.rpc.client import PdServeClient
 
     async with PdServeClient(args.target) as client:
         status = await client.cluster_status(timeout=10)

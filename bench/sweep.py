@@ -12,7 +12,7 @@ Per workload:
 3. JSON with every run (vLLM's keys) and the summary: `--out/<workload>.json`.
 `bench/report.py` draws the plots and writes the markdown report from those files.
 
-    .venv/bin/python -m bench.sweep --workload summarize --out bench/results/sweep \\
+    .venv/bin/python -m pdserve.bench.sweep --workload summarize --out bench/results/sweep \\
         --peer-python /path/to/vllm-venv/bin/python
 """
 
@@ -31,10 +31,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.backends import Backend, OpenAIBackend, PdServeBackend
-from bench.metrics import Slo, goodput_per_worker, required_slo_scale, scale_quantile, summarize
-from bench.serve_bench import run_load
-from bench.workload import Sample, random_dataset
+from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
+from pdserve.bench.metrics import Slo, goodput_per_worker, required_slo_scale, scale_quantile, summarize
+from pdserve.bench.serve_bench import run_load
+from pdserve.bench.workload import Sample, random_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_CLI = ROOT.parent / "shared" / "peers" / "vllm_cpu_cli.py"
@@ -92,7 +92,7 @@ class Server:
             _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
         else:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "deploy.cli", "serve", "--no-ray", "--pin-cores",
+                [sys.executable, "-m", "pdserve", "serve", "--no-ray", "--pin-cores",
                  "--model", model, "--port", str(port), "--num-blocks", "1024",
                  *deployment.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
             if not self.proc.stdout.readline().strip():
@@ -125,7 +125,7 @@ def _peer_env(peer_python: str) -> dict:
 
 
 def _peer_command(peer_python: str, model: str, port: int) -> list[str]:
-    from engine import resolve_model
+    from pdserve.engine import resolve_model
 
     return [peer_python, str(PEER_CLI), "serve", str(resolve_model(model)), "--host",
             "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                   "num_prompts": args.num_prompts, "seeds": args.seeds,
                   "machine": f"{os.cpu_count()} cores",
                   "date": time.strftime("%Y-%m-%d %H:%M"),
-                  "command": " ".join(["python -m bench.sweep", *(argv or sys.argv[1:])]),
+                  "command": " ".join(["python -m pdserve.bench.sweep", *(argv or sys.argv[1:])]),
                   "summary": summary, "runs": runs}
         path.write_text(json.dumps(result, indent=1, default=float))  # after each deployment
     for dep, s in summary.items():

@@ -28,16 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # keep bench/ from shadowing engine
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from decode_worker import DecodeJob, DecodeWorkerConfig  # noqa: E402
-from deploy.driver import StreamCollector  # noqa: E402
-from deploy.local import Role, WorkerProcess  # noqa: E402
-from engine import (  # noqa: E402
+from pdserve.decode_worker import DecodeJob, DecodeWorkerConfig
+from pdserve.deploy.driver import StreamCollector
+from pdserve.deploy.local import Role, WorkerProcess
+from pdserve.engine import (
     CacheConfig,
     EngineConfig,
     EngineMode,
@@ -46,8 +44,8 @@ from engine import (  # noqa: E402
     SchedulerConfig,
     resolve_model,
 )
-from kvtransfer.transports import TransportKind  # noqa: E402
-from prefill_worker import PrefillJob, PrefillState, PrefillWorkerConfig  # noqa: E402
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.prefill_worker import PrefillJob, PrefillState, PrefillWorkerConfig
 
 DISAGG_STAGES = ["reserve", "driver", "prefill queue", "prefill compute", "KV transfer",
                  "decode admission", "stream"]

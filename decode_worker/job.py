@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import astuple, dataclass
 
-from engine import SamplingParams
+from pdserve.engine import SamplingParams
 
 
 class DecodeState(enum.Enum):

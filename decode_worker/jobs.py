@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from decode_worker.job import DecodeJob, DecodeStamps, DecodeState
-from decode_worker.stream import StreamFinish, TokenChunk, TokenPublisher
-from engine import Engine, FinishReason
-from engine.loop import LoopHandler
-from engine.scheduler import RequestOutput, ScheduledBatch
-from kvtransfer.base import KVReceiver, TransferStatus
+from pdserve.decode_worker.job import DecodeJob, DecodeStamps, DecodeState
+from pdserve.decode_worker.stream import StreamFinish, TokenChunk, TokenPublisher
+from pdserve.engine import Engine, FinishReason
+from pdserve.engine.loop import LoopHandler
+from pdserve.engine.scheduler import RequestOutput, ScheduledBatch
+from pdserve.kvtransfer.base import KVReceiver, TransferStatus
 
 _FINISH = {FinishReason.STOP: StreamFinish.STOP, FinishReason.LENGTH: StreamFinish.LENGTH,
            FinishReason.ABORT: StreamFinish.ABORT}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import msgpack
 import zmq
 
-from decode_worker.job import DecodeStamps
+from pdserve.decode_worker.job import DecodeStamps
 
 STREAM_VERSION = 1
 log = logging.getLogger(__name__)

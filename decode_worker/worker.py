@@ -26,13 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from decode_worker.job import DecodeJob, DecodeState
-from decode_worker.jobs import DecodeJobs
-from decode_worker.stream import TokenPublisher
-from engine import Engine, EngineConfig, EngineMode
-from engine.loop import EngineLoop, LoadReport
-from kvtransfer.base import KVSpec
-from kvtransfer.transports import TransportKind, make_receiver
+from pdserve.decode_worker.job import DecodeJob, DecodeState
+from pdserve.decode_worker.jobs import DecodeJobs
+from pdserve.decode_worker.stream import TokenPublisher
+from pdserve.engine import Engine, EngineConfig, EngineMode
+from pdserve.engine.loop import EngineLoop, LoadReport
+from pdserve.kvtransfer.base import KVSpec
+from pdserve.kvtransfer.transports import TransportKind, make_receiver
 
 # reserve/generate wait at most this long for the loop; a longer step means a broken engine
 _CALL_TIMEOUT_S = 120.0

@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from deploy.bench_cmd import add_bench, run_bench
-from deploy.client_cmds import add_generate, add_status
-from deploy.serve_cmd import add_serve
+from pdserve.deploy.bench_cmd import add_bench, run_bench
+from pdserve.deploy.client_cmds import add_generate, add_status
+from pdserve.deploy.serve_cmd import add_serve
 
 DESCRIPTION = """\
 pdserve serves large language models with disaggregated prefill and decode.
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
+    from pdserve.engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -100,7 +100,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from engine.model.registry import BUILTIN_MODELS, resolve_model
+    from pdserve.engine.model.registry import BUILTIN_MODELS, resolve_model
 
     if args.model not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {args.model!r}; "
@@ -110,7 +110,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engine.model.registry import BUILTIN_MODELS, cache_dir
+    from pdserve.engine.model.registry import BUILTIN_MODELS, cache_dir
 
     for m in BUILTIN_MODELS.values():
         ready = (cache_dir() / "models" / m.name / "config.json").is_file()

@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from rpc.client import PdServeClient
+from pdserve.rpc.client import PdServeClient
 
 
 def add_generate(sub) -> None:

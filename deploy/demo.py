@@ -1,7 +1,7 @@
 """The README's main job (`make serve`): start `pdserve serve` with 1 prefill + 1 decode
 worker on the built-in model, send one request through `pdserve generate`, shut down.
 
-    .venv/bin/python -m deploy.demo [--prompt TEXT]
+    .venv/bin/python -m pdserve.deploy.demo [--prompt TEXT]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-CLI = [sys.executable, "-m", "deploy.cli"]
+CLI = [sys.executable, "-m", "pdserve"]
 
 
 def main() -> int:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from decode_worker import DecodeJob, StreamFinish, TokenBatch, TokenChunk
-from engine import NoFreeBlocksError, SamplingParams
-from prefill_worker import PrefillJob, PrefillResult
+from pdserve.decode_worker import DecodeJob, StreamFinish, TokenBatch, TokenChunk
+from pdserve.engine import NoFreeBlocksError, SamplingParams
+from pdserve.prefill_worker import PrefillJob, PrefillResult
 
 
 @dataclass

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-from decode_worker import DecodeJob
-from engine import NoFreeBlocksError, SamplingParams
-from prefill_worker import PrefillJob, PrefillResult, PrefillState
-from router.handles import NoRoom, WorkerGone
-from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus, Sampling
+from pdserve.decode_worker import DecodeJob
+from pdserve.engine import NoFreeBlocksError, SamplingParams
+from pdserve.prefill_worker import PrefillJob, PrefillResult, PrefillState
+from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus, Sampling
 
 
 def sampling_params(s: Sampling) -> SamplingParams:

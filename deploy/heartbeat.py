@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from router.registry import WorkerRecord, index_prefixes, publish, unpublish
+from pdserve.router.registry import WorkerRecord, index_prefixes, publish, unpublish
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import signal
 import traceback
 from multiprocessing.managers import BaseManager
 
-from decode_worker import ColocatedWorker, DecodeWorker, DecodeWorkerConfig
-from prefill_worker import PrefillWorker, PrefillWorkerConfig
+from pdserve.decode_worker import ColocatedWorker, DecodeWorker, DecodeWorkerConfig
+from pdserve.prefill_worker import PrefillWorker, PrefillWorkerConfig
 
 
 class Role(enum.Enum):

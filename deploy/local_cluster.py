@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, replace
 
 import redis.asyncio
 
-from decode_worker import DecodeWorkerConfig
-from deploy.handles import DecodeHandle, PrefillHandle
-from deploy.heartbeat import Heartbeat, WorkerIdentity
-from deploy.local import Role, WorkerProcess
-from deploy.redis_server import RedisServer
-from engine import (
+from pdserve.decode_worker import DecodeWorkerConfig
+from pdserve.deploy.handles import DecodeHandle, PrefillHandle
+from pdserve.deploy.heartbeat import Heartbeat, WorkerIdentity
+from pdserve.deploy.local import Role, WorkerProcess
+from pdserve.deploy.redis_server import RedisServer
+from pdserve.engine import (
     CacheConfig,
     EngineConfig,
     EngineMode,
@@ -34,13 +34,13 @@ from engine import (
     SchedulerConfig,
     resolve_model,
 )
-from engine.config import default_device
-from kvtransfer.transports import TransportKind
-from prefill_worker import PrefillWorkerConfig
-from router.registry import WorkerRecord
-from router.router import Router, RouterConfig
-from router.server import start_server
-from router.tokenizer import RouterTokenizer
+from pdserve.engine.config import default_device
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.prefill_worker import PrefillWorkerConfig
+from pdserve.router.registry import WorkerRecord
+from pdserve.router.router import Router, RouterConfig
+from pdserve.router.server import start_server
+from pdserve.router.tokenizer import RouterTokenizer
 
 _MODES = {Role.PREFILL: EngineMode.PREFILL_ONLY, Role.DECODE: EngineMode.DECODE_ONLY,
           Role.COLOCATED: EngineMode.MIXED}

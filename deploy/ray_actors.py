@@ -18,9 +18,9 @@ from dataclasses import replace
 import ray
 from ray.exceptions import RayActorError
 
-from deploy.heartbeat import Heartbeat, WorkerIdentity
-from deploy.local import Role, build_worker
-from deploy.local_cluster import ClusterSpec
+from pdserve.deploy.heartbeat import Heartbeat, WorkerIdentity
+from pdserve.deploy.local import Role, build_worker
+from pdserve.deploy.local_cluster import ClusterSpec
 
 NAMESPACE = "pdserve"
 

@@ -23,12 +23,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from deploy.handles import DecodeHandle, PrefillHandle
-from deploy.local import Role
-from deploy.local_cluster import ClusterSpec, RouterThread, start_router
-from deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
-from deploy.redis_server import RedisServer
-from router.registry import WorkerRecord
+from pdserve.deploy.handles import DecodeHandle, PrefillHandle
+from pdserve.deploy.local import Role
+from pdserve.deploy.local_cluster import ClusterSpec, RouterThread, start_router
+from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
+from pdserve.deploy.redis_server import RedisServer
+from pdserve.router.registry import WorkerRecord
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.local_cluster import ClusterSpec, LocalCluster
-    from kvtransfer.transports import TransportKind
-    from router.router import RouterConfig
+    from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
+    from pdserve.kvtransfer.transports import TransportKind
+    from pdserve.router.router import RouterConfig
 
     if args.prefill < 0 or args.decode < 0 or args.colocated < 0:
         raise ValueError("worker counts must be >= 0")
@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_ray:
         cluster = LocalCluster(spec, redis_url=args.redis_url, address=address)
     else:
-        from deploy.ray_cluster import ClusterStartError, Placement, RayCluster
+        from pdserve.deploy.ray_cluster import ClusterStartError, Placement, RayCluster
 
         placement = Placement(args.prefill_resource, args.decode_resource, args.pack)
         try:

@@ -248,7 +248,7 @@ def select_backend(device: str, block_size: int, dtype: torch.dtype) -> Attentio
     if flash_attn_available(device) and block_size % 256 == 0:
         return FlashAttentionBackend()
     if device == "cpu" and dtype == torch.float32:
-        from engine.cpu_kernels import cpu_kernels
+        from pdserve.engine.cpu_kernels import cpu_kernels
 
         return SdpaBackend(decode_kernel=cpu_kernels())
     return SdpaBackend()

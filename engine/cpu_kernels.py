@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from engine.model.registry import cache_dir
+from pdserve.engine.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")

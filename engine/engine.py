@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig, EngineMode
-from engine.kv_cache import PagedKVCache, plan_layout
-from engine.model.llama import LayerKVHook
-from engine.request import Request, SamplingParams
-from engine.runner import ModelRunner
-from engine.sampler import Sampler
-from engine.scheduler import RequestOutput, ScheduledBatch, Scheduler
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig, EngineMode
+from pdserve.engine.kv_cache import PagedKVCache, plan_layout
+from pdserve.engine.model.llama import LayerKVHook
+from pdserve.engine.request import Request, SamplingParams
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, Scheduler
 
 # Given the step's batch before the model runs, returns the per-layer KV hook for that step
 # (or None). Prefill workers use it to stream each layer's KV while later layers compute.

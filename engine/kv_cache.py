@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import CacheConfig, CacheLayout, ModelConfig
+from pdserve.engine.config import CacheConfig, CacheLayout, ModelConfig
 
 
 def plan_layout(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> CacheLayout:

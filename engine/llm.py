@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_device
-from engine.engine import Engine
-from engine.model.registry import DEFAULT_MODEL, resolve_model
-from engine.request import SamplingParams
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_device
+from pdserve.engine.engine import Engine
+from pdserve.engine.model.registry import DEFAULT_MODEL, resolve_model
+from pdserve.engine.request import SamplingParams
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]

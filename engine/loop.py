@@ -31,9 +31,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from engine.engine import Engine, EngineStats
-from engine.model.llama import LayerKVHook
-from engine.scheduler import RequestOutput, ScheduledBatch
+from pdserve.engine.engine import Engine, EngineStats
+from pdserve.engine.model.llama import LayerKVHook
+from pdserve.engine.scheduler import RequestOutput, ScheduledBatch
 
 T = TypeVar("T")
 

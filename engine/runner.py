@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import SeqSlice, select_backend
-from engine.config import CacheLayout, EngineConfig
-from engine.host_memory import tune_malloc
-from engine.kv_cache import PagedKVCache
-from engine.model.llama import LayerKVHook
-from engine.model.loader import load_model
-from engine.scheduler import ScheduledBatch
+from pdserve.engine.attention import SeqSlice, select_backend
+from pdserve.engine.config import CacheLayout, EngineConfig
+from pdserve.engine.host_memory import tune_malloc
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.model.llama import LayerKVHook
+from pdserve.engine.model.loader import load_model
+from pdserve.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.request import SamplingParams
+from pdserve.engine.request import SamplingParams
 
 
 class Sampler:

@@ -27,9 +27,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
-from engine.config import EngineMode, SchedulerConfig
-from engine.request import FinishReason, Request, RequestStatus
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
+from pdserve.engine.config import EngineMode, SchedulerConfig
+from pdserve.engine.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtransfer.base import KVReceiver, KVSpec, TransferResult, TransferStatus
-from kvtransfer.layout import scatter_tokens
-from kvtransfer.messages import ChunkHeader, Done, checksum
+from pdserve.kvtransfer.base import KVReceiver, KVSpec, TransferResult, TransferStatus
+from pdserve.kvtransfer.layout import scatter_tokens
+from pdserve.kvtransfer.messages import ChunkHeader, Done, checksum
 
 
 class FrameError(ValueError):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtransfer.messages import Handshake
+from pdserve.kvtransfer.messages import Handshake
 
 
 class TransferStatus(enum.Enum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtransfer.messages import ChunkHeader, checksum
+from pdserve.kvtransfer.messages import ChunkHeader, checksum
 
 
 def make_chunk(transfer_id: str, layer: int, start: int, k: torch.Tensor,

@@ -11,11 +11,11 @@ import threading
 
 import torch
 
-from kvtransfer.assembly import AssemblingReceiver, FrameError
-from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
-from kvtransfer.frames import make_chunk
-from kvtransfer.messages import ChunkHeader, Done
-from kvtransfer.outgoing import OutgoingBook
+from pdserve.kvtransfer.assembly import AssemblingReceiver, FrameError
+from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
+from pdserve.kvtransfer.frames import make_chunk
+from pdserve.kvtransfer.messages import ChunkHeader, Done
+from pdserve.kvtransfer.outgoing import OutgoingBook
 
 
 class InProcHub:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvtransfer.base import TransferResult, TransferStatus
+from pdserve.kvtransfer.base import TransferResult, TransferStatus
 
 
 @dataclass

@@ -37,9 +37,9 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from kvtransfer.assembly import FrameError
-from kvtransfer.base import KVSpec, TransferStatus
-from kvtransfer.messages import (
+from pdserve.kvtransfer.assembly import FrameError
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.messages import (
     Ack,
     ChunkHeader,
     Done,
@@ -47,7 +47,7 @@ from kvtransfer.messages import (
     checksum,
     encode,
 )
-from kvtransfer.zmq_transport import ZmqReceiver, ZmqSender, _Peer
+from pdserve.kvtransfer.zmq_transport import ZmqReceiver, ZmqSender, _Peer
 
 log = logging.getLogger(__name__)
 _TAG = 0

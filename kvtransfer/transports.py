@@ -6,7 +6,7 @@ import enum
 
 import torch
 
-from kvtransfer.base import KVReceiver, KVSender, KVSpec
+from pdserve.kvtransfer.base import KVReceiver, KVSender, KVSpec
 
 
 class TransportKind(enum.Enum):
@@ -17,11 +17,11 @@ class TransportKind(enum.Enum):
 def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device = "cpu",
                 handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0) -> KVSender:
     if kind is TransportKind.TORCH:
-        from kvtransfer.torch_transport import TorchSender
+        from pdserve.kvtransfer.torch_transport import TorchSender
 
         return TorchSender(spec, device, handshake_timeout_s=handshake_timeout_s,
                            ack_timeout_s=ack_timeout_s)
-    from kvtransfer.zmq_transport import ZmqSender
+    from pdserve.kvtransfer.zmq_transport import ZmqSender
 
     return ZmqSender(spec, handshake_timeout_s=handshake_timeout_s, ack_timeout_s=ack_timeout_s)
 
@@ -30,9 +30,9 @@ def make_receiver(kind: TransportKind, spec: KVSpec, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, bind: str) -> KVReceiver:
     """`bind` is a ZMQ endpoint (`tcp://HOST:*` picks a free port)."""
     if kind is TransportKind.TORCH:
-        from kvtransfer.torch_transport import TorchReceiver
+        from pdserve.kvtransfer.torch_transport import TorchReceiver
 
         return TorchReceiver(spec, k_cache, v_cache, bind=bind)
-    from kvtransfer.zmq_transport import ZmqReceiver
+    from pdserve.kvtransfer.zmq_transport import ZmqReceiver
 
     return ZmqReceiver(spec, k_cache, v_cache, bind=bind)

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from kvtransfer.assembly import AssemblingReceiver, Assembly, FrameError
-from kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
-from kvtransfer.frames import make_chunk
-from kvtransfer.mailbox import Mailbox
-from kvtransfer.messages import (
+from pdserve.kvtransfer.assembly import AssemblingReceiver, Assembly, FrameError
+from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
+from pdserve.kvtransfer.frames import make_chunk
+from pdserve.kvtransfer.mailbox import Mailbox
+from pdserve.kvtransfer.messages import (
     Abort,
     Ack,
     ChunkHeader,
@@ -36,7 +36,7 @@ from kvtransfer.messages import (
     decode,
     encode,
 )
-from kvtransfer.outgoing import OutgoingBook
+from pdserve.kvtransfer.outgoing import OutgoingBook
 
 _POLL_MS = 20
 # The receiver's answer to a sender it has not (or no longer) accepted: it restarted, or

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from engine import Engine, EngineConfig, EngineMode
-from engine.loop import EngineLoop, LoadReport, LoopHandler
-from engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
-from kvtransfer.base import KVSender, KVSpec, TransferStatus
-from kvtransfer.layout import gather_tokens
-from kvtransfer.transports import TransportKind, make_sender
-from prefill_worker.job import PrefillJob, PrefillResult, PrefillStamps, PrefillState
+from pdserve.engine import Engine, EngineConfig, EngineMode
+from pdserve.engine.loop import EngineLoop, LoadReport, LoopHandler
+from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
+from pdserve.kvtransfer.base import KVSender, KVSpec, TransferStatus
+from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.transports import TransportKind, make_sender
+from pdserve.prefill_worker.job import PrefillJob, PrefillResult, PrefillStamps, PrefillState
 
 @dataclass(frozen=True)
 class PrefillWorkerConfig:

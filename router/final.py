@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from router.jobs import PrefillOutcome
-from router.validate import ValidRequest
-from rpc import pdserve_pb2 as pb
+from pdserve.router.jobs import PrefillOutcome
+from pdserve.router.validate import ValidRequest
+from pdserve.rpc import pdserve_pb2 as pb
 
 
 def final_response(request_id: str, req: ValidRequest, finish: str, completion_tokens: int,

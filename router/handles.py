@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome
+from pdserve.router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome
 
 
 class NoRoom(Exception):

@@ -31,23 +31,23 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from router.detok import IncrementalDetokenizer
-from router.final import final_response
-from router.handles import NoRoom, WorkerGone
-from router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus
-from router.policy import (
+from pdserve.router.detok import IncrementalDetokenizer
+from pdserve.router.final import final_response
+from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus
+from pdserve.router.policy import (
     WorkerLoad,
     choose_decode,
     choose_prefill,
     round_robin,
     should_disaggregate,
 )
-from router.prefix import block_hashes
-from router.registry import WorkerRecord, live_workers, prefix_hits
-from router.stream import StreamChunk, TokenStreamReader
-from router.tokenizer import RouterTokenizer
-from router.validate import ValidRequest
-from rpc import pdserve_pb2 as pb
+from pdserve.router.prefix import block_hashes
+from pdserve.router.registry import WorkerRecord, live_workers, prefix_hits
+from pdserve.router.stream import StreamChunk, TokenStreamReader
+from pdserve.router.tokenizer import RouterTokenizer
+from pdserve.router.validate import ValidRequest
+from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router.router import RequestError, Router
-from router.validate import InvalidArgument, validate
-from rpc import pdserve_pb2 as pb
+from pdserve.router.router import RequestError, Router
+from pdserve.router.validate import InvalidArgument, validate
+from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["PdServe"].full_name

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from router.jobs import Sampling
-from router.policy import Hint
-from router.tokenizer import RouterTokenizer
-from rpc import pdserve_pb2 as pb
+from pdserve.router.jobs import Sampling
+from pdserve.router.policy import Hint
+from pdserve.router.tokenizer import RouterTokenizer
+from pdserve.rpc import pdserve_pb2 as pb
 
 MAX_STOP_STRINGS = 16
 MAX_REQUEST_ID = 256

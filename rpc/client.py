@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from rpc import pdserve_pb2 as pb
-from rpc import pdserve_pb2_grpc
+from pdserve.rpc import pdserve_pb2 as pb
+from pdserve.rpc import pdserve_pb2_grpc
 
 
 @dataclass(frozen=True)

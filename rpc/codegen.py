@@ -1,10 +1,10 @@
 """Generate the Python stubs in `rpc/` from `proto/` (`make proto`).
 
-grpc_tools writes `from pdserve.v1 import pdserve_pb2`; the stubs live in the `rpc`
-package, so that import is rewritten. `generate(out_dir)` is what the staleness test runs
+grpc_tools writes `from pdserve.v1 import pdserve_pb2`; the stubs live in `pdserve.rpc`,
+so that import is rewritten. `generate(out_dir)` is what the staleness test runs
 too, comparing its output with the checked-in files.
 
-    .venv/bin/python -m rpc.codegen
+    .venv/bin/python -m pdserve.rpc.codegen
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def generate(out_dir: Path) -> None:
         for proto in PROTOS:
             folder = Path(tmp) / Path(proto).parent
             for path in sorted(folder.iterdir()):
-                text = re.sub(r"^from pdserve\.v1 import ", "from rpc import ", path.read_text(),
+                text = re.sub(r"^from pdserve\.v1 import ", "from pdserve.rpc import ", path.read_text(),
                               flags=re.M)
                 (out_dir / path.name).write_text(text)
 

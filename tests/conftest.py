@@ -70,14 +70,14 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from engine import resolve_model
+    from pdserve.engine import resolve_model
 
     return resolve_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_dir):
-    from engine import LLM
+    from pdserve.engine import LLM
 
     return LLM(str(smollm2_dir), num_blocks=512)
 

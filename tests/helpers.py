@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from engine import CacheConfig, Engine, EngineConfig, ModelConfig, SamplingParams, SchedulerConfig
-from engine.scheduler import ScheduledBatch
+from pdserve.engine import CacheConfig, Engine, EngineConfig, ModelConfig, SamplingParams, SchedulerConfig
+from pdserve.engine.scheduler import ScheduledBatch
 
 
 def make_engine(model_dir: Path, *, block_size: int = 4, num_blocks: int = 256,

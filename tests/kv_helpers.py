@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from kvtransfer.base import KVSpec
-from kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.base import KVSpec
+from pdserve.kvtransfer.layout import gather_tokens
 
 SPEC = KVSpec("tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 

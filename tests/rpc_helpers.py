@@ -6,8 +6,8 @@ import time
 
 import grpc
 
-from rpc import pdserve_pb2 as pb
-from rpc import pdserve_pb2_grpc
+from pdserve.rpc import pdserve_pb2 as pb
+from pdserve.rpc import pdserve_pb2_grpc
 
 
 def greedy_request(prompt: str = "", max_tokens: int = 16, **kw) -> pb.GenerateRequest:
@@ -52,7 +52,7 @@ class LongRequest:
     def __init__(self, stub):
         import threading
 
-        from rpc import pdserve_pb2 as pb
+        from pdserve.rpc import pdserve_pb2 as pb
 
         req = greedy_request("Count to a thousand:", 2000,
                              disaggregation=pb.DISAGGREGATION_ALWAYS)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from deploy.cli import main
+from pdserve.deploy.cli import main
 
 
 def test_help_explains_every_command():
-    out = subprocess.run([sys.executable, "-m", "deploy.cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "pdserve", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for word in ("chat", "convert", "models", "disaggregated"):
         assert word in out

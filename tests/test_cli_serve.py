@@ -29,7 +29,7 @@ def _children(pid: int) -> set[int]:
 
 
 def test_serve_answers_and_leaves_nothing_after_sigterm():
-    cli = [sys.executable, "-m", "deploy.cli"]
+    cli = [sys.executable, "-m", "pdserve"]
     server = subprocess.Popen([*cli, "serve", "--port", "0"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rpc.codegen import GENERATED, OUT, generate
+from pdserve.rpc.codegen import GENERATED, OUT, generate
 
 
 def test_checked_in_stubs_match_the_protos(tmp_path: Path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from decode_worker import DecodeWorkerConfig
-from deploy.local import Role, WorkerProcess
-from engine import CacheConfig, EngineConfig, EngineMode, ModelConfig, SchedulerConfig
-from prefill_worker import PrefillWorkerConfig
+from pdserve.decode_worker import DecodeWorkerConfig
+from pdserve.deploy.local import Role, WorkerProcess
+from pdserve.engine import CacheConfig, EngineConfig, EngineMode, ModelConfig, SchedulerConfig
+from pdserve.prefill_worker import PrefillWorkerConfig
 
 _MODES = {Role.PREFILL: EngineMode.PREFILL_ONLY, Role.DECODE: EngineMode.DECODE_ONLY,
           Role.COLOCATED: EngineMode.MIXED}

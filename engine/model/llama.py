@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.attention import AttentionBackend
-from engine.config import ModelConfig, RopeScaling
-from engine.kv_cache import PagedKVCache
-from engine.model.ops import FusedOps
+from pdserve.engine.attention import AttentionBackend
+from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.model.ops import FusedOps
 
 # Called once per layer as soon as that layer's K and V for the step's tokens are in the
 # cache: (layer index, k, v), k and v `[num_tokens, num_kv_heads, head_dim]`.

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
-from engine.cpu_kernels import cpu_kernels
-from engine.model.cpu_linear import optimize_linears
-from engine.model.llama import LlamaForCausalLM
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.cpu_kernels import cpu_kernels
+from pdserve.engine.model.cpu_linear import optimize_linears
+from pdserve.engine.model.llama import LlamaForCausalLM
 
 
 def safetensors_files(folder: Path) -> list[Path]:

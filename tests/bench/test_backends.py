@@ -8,8 +8,8 @@ import json
 
 from aiohttp import web
 
-from bench.backends import OpenAIBackend
-from bench.workload import Sample
+from pdserve.bench.backends import OpenAIBackend
+from pdserve.bench.workload import Sample
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.metrics import (
+from pdserve.bench.metrics import (
     RequestResult,
     Slo,
     attainment_rate,
@@ -19,7 +19,7 @@ from bench.metrics import (
     min_slo_scale,
     summarize,
 )
-from bench.workload import arrival_times, random_dataset, trace_dataset
+from pdserve.bench.workload import arrival_times, random_dataset, trace_dataset
 
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
 

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from deploy.handles import DecodeHandle, PrefillHandle
-from engine import NoFreeBlocksError
-from router.handles import NoRoom, WorkerGone
-from router.jobs import DecodeOrder, PrefillOrder, Sampling
+from pdserve.deploy.handles import DecodeHandle, PrefillHandle
+from pdserve.engine import NoFreeBlocksError
+from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.jobs import DecodeOrder, PrefillOrder, Sampling
 
 ORDER = DecodeOrder("t", (1, 2, 3), Sampling(max_tokens=2), "tcp://127.0.0.1:1", 5.0)
 

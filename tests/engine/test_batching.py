@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
 
-from engine import EngineMode, RequestStatus, ScheduledBatch
-from kvtransfer.layout import scatter_tokens
+from pdserve.engine import EngineMode, RequestStatus, ScheduledBatch
+from pdserve.kvtransfer.layout import scatter_tokens
 
 PROMPTS = {f"r{i}": [(i * 31 + j * 7) % 250 + 3 for j in range(n)]
            for i, n in enumerate([5, 23, 64, 9, 41, 17, 70, 3])}

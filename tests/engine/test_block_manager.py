@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
 
 
 def _all_free(bm: BlockManager) -> bool:

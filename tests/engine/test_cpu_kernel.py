@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import SdpaBackend, SeqSlice
-from engine.cpu_kernels import cpu_kernels
+from pdserve.engine.attention import SdpaBackend, SeqSlice
+from pdserve.engine.cpu_kernels import cpu_kernels
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import SdpaBackend, SeqSlice
-from engine.cpu_kernels import cpu_kernels
-from engine.model.ops import FusedOps
+from pdserve.engine.attention import SdpaBackend, SeqSlice
+from pdserve.engine.cpu_kernels import cpu_kernels
+from pdserve.engine.model.ops import FusedOps
 
 REF = FusedOps(None)
 

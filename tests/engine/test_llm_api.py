@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import assert_no_leaks
 
-from engine import SamplingParams
+from pdserve.engine import SamplingParams
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "Say hello."}]

@@ -9,7 +9,7 @@ import time
 import pytest
 from helpers import assert_no_leaks, greedy, make_engine
 
-from engine.loop import EngineLoop, LoopHandler
+from pdserve.engine.loop import EngineLoop, LoopHandler
 
 
 class Recorder(LoopHandler):

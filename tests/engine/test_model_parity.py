@@ -81,7 +81,7 @@ def test_decode_logits_match_transformers(tiny_llama_dir):
 
 @pytest.mark.slow
 def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     questions = [
         "What is the capital of France?",
@@ -105,8 +105,8 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
 def test_cpu_linears_match_plain_linear(rows, with_kernels):
     from torch import nn
 
-    from engine.cpu_kernels import cpu_kernels
-    from engine.model.cpu_linear import CpuLinear, optimize_linears
+    from pdserve.engine.cpu_kernels import cpu_kernels
+    from pdserve.engine.model.cpu_linear import CpuLinear, optimize_linears
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))

@@ -65,7 +65,7 @@ def test_whole_prompt_cached_still_computes_last_token(tiny_llama_dir):
 
 
 def test_llm_reports_prefix_cache_hits(tiny_llama_dir):
-    from engine import LLM
+    from pdserve.engine import LLM
 
     llm = LLM(str(tiny_llama_dir), block_size=4, num_blocks=64)
     first, = llm.generate([SHARED], greedy(3))

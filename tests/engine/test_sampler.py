@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
 
-from engine import SamplingParams
-from engine.sampler import Sampler
+from pdserve.engine import SamplingParams
+from pdserve.engine.sampler import Sampler
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

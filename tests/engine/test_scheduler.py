@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager, NoFreeBlocksError
-from engine.config import EngineMode, SchedulerConfig
-from engine.request import Request, RequestStatus, SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.config import EngineMode, SchedulerConfig
+from pdserve.engine.request import Request, RequestStatus, SamplingParams
+from pdserve.engine.scheduler import ScheduledBatch, Scheduler
 
 
 def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=16,

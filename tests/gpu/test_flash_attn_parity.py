@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import FlashAttentionBackend, SdpaBackend, SeqSlice
+from pdserve.engine.attention import FlashAttentionBackend, SdpaBackend, SeqSlice
 
 pytestmark = pytest.mark.gpu
 

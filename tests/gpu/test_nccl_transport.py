@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtransfer.base import KVSpec, TransferStatus
-from kvtransfer.layout import gather_tokens
-from kvtransfer.torch_transport import TorchReceiver, TorchSender, backend_for
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender, backend_for
 
 pytestmark = pytest.mark.gpu
 

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from kvtransfer.base import KVSpec, TransferStatus
-from kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
-from kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
+from pdserve.kvtransfer.layout import gather_tokens
 
 SPEC = KVSpec("tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 P_BS, D_BS = 4, 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtransfer.layout import gather_tokens, scatter_tokens, slot_index
+from pdserve.kvtransfer.layout import gather_tokens, scatter_tokens, slot_index
 
 
 def _cache(num_blocks, block_size, heads=3, dim=8):

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import torch
 
-from kvtransfer.messages import (
+from pdserve.kvtransfer.messages import (
     Abort,
     Ack,
     ChunkHeader,

@@ -11,10 +11,10 @@ import torch
 import zmq
 from kv_helpers import SPEC, caches, send_layers, wait_for
 
-from kvtransfer.base import TransferStatus
-from kvtransfer.layout import gather_tokens
-from kvtransfer.messages import Handshake, HandshakeReply, decode, encode
-from kvtransfer.torch_transport import TorchReceiver, TorchSender
+from pdserve.kvtransfer.base import TransferStatus
+from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.messages import Handshake, HandshakeReply, decode, encode
+from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender
 
 
 class CorruptingSender(TorchSender):

@@ -12,12 +12,12 @@ import torch
 import zmq
 from kv_helpers import SPEC, caches, send_layers, wait_for
 
-from kvtransfer.base import KVSpec, TransferStatus
-from kvtransfer.frames import make_chunk
-from kvtransfer.layout import gather_tokens
-from kvtransfer.messages import HandshakeReply, decode, encode
-from kvtransfer.torch_transport import TorchReceiver, TorchSender
-from kvtransfer.zmq_transport import ZmqReceiver, ZmqSender
+from pdserve.kvtransfer.base import KVSpec, TransferStatus
+from pdserve.kvtransfer.frames import make_chunk
+from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.messages import HandshakeReply, decode, encode
+from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender
+from pdserve.kvtransfer.zmq_transport import ZmqReceiver, ZmqSender
 
 
 def make_receiver(kind, kv, **kw):

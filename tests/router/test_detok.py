@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from router.detok import IncrementalDetokenizer
-from router.tokenizer import RouterTokenizer
+from pdserve.router.detok import IncrementalDetokenizer
+from pdserve.router.tokenizer import RouterTokenizer
 
 
 @pytest.fixture(scope="module")

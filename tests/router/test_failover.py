@@ -10,10 +10,10 @@ import grpc
 import pytest
 from rpc_helpers import LongRequest, collect, greedy_request, stub_for, wait_cluster_idle
 
-from deploy.local_cluster import ClusterSpec, LocalCluster
-from engine import SamplingParams
-from router.router import RouterConfig
-from rpc import pdserve_pb2 as pb
+from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
+from pdserve.engine import SamplingParams
+from pdserve.router.router import RouterConfig
+from pdserve.rpc import pdserve_pb2 as pb
 
 pytestmark = pytest.mark.slow
 ALWAYS = pb.DISAGGREGATION_ALWAYS

@@ -10,8 +10,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from deploy.redis_server import RedisServer
-from router.registry import (
+from pdserve.deploy.redis_server import RedisServer
+from pdserve.router.registry import (
     WORKERS,
     WorkerRecord,
     index_prefixes,

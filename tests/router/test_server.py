@@ -9,11 +9,11 @@ import grpc
 import pytest
 from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
 
-from deploy.local_cluster import ClusterSpec, LocalCluster
-from engine import SamplingParams
-from router.router import RouterConfig
-from rpc import pdserve_pb2 as pb
-from rpc.client import PdServeClient
+from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
+from pdserve.engine import SamplingParams
+from pdserve.router.router import RouterConfig
+from pdserve.rpc import pdserve_pb2 as pb
+from pdserve.rpc.client import PdServeClient
 
 pytestmark = pytest.mark.slow
 
@@ -239,7 +239,7 @@ def test_reflection_alone_finds_and_calls_generate(cluster):
 def test_the_load_generator_against_the_server(cluster):
     import argparse
 
-    from bench.serve_bench import add_arguments, bench
+    from pdserve.bench.serve_bench import add_arguments, bench
 
     ap = argparse.ArgumentParser()
     add_arguments(ap)

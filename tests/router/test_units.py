@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
-from engine.block_manager import hash_block
-from router.policy import (
+from pdserve.decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
+from pdserve.engine.block_manager import hash_block
+from pdserve.router.policy import (
     Hint,
     WorkerLoad,
     choose_decode,
@@ -15,8 +15,8 @@ from router.policy import (
     round_robin,
     should_disaggregate,
 )
-from router.prefix import block_hashes
-from router.stream import decode_batch
+from pdserve.router.prefix import block_hashes
+from pdserve.router.stream import decode_batch
 
 
 def load(wid, free=100, running=0, waiting=0, queued=0, in_flight=0, block_size=16):

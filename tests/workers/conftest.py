@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.driver import StreamCollector
+from pdserve.deploy.driver import StreamCollector
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from helpers import greedy
 from worker_driver import wait_idle, wait_load
 from worker_procs import spawn, stop_all, worker_config
 
-from decode_worker import DecodeJob, StreamFinish
-from deploy.driver import run_colocated, run_disaggregated, run_many
-from deploy.local import Role
-from engine import LLM, NoFreeBlocksError
+from pdserve.decode_worker import DecodeJob, StreamFinish
+from pdserve.deploy.driver import run_colocated, run_disaggregated, run_many
+from pdserve.deploy.local import Role
+from pdserve.engine import LLM, NoFreeBlocksError
 
 MAX_TOKENS = 12
 

@@ -14,11 +14,11 @@ from helpers import greedy
 from worker_driver import wait_idle, wait_state
 from worker_procs import spawn, stop_all, worker_config
 
-from decode_worker import DecodeJob, DecodeState, StreamFinish
-from deploy.driver import run_disaggregated
-from deploy.local import Role
-from engine import LLM
-from prefill_worker import PrefillJob, PrefillState
+from pdserve.decode_worker import DecodeJob, DecodeState, StreamFinish
+from pdserve.deploy.driver import run_disaggregated
+from pdserve.deploy.local import Role
+from pdserve.engine import LLM
+from pdserve.prefill_worker import PrefillJob, PrefillState
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)

@@ -8,12 +8,12 @@ from helpers import greedy
 from worker_driver import wait_idle, wait_state
 from worker_procs import worker_config
 
-from decode_worker import DecodeJob, DecodeState, DecodeWorker, StreamFinish
-from deploy.driver import run_disaggregated
-from deploy.local import Role
-from engine import LLM
-from kvtransfer.transports import TransportKind
-from prefill_worker import PrefillJob, PrefillState, PrefillWorker
+from pdserve.decode_worker import DecodeJob, DecodeState, DecodeWorker, StreamFinish
+from pdserve.deploy.driver import run_disaggregated
+from pdserve.deploy.local import Role
+from pdserve.engine import LLM
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.prefill_worker import PrefillJob, PrefillState, PrefillWorker
 
 PROMPTS = [[3, 1, 4, 1, 5], list(range(10, 90)), [7] * 33]
 

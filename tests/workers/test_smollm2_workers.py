@@ -8,8 +8,8 @@ from helpers import greedy
 from worker_driver import wait_idle
 from worker_procs import spawn, stop_all, worker_config
 
-from deploy.driver import StreamCollector, run_colocated, run_many
-from deploy.local import Role
+from pdserve.deploy.driver import StreamCollector, run_colocated, run_many
+from pdserve.deploy.local import Role
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
-from decode_worker.stream import STREAM_VERSION
+from pdserve.decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
+from pdserve.decode_worker.stream import STREAM_VERSION
 
 
 def test_a_batch_round_trips():

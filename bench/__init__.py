@@ -1,0 +1,1 @@
+"""pdserve's benchmarks: the serving load generator, SLO/goodput sweeps, microbenchmarks."""

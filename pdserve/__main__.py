@@ -1,0 +1,7 @@
+"""`python -m pdserve` is the `pdserve` command."""
+
+import sys
+
+from pdserve.deploy.cli import main
+
+sys.exit(main())
