@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from pdserve.engine import LLM, ModelConfig, SamplingParams
+from torch.profiler import ProfilerActivity, profile
 
 CATEGORIES = {
     "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear",

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-
 import torch
-
 from pdserve.engine import LLM, SamplingParams, resolve_model
 
 

@@ -26,16 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
-from tqdm import tqdm
-
 from pdserve.bench.kvtransfer import BLOCK, mp, receiver_process
 from pdserve.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 from pdserve.engine.config import CacheConfig, EngineMode, SchedulerConfig
-from pdserve.engine.model.registry import resolve_model
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.zmq_transport import ZmqSender
+from pdserve.models import resolve_model
+from tqdm import tqdm
 
 
 def prefill_engine(model: str, prompt_len: int) -> Engine:

@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from pdserve.engine import LLM, SamplingParams, resolve_model
+from tqdm import tqdm
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-# The same folder pdserve converts the built-in model into (engine/model/registry.py).
+# The same folder pdserve converts the built-in model into (models/registry.py).
 DEFAULT_MODEL = os.path.join(
     os.environ.get("PDSERVE_CACHE_DIR", os.path.expanduser("~/.cache/pdserve")),
     "models",

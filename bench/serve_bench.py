@@ -4,8 +4,8 @@ gRPC API or an OpenAI-compatible server, vLLM's metrics, SLO attainment, a JSON 
     .venv/bin/python -m pdserve.bench.serve_bench --backend pdserve --target 127.0.0.1:50051 \\
         --dataset random --input-len 512 --output-len 64 --num-prompts 32 \\
         --request-rate 0.5 --slo-ttft-ms 3000 --slo-tpot-ms 100 --json result.json
-    .venv/bin/python -m pdserve.bench.serve_bench --backend openai --base-url http://127.0.0.1:8011 \\
-        --model smollm2 ...                                     # vLLM, SGLang, ...
+    .venv/bin/python -m pdserve.bench.serve_bench --backend openai \\
+        --base-url http://127.0.0.1:8011 --model smollm2 ...    # vLLM, SGLang, ...
     .venv/bin/python -m pdserve.bench.serve_bench --dataset mooncake --length-scale 0.05 \\
         --time-scale 20 ...                                     # trace replay, scaled
 """
@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
 from pdserve.bench.metrics import RequestResult, Slo, summarize
 from pdserve.bench.workload import TRACES, Sample, arrival_times, random_dataset, trace_dataset
+from tqdm import tqdm
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
-from pdserve.bench.metrics import Slo, goodput_per_worker, required_slo_scale, scale_quantile, summarize
+from pdserve.bench.metrics import (
+    Slo,
+    goodput_per_worker,
+    required_slo_scale,
+    scale_quantile,
+    summarize,
+)
 from pdserve.bench.serve_bench import run_load
 from pdserve.bench.workload import Sample, random_dataset
 

@@ -28,10 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
-from tqdm import tqdm
-
 from pdserve.decode_worker import DecodeJob, DecodeWorkerConfig
 from pdserve.deploy.driver import StreamCollector
 from pdserve.deploy.local import Role, WorkerProcess
@@ -46,6 +43,7 @@ from pdserve.engine import (
 )
 from pdserve.kvtransfer.transports import TransportKind
 from pdserve.prefill_worker import PrefillJob, PrefillState, PrefillWorkerConfig
+from tqdm import tqdm
 
 DISAGG_STAGES = ["reserve", "driver", "prefill queue", "prefill compute", "KV transfer",
                  "decode admission", "stream"]

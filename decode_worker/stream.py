@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import msgpack
 import zmq
-
 from pdserve.decode_worker.job import DecodeStamps
 
 STREAM_VERSION = 1

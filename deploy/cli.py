@@ -100,7 +100,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pdserve.engine.model.registry import BUILTIN_MODELS, resolve_model
+    from pdserve.models import BUILTIN_MODELS, resolve_model
 
     if args.model not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {args.model!r}; "
@@ -110,7 +110,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pdserve.engine.model.registry import BUILTIN_MODELS, cache_dir
+    from pdserve.models import BUILTIN_MODELS, cache_dir
 
     for m in BUILTIN_MODELS.values():
         ready = (cache_dir() / "models" / m.name / "config.json").is_file()

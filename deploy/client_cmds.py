@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 import grpc
-
 from pdserve.rpc.client import PdServeClient
 
 

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
-
 from pdserve.decode_worker import DecodeJob, StreamFinish, TokenBatch, TokenChunk
 from pdserve.engine import NoFreeBlocksError, SamplingParams
 from pdserve.prefill_worker import PrefillJob, PrefillResult

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import redis
-
 from pdserve.router.registry import WorkerRecord, index_prefixes, publish, unpublish
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import redis.asyncio
-
 from pdserve.decode_worker import DecodeWorkerConfig
 from pdserve.deploy.handles import DecodeHandle, PrefillHandle
 from pdserve.deploy.heartbeat import Heartbeat, WorkerIdentity

@@ -16,11 +16,10 @@ import os
 from dataclasses import replace
 
 import ray
-from ray.exceptions import RayActorError
-
 from pdserve.deploy.heartbeat import Heartbeat, WorkerIdentity
 from pdserve.deploy.local import Role, build_worker
 from pdserve.deploy.local_cluster import ClusterSpec
+from ray.exceptions import RayActorError
 
 NAMESPACE = "pdserve"
 

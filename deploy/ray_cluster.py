@@ -19,16 +19,15 @@ import sys
 from dataclasses import dataclass, replace
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from tqdm import tqdm
-
 from pdserve.deploy.handles import DecodeHandle, PrefillHandle
 from pdserve.deploy.local import Role
 from pdserve.deploy.local_cluster import ClusterSpec, RouterThread, start_router
 from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.router.registry import WorkerRecord
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)

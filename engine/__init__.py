@@ -1,12 +1,18 @@
 """pdserve's inference engine: a Llama-family model over a paged KV cache."""
 
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
-from pdserve.engine.config import CacheConfig, EngineConfig, EngineMode, ModelConfig, SchedulerConfig
+from pdserve.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    EngineMode,
+    ModelConfig,
+    SchedulerConfig,
+)
 from pdserve.engine.engine import Engine, EngineStats, StepKVHook
 from pdserve.engine.llm import LLM, CompletionOutput
-from pdserve.engine.model.registry import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
 from pdserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
+from pdserve.models import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
 
 __all__ = [
     "BUILTIN_MODELS",

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pdserve.engine.model.registry import cache_dir
+from pdserve.models import cache_dir
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")

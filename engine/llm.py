@@ -13,11 +13,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_device
+from pdserve.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    default_device,
+)
 from pdserve.engine.engine import Engine
-from pdserve.engine.model.registry import DEFAULT_MODEL, resolve_model
 from pdserve.engine.request import SamplingParams
+from pdserve.models import DEFAULT_MODEL, resolve_model
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]

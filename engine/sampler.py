@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from pdserve.engine.request import SamplingParams
 
 

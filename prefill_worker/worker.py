@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from pdserve.engine import Engine, EngineConfig, EngineMode
 from pdserve.engine.loop import EngineLoop, LoadReport, LoopHandler
 from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
@@ -42,6 +41,7 @@ from pdserve.kvtransfer.base import KVSender, KVSpec, TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
 from pdserve.kvtransfer.transports import TransportKind, make_sender
 from pdserve.prefill_worker.job import PrefillJob, PrefillResult, PrefillStamps, PrefillState
+
 
 @dataclass(frozen=True)
 class PrefillWorkerConfig:

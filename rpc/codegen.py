@@ -33,8 +33,8 @@ def generate(out_dir: Path) -> None:
         for proto in PROTOS:
             folder = Path(tmp) / Path(proto).parent
             for path in sorted(folder.iterdir()):
-                text = re.sub(r"^from pdserve\.v1 import ", "from pdserve.rpc import ", path.read_text(),
-                              flags=re.M)
+                text = re.sub(r"^from pdserve\.v1 import ", "from pdserve.rpc import ",
+                              path.read_text(), flags=re.M)
                 (out_dir / path.name).write_text(text)
 
 

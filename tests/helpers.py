@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from pdserve.engine import CacheConfig, Engine, EngineConfig, ModelConfig, SamplingParams, SchedulerConfig
+from pdserve.engine import (
+    CacheConfig,
+    Engine,
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SchedulerConfig,
+)
 from pdserve.engine.scheduler import ScheduledBatch
 
 

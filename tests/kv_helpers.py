@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from pdserve.kvtransfer.base import KVSpec
 from pdserve.kvtransfer.layout import gather_tokens
 

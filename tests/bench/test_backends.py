@@ -7,7 +7,6 @@ import asyncio
 import json
 
 from aiohttp import web
-
 from pdserve.bench.backends import OpenAIBackend
 from pdserve.bench.workload import Sample
 

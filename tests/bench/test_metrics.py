@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pdserve.bench.metrics import (
     RequestResult,
     Slo,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
-
 from pdserve.engine import EngineMode, RequestStatus, ScheduledBatch
 from pdserve.kvtransfer.layout import scatter_tokens
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
 
 

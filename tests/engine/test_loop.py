@@ -8,7 +8,6 @@ import time
 
 import pytest
 from helpers import assert_no_leaks, greedy, make_engine
-
 from pdserve.engine.loop import EngineLoop, LoopHandler
 
 

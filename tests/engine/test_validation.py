@@ -6,7 +6,6 @@ import json
 
 import pytest
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
-
 from pdserve.engine import LLM, ModelConfig, SamplingParams, resolve_model
 
 
@@ -102,7 +101,7 @@ def test_unsupported_rope_scaling(tiny_llama_dir, tmp_path):
 
 
 def test_builtin_model_errors(tmp_path, monkeypatch):
-    from pdserve.engine.model.registry import BUILTIN_MODELS, BuiltinModel, ensure_converted
+    from pdserve.models import BUILTIN_MODELS, BuiltinModel, ensure_converted
 
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
     missing = BuiltinModel("ghost", "pdserve_no_such_package", "no-such-package", "x.gguf", "")

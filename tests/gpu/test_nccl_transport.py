@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
 from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender, backend_for

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from pdserve.router.detok import IncrementalDetokenizer
 from pdserve.router.tokenizer import RouterTokenizer
 

@@ -9,7 +9,6 @@ import time
 import pytest
 import redis
 import redis.asyncio
-
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.router.registry import (
     WORKERS,

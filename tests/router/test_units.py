@@ -4,7 +4,6 @@ token-stream reader (equal to the decode worker's writer)."""
 from __future__ import annotations
 
 import pytest
-
 from pdserve.decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
 from pdserve.engine.block_manager import hash_block
 from pdserve.router.policy import (

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import greedy
-from worker_driver import wait_idle, wait_load
-from worker_procs import spawn, stop_all, worker_config
-
 from pdserve.decode_worker import DecodeJob, StreamFinish
 from pdserve.deploy.driver import run_colocated, run_disaggregated, run_many
 from pdserve.deploy.local import Role
 from pdserve.engine import LLM, NoFreeBlocksError
+from worker_driver import wait_idle, wait_load
+from worker_procs import spawn, stop_all, worker_config
 
 MAX_TOKENS = 12
 

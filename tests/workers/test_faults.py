@@ -11,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import greedy
-from worker_driver import wait_idle, wait_state
-from worker_procs import spawn, stop_all, worker_config
-
 from pdserve.decode_worker import DecodeJob, DecodeState, StreamFinish
 from pdserve.deploy.driver import run_disaggregated
 from pdserve.deploy.local import Role
 from pdserve.engine import LLM
 from pdserve.prefill_worker import PrefillJob, PrefillState
+from worker_driver import wait_idle, wait_state
+from worker_procs import spawn, stop_all, worker_config
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 from helpers import greedy
-from worker_driver import wait_idle, wait_state
-from worker_procs import worker_config
-
 from pdserve.decode_worker import DecodeJob, DecodeState, DecodeWorker, StreamFinish
 from pdserve.deploy.driver import run_disaggregated
 from pdserve.deploy.local import Role
 from pdserve.engine import LLM
 from pdserve.kvtransfer.transports import TransportKind
 from pdserve.prefill_worker import PrefillJob, PrefillState, PrefillWorker
+from worker_driver import wait_idle, wait_state
+from worker_procs import worker_config
 
 PROMPTS = [[3, 1, 4, 1, 5], list(range(10, 90)), [7] * 33]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 from helpers import greedy
-from worker_driver import wait_idle
-from worker_procs import spawn, stop_all, worker_config
-
 from pdserve.deploy.driver import StreamCollector, run_colocated, run_many
 from pdserve.deploy.local import Role
+from worker_driver import wait_idle
+from worker_procs import spawn, stop_all, worker_config
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-
 from pdserve.decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
 from pdserve.decode_worker.stream import STREAM_VERSION
 

