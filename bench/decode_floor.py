@@ -7,7 +7,7 @@ bytes written per second). For batch 1, 8 and 32 (256-token prompts) the script 
 decode steps and profiles them into: linear layers, attention, KV gather, other tensor ops
 and the remainder (Python and framework overhead between ops).
 
-    .venv/bin/python bench/decode_floor.py [--steps 32] [--json PATH]
+    .venv/bin/python -m pdserve.bench.decode_floor [--steps 32] [--json PATH]
 """
 
 from __future__ import annotations

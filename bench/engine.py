@@ -7,7 +7,7 @@ Measures, side by side in one run:
 transformers runs `generate` (greedy, KV cache on); its decode time is
 `generate(1 + N new tokens) - generate(1 new token)`.
 
-    .venv/bin/python bench/engine.py [--model smollm2-135m] [--repeats 3] [--json PATH]
+    .venv/bin/python -m pdserve.bench.engine [--model smollm2-135m] [--repeats 3] [--json PATH]
 """
 
 from __future__ import annotations

