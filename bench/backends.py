@@ -52,6 +52,7 @@ class PdServeBackend(Backend):
 
     def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0):
         import grpc
+
         from pdserve.rpc import pdserve_pb2 as pb
         from pdserve.rpc import pdserve_pb2_grpc
 

@@ -20,8 +20,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from pdserve.engine import LLM, ModelConfig, SamplingParams
 from torch.profiler import ProfilerActivity, profile
+
+from pdserve.engine import LLM, ModelConfig, SamplingParams
 
 CATEGORIES = {
     "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear",

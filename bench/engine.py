@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from pdserve.engine import LLM, SamplingParams, resolve_model
 
 

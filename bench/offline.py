@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pdserve.engine import LLM, SamplingParams, resolve_model
 from tqdm import tqdm
+
+from pdserve.engine import LLM, SamplingParams, resolve_model
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:

@@ -18,6 +18,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+
 from pdserve.bench.metrics import STAGES
 
 COLORS = {"1p1d": "#dd8452", "2colo": "#4c72b0", "vllm": "#55a868"}

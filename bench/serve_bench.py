@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
 from pdserve.bench.metrics import RequestResult, Slo, summarize
 from pdserve.bench.workload import (
@@ -35,7 +37,6 @@ from pdserve.bench.workload import (
     trace_dataset,
     warmup_samples,
 )
-from tqdm import tqdm
 
 
 async def run_load(backend: Backend, samples: list[Sample], rate: float,

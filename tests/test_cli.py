@@ -1,12 +1,22 @@
-"""The `pdserve` command line."""
+"""The `pdserve` command line: every command explains itself, client commands import no
+server module, server-side ones name the missing extra, `pdserve bench` runs in-process."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from pdserve.deploy.cli import main
+
+from pdserve.bench import serve_bench, sweep
+from pdserve.bench.backends import Backend
+from pdserve.bench.metrics import RequestResult
+from pdserve.bench.workload import Sample
+from pdserve.deploy.cli import SERVER_MODULES, main
 
 
 def test_help_explains_every_command():
@@ -32,3 +42,118 @@ def test_bad_model_is_a_clear_error(capsys, tmp_path):
 def test_chat_answers_with_the_builtin_model(capsys):
     assert main(["chat", "--max-tokens", "16", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def _cli(args: list[str], cwd, block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`pdserve ARGS` in a fresh interpreter, with the modules in `block` made unimportable
+    (None in sys.modules), as in an install without the extra that provides them."""
+    code = ("import sys\n"
+            f"for name in {block!r}:\n"
+            "    sys.modules[name] = None\n"
+            "from pdserve.deploy.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_imports_neither_torch_nor_ray(tmp_path):
+    code = ("import sys\n"
+            "from pdserve.deploy.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'ray', 'transformers') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    assert "COMMAND" in out and "HEAVY []" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["serve"], ["chat", "hi"], ["convert"], ["models"],
+    ["bench", "sweep", "--workload", "chat"],
+])
+def test_server_commands_without_the_extra_name_it(tmp_path, args):
+    r = _cli(args, tmp_path, block=("torch",))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "missing module: torch" in r.stderr
+    assert "pip install 'pdserve[server]'" in r.stderr
+
+
+def test_client_commands_need_no_server_module(tmp_path):
+    blocked = ("torch", "ray", "transformers", "zmq", "redis")
+    for args in (["--help"], ["generate", "--help"], ["status", "--help"], ["bench", "--help"],
+                 ["bench", "sweep", "--help"]):
+        r = _cli(args, tmp_path, block=blocked)
+        assert r.returncode == 0 and "usage: pdserve" in r.stdout, (args, r.stderr)
+    r = _cli(["serve"], tmp_path, block=("ray", "zmq"))
+    assert r.returncode == 1 and "missing modules: zmq, ray" in r.stderr
+
+
+def test_server_modules_are_the_server_extra():
+    """SERVER_MODULES lists the import names of exactly the `server` extra's distributions."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["server"]
+    wanted = {_dist_name(r) for r in extra}
+    provided: dict[str, set[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            provided.setdefault(_dist_name(dist), set()).add(module)
+    for dist in wanted:
+        assert provided.get(dist, set()) & set(SERVER_MODULES), f"{dist} has no module listed"
+    for module in SERVER_MODULES:
+        assert any(module in provided.get(dist, ()) for dist in wanted), module
+
+
+def _dist_name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
+
+
+class _Recorder(Backend):
+    name = "recorder"
+
+    def __init__(self):
+        self.sent: list[Sample] = []
+
+    async def send(self, sample: Sample) -> RequestResult:
+        self.sent.append(sample)
+        n = sample.output_len
+        return RequestResult(len(sample.prompt), True, "", 0.01, [0.001] * (n - 1),
+                             0.01 + 0.001 * (n - 1), n)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_bench_runs_in_process_with_paths_relative_to_the_caller(monkeypatch, tmp_path):
+    recorder = _Recorder()  # seen only if the benchmark runs in this process
+    monkeypatch.setattr(serve_bench, "make_backend", lambda _args: recorder)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--backend", "openai", "--dataset", "mooncake", "--num-prompts", "4",
+                 "--length-scale", "0.005", "--time-scale", "1e-5",
+                 "--json", "out/result.json"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["dataset"] == "mooncake" and result["completed"] == 4
+    assert len(recorder.sent) == 5  # one warm-up, four measured
+
+
+def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypatch, tmp_path):
+    class FakeServer:
+        def __init__(self, deployment, *args):
+            self.deployment = deployment
+
+        def backend(self) -> Backend:
+            return _Recorder()
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(sweep, "Server", FakeServer)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "sweep", "--workload", "chat", "--deployments", "1p1d", "--rates",
+                 "1e6", "--seeds", "0", "--num-prompts", "3", "--out", "res"]) == 0
+    result = json.loads((tmp_path / "res" / "chat.json").read_text())
+    assert [r["deployment"] for r in result["runs"]] == ["1p1d"]

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 from aiohttp import web
+
 from pdserve.bench.backends import OpenAIBackend
 from pdserve.bench.workload import Sample
 

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+
 from pdserve.bench.metrics import (
     RequestResult,
     Slo,

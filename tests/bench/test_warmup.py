@@ -8,6 +8,7 @@ import argparse
 import asyncio
 
 import pytest
+
 from pdserve.bench import serve_bench, sweep
 from pdserve.bench.backends import Backend
 from pdserve.bench.metrics import RequestResult, Slo
