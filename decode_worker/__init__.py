@@ -1,8 +1,7 @@
-"""The decode worker (and the colocated baseline): decodes and streams tokens to the router."""
+"""The decode worker and the colocated baseline: decode and stream tokens to the router."""
 
-from pdserve.decode_worker.job import DecodeJob, DecodeStamps, DecodeState
-from pdserve.decode_worker.stream import StreamFinish, TokenBatch, TokenChunk
-from pdserve.decode_worker.worker import ColocatedWorker, DecodeWorker, DecodeWorkerConfig
+from pdserve.decode_worker.colocated import ColocatedWorker
+from pdserve.decode_worker.jobs import DecodeState
+from pdserve.decode_worker.worker import DecodeWorker
 
-__all__ = ["ColocatedWorker", "DecodeJob", "DecodeStamps", "DecodeState", "DecodeWorker",
-           "DecodeWorkerConfig", "StreamFinish", "TokenBatch", "TokenChunk"]
+__all__ = ["ColocatedWorker", "DecodeState", "DecodeWorker"]

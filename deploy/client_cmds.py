@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 import grpc
+
 from pdserve.rpc.client import PdServeClient
 
 

@@ -10,59 +10,54 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import redis
-from pdserve.router.registry import WorkerRecord, index_prefixes, publish, unpublish
+
+from pdserve.protocol import WorkerRecord, WorkerRole
+from pdserve.router.registry import index_prefixes, publish, unpublish
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerIdentity:
-    worker_id: str
-    role: str  # "prefill" | "decode" | "colocated"
-    node: str
-    kv_endpoint: str
-    block_size: int
-
-
 class Heartbeat:
-    def __init__(self, redis_url: str, worker, identity: WorkerIdentity,
-                 interval_s: float = 0.5, ttl_s: float = 3.0):
-        self.identity = identity
+    """`worker` is a worker object or a proxy to one (deploy.local)."""
+
+    def __init__(self, redis_url: str, worker, worker_id: str, role: WorkerRole, node: str,
+                 block_size: int, interval_s: float = 0.5, ttl_s: float = 3.0):
+        self.worker_id, self.role, self.node, self.block_size = worker_id, role, node, block_size
         self._worker = worker
+        self._kv_endpoint = worker.kv_endpoint()
         self._client = redis.Redis.from_url(redis_url)
         self._interval = interval_s
         self._ttl = ttl_s
         self._stop = threading.Event()
         self._started = time.time()
         self.beat()  # registered before anyone is told the worker is up
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{identity.worker_id}",
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{worker_id}",
                                         daemon=True)
         self._thread.start()
 
     def beat(self) -> None:
         load = self._worker.load()
         if load.error:
-            raise RuntimeError(f"worker {self.identity.worker_id} is broken: {load.error}")
-        e, ident = load.engine, self.identity
+            raise RuntimeError(f"worker {self.worker_id} is broken: {load.error}")
+        e = load.engine
         publish(self._client, WorkerRecord(
-            ident.worker_id, ident.role, ident.node, ident.kv_endpoint, ident.block_size,
+            self.worker_id, self.role, self.node, self._kv_endpoint, self.block_size,
             e.num_total_blocks, e.num_free_blocks, e.num_running, e.num_waiting,
             e.num_queued_prefill_tokens, time.time(), self._started), self._ttl)
         added, removed = self._worker.drain_prefix_events()
         if added or removed:
-            index_prefixes(self._client, ident.worker_id, added, removed)
+            index_prefixes(self._client, self.worker_id, added, removed)
 
     def stop(self, unregister: bool = True) -> None:
         self._stop.set()
         self._thread.join()
         if unregister:
             try:
-                unpublish(self._client, self.identity.worker_id)
+                unpublish(self._client, self.worker_id)
             except redis.RedisError as e:
-                log.warning("could not unregister %s: %s", self.identity.worker_id, e)
+                log.warning("could not unregister %s: %s", self.worker_id, e)
         self._client.close()
 
     def _run(self) -> None:
@@ -70,5 +65,5 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception as e:  # noqa: BLE001 - silence is the signal: the entry expires
-                log.warning("heartbeat of %s stopped: %s", self.identity.worker_id, e)
+                log.warning("heartbeat of %s stopped: %s", self.worker_id, e)
                 return

@@ -6,7 +6,7 @@ the worker's public ones. Benchmarks and tests use this to run the real data pat
 ZMQ between processes, the token stream) without a Ray cluster.
 
 Life of a worker process:
-1. STARTING  `WorkerProcess(role, config, cpus)` starts a child (spawn context). The child
+1. STARTING  `WorkerProcess(config, cpus)` starts a child (spawn context). The child
              pins itself to `cpus` and sets torch's threads to match (DESIGN §5), builds the
              worker (loading the model), starts a manager server on loopback and reports
              its address, or the error that stopped it (raised here as WorkerStartError).
@@ -19,39 +19,35 @@ Life of a worker process:
 
 from __future__ import annotations
 
-import enum
 import multiprocessing as mp
 import os
 import signal
 import traceback
 from multiprocessing.managers import BaseManager
 
-from pdserve.decode_worker import ColocatedWorker, DecodeWorker, DecodeWorkerConfig
-from pdserve.prefill_worker import PrefillWorker, PrefillWorkerConfig
+from pdserve.decode_worker import ColocatedWorker, DecodeWorker
+from pdserve.prefill_worker import PrefillWorker
+from pdserve.protocol import WorkerRole
+from pdserve.worker import Worker, WorkerConfig
 
-
-class Role(enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
-
-
-_EXPOSED = {
-    Role.PREFILL: ("prefill", "abort", "job_state", "load", "drain_prefix_events", "close"),
-    Role.DECODE: ("reserve", "generate", "abort", "job_state", "load", "kv_endpoint",
-                  "drain_prefix_events", "close"),
-    Role.COLOCATED: ("generate", "abort", "job_state", "load", "drain_prefix_events", "close"),
-}
+_COMMON = ("abort", "job_state", "load", "kv_endpoint", "drain_prefix_events", "close")
+_CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
+            WorkerRole.DECODE: (DecodeWorker, ("reserve", "generate")),
+            WorkerRole.COLOCATED: (ColocatedWorker, ("generate",))}
 
 
 class WorkerStartError(RuntimeError):
     """The worker process could not start; the message holds the child's error."""
 
 
-def build_worker(role: Role, config: PrefillWorkerConfig | DecodeWorkerConfig):
-    if role is Role.PREFILL:
-        return PrefillWorker(config)
-    return DecodeWorker(config) if role is Role.DECODE else ColocatedWorker(config)
+def build_worker(config: WorkerConfig) -> Worker:
+    """The worker of `config.role`, in this process (loads the model)."""
+    return _CLASSES[config.role][0](config)
+
+
+def exposed_methods(role: WorkerRole) -> tuple[str, ...]:
+    """The methods a worker of `role` offers its callers."""
+    return _CLASSES[role][1] + _COMMON
 
 
 class _Manager(BaseManager):
@@ -62,17 +58,16 @@ _Manager.register("worker")
 
 
 class WorkerProcess:
-    def __init__(self, role: Role, config: PrefillWorkerConfig | DecodeWorkerConfig,
-                 cpus: tuple[int, ...] | None = None, num_threads: int | None = None,
-                 start_timeout_s: float = 300.0):
+    def __init__(self, config: WorkerConfig, cpus: tuple[int, ...] | None = None,
+                 num_threads: int | None = None, start_timeout_s: float = 300.0):
         """`cpus`: cores to pin the process to (torch then uses that many threads);
         `num_threads`: torch threads when not pinned (default: torch's own choice)."""
-        self.role = role
+        self.role = role = config.role
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
         self.process = ctx.Process(
-            target=_serve, args=(role, config, cpus, num_threads, child_conn, authkey),
+            target=_serve, args=(config, cpus, num_threads, child_conn, authkey),
             name=f"pdserve-{role.value}", daemon=True)
         self.process.start()
         child_conn.close()
@@ -107,7 +102,7 @@ class WorkerProcess:
         self.process.join()
 
 
-def _serve(role: Role, config, cpus, num_threads, conn, authkey: bytes) -> None:
+def _serve(config: WorkerConfig, cpus, num_threads, conn, authkey: bytes) -> None:
     """Child process: build the worker and serve its methods until SIGTERM."""
     try:
         import torch
@@ -117,7 +112,7 @@ def _serve(role: Role, config, cpus, num_threads, conn, authkey: bytes) -> None:
             num_threads = len(cpus)
         if num_threads:
             torch.set_num_threads(num_threads)
-        worker = build_worker(role, config)
+        worker = build_worker(config)
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))
         return
@@ -125,7 +120,7 @@ def _serve(role: Role, config, cpus, num_threads, conn, authkey: bytes) -> None:
     class Server(BaseManager):
         pass
 
-    Server.register("worker", callable=lambda: worker, exposed=_EXPOSED[role])
+    Server.register("worker", callable=lambda: worker, exposed=exposed_methods(config.role))
     server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
 
     def shutdown(signum, frame):

@@ -3,7 +3,7 @@
 An actor's process is the worker's process: `WorkerHost` builds the worker (loading the
 model) and its registry heartbeat there, on the node Ray placed it. Calls are explicit
 delegating methods; the actor is threaded (`max_concurrency`) because the workers' methods
-are thread-safe and a prefill call waits for its job.
+are thread-safe (and none waits for a step or a job).
 
 Restarts: actors are created with `max_restarts`; a restarted actor builds a fresh worker
 (new KV endpoint, empty cache) and registers a new incarnation under the same id, which
@@ -13,45 +13,42 @@ routers treat as the old worker gone and a new one come.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import ray
-from pdserve.deploy.heartbeat import Heartbeat, WorkerIdentity
-from pdserve.deploy.local import Role, build_worker
-from pdserve.deploy.local_cluster import ClusterSpec
 from ray.exceptions import RayActorError
+
+from pdserve.deploy.heartbeat import Heartbeat
+from pdserve.deploy.local import build_worker
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
 
 NAMESPACE = "pdserve"
 
 
 class WorkerHost:
-    def __init__(self, spec: ClusterSpec, worker_id: str, role: Role, redis_url: str):
+    def __init__(self, spec: ClusterSpec, worker_id: str, role: WorkerRole, redis_url: str):
         import torch
 
         torch.set_num_threads(spec.threads_per_worker)
-        config = spec.worker_config(worker_id, role)  # resolves (converts) the model here
-        if role is not Role.PREFILL:  # advertise an address other nodes can reach
-            config = replace(config, kv_host=ray.util.get_node_ip_address())
-        self.role = role
-        self.worker = build_worker(role, config)
-        endpoint = self.worker.kv_endpoint() if role is Role.DECODE else ""
-        self.heartbeat = Heartbeat(
-            redis_url, self.worker,
-            WorkerIdentity(worker_id, role.value, ray.get_runtime_context().get_node_id(),
-                           endpoint, spec.block_size), spec.heartbeat_s, spec.heartbeat_ttl_s)
+        # resolves (converts) the model here; KV is received at an address other nodes reach
+        config = spec.worker_config(worker_id, role, kv_host=ray.util.get_node_ip_address())
+        self.worker = build_worker(config)
+        self.heartbeat = Heartbeat(redis_url, self.worker, worker_id, role,
+                                   ray.get_runtime_context().get_node_id(), spec.block_size,
+                                   spec.heartbeat_s, spec.heartbeat_ttl_s)
 
     def ready(self) -> tuple[str, int]:
         """(Ray node id, process id) once the worker is up."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def prefill(self, job):
-        return self.worker.prefill(job)
+    def submit(self, order: PrefillOrder) -> None:
+        self.worker.submit(order)
 
-    def reserve(self, job) -> str:
-        return self.worker.reserve(job)
+    def reserve(self, order: DecodeOrder) -> str:
+        return self.worker.reserve(order)
 
-    def generate(self, job) -> None:
-        self.worker.generate(job)
+    def generate(self, order: DecodeOrder) -> None:
+        self.worker.generate(order)
 
     def abort(self, transfer_id: str) -> None:
         self.worker.abort(transfer_id)

@@ -19,15 +19,16 @@ import sys
 from dataclasses import dataclass, replace
 
 import ray
-from pdserve.deploy.handles import DecodeHandle, PrefillHandle
-from pdserve.deploy.local import Role
-from pdserve.deploy.local_cluster import ClusterSpec, RouterThread, start_router
-from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
-from pdserve.deploy.redis_server import RedisServer
-from pdserve.router.registry import WorkerRecord
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
+
+from pdserve.deploy.handles import handle_for
+from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
+from pdserve.deploy.redis_server import RedisServer
+from pdserve.deploy.router_thread import RouterThread, start_router
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.protocol import WorkerRecord, WorkerRole
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class Placement:
     decode_resource: str | None = None
     pack: bool = False
 
-    def resource(self, role: Role) -> str | None:
-        return self.prefill_resource if role is Role.PREFILL else self.decode_resource
+    def resource(self, role: WorkerRole) -> str | None:
+        return self.prefill_resource if role is WorkerRole.PREFILL else self.decode_resource
 
 
 class ClusterStartError(RuntimeError):
@@ -132,7 +133,7 @@ class RayCluster:
 
     def _strategies(self, roles, placement: Placement) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for pool in (Role.PREFILL, Role.DECODE, Role.COLOCATED):
+        for pool in WorkerRole:
             members = [w for w, r in roles if r is pool]
             if not members:
                 continue
@@ -154,9 +155,8 @@ class RayCluster:
         return out
 
     def connect(self, record: WorkerRecord):
-        actor = ray.get_actor(record.worker_id, namespace=NAMESPACE)
-        handle = PrefillHandle if record.role == Role.PREFILL.value else DecodeHandle
-        return handle(actor, record.worker_id, RayCalls())
+        return handle_for(record, ray.get_actor(record.worker_id, namespace=NAMESPACE),
+                          RayCalls())
 
     def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
         router = start_router(self.spec, self.redis_url, self.connect, len(self.routers),

@@ -57,14 +57,11 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
+    from pdserve.deploy.local_cluster import LocalCluster
+    from pdserve.deploy.spec import ClusterSpec
     from pdserve.kvtransfer.transports import TransportKind
     from pdserve.router.router import RouterConfig
 
-    if args.prefill < 0 or args.decode < 0 or args.colocated < 0:
-        raise ValueError("worker counts must be >= 0")
-    if args.decode + args.colocated == 0:
-        raise ValueError("at least one decode or colocated worker is needed")
     spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
                        colocated=args.colocated, block_size=args.block_size,
                        num_blocks=args.num_blocks,

@@ -1,4 +1,6 @@
-"""pdserve's inference engine: a Llama-family model over a paged KV cache."""
+"""pdserve's inference engine: a Llama-family model over a paged KV cache.
+
+`SamplingParams` is the contract's (pdserve.protocol), exported here too for offline use."""
 
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import (
@@ -10,9 +12,10 @@ from pdserve.engine.config import (
 )
 from pdserve.engine.engine import Engine, EngineStats, StepKVHook
 from pdserve.engine.llm import LLM, CompletionOutput
-from pdserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
 from pdserve.models import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
+from pdserve.protocol import SamplingParams
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -25,7 +28,6 @@ __all__ = [
     "EngineConfig",
     "EngineMode",
     "EngineStats",
-    "FinishReason",
     "ModelConfig",
     "NoFreeBlocksError",
     "Request",

@@ -17,17 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numpy as np
-import xxhash
-
-
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chain hash of one full block: depends on every token before it, not just its own."""
-    h = xxhash.xxh3_64()
-    if parent_hash is not None:
-        h.update(parent_hash.to_bytes(8, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return h.intdigest()
+from pdserve.protocol import hash_block
 
 
 class NoFreeBlocksError(RuntimeError):

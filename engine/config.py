@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pdserve.protocol import ModelLimits, read_model_limits
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -84,21 +86,15 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
-            return cls._from_dict(str(folder), model_type, raw, _read_eos_ids(folder, raw))
+            return cls._from_dict(str(folder), model_type, raw, read_model_limits(folder))
         except KeyError as e:
             raise ValueError(f"{config_file} lacks the field {e.args[0]!r}") from e
 
     @classmethod
-    def _from_dict(
-        cls, path: str, model_type: str, raw: dict, eos_ids: tuple[int, ...]
-    ) -> ModelConfig:
+    def _from_dict(cls, path: str, model_type: str, raw: dict,
+                   limits: ModelLimits) -> ModelConfig:
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
-        max_len = raw.get("max_position_embeddings", 2048)
-        # Full attention is exact only inside the sliding window; cap the length there.
-        window = raw.get("sliding_window")
-        if window and (model_type == "mistral" or raw.get("use_sliding_window")):
-            max_len = min(max_len, window)
         theta, scaling = _read_rope(raw)
         return cls(
             path=path,
@@ -112,12 +108,12 @@ class ModelConfig:
             head_dim=raw.get("head_dim") or hidden // num_heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
-            max_model_len=max_len,
+            max_model_len=limits.max_model_len,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", model_type == "qwen2"),
             mlp_bias=raw.get("mlp_bias", False),
             rope_scaling=scaling,
-            eos_token_ids=eos_ids,
+            eos_token_ids=limits.eos_token_ids,
         )
 
 
@@ -137,20 +133,6 @@ def _read_rope(raw: dict) -> tuple[float, RopeScaling | None]:
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
     raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
-
-
-def _read_eos_ids(folder: Path, raw: dict) -> tuple[int, ...]:
-    ids: list[int] = []
-    sources = [raw]
-    gen_file = folder / "generation_config.json"
-    if gen_file.is_file():
-        sources.append(json.loads(gen_file.read_text()))
-    for src in sources:
-        eos = src.get("eos_token_id")
-        for tok in eos if isinstance(eos, list) else [eos]:
-            if isinstance(tok, int) and tok not in ids:
-                ids.append(tok)
-    return tuple(ids)
 
 
 @dataclass(frozen=True)

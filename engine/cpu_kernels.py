@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from pdserve.models import cache_dir
 
 log = logging.getLogger(__name__)

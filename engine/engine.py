@@ -10,12 +10,16 @@ Life of a request (DESIGN §2, §4):
 3. A request leaves when it finishes (its last `RequestOutput` has `finished=True`) or is
    aborted. Either way its blocks are back in the block manager before the call returns.
 
-Threading: an Engine is not thread-safe. A worker drives it from one thread and applies
-control calls (add, abort, reserve) between steps.
+Threading: one thread drives the engine (`step`, `add_request`, `abort`,
+`admit_prefilled`, `stats`). `reserve` and `validate` may also be called from any other
+thread, so a decode worker answers a reservation without waiting for the step in progress:
+`reserve` takes only free blocks, which no running step reads or writes, under a lock that
+`step` holds while it schedules and updates but not while the model runs.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,10 +27,11 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig, EngineMode
 from pdserve.engine.kv_cache import PagedKVCache, plan_layout
 from pdserve.engine.model.llama import LayerKVHook
-from pdserve.engine.request import Request, SamplingParams
+from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, Scheduler
+from pdserve.protocol import SamplingParams
 
 # Given the step's batch before the model runs, returns the per-layer KV hook for that step
 # (or None). Prefill workers use it to stream each layer's KV while later layers compute.
@@ -68,6 +73,7 @@ class Engine:
             eos_token_ids=config.model.eos_token_ids,
         )
         self.sampler = Sampler(config.seed, self.runner.device)
+        self._lock = threading.Lock()  # the scheduler's books: see Threading above
 
     @property
     def mode(self) -> EngineMode:
@@ -81,7 +87,9 @@ class Engine:
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> None:
         """Queue a request. Raises ValueError for bad input; nothing is allocated then."""
-        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params))
+        request = self._new_request(request_id, prompt_token_ids, params)
+        with self._lock:
+            self.scheduler.add(request)
 
     def reserve(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
@@ -92,12 +100,16 @@ class Engine:
         and then calls `admit_prefilled`, or gives up with `abort`. The engine keeps ownership
         of the blocks throughout and frees them itself; the caller never frees them.
         Raises NoFreeBlocksError when they do not fit now, ValueError for bad input.
+        Callable from any thread (see Threading).
         """
-        return self.scheduler.reserve(self._new_request(request_id, prompt_token_ids, params))
+        request = self._new_request(request_id, prompt_token_ids, params)
+        with self._lock:
+            return self.scheduler.reserve(request)
 
     def admit_prefilled(self, request_id: str, first_token_id: int) -> RequestOutput:
         """Decode-only: the reserved request's KV is in place; decode from the next step on."""
-        output = self.scheduler.admit_prefilled(request_id, first_token_id)
+        with self._lock:
+            output = self.scheduler.admit_prefilled(request_id, first_token_id)
         if output.finished:
             self.sampler.forget(request_id)
         return output
@@ -105,13 +117,15 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Drop a request in any state, freeing its blocks. Idempotent (False if unknown)."""
         self.sampler.forget(request_id)
-        return self.scheduler.abort(request_id)
+        with self._lock:
+            return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self, kv_hook: StepKVHook | None = None) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        with self._lock:
+            batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
         logits = self.runner.execute(batch, kv_hook(batch) if kv_hook else None)
@@ -124,13 +138,46 @@ class Engine:
             )
         )
         sampled = [next(tokens) if s.samples else None for s in batch.requests]
-        outputs = self.scheduler.update(batch, sampled)
+        with self._lock:
+            outputs = self.scheduler.update(batch, sampled)
         for out in outputs:
             if out.finished:
                 self.sampler.forget(out.request_id)
         return outputs
 
     def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats()
+
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes that entered and left the prefix cache since the last call."""
+        with self._lock:
+            return self.block_manager.drain_prefix_events()
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or ValueError saying why this engine could never run
+        it (empty, a token outside the vocabulary, longer than the model or the KV cache).
+        Reads only fixed configuration: callable from any thread."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        tokens = [int(t) for t in prompt_token_ids]
+        if not tokens:
+            raise ValueError("prompt is empty")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        max_len = self.config.model.max_model_len
+        if len(tokens) >= max_len:
+            raise ValueError(f"prompt has {len(tokens)} tokens; the model's maximum length is "
+                             f"{max_len}, which must leave room for at least one new token")
+        bm = self.block_manager
+        if bm.blocks_needed(len(tokens) + 1) > bm.num_blocks:
+            raise ValueError(f"prompt has {len(tokens)} tokens; the KV cache holds only "
+                             f"{bm.num_blocks * bm.block_size}")
+        return tokens
+
+    def _stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager
         return EngineStats(
             num_total_blocks=bm.num_blocks,
@@ -147,11 +194,4 @@ class Engine:
     def _new_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> Request:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        tokens = [int(t) for t in prompt_token_ids]
-        vocab = self.config.model.vocab_size
-        bad = [t for t in tokens if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return Request(request_id, tokens, params)
+        return Request(request_id, self.validate(prompt_token_ids, params), params)

@@ -9,6 +9,7 @@ Which request owns which block is the block manager's business, not this module'
 from __future__ import annotations
 
 import torch
+
 from pdserve.engine.config import CacheConfig, CacheLayout, ModelConfig
 
 

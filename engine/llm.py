@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
 from pdserve.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -21,8 +22,9 @@ from pdserve.engine.config import (
     default_device,
 )
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import SamplingParams
 from pdserve.models import DEFAULT_MODEL, resolve_model
+from pdserve.protocol import FinishReason, IncrementalDetokenizer, SamplingParams
+from pdserve.protocol.detok import Delta
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -102,23 +104,27 @@ class LLM:
             token_lists.append(list(ids))
         return self._run(token_lists, self._params_per_prompt(params, len(token_lists)))
 
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as tokens are produced."""
+        self._require_tokenizer("streamed text")
         tokens = self._tokenize(prompt)
         params = params or SamplingParams()
         request_id = f"stream-{next(self._ids)}"
-        tracker = _StopTracker(self.tokenizer, params, streaming=True)
+        detok = IncrementalDetokenizer(self._decode, params.stop)
         self.engine.add_request(request_id, tokens, params)
-        emitted = 0
         try:
             while self.engine.has_work():
                 for out in self.engine.step():
                     if out.request_id != request_id:
                         continue
-                    stop = tracker.add(out.new_token_ids)
-                    yield tracker.text[emitted:]
-                    emitted = len(tracker.text)
-                    if stop:
+                    delta = detok.add(out.new_token_ids)
+                    if out.finished and not delta.stopped:
+                        delta = Delta(delta.text + detok.finish().text, False)
+                    yield delta.text
+                    if delta.stopped or out.finished:
                         return
         finally:
             self.engine.abort(request_id)
@@ -128,23 +134,21 @@ class LLM:
             if params.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer; this model folder has none")
         request_ids = [f"gen-{next(self._ids)}" for _ in token_lists]
-        trackers = {
-            rid: _StopTracker(self.tokenizer, p)
-            for rid, p in zip(request_ids, param_list, strict=True)
-        }
+        outputs = {rid: _Output(self._decode if self.tokenizer else None, p.stop)
+                   for rid, p in zip(request_ids, param_list, strict=True)}
         results: dict[str, CompletionOutput] = {}
         try:
             for rid, tokens, params in zip(request_ids, token_lists, param_list, strict=True):
                 self.engine.add_request(rid, tokens, params)
             while len(results) < len(request_ids):
                 for out in self.engine.step():
-                    tracker = trackers[out.request_id]
-                    stopped = tracker.add(out.new_token_ids)
+                    output = outputs[out.request_id]
+                    stopped = output.add(out.new_token_ids)
                     if stopped:
                         self.engine.abort(out.request_id)
                     if stopped or out.finished:
-                        reason = "stop" if stopped else out.finish_reason.value
-                        results[out.request_id] = tracker.result(reason, out.num_cached_tokens)
+                        results[out.request_id] = output.result(
+                            None if stopped else out.finish_reason, out.num_cached_tokens)
         finally:
             for rid in request_ids:
                 self.engine.abort(rid)
@@ -187,39 +191,30 @@ class LLM:
         return self.tokenizer
 
 
-class _StopTracker:
-    """Detokenizes one request's output and finds its stop strings."""
+class _Output:
+    """One request's tokens and text. With stop strings the text is detokenized as tokens
+    come, to cut at a stop string exactly; without, it is decoded once, at the end."""
 
-    def __init__(self, tokenizer, params: SamplingParams, streaming: bool = False):
-        self.tokenizer = tokenizer
-        self.streaming = streaming  # `text` must follow every `add`
-        self.stop = params.stop
+    def __init__(self, decode, stop: Sequence[str]):
         self.token_ids: list[int] = []
-        self.text = ""
-        self.cut = False  # a stop string ended the text
+        self._decode = decode
+        self._detok = IncrementalDetokenizer(decode, stop) if decode and stop else None
 
     def add(self, token_ids: Sequence[int]) -> bool:
-        """Append tokens; True when a stop string appeared (the text is cut before it)."""
+        """Append tokens; True when a stop string appeared (the text ends before it)."""
         self.token_ids += token_ids
-        if self.tokenizer is None or not (self.stop or self.streaming):
-            return False  # nobody reads the text before the end: decode it once, then
-        # A trailing replacement char is an unfinished multi-byte sequence: wait for more.
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return False
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text = text
-        hits = [at for at in (text.find(s, start) for s in self.stop) if at != -1]
-        if hits:
-            self.text = text[: min(hits)]
-            self.cut = True
-            return True
-        return False
+        return self._detok is not None and self._detok.add(token_ids).stopped
 
-    def result(self, reason: str, num_cached: int) -> CompletionOutput:
-        if self.tokenizer is not None and not self.cut:
-            self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return CompletionOutput([], list(self.token_ids), self.text, reason, num_cached)
+    def result(self, reason: FinishReason | None, num_cached: int) -> CompletionOutput:
+        """`reason` None: a stop string ended it."""
+        if self._detok is not None:
+            if self._detok.finish().stopped:
+                reason = None
+            text = self._detok.text
+        else:
+            text = self._decode(self.token_ids) if self._decode else ""
+        return CompletionOutput([], list(self.token_ids), text,
+                                reason.value if reason else "stop", num_cached)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -1,4 +1,4 @@
-"""A request's token-level state inside the engine, and its sampling parameters.
+"""A request's token-level state inside the engine.
 
 Pure bookkeeping: no tensors. The scheduler owns every `Request`; the block ids in
 `Request.block_ids` are references the scheduler holds in the block manager and gives back
@@ -10,42 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable
-    those filters. `stop` strings are matched on text by the caller that detokenizes
-    (`LLM`, the router); the engine itself stops on `stop_token_ids`, EOS and `max_tokens`."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        # Accept lists from callers but keep the dataclass hashable and immutable.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
+from pdserve.protocol import FinishReason, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -70,21 +35,15 @@ _FINISHED = {
 }
 
 
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    PREFILLED = "prefilled"
-    ABORT = "abort"
-
-    @classmethod
-    def of(cls, status: RequestStatus) -> FinishReason | None:
-        return _REASONS.get(status)
+def finish_reason(status: RequestStatus) -> FinishReason | None:
+    """Why a finished request's stream ends; None while it runs, and for a prefill-only
+    request whose first token is out (it goes on, on a decode worker)."""
+    return _REASONS.get(status)
 
 
 _REASONS = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
-    RequestStatus.FINISHED_PREFILLED: FinishReason.PREFILLED,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
 }
 

@@ -7,6 +7,7 @@ decision: which tokens run and which blocks they go to is the scheduler's output
 from __future__ import annotations
 
 import torch
+
 from pdserve.engine.attention import SeqSlice, select_backend
 from pdserve.engine.config import CacheLayout, EngineConfig
 from pdserve.engine.host_memory import tune_malloc

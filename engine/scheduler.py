@@ -27,9 +27,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import EngineMode, SchedulerConfig
-from pdserve.engine.request import FinishReason, Request, RequestStatus
+from pdserve.engine.request import Request, RequestStatus, finish_reason
+from pdserve.protocol import FinishReason, hash_block
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class RequestOutput:
     request_id: str
     new_token_ids: tuple[int, ...]
     finished: bool
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason | None = None  # see engine.request.finish_reason
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
@@ -217,21 +218,9 @@ class Scheduler:
     # -- internals ---------------------------------------------------------------------
 
     def _check_new(self, request: Request) -> None:
+        """The engine validated the prompt (Engine.validate); the id is the scheduler's."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if not request.prompt_token_ids:
-            raise ValueError("prompt is empty")
-        if request.num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {request.num_prompt_tokens} tokens; the model's maximum length is "
-                f"{self.max_model_len}, which must leave room for at least one new token"
-            )
-        bm = self.block_manager
-        if bm.blocks_needed(request.num_prompt_tokens + 1) > bm.num_blocks:
-            raise ValueError(
-                f"prompt has {request.num_prompt_tokens} tokens; the KV cache holds only "
-                f"{bm.num_blocks * bm.block_size}"
-            )
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
         bm = self.block_manager
@@ -296,7 +285,7 @@ class Scheduler:
             request.request_id,
             (token_id,),
             finished=status is not None,
-            finish_reason=FinishReason.of(status) if status else None,
+            finish_reason=finish_reason(status) if status else None,
             num_cached_tokens=request.num_cached_tokens,
         )
 
@@ -304,9 +293,7 @@ class Scheduler:
         params = request.sampling_params
         if self.config.mode is EngineMode.PREFILL_ONLY:
             return RequestStatus.FINISHED_PREFILLED
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if token_id in params.stop_token_ids:
+        if params.stops_on(token_id, self.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH

@@ -1,22 +1,26 @@
 """How the router reaches a worker: a small async protocol. `deploy/` implements it with Ray
-actor calls; tests with worker objects in this process or in child processes.
+actor calls or calls into worker objects (in this process or a child process); the router
+never imports a worker.
 
 Contract:
 - `reserve` returns the decode worker's KV endpoint, or raises NoRoom (no free blocks now:
-  nothing is held) or ValueError (a bad job: nothing is held).
+  nothing is held) or ValueError (a bad order: nothing is held).
 - `generate` starts a local prefill + decode on a decode or colocated worker.
-- `prefill` returns once the prefill job is DONE, FAILED or ABORTED.
-- `abort` is idempotent and never raises for an unknown id.
-- Any call raises WorkerGone when the worker cannot be reached (dead process, lost actor).
-Tokens never come back through a handle: the decode worker pushes them to the router's
-token-stream endpoint.
+- `submit` returns once the prefill worker queued the job; its outcome comes later, on the
+  router's stream endpoint (the order's `notify_endpoint`).
+- No call waits for an engine step or stays open for a job's life.
+- `abort` is idempotent and never raises for an unknown id or a dead worker.
+- Any other call raises WorkerGone when the worker cannot be reached (dead process, lost
+  actor, closed worker).
+Tokens and outcomes never come back through a handle: workers push them to the router's
+stream endpoint.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pdserve.router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome
+from pdserve.protocol import DecodeOrder, PrefillOrder
 
 
 class NoRoom(Exception):
@@ -36,6 +40,6 @@ class DecodeHandle(Protocol):
 
 
 class PrefillHandle(Protocol):
-    async def prefill(self, order: PrefillOrder) -> PrefillOutcome: ...
+    async def submit(self, order: PrefillOrder) -> None: ...
 
     async def abort(self, transfer_id: str) -> None: ...

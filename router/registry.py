@@ -6,7 +6,7 @@ Keys (all under `pdserve:`):
                           heartbeating disappears when it expires;
 - `pdserve:workers`       sorted set of worker ids by last heartbeat (discovery);
 - `pdserve:prefix:<hash>` set of worker ids whose prefix cache holds that block (the block
-                          hash chain of router.prefix), kept by the workers' heartbeats.
+                          hash chain of protocol.prefix), kept by the workers' heartbeats.
 
 Writers (a worker's heartbeat, in deploy/) use a synchronous client; the router reads with
 an asyncio client. Readers never trust the sorted set alone: a worker whose hash expired is
@@ -15,9 +15,12 @@ dead, and is dropped from the set by the first reader to notice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
 
+from pdserve.protocol import WorkerRecord
+
+log = logging.getLogger(__name__)
 PREFIX = "pdserve:"
 WORKERS = PREFIX + "workers"
 
@@ -30,42 +33,12 @@ def prefix_key(block_hash: int) -> str:
     return f"{PREFIX}prefix:{block_hash:016x}"
 
 
-@dataclass(frozen=True)
-class WorkerRecord:
-    worker_id: str
-    role: str  # "prefill" | "decode" | "colocated"
-    node: str
-    kv_endpoint: str
-    block_size: int
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    queued_prefill_tokens: int
-    heartbeat: float  # Unix seconds
-    started: float  # Unix seconds: a restarted worker (same id) is a new incarnation
-
-    def to_redis(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_redis(cls, raw: dict) -> WorkerRecord:
-        raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
-                                                            else v) for k, v in raw.items()}
-        values = {}
-        for f in fields(cls):
-            value = raw[f.name]
-            values[f.name] = (int(value) if f.type == "int" else float(value)
-                              if f.type == "float" else value)
-        return cls(**values)
-
-
 # -- writers (synchronous redis client) -------------------------------------------------------
 
 def publish(client, record: WorkerRecord, ttl_s: float) -> None:
     """Register or refresh a worker; it expires `ttl_s` after its last heartbeat."""
     pipe = client.pipeline()
-    pipe.hset(worker_key(record.worker_id), mapping=record.to_redis())
+    pipe.hset(worker_key(record.worker_id), mapping=record.to_fields())
     pipe.pexpire(worker_key(record.worker_id), int(ttl_s * 1000))
     pipe.zadd(WORKERS, {record.worker_id: record.heartbeat})
     pipe.execute()
@@ -99,10 +72,13 @@ async def live_workers(client) -> list[WorkerRecord]:
         pipe.hgetall(worker_key(worker_id))
     records, dead = [], []
     for worker_id, raw in zip(ids, await pipe.execute(), strict=True):
-        if raw:
-            records.append(WorkerRecord.from_redis(raw))
-        else:
+        if not raw:
             dead.append(worker_id)
+            continue
+        try:
+            records.append(WorkerRecord.from_fields(raw))
+        except ValueError as e:  # not a record a worker of this version wrote: skip it
+            log.error("ignoring registry entry %s: %s", worker_id, e)
     if dead:
         await client.zrem(WORKERS, *dead)
     return records

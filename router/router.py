@@ -6,17 +6,23 @@ Life of a request:
 2. QUEUED      it waits until a worker of each role it needs has a free slot (at most
                `max_in_flight_per_worker` requests per worker from this router) and, for
                decode, the blocks. No live worker of a needed role: UNAVAILABLE.
-3. DISPATCHED  the router opens the request's token-stream queue, then either reserves
-               on a decode worker and submits the prefill job naming its KV endpoint
-               (disaggregated), or has the decode/colocated worker prefill locally.
-4. STREAMING   chunks from the decode worker are detokenized incrementally and yielded;
-               a stop string ends the request here (the decode job is aborted).
-5. FINISHED    the last chunk (stop, length) gives the final message with usage and timing.
-   FAILED      the prefill job failed, the KV never arrived, or a worker died (the handle
-               raised WorkerGone, or its registry entry expired): UNAVAILABLE.
+3. DISPATCHED  the router opens the request's stream queue, then either reserves on a
+               decode worker and submits the prefill job naming its KV endpoint
+               (disaggregated), or has the decode/colocated worker prefill locally. No call
+               stays open: the prefill worker reports its outcome on the stream.
+4. STREAMING   chunks from the decode worker are detokenized incrementally and yielded.
+               The first chunk means the decode worker holds the KV: the prefill job is
+               over (its slot is given back, its late outcome or death no longer matters).
+               A stop string ends the request here (only the decode job is aborted).
+5. FINISHED    the last chunk (stop, length) gives the final message with usage and
+               timing; it never waits for the prefill worker.
+   FAILED      the prefill failed before the hand-off, the KV never arrived, or a worker
+               died (the handle raised WorkerGone, or its registry entry expired):
+               UNAVAILABLE.
    CANCELLED   the client went away or its deadline passed: the caller cancels the task.
-On every exit but FINISHED the router aborts the job on both workers, so every block is
-freed on both sides; the slots are given back in all cases.
+On every exit but FINISHED the router aborts the job, concurrently on both workers (on
+the decode worker only once the hand-off happened), so every block is freed on both
+sides; the slots are given back in all cases.
 """
 
 from __future__ import annotations
@@ -31,10 +37,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from pdserve.router.detok import IncrementalDetokenizer
+from pdserve.protocol import (
+    DecodeOrder,
+    FinishReason,
+    IncrementalDetokenizer,
+    PrefillOrder,
+    PrefillOutcome,
+    PrefillStatus,
+    TokenChunk,
+    WorkerRecord,
+    WorkerRole,
+    block_hashes,
+)
 from pdserve.router.final import final_response
 from pdserve.router.handles import NoRoom, WorkerGone
-from pdserve.router.jobs import DecodeOrder, PrefillOrder, PrefillOutcome, PrefillStatus
 from pdserve.router.policy import (
     WorkerLoad,
     choose_decode,
@@ -42,9 +58,8 @@ from pdserve.router.policy import (
     round_robin,
     should_disaggregate,
 )
-from pdserve.router.prefix import block_hashes
-from pdserve.router.registry import WorkerRecord, live_workers, prefix_hits
-from pdserve.router.stream import StreamChunk, TokenStreamReader
+from pdserve.router.registry import live_workers, prefix_hits
+from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
 from pdserve.rpc import pdserve_pb2 as pb
@@ -114,7 +129,7 @@ class Router:
         self.tokenizer = tokenizer
         self.redis = redis
         self._connect = connect
-        self.stream = TokenStreamReader(config.stream_host)
+        self.stream = StreamReader(config.stream_host)
         self.workers: dict[str, _Worker] = {}
         self._changed = asyncio.Condition()
         self._queued = 0
@@ -172,7 +187,7 @@ class Router:
             except Exception as e:  # noqa: BLE001 - keep serving on the last known view
                 log.error("registry refresh failed: %s", e)
 
-    def _role(self, *roles: str) -> list[_Worker]:
+    def _role(self, *roles: WorkerRole) -> list[_Worker]:
         return [w for w in self.workers.values() if w.record.role in roles]
 
     # -- a request ---------------------------------------------------------------------------
@@ -183,96 +198,115 @@ class Router:
         tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
         n = len(req.prompt_token_ids)
         disagg = should_disaggregate(req.hint, n, self.config.disaggregation_threshold,
-                                     bool(self._role("prefill")))
+                                     bool(self._role(WorkerRole.PREFILL)))
         queue = self.stream.open(tid)
         decode = prefill = None
-        prefill_task: asyncio.Task | None = None
-        finished = False
+        finished = False  # the decode job ended by itself: nothing left to abort
         try:
-            decode, prefill, endpoint = await self._dispatch(req, tid, disagg, queue)
+            decode, prefill = await self._dispatch(req, tid, disagg, queue)
             dispatched = time.time()
-            if prefill is not None:
-                order = PrefillOrder(tid, req.prompt_token_ids, req.sampling, endpoint)
-                prefill_task = asyncio.ensure_future(prefill.handle.prefill(order))
-            detok = IncrementalDetokenizer(self.tokenizer, req.stop)
+            detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
             out_ids: list[int] = []
             first_token = 0.0
-            chunks = contextlib.aclosing(self._chunks(queue, prefill_task, prefill))
+            worker = TokenChunk(tid, ())  # the latest chunk with the worker's stamps
+            chunks = contextlib.aclosing(self._chunks(queue, tid, decode, prefill))
             async with chunks as stream:
                 async for chunk in stream:
+                    if prefill is not None:  # the decode worker holds the KV: P is done
+                        prefill.in_flight.pop(tid, None)
+                        prefill = None if chunk is None else prefill
                     out_ids += chunk.token_ids
+                    worker = chunk if chunk.stamps is not None else worker
                     delta = detok.add(chunk.token_ids)
-                    stopped = delta.stopped
                     text = delta.text
-                    if not stopped and chunk.finish is not None:
+                    if not delta.stopped and chunk.finish is not None:
                         text += detok.finish().text
                     if chunk.token_ids or text:
                         first_token = first_token or time.time()
                         yield pb.GenerateResponse(chunk=pb.TokenChunk(
                             token_ids=list(chunk.token_ids), text=text))
-                    if stopped or chunk.finish is not None:
+                    if delta.stopped or chunk.finish is not None:
                         finished = chunk.finish is not None
-                        outcome = await self._prefill_outcome(prefill_task)
                         yield final_response(
-                            request_id, req, "stop" if stopped else chunk.finish, len(out_ids),
-                            chunk.stamps, outcome, arrival, dispatched, first_token,
-                            decode.record.worker_id,
-                            prefill.record.worker_id if prefill else "")
+                            request_id, req, FinishReason.STOP if delta.stopped
+                            else chunk.finish, len(out_ids), worker, arrival, dispatched,
+                            first_token, decode.record.worker_id, self._prefill_id(tid))
                         return
         finally:
             self.stream.close_queue(tid)
-            for worker in (decode, prefill):
-                if worker is not None:
-                    worker.in_flight.pop(tid, None)
+            for w in (decode, prefill):
+                if w is not None:
+                    w.in_flight.pop(tid, None)
             if not finished:
-                await self._abort(tid, decode, prefill)
+                # shielded: a cancelled request still frees what it holds on both workers
+                await asyncio.shield(self._abort(tid, decode, self._prefill_of(tid, prefill)))
             async with self._changed:
                 self._changed.notify_all()
 
-    async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue):
-        """Wait for slots, then reserve (or start a local prefill). Returns the decode worker,
-        the prefill worker (None when local) and the KV endpoint."""
+    async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool,
+                        queue) -> tuple[_Worker, _Worker | None]:
+        """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
+        local prefill. Returns the decode worker and the prefill worker (None when local).
+        If it fails or is cancelled midway, what it started is aborted before it raises."""
+        order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
+                            self.config.lease_s)
+        while True:
+            decode, prefill = await self._wait_for_workers(req, disagg)
+            decode.in_flight[tid] = queue
+            try:
+                if prefill is None:
+                    await self._call(decode, decode.handle.generate(order))
+                    return decode, None
+                endpoint = await self._call(decode, decode.handle.reserve(order))
+                prefill.in_flight[tid] = queue
+                await self._call(prefill, prefill.handle.submit(PrefillOrder(
+                    tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint)))
+                return decode, prefill
+            except NoRoom:  # its heartbeat was stale: wait for room like any other request
+                decode.in_flight.pop(tid, None)
+                decode.record = decode.record.without_room()
+            except BaseException:
+                for w in (decode, prefill):
+                    if w is not None:
+                        w.in_flight.pop(tid, None)
+                await asyncio.shield(self._abort(tid, decode, prefill))
+                raise
+
+    async def _call(self, worker: _Worker, call):
+        """A handle call; a worker that cannot be reached leaves the view (UNAVAILABLE)."""
+        try:
+            return await call
+        except WorkerGone as e:
+            self._drop(worker.record.worker_id)
+            raise unavailable(f"worker {worker.record.worker_id} is gone: {e}") from e
+
+    async def _wait_for_workers(self, req: ValidRequest,
+                                disagg: bool) -> tuple[_Worker, _Worker | None]:
+        """The router queue: until a decode (or colocated) worker has a slot and the
+        prompt's blocks, and, when disaggregated, a prefill worker has a slot."""
         if self._queued >= self.config.max_queue:
             raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
                              "waiting for a worker)")
         self._queued += 1
         try:
             while True:
-                decode_roles = ("decode",) if disagg else ("colocated", "decode")
+                decode_roles = ((WorkerRole.DECODE,) if disagg
+                                else (WorkerRole.COLOCATED, WorkerRole.DECODE))
                 decodes = self._role(*decode_roles)
                 if not decodes:
-                    raise unavailable(f"no live {' or '.join(decode_roles)} worker")
+                    names = " or ".join(r.value for r in decode_roles)
+                    raise unavailable(f"no live {names} worker")
                 _check_fits(decodes, len(req.prompt_token_ids))
                 prefill = None
                 if disagg:
-                    prefills = self._role("prefill")
+                    prefills = self._role(WorkerRole.PREFILL)
                     if not prefills:
                         raise unavailable("no live prefill worker")
                     prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
                 decode = self._pick_decode(decodes, len(req.prompt_token_ids))
                 if decode is not None and (prefill is not None or not disagg):
-                    order = DecodeOrder(tid, req.prompt_token_ids, req.sampling,
-                                        self.stream.endpoint, self.config.lease_s)
-                    decode.in_flight[tid] = queue
-                    try:
-                        if disagg:
-                            endpoint = await decode.handle.reserve(order)
-                            prefill.in_flight[tid] = queue
-                            return decode, prefill, endpoint
-                        await decode.handle.generate(order)
-                        return decode, None, ""
-                    except NoRoom:
-                        decode.in_flight.pop(tid, None)
-                        decode.record = _without_room(decode.record)
-                    except WorkerGone:
-                        decode.in_flight.pop(tid, None)
-                        self._drop(decode.record.worker_id)
-                        continue
-                    except BaseException:  # cancelled mid-call: the reservation may exist
-                        decode.in_flight.pop(tid, None)
-                        await self._abort(tid, decode, None)
-                        raise
-                async with self._changed:  # the router queue: until a slot or blocks free up
+                    return decode, prefill
+                async with self._changed:  # until a slot or blocks free up
                     try:
                         await asyncio.wait_for(self._changed.wait(), self.config.refresh_s)
                     except TimeoutError:
@@ -300,57 +334,39 @@ class Router:
             chosen = choose_prefill([w.load() for w in workers], len(tokens), hits, limit)
         return loads[chosen.worker_id] if chosen else None
 
-    async def _chunks(self, queue: asyncio.Queue, prefill_task, prefill) -> AsyncIterator[
-            StreamChunk]:
-        """The request's stream chunks until the last one; raises UNAVAILABLE when the
-        prefill fails or a worker dies, so the caller aborts the other side."""
-        get = asyncio.ensure_future(queue.get())
-        try:
-            while True:
-                waiting = {get}
-                if prefill_task is not None and not prefill_task.done():
-                    waiting.add(prefill_task)
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task in done:
-                    outcome = await self._prefill_outcome(prefill_task)
-                    if outcome.status is not PrefillStatus.DONE:
-                        raise unavailable(f"prefill on {prefill.record.worker_id} failed: "
-                                          f"{outcome.reason}")
-                if get not in done:
-                    continue
-                item = get.result()
-                get = asyncio.ensure_future(queue.get())
-                if isinstance(item, _Gone):
+    async def _chunks(self, queue: asyncio.Queue, decode: _Worker,
+                      prefill: _Worker | None) -> AsyncIterator[TokenChunk]:
+        """The request's token chunks until the last one. Raises UNAVAILABLE when the prefill
+        fails before the hand-off (its outcome, or its worker's death), the decode job ends
+        in an error, or the decode worker dies, so the caller aborts what is left."""
+        handed_off = prefill is None
+        while True:
+            item = await queue.get()
+            if isinstance(item, _Gone):
+                if item.worker_id == decode.record.worker_id or not handed_off:
                     raise unavailable(f"worker {item.worker_id} is gone")
-                if item.finish in ("error", "abort"):
-                    raise unavailable(f"decode worker {item.worker_id} ended the request: "
-                                      f"{item.error or item.finish}")
+            elif isinstance(item, PrefillOutcome):
+                if item.status is not PrefillStatus.DONE and not handed_off:
+                    raise unavailable(f"prefill on {prefill.record.worker_id} failed: "
+                                      f"{item.reason}")
+            elif item.finish in (FinishReason.ERROR, FinishReason.ABORT):
+                raise unavailable(f"decode worker {decode.record.worker_id} ended the request: "
+                                  f"{item.error or item.finish.value}")
+            else:
+                handed_off = True
                 yield item
                 if item.finish is not None:
                     return
-        finally:
-            get.cancel()
-
-    @staticmethod
-    async def _prefill_outcome(task: asyncio.Task | None) -> PrefillOutcome | None:
-        if task is None:
-            return None
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), 10.0)
-        except WorkerGone as e:
-            raise unavailable(f"prefill worker is gone: {e}") from e
-        except TimeoutError:
-            return None  # the KV and the first token arrived; its report is late
 
     async def _abort(self, tid: str, decode: _Worker | None, prefill: _Worker | None) -> None:
-        # Prefill first, so it stops sending before the decode side forgets the transfer.
-        for worker in (prefill, decode):
-            if worker is None:
-                continue
-            try:
-                await worker.handle.abort(tid)
-            except Exception as e:  # noqa: BLE001 - a dead worker has freed everything
-                log.info("abort of %s on %s failed: %s", tid, worker.record.worker_id, e)
+        """Abort on both workers at once; aborts are idempotent, and a worker that is gone
+        has freed what it held."""
+        workers = [w for w in (prefill, decode) if w is not None]
+        results = await asyncio.gather(*(w.handle.abort(tid) for w in workers),
+                                       return_exceptions=True)
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, Exception):
+                log.info("abort of %s on %s failed: %s", tid, worker.record.worker_id, result)
 
     def status(self) -> pb.ClusterStatus:
         workers = []
@@ -358,7 +374,7 @@ class Router:
             r = w.record
             used = 1 - r.free_blocks / r.total_blocks if r.total_blocks else 0.0
             workers.append(pb.WorkerStatus(
-                worker_id=r.worker_id, role=r.role, node=r.node, kv_endpoint=r.kv_endpoint,
+                worker_id=r.worker_id, role=r.role.value, node=r.node, kv_endpoint=r.kv_endpoint,
                 total_blocks=r.total_blocks, free_blocks=r.free_blocks, running=r.running,
                 waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
                 in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used))
@@ -371,8 +387,3 @@ def _check_fits(workers: list[_Worker], num_prompt_tokens: int) -> None:
     if num_prompt_tokens + 1 > capacity:
         raise RequestError("INVALID_ARGUMENT", f"prompt: {num_prompt_tokens} tokens need more "
                                                f"KV than any worker holds ({capacity} tokens)")
-
-
-def _without_room(record: WorkerRecord) -> WorkerRecord:
-    """Until its next heartbeat, treat a worker that refused a reservation as full."""
-    return WorkerRecord(**{**record.__dict__, "free_blocks": 0})

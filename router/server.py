@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from pdserve.router.router import RequestError, Router
 from pdserve.router.validate import InvalidArgument, validate
 from pdserve.rpc import pdserve_pb2 as pb

@@ -1,59 +1,27 @@
-"""The router's end of the token stream: a ZMQ PULL socket the decode workers push to.
+"""The router's end of the worker stream (protocol.stream): one ZMQ PULL socket that decode
+and colocated workers push tokens to and prefill workers push outcomes to.
 
-The wire format is the decode worker's (`decode_worker/stream.py`, which the router may not
-import): msgpack `[version, worker_id, time, [[transfer_id, [ids], finish, error, stamps]]]`,
-stamps in DecodeStamps field order. A test checks this reader against that writer.
-Each chunk goes to the asyncio queue registered for its transfer id; chunks for ids nobody
-waits for (an aborted request's tail) are dropped.
+Each TokenChunk and PrefillOutcome goes to the asyncio queue registered for its transfer
+id; items for ids nobody waits for (an aborted request's tail, the outcome of a prefill
+whose request already ended) are dropped. A malformed message is logged and dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-STREAM_VERSION = 1
-STAMP_FIELDS = ("received", "prefill_start", "prefill_end", "kv_received", "decode_admitted",
-                "first_token", "finished")
+from pdserve.protocol import TokenBatch
+from pdserve.protocol.stream import decode
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StreamChunk:
-    worker_id: str
-    time: float
-    transfer_id: str
-    token_ids: tuple[int, ...]
-    finish: str | None  # "stop" | "length" | "abort" | "error" on the last chunk
-    error: str
-    stamps: dict[str, float] | None  # STAMP_FIELDS, on the last chunk
-
-
-def decode_batch(data: bytes) -> list[StreamChunk]:
-    """Raises ValueError for anything but a batch of this version."""
-    try:
-        version, worker_id, t, chunks = msgpack.unpackb(data)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"malformed token stream message: {e}") from e
-    if version != STREAM_VERSION:
-        raise ValueError(f"token stream version {version!r}, expected {STREAM_VERSION}")
-    try:
-        return [StreamChunk(str(worker_id), float(t), str(tid), tuple(int(x) for x in ids),
-                            None if finish is None else str(finish), str(error),
-                            None if stamps is None else dict(zip(STAMP_FIELDS, map(float, stamps),
-                                                                 strict=True)))
-                for tid, ids, finish, error, stamps in chunks]
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"malformed token stream message: {e}") from e
-
-
-class TokenStreamReader:
-    """Binds `tcp://HOST:*`; `endpoint` is what decode jobs name."""
+class StreamReader:
+    """Binds `tcp://HOST:*`; `endpoint` is what the router's orders name."""
 
     def __init__(self, host: str = "127.0.0.1"):
         self._ctx = zmq.asyncio.Context.instance()
@@ -68,7 +36,7 @@ class TokenStreamReader:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def open(self, transfer_id: str) -> asyncio.Queue:
-        """Register a queue before the job is dispatched, so no chunk can arrive unseen."""
+        """Register a queue before the job is dispatched, so no item can arrive unseen."""
         q: asyncio.Queue = asyncio.Queue()
         self._queues[transfer_id] = q
         return q
@@ -89,11 +57,12 @@ class TokenStreamReader:
         while True:
             data = await self._sock.recv()
             try:
-                chunks = decode_batch(data)
+                message = decode(data)
             except ValueError as e:
-                log.error("dropped a token stream message: %s", e)
+                log.error("dropped a stream message: %s", e)
                 continue
-            for chunk in chunks:
-                q = self._queues.get(chunk.transfer_id)
+            items = message.chunks if isinstance(message, TokenBatch) else message.outcomes
+            for item in items:
+                q = self._queues.get(item.transfer_id)
                 if q is not None:
-                    q.put_nowait(chunk)
+                    q.put_nowait(item)

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-
-@dataclass(frozen=True)
-class ModelLimits:
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
+from pdserve.protocol import read_model_limits
 
 
 class RouterTokenizer:
@@ -34,16 +28,7 @@ class RouterTokenizer:
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
         self._template = _compile(template) if isinstance(template, str) else None
-        model = _read_json(folder / "config.json")
-        generation = _read_json(folder / "generation_config.json")
-        eos = []
-        for src in (model, generation):
-            value = src.get("eos_token_id")
-            for t in value if isinstance(value, list) else [value]:
-                if isinstance(t, int) and t not in eos:
-                    eos.append(t)
-        self.limits = ModelLimits(int(model.get("vocab_size", self._tok.get_vocab_size())),
-                                  int(model.get("max_position_embeddings", 2048)), tuple(eos))
+        self.limits = read_model_limits(folder, default_vocab_size=self._tok.get_vocab_size())
 
     @property
     def has_chat_template(self) -> bool:

@@ -1,33 +1,27 @@
 """Checks a GenerateRequest and turns it into what the router runs. Every refusal is an
-InvalidArgument naming the field, which the server answers with INVALID_ARGUMENT."""
+InvalidField naming the request's field, which the server answers with INVALID_ARGUMENT.
+Sampling is checked by the contract's SamplingParams itself; its field names get the
+request's `sampling.` prefix here."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from pdserve.router.jobs import Sampling
+from pdserve.protocol import InvalidField, SamplingParams
 from pdserve.router.policy import Hint
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.rpc import pdserve_pb2 as pb
 
-MAX_STOP_STRINGS = 16
 MAX_REQUEST_ID = 256
 ROLES = ("system", "user", "assistant")
-
-
-class InvalidArgument(ValueError):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+InvalidArgument = InvalidField  # what the server answers with INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
 class ValidRequest:
     request_id: str  # the client's, or "" (the router makes one)
     prompt_token_ids: tuple[int, ...]
-    sampling: Sampling
-    stop: tuple[str, ...]
+    sampling: SamplingParams  # its stop strings are the router's to match
     hint: Hint
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
@@ -44,11 +38,11 @@ def validate(req: pb.GenerateRequest, tok: RouterTokenizer) -> ValidRequest:
                                      "for at least one new token")
     if req.disaggregation not in Hint._value2member_map_:
         raise InvalidArgument("disaggregation", f"unknown value {req.disaggregation}")
-    sampling, stop = _sampling(req.sampling, limits.vocab_size)
+    sampling = _sampling(req.sampling, limits.vocab_size)
     ttft = _slo(req.slo, "ttft_ms")
     tpot = _slo(req.slo, "tpot_ms")
-    return ValidRequest(req.request_id, tuple(tokens), sampling, stop,
-                        Hint(req.disaggregation), ttft, tpot)
+    return ValidRequest(req.request_id, tuple(tokens), sampling, Hint(req.disaggregation),
+                        ttft, tpot)
 
 
 def _input(req: pb.GenerateRequest, tok: RouterTokenizer) -> tuple[str, list[int]]:
@@ -83,32 +77,20 @@ def _input(req: pb.GenerateRequest, tok: RouterTokenizer) -> tuple[str, list[int
         raise InvalidArgument("messages", str(e).removeprefix("messages: ")) from e
 
 
-def _sampling(s: pb.SamplingParams, vocab: int) -> tuple[Sampling, tuple[str, ...]]:
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else 16
-    if max_tokens < 1:
-        raise InvalidArgument("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
-    temperature = s.temperature if s.HasField("temperature") else 1.0
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise InvalidArgument("sampling.temperature", f"must be >= 0, got {temperature}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    top_k = s.top_k if s.HasField("top_k") else 0
-    if top_k < 0:
-        raise InvalidArgument("sampling.top_k", f"must be >= 0 (0 disables it), got {top_k}")
-    if len(s.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
-    for i, text in enumerate(s.stop):
-        if not text:
-            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
-    for i, t in enumerate(s.stop_token_ids):
-        if not 0 <= t < vocab:
-            raise InvalidArgument(f"sampling.stop_token_ids[{i}]",
-                                  f"{t} is outside the vocabulary [0, {vocab})")
-    sampling = Sampling(max_tokens, float(temperature), float(top_p), top_k,
-                        s.seed if s.HasField("seed") else None, tuple(s.stop_token_ids),
-                        s.ignore_eos)
-    return sampling, tuple(s.stop)
+def _sampling(s: pb.SamplingParams, vocab: int) -> SamplingParams:
+    def given(name: str, default):
+        return getattr(s, name) if s.HasField(name) else default
+
+    try:
+        sampling = SamplingParams(
+            max_tokens=given("max_tokens", 16), temperature=given("temperature", 1.0),
+            top_k=given("top_k", 0), top_p=given("top_p", 1.0), seed=given("seed", None),
+            stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos)
+        sampling.check_vocab(vocab)
+    except InvalidField as e:
+        raise InvalidField(f"sampling.{e.field}", e.problem) from e
+    return sampling
 
 
 def _slo(slo: pb.Slo, name: str) -> float | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+
 from pdserve.engine import (
     CacheConfig,
     Engine,
@@ -39,6 +41,18 @@ def assert_no_leaks(engine: Engine) -> None:
         f"{bm.num_blocks - bm.num_free_blocks} blocks still referenced")
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
 
+
+
+def wait_for(predicate, timeout: float, what: str, poll_s: float = 0.01):
+    """Until `predicate()` is truthy (its value), or AssertionError naming `what`."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll_s)
 
 
 def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, list[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+
 from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc import pdserve_pb2_grpc
 

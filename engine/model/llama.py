@@ -14,11 +14,12 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
 from pdserve.engine.attention import AttentionBackend
 from pdserve.engine.config import ModelConfig, RopeScaling
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.model.ops import FusedOps
-from torch import nn
 
 # Called once per layer as soon as that layer's K and V for the step's tokens are in the
 # cache: (layer index, k, v), k and v `[num_tokens, num_kv_heads, head_dim]`.

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.cpu_kernels import cpu_kernels
 from pdserve.engine.model.cpu_linear import optimize_linears
 from pdserve.engine.model.llama import LlamaForCausalLM
-from safetensors import safe_open
 
 
 def safetensors_files(folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from pdserve.deploy.handles import DecodeHandle, PrefillHandle
 from pdserve.engine import NoFreeBlocksError
 from pdserve.router.handles import NoRoom, WorkerGone

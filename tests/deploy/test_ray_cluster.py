@@ -13,13 +13,14 @@ import time
 import grpc
 import pytest
 import ray
+from ray.cluster_utils import Cluster
+from rpc_helpers import LongRequest, collect, greedy_request, stub_for
+
 from pdserve.deploy.local_cluster import ClusterSpec
 from pdserve.deploy.ray_cluster import Placement, RayCluster
 from pdserve.engine import SamplingParams
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
-from ray.cluster_utils import Cluster
-from rpc_helpers import LongRequest, collect, greedy_request, stub_for
 
 pytestmark = pytest.mark.slow
 ALWAYS = pb.DISAGGREGATION_ALWAYS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pdserve.engine.attention import SdpaBackend, SeqSlice
 from pdserve.engine.cpu_kernels import cpu_kernels
 

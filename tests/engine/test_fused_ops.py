@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pdserve.engine.attention import SdpaBackend, SeqSlice
 from pdserve.engine.cpu_kernels import cpu_kernels
 from pdserve.engine.model.ops import FusedOps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import assert_no_leaks
+
 from pdserve.engine import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -103,9 +103,10 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
 @pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("with_kernels", [True, False], ids=["kernels", "no-kernels"])
 def test_cpu_linears_match_plain_linear(rows, with_kernels):
+    from torch import nn
+
     from pdserve.engine.cpu_kernels import cpu_kernels
     from pdserve.engine.model.cpu_linear import CpuLinear, optimize_linears
-    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))

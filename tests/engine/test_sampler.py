@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
+
 from pdserve.engine import SamplingParams
 from pdserve.engine.sampler import Sampler
 

@@ -4,6 +4,7 @@ aborts and reservations. Every test ends with nothing leaked."""
 from __future__ import annotations
 
 import pytest
+
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import EngineMode, SchedulerConfig
 from pdserve.engine.request import Request, RequestStatus, SamplingParams

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import assert_no_leaks, greedy, make_engine, run_to_completion
+
 from pdserve.engine import LLM, ModelConfig, SamplingParams, resolve_model
 
 

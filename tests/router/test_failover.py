@@ -8,11 +8,12 @@ import time
 
 import grpc
 import pytest
+from rpc_helpers import LongRequest, collect, greedy_request, stub_for, wait_cluster_idle
+
 from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
 from pdserve.engine import SamplingParams
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
-from rpc_helpers import LongRequest, collect, greedy_request, stub_for, wait_cluster_idle
 
 pytestmark = pytest.mark.slow
 ALWAYS = pb.DISAGGREGATION_ALWAYS

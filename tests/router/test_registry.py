@@ -9,10 +9,12 @@ import time
 import pytest
 import redis
 import redis.asyncio
+from helpers import wait_for
+
 from pdserve.deploy.redis_server import RedisServer
+from pdserve.protocol import WorkerRecord, WorkerRole
 from pdserve.router.registry import (
     WORKERS,
-    WorkerRecord,
     index_prefixes,
     live_workers,
     prefix_hits,
@@ -36,7 +38,7 @@ def client(server):
     c.close()
 
 
-def record(wid, role="decode", free=10):
+def record(wid, role=WorkerRole.DECODE, free=10):
     return WorkerRecord(wid, role, "node-a", "tcp://127.0.0.1:1", 16, 20, free, 1, 0, 0,
                         time.time(), 1.0)
 
@@ -53,12 +55,13 @@ def read(server, fn, *args):
 
 def test_workers_register_refresh_and_expire(server, client):
     publish(client, record("d0"), ttl_s=0.3)
-    publish(client, record("p0", "prefill"), ttl_s=30)
+    publish(client, record("p0", WorkerRole.PREFILL), ttl_s=30)
     assert {r.worker_id for r in read(server, live_workers)} == {"d0", "p0"}
     publish(client, record("d0", free=3), ttl_s=0.3)
     assert [r.free_blocks for r in read(server, live_workers) if r.worker_id == "d0"] == [3]
-    time.sleep(0.5)  # d0 stopped heartbeating
-    assert [r.worker_id for r in read(server, live_workers)] == ["p0"]
+    # d0 stops heartbeating: its entry expires
+    wait_for(lambda: [r.worker_id for r in read(server, live_workers)] == ["p0"], 5,
+             "d0's entry to expire")
     assert client.zrange(WORKERS, 0, -1) == [b"p0"]  # the reader cleaned up
     unpublish(client, "p0")
     assert read(server, live_workers) == []
@@ -72,3 +75,14 @@ def test_prefix_index_counts_leading_blocks_per_worker(server, client):
     index_prefixes(client, "a", [], [2])
     assert read(server, prefix_hits, [1, 2, 3]) == {"a": 1, "b": 1}
     assert read(server, prefix_hits, [9]) == {}
+
+
+def test_a_record_round_trips_and_a_foreign_entry_is_skipped(server, client):
+    r = record("d0")
+    assert WorkerRecord.from_fields(r.to_fields()) == r
+    assert WorkerRecord.from_fields({k.encode(): v.encode()
+                                     for k, v in r.to_fields().items()}) == r
+    publish(client, r, ttl_s=30)
+    client.hset("pdserve:worker:junk", mapping={"worker_id": "junk", "role": "sideways"})
+    client.zadd(WORKERS, {"junk": time.time()})
+    assert [w.worker_id for w in read(server, live_workers)] == ["d0"]

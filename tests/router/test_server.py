@@ -7,12 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
+
 from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
 from pdserve.engine import SamplingParams
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc.client import PdServeClient
-from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
 
 pytestmark = pytest.mark.slow
 

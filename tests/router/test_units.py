@@ -1,11 +1,7 @@
-"""Pure parts of the router: policies, the prefix hash chain (equal to the engine's), and the
-token-stream reader (equal to the decode worker's writer)."""
+"""Pure parts of the router: its routing policies."""
 
 from __future__ import annotations
 
-import pytest
-from pdserve.decode_worker import DecodeStamps, StreamFinish, TokenBatch, TokenChunk
-from pdserve.engine.block_manager import hash_block
 from pdserve.router.policy import (
     Hint,
     WorkerLoad,
@@ -14,8 +10,6 @@ from pdserve.router.policy import (
     round_robin,
     should_disaggregate,
 )
-from pdserve.router.prefix import block_hashes
-from pdserve.router.stream import decode_batch
 
 
 def load(wid, free=100, running=0, waiting=0, queued=0, in_flight=0, block_size=16):
@@ -49,27 +43,3 @@ def test_prefill_choice_weighs_queued_tokens_against_cached_prefix():
 def test_round_robin_cycles_over_workers_with_a_free_slot():
     ws = [load("b"), load("a"), load("c", in_flight=8)]
     assert [round_robin(ws, t, 8).worker_id for t in range(4)] == ["a", "b", "a", "b"]
-
-
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_the_router_hash_chain_equals_the_engine_block_hashes(block_size):
-    tokens = [(i * 7919) % 49152 for i in range(70)]
-    parent, expected = None, []
-    for i in range(len(tokens) // block_size):
-        parent = hash_block(parent, tokens[i * block_size:(i + 1) * block_size])
-        expected.append(parent)
-    assert block_hashes(tokens, block_size) == expected
-
-
-def test_the_router_reads_what_the_decode_worker_writes():
-    stamps = DecodeStamps(1.0, 0.0, 0.0, 2.0, 2.5, 3.0, 4.0)
-    batch = TokenBatch("decode-0", 9.5, (TokenChunk("t1", (5, 6)),
-                                         TokenChunk("t2", (7,), StreamFinish.LENGTH, "", stamps)))
-    first, last = decode_batch(batch.encode())
-    assert (first.worker_id, first.time, first.transfer_id, first.token_ids, first.finish) == (
-        "decode-0", 9.5, "t1", (5, 6), None)
-    assert last.finish == "length" and last.stamps == {
-        "received": 1.0, "prefill_start": 0.0, "prefill_end": 0.0, "kv_received": 2.0,
-        "decode_admitted": 2.5, "first_token": 3.0, "finished": 4.0}
-    with pytest.raises(ValueError, match="version"):
-        decode_batch(b"\x94\x02\xa1w\x00\x90")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from pdserve.deploy.driver import StreamCollector
+
+from pdserve.bench.stream_collector import StreamCollector
 
 
 @pytest.fixture(scope="module")
 def collector():
-    """The router's token-stream endpoint, shared by a module's tests."""
+    """The router's stream endpoint, shared by a module's tests."""
     c = StreamCollector()
     yield c
+    assert not c.errors, c.errors
     c.close()

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from driver import run_colocated, run_disaggregated, run_many
 from helpers import greedy
-from pdserve.decode_worker import DecodeJob, StreamFinish
-from pdserve.deploy.driver import run_colocated, run_disaggregated, run_many
-from pdserve.deploy.local import Role
-from pdserve.engine import LLM, NoFreeBlocksError
 from worker_driver import wait_idle, wait_load
 from worker_procs import spawn, stop_all, worker_config
+
+from pdserve.engine import LLM, NoFreeBlocksError
+from pdserve.protocol import DecodeOrder, FinishReason, PrefillStatus, WorkerRole
 
 MAX_TOKENS = 12
 
@@ -31,12 +31,11 @@ PROMPTS = _prompts()
 
 @pytest.fixture(scope="module")
 def procs(tiny_llama_dir):
-    specs = [(Role.PREFILL, worker_config(Role.PREFILL, tiny_llama_dir, "p0")),
-             (Role.PREFILL, worker_config(Role.PREFILL, tiny_llama_dir, "p1")),
-             (Role.DECODE, worker_config(Role.DECODE, tiny_llama_dir, "d0")),
-             (Role.DECODE, worker_config(Role.DECODE, tiny_llama_dir, "d1")),
-             (Role.COLOCATED, worker_config(Role.COLOCATED, tiny_llama_dir, "c0"))]
-    procs = spawn(specs)
+    procs = spawn([worker_config(WorkerRole.PREFILL, tiny_llama_dir, "p0"),
+                   worker_config(WorkerRole.PREFILL, tiny_llama_dir, "p1"),
+                   worker_config(WorkerRole.DECODE, tiny_llama_dir, "d0"),
+                   worker_config(WorkerRole.DECODE, tiny_llama_dir, "d1"),
+                   worker_config(WorkerRole.COLOCATED, tiny_llama_dir, "c0")])
     yield dict(zip(["p0", "p1", "d0", "d1", "c0"], procs, strict=True))
     stop_all(procs)
 
@@ -59,8 +58,8 @@ def test_one_prefill_one_decode_equals_llm(procs, collector, expected):
                     greedy(MAX_TOKENS), "1p1d")
     for i, out in enumerate(outs):
         assert out.token_ids == expected[i], f"prompt {i} ({len(PROMPTS[i])} tokens)"
-        assert out.finish is StreamFinish.LENGTH
-        assert out.prefill.first_token_id == expected[i][0]
+        assert out.finish is FinishReason.LENGTH
+        assert out.prefill.status is PrefillStatus.DONE
 
 
 def test_two_prefill_two_decode_equals_llm(procs, collector, expected):
@@ -90,11 +89,14 @@ def test_stage_stamps_are_ordered(procs, collector):
     out = run_disaggregated(collector, procs["p0"].worker, procs["d0"].worker, "stamps",
                             PROMPTS[1], greedy(MAX_TOKENS))
     ps, ds = out.prefill.stamps, out.stream.final.stamps
-    chain = [ds.received, ps.received, ps.prefill_queued, ps.prefill_start, ps.kv_send_start,
-             ps.prefill_end, ds.kv_received, ds.decode_admitted, ds.first_token, ds.finished]
+    chain = [ds.received, ps.received, ps.prefill_start, ps.kv_send_start, ps.prefill_end,
+             ds.kv_received, ds.decode_admitted, ds.first_token, ds.finished]
     assert all(t > 0 for t in chain), chain
     assert chain == sorted(chain)
     assert ps.kv_send_end >= ps.prefill_end
+    # the hand-off brought the prefill worker's stamps, so the final chunk has them all
+    assert (ds.prefill_start, ds.prefill_end) == (ps.prefill_start, ps.prefill_end)
+    assert out.stream.first.stamps.decode_admitted == ds.decode_admitted
     assert out.stream.times == sorted(out.stream.times)
     assert out.stream.times[0] >= ds.first_token and out.stream.times[-1] >= ds.finished
 
@@ -109,9 +111,9 @@ def test_colocated_stamps_cover_the_local_prefill(procs, collector):
 def test_bad_jobs_are_refused_and_leave_nothing(procs, collector):
     d = procs["d0"].worker
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        d.reserve(DecodeJob("bad", (1, 2, 9999), greedy(4), collector.endpoint))
+        d.reserve(DecodeOrder("bad", (1, 2, 9999), greedy(4), collector.endpoint))
     with pytest.raises(ValueError, match="maximum length"):
-        d.reserve(DecodeJob("bad", tuple(range(200)) * 3, greedy(4), collector.endpoint))
+        d.reserve(DecodeOrder("bad", tuple(range(200)) * 3, greedy(4), collector.endpoint))
     assert d.job_state("bad") is None
 
 
@@ -121,11 +123,11 @@ def test_a_full_decode_worker_refuses_a_reservation_and_holds_nothing_for_it(pro
     prompt = tuple(range(1, 251)) * 2  # 500 tokens: 125 of the 512 blocks
     held = [f"fill-{i}" for i in range(4)]
     for tid in held:
-        d.reserve(DecodeJob(tid, prompt, greedy(4), collector.endpoint))
+        d.reserve(DecodeOrder(tid, prompt, greedy(4), collector.endpoint))
     with pytest.raises(NoFreeBlocksError):
-        d.reserve(DecodeJob("one-too-many", prompt, greedy(4), collector.endpoint))
+        d.reserve(DecodeOrder("one-too-many", prompt, greedy(4), collector.endpoint))
     wait_load(d, lambda e: e.num_reserved == 4 and e.num_free_blocks == 512 - 4 * 125)
     assert d.job_state("one-too-many") is None
     for tid in held:
         d.abort(tid)
-        assert collector.wait(tid).final.finish is StreamFinish.ABORT
+        assert collector.wait_final(tid).final.finish is FinishReason.ABORT

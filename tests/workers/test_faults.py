@@ -2,36 +2,41 @@
 worker, prefill and decode, is left with all blocks free and no job.
 
 The prefill worker here runs two tokens per step and one sequence at a time, so a 400-token
-prompt takes a couple of hundred steps: long enough to act while it is in a given state."""
+prompt takes a couple of hundred steps: long enough to act while it is in a given state.
+To hold a job in the prefill worker's TRANSFERRING state (first token sent, waiting for
+the receiver's acknowledgement), the decode worker is stopped (SIGSTOP) while the prefill
+finishes: its KV and Done wait in the socket until it runs again, or dies."""
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+import os
+import signal
 
 import pytest
+from driver import reserve, run_disaggregated, submit
 from helpers import greedy
-from pdserve.decode_worker import DecodeJob, DecodeState, StreamFinish
-from pdserve.deploy.driver import run_disaggregated
-from pdserve.deploy.local import Role
-from pdserve.engine import LLM
-from pdserve.prefill_worker import PrefillJob, PrefillState
 from worker_driver import wait_idle, wait_state
 from worker_procs import spawn, stop_all, worker_config
+
+from pdserve.decode_worker import DecodeState
+from pdserve.engine import LLM
+from pdserve.prefill_worker import PrefillState
+from pdserve.protocol import DecodeOrder, FinishReason, PrefillStatus, WorkerRole
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)
 
 
 def slow_prefill_config(model_dir, worker_id):
-    return worker_config(Role.PREFILL, model_dir, worker_id, max_num_batched_tokens=2,
+    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=2,
                          max_num_seqs=1, ack_timeout_s=5.0)
 
 
 @pytest.fixture(scope="module")
 def procs(tiny_llama_dir):
-    procs = spawn([(Role.PREFILL, slow_prefill_config(tiny_llama_dir, "p-slow")),
-                   (Role.DECODE, worker_config(Role.DECODE, tiny_llama_dir, "d-main"))])
+    procs = spawn([slow_prefill_config(tiny_llama_dir, "p-slow"),
+                   worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-main")])
     yield procs
     stop_all(procs)
 
@@ -43,7 +48,7 @@ def prefill(procs):
 
 @pytest.fixture(scope="module")
 def decode(procs):
-    return procs[1].worker
+    return procs[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,100 +56,129 @@ def short_expected(tiny_llama_dir):
     return LLM(str(tiny_llama_dir), block_size=4).generate([list(SHORT)], greedy(6))[0].token_ids
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with ThreadPoolExecutor(4) as pool:
-        yield pool
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(prefill, decode):
     yield
     wait_idle(prefill)
-    wait_idle(decode)
+    wait_idle(decode.worker)
 
 
-def start(pool, collector, prefill, decode, tid, prompt=LONG, params=None, lease_s=30.0):
-    """Reserve on `decode` and submit to `prefill` without waiting; the prefill Future."""
+def start(collector, prefill, decode, tid, prompt=LONG, params=None, lease_s=30.0) -> None:
+    """Reserve on `decode` and submit to `prefill`; both return at once."""
     params = params or greedy(4)
-    endpoint = decode.reserve(DecodeJob(tid, prompt, params, collector.endpoint, lease_s))
-    return pool.submit(prefill.prefill, PrefillJob(tid, prompt, params, endpoint))
+    submit(collector, prefill, tid, prompt, params,
+           reserve(collector, decode, tid, prompt, params, lease_s))
 
 
-def test_decode_worker_killed_mid_transfer(tiny_llama_dir, pool, collector, prefill, decode,
-                                           short_expected):
-    (victim,) = spawn([(Role.DECODE, worker_config(Role.DECODE, tiny_llama_dir, "d-victim"))])
+@contextlib.contextmanager
+def stopped(proc):
+    """The process frozen (SIGSTOP) until the block ends (SIGCONT, unless it was killed)."""
+    os.kill(proc.pid, signal.SIGSTOP)
     try:
-        result = start(pool, collector, prefill, victim.worker, "kill-d")
+        yield
+    finally:
+        if proc.process.is_alive():
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_decode_worker_killed_mid_transfer(tiny_llama_dir, collector, prefill, decode,
+                                           short_expected):
+    (victim,) = spawn([worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-victim")])
+    try:
+        start(collector, prefill, victim.worker, "kill-d")
         wait_state(victim.worker, "kill-d", DecodeState.RECEIVING)
-        killed = time.monotonic()
         victim.kill()
-        outcome = result.result(timeout=30)
-        assert outcome.state is PrefillState.FAILED
-        assert "disconnected" in outcome.reason or "acknowledgement" in outcome.reason
-        assert time.monotonic() - killed < 10  # the dropped connection, or the ack timeout
+        outcome = collector.wait_outcome("kill-d", timeout=30)
+        assert outcome.status is PrefillStatus.FAILED
+        assert "disconnected" in outcome.reason  # the dropped connection, not a timeout
     finally:
         victim.kill()
     wait_idle(prefill)
     # the prefill worker carries on with other decode workers
-    out = run_disaggregated(collector, prefill, decode, "after-kill-d", SHORT, greedy(6))
+    out = run_disaggregated(collector, prefill, decode.worker, "after-kill-d", SHORT, greedy(6))
     assert out.token_ids == short_expected
 
 
-def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, pool, collector, decode):
-    (victim,) = spawn([(Role.PREFILL, slow_prefill_config(tiny_llama_dir, "p-victim"))])
+def test_decode_worker_killed_while_the_prefill_waits_for_its_ack(tiny_llama_dir, collector,
+                                                                 prefill):
+    (victim,) = spawn([worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-victim-2")])
     try:
-        result = start(pool, collector, victim.worker, decode, "kill-p", lease_s=4.0)
-        wait_state(decode, "kill-p", DecodeState.RECEIVING)
-        victim.kill()
-        with pytest.raises((EOFError, ConnectionError)):
-            result.result(timeout=30)
+        start(collector, prefill, victim.worker, "kill-d-ack")
+        wait_state(victim.worker, "kill-d-ack", DecodeState.RECEIVING)
+        with stopped(victim):
+            wait_state(prefill, "kill-d-ack", PrefillState.TRANSFERRING)
+            victim.kill()
+        outcome = collector.wait_outcome("kill-d-ack", timeout=30)
+        assert outcome.status is PrefillStatus.FAILED
+        assert "disconnected" in outcome.reason or "acknowledgement" in outcome.reason
     finally:
         victim.kill()
-    final = collector.wait("kill-p", timeout=15).final  # the lease expires
-    assert final.finish is StreamFinish.ERROR
+
+
+def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):
+    (victim,) = spawn([slow_prefill_config(tiny_llama_dir, "p-victim")])
+    try:
+        start(collector, victim.worker, decode.worker, "kill-p", lease_s=4.0)
+        wait_state(decode.worker, "kill-p", DecodeState.RECEIVING)
+        victim.kill()
+    finally:
+        victim.kill()
+    final = collector.wait_final("kill-p", timeout=15).final  # the lease expires
+    assert final.finish is FinishReason.ERROR
     assert "deadline" in final.error
 
 
 def test_a_lease_with_no_prefill_expires(collector, decode):
-    decode.reserve(DecodeJob("orphan", LONG, greedy(4), collector.endpoint, lease_s=0.3))
-    final = collector.wait("orphan", timeout=10).final
-    assert final.finish is StreamFinish.ERROR and final.stamps.kv_received == 0.0
+    decode.worker.reserve(DecodeOrder("orphan", LONG, greedy(4), collector.endpoint,
+                                      lease_s=0.3))
+    final = collector.wait_final("orphan", timeout=10).final
+    assert final.finish is FinishReason.ERROR and final.stamps.kv_received == 0.0
 
 
-def _abort_both(prefill, decode, tid):
-    prefill.abort(tid)  # the router aborts P first, so no more KV is sent for it
-    decode.abort(tid)
+def test_a_refused_prefill_order_is_reported_and_holds_nothing(collector, prefill, decode):
+    """A transfer id already live on the prefill worker: the second order fails alone."""
+    start(collector, prefill, decode.worker, "twice")
+    wait_state(prefill, "twice", PrefillState.PREFILLING)
+    submit(collector, prefill, "twice", LONG, greedy(4), decode.worker.kv_endpoint())
+    outcome = collector.wait_outcome("twice")
+    assert outcome.status is PrefillStatus.FAILED and "already in use" in outcome.reason
+    prefill.abort("twice")
+    decode.worker.abort("twice")
+    collector.wait_final("twice")
 
 
 @pytest.mark.parametrize("state", ["queued", "prefilling", "transferring", "decoding"])
-def test_abort_in_each_state_frees_both_sides(state, pool, collector, prefill, decode):
+def test_abort_in_each_state_frees_both_sides(state, collector, prefill, decode):
     tid = f"abort-{state}"
-    blocker = None
     if state == "queued":  # one sequence at a time: a long job ahead keeps it queued
-        blocker = start(pool, collector, prefill, decode, "blocker")
+        start(collector, prefill, decode.worker, "blocker")
         wait_state(prefill, "blocker", PrefillState.PREFILLING)
     params = greedy(400, ignore_eos=True) if state == "decoding" else greedy(4)
     prompt = SHORT if state == "decoding" else LONG
-    result = start(pool, collector, prefill, decode, tid, prompt, params)
+    start(collector, prefill, decode.worker, tid, prompt, params)
     if state == "queued":
         wait_state(prefill, tid, PrefillState.QUEUED)
     elif state == "prefilling":
         wait_state(prefill, tid, PrefillState.PREFILLING)
     elif state == "transferring":
-        wait_state(decode, tid, DecodeState.RECEIVING)
+        wait_state(decode.worker, tid, DecodeState.RECEIVING)
+        with stopped(decode):  # no ack can come: the prefill job stays TRANSFERRING
+            wait_state(prefill, tid, PrefillState.TRANSFERRING)
+            prefill.abort(tid)
+            outcome = collector.wait_outcome(tid)
     else:
-        wait_state(decode, tid, DecodeState.DECODING)
-    _abort_both(prefill, decode, tid)
-    outcome = result.result(timeout=30)
+        wait_state(decode.worker, tid, DecodeState.DECODING)
+    prefill.abort(tid)  # idempotent: a second abort, or one after the end, does nothing
+    decode.worker.abort(tid)
+    outcome = collector.wait_outcome(tid, timeout=30)
     if state == "decoding":
         # the prefill had ended; its worker may not have read the ack before the abort came
-        assert outcome.state in (PrefillState.DONE, PrefillState.ABORTED)
+        assert outcome.status in (PrefillStatus.DONE, PrefillStatus.ABORTED)
     else:
-        assert outcome.state in (PrefillState.ABORTED, PrefillState.FAILED)
-    final = collector.wait(tid).final
-    assert final.finish is StreamFinish.ABORT
-    if blocker is not None:
-        _abort_both(prefill, decode, "blocker")
-        blocker.result(timeout=30)
-        collector.wait("blocker")
+        assert outcome.status in (PrefillStatus.ABORTED, PrefillStatus.FAILED)
+    assert collector.wait_final(tid).final.finish is FinishReason.ABORT
+    if state == "queued":
+        prefill.abort("blocker")
+        decode.worker.abort("blocker")
+        collector.wait_outcome("blocker")
+        collector.wait_final("blocker")

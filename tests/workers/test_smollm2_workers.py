@@ -4,11 +4,13 @@ greedy tokens as engine.LLM (itself checked against transformers in tests/engine
 from __future__ import annotations
 
 import pytest
+from driver import run_colocated, run_many
 from helpers import greedy
-from pdserve.deploy.driver import StreamCollector, run_colocated, run_many
-from pdserve.deploy.local import Role
 from worker_driver import wait_idle
 from worker_procs import spawn, stop_all, worker_config
+
+from pdserve.bench.stream_collector import StreamCollector
+from pdserve.protocol import WorkerRole
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +25,7 @@ def test_smollm2_through_workers_equals_llm(smollm2_dir, smollm2_llm):
                                        return_dict=False) for q in QUESTIONS]
     expected = [o.token_ids for o in smollm2_llm.generate(prompts, greedy(24))]
     kw = dict(block_size=16, num_blocks=128, max_num_batched_tokens=512)
-    procs = spawn([(role, worker_config(role, smollm2_dir, role.value, **kw))
-                   for role in (Role.PREFILL, Role.DECODE, Role.COLOCATED)])
+    procs = spawn([worker_config(role, smollm2_dir, role.value, **kw) for role in WorkerRole])
     collector = StreamCollector()
     try:
         p, d, c = (proc.worker for proc in procs)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from pdserve.router.detok import IncrementalDetokenizer
+
+from pdserve.protocol import IncrementalDetokenizer
 from pdserve.router.tokenizer import RouterTokenizer
 
 
@@ -16,7 +17,7 @@ def tok(smollm2_dir):
 
 
 def stream(tok, ids, stop=(), step=1):
-    d = IncrementalDetokenizer(tok, stop)
+    d = IncrementalDetokenizer(tok.decode, stop)
     pieces = []
     for i in range(0, len(ids), step):
         delta = d.add(ids[i:i + step])

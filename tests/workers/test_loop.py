@@ -4,11 +4,11 @@ reported instead of hidden, and nothing accepted after close."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
-from helpers import assert_no_leaks, greedy, make_engine
-from pdserve.engine.loop import EngineLoop, LoopHandler
+from helpers import assert_no_leaks, greedy, make_engine, wait_for
+
+from pdserve.worker.loop import EngineLoop, LoopHandler
 
 
 class Recorder(LoopHandler):
@@ -90,32 +90,35 @@ def test_nothing_runs_after_close(engine):
     loop.close()  # idempotent
 
 
-class SlowStep(Recorder):
+class HeldStep(Recorder):
+    """A step that does not end until the test releases it."""
+
     def __init__(self):
         super().__init__()
         self.in_step = threading.Event()
+        self.release = threading.Event()
 
     def after_step(self, outputs):
         self.in_step.set()
-        time.sleep(1.0)  # a long prefill step
+        self.release.wait(30)
         super().after_step(outputs)
 
 
 def test_prefix_events_are_handed_out_without_waiting_for_a_step(engine):
-    handler = SlowStep()
+    handler = HeldStep()
     loop = EngineLoop(engine, handler)
     try:
         assert loop.drain_prefix_events() == ([], [])  # starts the recording
         loop.call(lambda: engine.add_request("r", list(range(1, 18)), greedy(3))).result(5)
         assert handler.in_step.wait(5)
-        t0 = time.monotonic()
-        loop.drain_prefix_events()
-        assert time.monotonic() - t0 < 0.2  # did not wait for the 1 s step
+        drained = threading.Thread(target=loop.drain_prefix_events, daemon=True)
+        drained.start()
+        drained.join(10)
+        assert not drained.is_alive()  # answered while the step is still held
+        handler.release.set()
         entered: list[int] = []
-        deadline = time.monotonic() + 10
-        while len(entered) < 4 and time.monotonic() < deadline:  # 17 tokens: 4 full blocks
-            entered += loop.drain_prefix_events()[0]
-            time.sleep(0.05)
-        assert len(entered) >= 4
+        wait_for(lambda: entered.extend(loop.drain_prefix_events()[0]) or len(entered) >= 4,
+                 10, "the 4 full blocks of 17 tokens to enter the prefix cache")
     finally:
+        handler.release.set()
         loop.close()

@@ -5,11 +5,14 @@ tokens, not the whole output, and BPE spacing comes out as a full decode would g
 window whose text ends in U+FFFD is an unfinished multi-byte character: nothing is emitted
 until its next token completes it. Text that could be the start of a stop string is held
 back until it cannot be, so a stop string is cut exactly and never half-streamed.
+
+The router streams with it; the offline `LLM` uses it for stop strings and streaming.
+`decode` turns token ids into text (special tokens skipped), so any tokenizer fits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -20,8 +23,8 @@ class Delta:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self._tok = tokenizer
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
+        self._decode = decode
         self._stop = tuple(stop)
         self._ids: list[int] = []
         self._prefix = 0  # window start
@@ -39,8 +42,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return Delta("", True)
         self._ids += token_ids
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        after = self._tok.decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._text += after[len(before):]
             self._prefix, self._read = self._read, len(self._ids)
@@ -49,8 +52,8 @@ class IncrementalDetokenizer:
     def finish(self) -> Delta:
         """The request ended: release held-back text (and any incomplete character)."""
         if not self.stopped and self._read < len(self._ids):
-            self._text += self._tok.decode(self._ids[self._prefix:])[
-                len(self._tok.decode(self._ids[self._prefix:self._read])):]
+            self._text += self._decode(self._ids[self._prefix:])[
+                len(self._decode(self._ids[self._prefix:self._read])):]
             self._read = len(self._ids)
         return self._emit(final=True)
 

@@ -31,9 +31,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pdserve.engine.engine import Engine, EngineStats
+from pdserve.engine import Engine, EngineStats, RequestOutput, ScheduledBatch
 from pdserve.engine.model.llama import LayerKVHook
-from pdserve.engine.scheduler import RequestOutput, ScheduledBatch
 
 T = TypeVar("T")
 
@@ -127,6 +126,11 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def closed_reason(self) -> str | None:
+        """Why the loop no longer serves (closed, or broken by an error); None while it does."""
+        return self._closed_reason() if self._stop.is_set() else None
+
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop after the current turn; idempotent."""
         self._stop.set()
@@ -199,7 +203,7 @@ class EngineLoop:
             tracking = self._prefix_events is not None
         if not tracking:
             return
-        new_in, new_out = self.engine.block_manager.drain_prefix_events()
+        new_in, new_out = self.engine.drain_prefix_events()
         with self._prefix_lock:
             entered, left = self._prefix_events
             entered.difference_update(new_out)

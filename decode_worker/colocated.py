@@ -1,0 +1,20 @@
+"""The colocated worker: prefill and decode in one engine (mixed mode, chunked prefill), the
+baseline every benchmark compares with. The same job table and token stream as the decode
+worker, without a KV receiver: every job is a local one (decode_worker/worker.py)."""
+
+from __future__ import annotations
+
+from pdserve.decode_worker.jobs import DecodeJobs
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.protocol import WorkerRole
+from pdserve.worker.base import Worker
+from pdserve.worker.config import WorkerConfig
+
+
+class ColocatedWorker(Worker):
+    role = WorkerRole.COLOCATED
+
+    def __init__(self, config: WorkerConfig):
+        super().__init__(config, lambda engine, publisher: DecodeJobs(engine, None, publisher))
+
+    generate = DecodeWorker.generate  # every job is local

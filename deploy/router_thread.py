@@ -1,0 +1,81 @@
+"""A router and its gRPC server on their own asyncio loop, in a thread of this process: how
+`pdserve serve` runs the router beside a local or a Ray cluster.
+
+Life: `RouterThread(...)` starts the loop, connects to Redis, starts the router (its
+registry view and token-stream reader) and the gRPC server, and returns once it listens
+on `address` (or raises why it could not); `close()` stops the server, the router and the
+Redis client, then the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import redis.asyncio
+
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.models import resolve_model
+from pdserve.router.router import Router, RouterConfig
+from pdserve.router.server import start_server
+from pdserve.router.tokenizer import RouterTokenizer
+
+
+class RouterThread:
+    """A Router and its gRPC server on their own asyncio loop in a thread."""
+
+    def __init__(self, config: RouterConfig, model_dir, redis_url: str, connect,
+                 address: str = "127.0.0.1:0"):
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._args = (config, model_dir, redis_url, connect, address)
+        self._thread = threading.Thread(target=self._run, name=config.router_id, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"router failed to start: {self._error}") from self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as e:  # noqa: BLE001 - reported by the constructor
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        config, model_dir, redis_url, connect, address = self._args
+        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self.router = Router(config, RouterTokenizer(model_dir), self._redis, connect)
+        await self.router.start()
+        self._server, self.port = await start_server(self.router, address)
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def call(self, coro):
+        """Run a coroutine on the router's loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        async def stop():
+            await self._server.stop(grace=1.0)
+            await self.router.close()
+            await self._redis.aclose()
+
+        if self._loop.is_running():
+            self.call(stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def start_router(spec: ClusterSpec, redis_url: str, connect, index: int,
+                 address: str) -> RouterThread:
+    """The cluster's `index`-th router (id `router-<index>`) and its gRPC server."""
+    config = replace(spec.router, router_id=f"router-{index}")
+    return RouterThread(config, resolve_model(spec.model), redis_url, connect, address)

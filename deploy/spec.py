@@ -1,0 +1,63 @@
+"""What a cluster is made of, as `pdserve serve` flags or a test describe it, and the one
+function that turns it into each worker's configuration (engine included)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.engine.config import default_device
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.models import DEFAULT_MODEL, resolve_model
+from pdserve.protocol import WorkerRole
+from pdserve.router.router import RouterConfig
+from pdserve.worker import ENGINE_MODES, WorkerConfig
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model: str = DEFAULT_MODEL  # a built-in name or a local HF folder
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    block_size: int = 16
+    num_blocks: int = 512
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    transport: TransportKind = TransportKind.ZMQ
+    device: str | None = None  # None: CUDA where the worker runs has it, else CPU
+    threads_per_worker: int = 1
+    gpus_per_worker: float = 0.0  # Ray only: GPUs each worker actor asks for
+    pin_cores: bool = False  # one core per worker, round robin over this process's cores
+    handshake_timeout_s: float = 5.0
+    ack_timeout_s: float = 10.0
+    heartbeat_s: float = 0.5
+    heartbeat_ttl_s: float = 3.0
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.colocated) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if self.decode + self.colocated == 0:
+            raise ValueError("at least one decode or colocated worker is needed")
+
+    def roles(self) -> list[tuple[str, WorkerRole]]:
+        """(worker id, role) of every worker, prefill first."""
+        return ([(f"prefill-{i}", WorkerRole.PREFILL) for i in range(self.prefill)]
+                + [(f"decode-{i}", WorkerRole.DECODE) for i in range(self.decode)]
+                + [(f"colocated-{i}", WorkerRole.COLOCATED) for i in range(self.colocated)])
+
+    def worker_config(self, worker_id: str, role: WorkerRole,
+                      kv_host: str = "127.0.0.1") -> WorkerConfig:
+        """The configuration of one worker. Call it where the worker runs: it resolves (and
+        on first use converts) the model there, and picks that machine's device."""
+        device = self.device or default_device()
+        engine = EngineConfig(
+            model=ModelConfig.from_pretrained(resolve_model(self.model)),
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks),
+            scheduler=SchedulerConfig(mode=ENGINE_MODES[role],
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_num_seqs=self.max_num_seqs),
+            device=device)
+        return WorkerConfig(role, engine, worker_id, self.transport, kv_host,
+                            self.handshake_timeout_s, self.ack_timeout_s)

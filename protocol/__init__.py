@@ -1,0 +1,30 @@
+"""The contract between the router and the workers, declared once and torch-free: worker
+roles, the worker record, sampling parameters, prefill and decode orders and their
+outcomes, the stream codec and stage stamps, finish reasons, the prefix hash chain, what a
+model folder says about its limits and EOS, and the stop-string detokenizer.
+
+It imports nothing of pdserve; the router, the engine, the workers, deploy and bench all
+speak it and nothing re-declares it."""
+
+from pdserve.protocol.detok import IncrementalDetokenizer
+from pdserve.protocol.model_info import ModelLimits, read_model_limits
+from pdserve.protocol.orders import (
+    DecodeOrder,
+    FinishReason,
+    PrefillOrder,
+    PrefillOutcome,
+    PrefillStatus,
+)
+from pdserve.protocol.prefix import block_hashes, hash_block
+from pdserve.protocol.record import WorkerRecord
+from pdserve.protocol.roles import WorkerRole
+from pdserve.protocol.sampling import InvalidField, SamplingParams
+from pdserve.protocol.stamps import DecodeStamps, Handoff, PrefillStamps
+from pdserve.protocol.stream import PrefillReport, TokenBatch, TokenChunk
+
+__all__ = [
+    "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff", "IncrementalDetokenizer",
+    "InvalidField", "ModelLimits", "PrefillOrder", "PrefillOutcome", "PrefillReport",
+    "PrefillStamps", "PrefillStatus", "SamplingParams", "TokenBatch", "TokenChunk",
+    "WorkerRecord", "WorkerRole", "block_hashes", "hash_block", "read_model_limits",
+]

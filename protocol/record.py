@@ -1,0 +1,50 @@
+"""A worker as the cluster's registry lists it: who it is, where its KV goes, its load."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from pdserve.protocol.roles import WorkerRole
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    role: WorkerRole
+    node: str
+    kv_endpoint: str  # "" unless the role receives KV
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+    heartbeat: float  # Unix seconds
+    started: float  # Unix seconds: a restarted worker (same id) is a new incarnation
+
+    def without_room(self) -> WorkerRecord:
+        """This record, seen as full (until the worker's next heartbeat says otherwise)."""
+        return replace(self, free_blocks=0)
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields (a Redis hash)."""
+        values = asdict(self)
+        values["role"] = self.role.value
+        return {k: str(v) for k, v in values.items()}
+
+    @classmethod
+    def from_fields(cls, raw: dict) -> WorkerRecord:
+        """The inverse of `to_fields`; keys and values may be bytes. Raises ValueError for a
+        record that is missing a field or holds a bad value."""
+        text = {(k.decode() if isinstance(k, bytes) else k):
+                (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+        values = {}
+        try:
+            for f in fields(cls):
+                value = text[f.name]
+                values[f.name] = (WorkerRole(value) if f.name == "role" else int(value)
+                                  if f.type == "int" else float(value) if f.type == "float"
+                                  else value)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"bad worker record {text.get('worker_id', '?')!r}: {e!r}") from e
+        return cls(**values)

@@ -1,0 +1,100 @@
+"""What every worker is built on (DESIGN §2): an engine, the engine loop that drives it
+from its own thread with the worker's job table, the stream publisher to the routers, and
+the face the router's handles call.
+
+Life of a worker:
+1. STARTING  the engine loads the model; the role builds its job table (with its KV sender
+             or receiver) on the engine; the loop thread starts.
+2. SERVING   orders arrive from any thread. Each is checked in the caller's thread (a bad
+             order raises ValueError and leaves nothing behind) and handed to the loop,
+             which applies it between two steps: no call waits for a step, and no call
+             stays open for the life of a job; outcomes and tokens go to the router's
+             stream endpoint. `load()` is the last snapshot; `job_state()` a published copy.
+3. CLOSED    `close()` stops the loop after the step in progress; the job table ends every
+             live job (an error chunk or outcome to its router) and closes its sockets. A
+             broken loop (an engine error) ends the same way, and `load().error` says why;
+             later calls raise RuntimeError.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import abstractmethod
+from collections.abc import Callable
+
+from pdserve.engine import Engine
+from pdserve.protocol import WorkerRole
+from pdserve.worker.config import WorkerConfig
+from pdserve.worker.loop import EngineLoop, LoadReport, LoopHandler
+from pdserve.worker.publisher import StreamPublisher
+
+
+class JobTable(LoopHandler):
+    """A worker's live jobs by transfer id. Every method runs on the loop thread; `states`
+    is the copy of each live job's state that other threads read."""
+
+    def __init__(self, engine: Engine, publisher: StreamPublisher):
+        self.engine = engine
+        self.publisher = publisher
+        self.states: dict[str, enum.Enum] = {}
+
+    @abstractmethod
+    def abort(self, transfer_id: str, reason: str) -> None:
+        """End a live job, freeing everything it holds; unknown ids are ignored."""
+
+    def num_jobs(self) -> int:
+        return len(self.states)
+
+
+class Worker:
+    role: WorkerRole
+
+    def __init__(self, config: WorkerConfig,
+                 make_jobs: Callable[[Engine, StreamPublisher], JobTable]):
+        if config.role is not self.role:
+            raise ValueError(f"{type(self).__name__} needs a {self.role.value} config, got "
+                             f"{config.role.value}")
+        self.config = config
+        self.engine = Engine(config.engine)
+        self._jobs = make_jobs(self.engine, StreamPublisher(config.worker_id))
+        self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id
+
+    def kv_endpoint(self) -> str:
+        """Where prefill workers send KV to this worker ("" unless it receives KV)."""
+        return ""
+
+    def abort(self, transfer_id: str) -> None:
+        """End a job in any live state, freeing all it holds; idempotent, unknown ids are
+        ignored. Does not wait: the job's end reaches the router like any other."""
+        self._loop.post(lambda: self._jobs.abort(transfer_id, "aborted by the router"))
+
+    def job_state(self, transfer_id: str) -> enum.Enum | None:
+        """The live job's state, or None once it ended (or was never seen)."""
+        return self._jobs.states.get(transfer_id)
+
+    def load(self) -> LoadReport:
+        return self._loop.load()
+
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes that entered and left this worker's prefix cache since the last call
+        (the first call starts the record): what the cluster's prefix index keeps."""
+        return self._loop.drain_prefix_events()
+
+    def close(self) -> None:
+        """End every live job, close the sockets, stop the loop; idempotent."""
+        self._loop.close()
+
+    def _check_open(self) -> None:
+        if (reason := self._loop.closed_reason) is not None:
+            raise RuntimeError(reason)
+
+    def _apply(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the loop thread between steps, without waiting for it. Raises
+        RuntimeError when the loop has stopped (the worker is closed or broken)."""
+        future = self._loop.call(fn)
+        if future.done() and future.exception() is not None:
+            raise future.exception()

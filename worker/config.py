@@ -1,0 +1,41 @@
+"""A worker's frozen configuration: its role, its engine and how its KV travels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.engine import EngineConfig, EngineMode
+from pdserve.kvtransfer.base import KVSpec
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.protocol import WorkerRole
+
+ENGINE_MODES = {WorkerRole.PREFILL: EngineMode.PREFILL_ONLY,
+                WorkerRole.DECODE: EngineMode.DECODE_ONLY,
+                WorkerRole.COLOCATED: EngineMode.MIXED}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: WorkerRole
+    engine: EngineConfig  # in the role's mode (ENGINE_MODES)
+    worker_id: str
+    transport: TransportKind = TransportKind.ZMQ
+    kv_host: str = "127.0.0.1"  # decode: the KV receiver binds here; must be routable
+    handshake_timeout_s: float = 5.0  # prefill: a decode worker that never answers is gone
+    ack_timeout_s: float = 10.0  # prefill: after the first token, a receiver that never acks
+
+    def __post_init__(self) -> None:
+        want = ENGINE_MODES[self.role]
+        if self.engine.scheduler.mode is not want:
+            raise ValueError(f"a {self.role.value} worker needs an engine in {want.value} mode, "
+                             f"got {self.engine.scheduler.mode.value}")
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        """What a prefill and a decode worker must agree on to exchange KV."""
+        m = self.engine.model
+        return KVSpec(Path(m.path).name, m.num_layers, m.num_kv_heads, m.head_dim,
+                      self.engine.torch_dtype)
