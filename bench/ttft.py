@@ -7,15 +7,16 @@ the decode worker on core 1, the colocated worker on core 0, so both deployments
 with the same compute. Runs alternate between the deployments so drift hits both alike.
 
 TTFT runs from the driver's first call (reserve, or generate) to the first token's arrival
-at the driver. Its stages come from the workers' stamps (one clock, time.time()):
+at the driver (a bench.stream_collector on the router's side of the stream). Its stages
+come from the workers' stamps (one clock, time.time()):
 - disaggregated: reserve (until the decode worker applied it), prefill queue, prefill
   compute, KV transfer left on the critical path (prefill end until all KV is at the decode
   worker), decode admission (KV in until the first token is pushed), stream (push until
   arrival), and the driver's own gap between reserve and the prefill call;
 - colocated: queue, prefill compute, stream.
 
-    .venv/bin/python bench/ttft.py [--lengths 128 512 2048] [--repeats 5] [--json PATH]
-                                   [--plot PNG]
+    .venv/bin/python -m pdserve.bench.ttft [--lengths 128 512 2048] [--repeats 5]
+                                           [--json PATH] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -29,46 +30,33 @@ import time
 from pathlib import Path
 
 import torch
-from pdserve.decode_worker import DecodeJob, DecodeWorkerConfig
-from pdserve.deploy.driver import StreamCollector
-from pdserve.deploy.local import Role, WorkerProcess
-from pdserve.engine import (
-    CacheConfig,
-    EngineConfig,
-    EngineMode,
-    ModelConfig,
-    SamplingParams,
-    SchedulerConfig,
-    resolve_model,
-)
-from pdserve.kvtransfer.transports import TransportKind
-from pdserve.prefill_worker import PrefillJob, PrefillState, PrefillWorkerConfig
 from tqdm import tqdm
+
+from pdserve.bench.stream_collector import StreamCollector
+from pdserve.deploy.local import WorkerProcess
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.engine import ModelConfig, SamplingParams, resolve_model
+from pdserve.kvtransfer.transports import TransportKind
+from pdserve.protocol import DecodeOrder, PrefillOrder, PrefillStatus, WorkerRole
 
 DISAGG_STAGES = ["reserve", "driver", "prefill queue", "prefill compute", "KV transfer",
                  "decode admission", "stream"]
 OUTPUT_TOKENS = 8
 
 
-def engine_config(model: str, mode: EngineMode, max_len: int) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig.from_pretrained(resolve_model(model)),
-        cache=CacheConfig(block_size=16, num_blocks=-(-(max_len + OUTPUT_TOKENS) // 16) + 16),
-        scheduler=SchedulerConfig(mode=mode, max_num_batched_tokens=max_len),
-        device="cpu")
-
-
 def run_disaggregated(collector, prefill, decode, tid, prompt, params) -> dict[str, float]:
     t0 = time.time()
-    endpoint = decode.reserve(DecodeJob(tid, prompt, params, collector.endpoint))
+    endpoint = decode.reserve(DecodeOrder(tid, prompt, params, collector.endpoint))
     t1 = time.time()
-    result = prefill.prefill(PrefillJob(tid, prompt, params, endpoint))
-    assert result.state is PrefillState.DONE, result
-    stream = collector.wait(tid)
-    ps, ds = result.stamps, stream.final.stamps
+    prefill.submit(PrefillOrder(tid, prompt, params, endpoint, collector.endpoint))
+    stream = collector.wait_final(tid)
+    outcome = collector.wait_outcome(tid)
+    if outcome.status is not PrefillStatus.DONE:
+        raise RuntimeError(f"prefill of {tid} {outcome.status.value}: {outcome.reason}")
+    ps, ds = outcome.stamps, stream.final.stamps
     return {"ttft": stream.arrivals[0] - t0,
             "reserve": ds.received - t0,
-            "driver": ps.received - ds.received,  # reserve's reply, the prefill call's request
+            "driver": ps.received - ds.received,  # reserve's reply, the submit's request
             "prefill queue": ps.prefill_start - ps.received,
             "prefill compute": ps.prefill_end - ps.prefill_start,
             "KV transfer": ds.kv_received - ps.prefill_end,
@@ -80,8 +68,8 @@ def run_disaggregated(collector, prefill, decode, tid, prompt, params) -> dict[s
 
 def run_colocated(collector, worker, tid, prompt, params) -> dict[str, float]:
     t0 = time.time()
-    worker.generate(DecodeJob(tid, prompt, params, collector.endpoint))
-    stream = collector.wait(tid)
+    worker.generate(DecodeOrder(tid, prompt, params, collector.endpoint))
+    stream = collector.wait_final(tid)
     s = stream.final.stamps
     return {"ttft": stream.arrivals[0] - t0,
             "queue": s.prefill_start - t0,
@@ -153,18 +141,15 @@ def main() -> None:
     max_len = max(args.lengths)
     cores = sorted(os.sched_getaffinity(0))
     p_core, d_core = (cores[0],), (cores[1 % len(cores)],)
-    transport = TransportKind(args.transport)
+    spec = ClusterSpec(model=args.model, block_size=16,
+                       num_blocks=-(-(max_len + OUTPUT_TOKENS) // 16) + 16,
+                       max_num_batched_tokens=max_len, transport=TransportKind(args.transport),
+                       device="cpu")
     print(f"starting workers: prefill on core {p_core[0]}, decode on core {d_core[0]}, "
           f"colocated on core {p_core[0]}", file=sys.stderr)
-    procs = [
-        WorkerProcess(Role.PREFILL, PrefillWorkerConfig(
-            engine_config(args.model, EngineMode.PREFILL_ONLY, max_len), transport), p_core),
-        WorkerProcess(Role.DECODE, DecodeWorkerConfig(
-            engine_config(args.model, EngineMode.DECODE_ONLY, max_len), transport), d_core),
-        WorkerProcess(Role.COLOCATED, DecodeWorkerConfig(
-            engine_config(args.model, EngineMode.MIXED, max_len), worker_id="colocated-0"),
-            p_core),
-    ]
+    procs = [WorkerProcess(spec.worker_config(f"{role.value}-0", role), cpus)
+             for role, cpus in ((WorkerRole.PREFILL, p_core), (WorkerRole.DECODE, d_core),
+                                (WorkerRole.COLOCATED, p_core))]
     prefill, decode, colocated = (p.worker for p in procs)
     collector = StreamCollector()
     vocab = ModelConfig.from_pretrained(resolve_model(args.model)).vocab_size
