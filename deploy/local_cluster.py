@@ -20,12 +20,12 @@ from pdserve.deploy.handles import handle_for
 from pdserve.deploy.heartbeat import Heartbeat
 from pdserve.deploy.local import WorkerProcess
 from pdserve.deploy.redis_server import RedisServer
-from pdserve.deploy.router_thread import RouterThread, start_router
+from pdserve.deploy.router_thread import RoutedCluster, RouterThread
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import WorkerRecord, WorkerRole
 
 
-class LocalCluster:
+class LocalCluster(RoutedCluster):
     def __init__(self, spec: ClusterSpec, redis_url: str | None = None,
                  address: str = "127.0.0.1:0"):
         self.spec = spec
@@ -40,10 +40,6 @@ class LocalCluster:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def address(self) -> str:
-        return self.routers[0].address
 
     def _start_workers(self) -> None:
         roles = self.spec.roles()
@@ -69,20 +65,12 @@ class LocalCluster:
             raise ValueError(f"worker {record.worker_id} is not part of this cluster")
         return handle_for(record, proc.worker)
 
-    def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
-        router = start_router(self.spec, self.redis_url, self.connect, len(self.routers),
-                              address)
-        self.routers.append(router)
-        return router
-
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL, as a crash: nothing is unregistered, the heartbeat simply stops."""
         self.procs[worker_id].kill()
 
     def close(self) -> None:
-        for router in self.routers:
-            router.close()
-        self.routers.clear()
+        self._close_routers()
         for hb in self.heartbeats.values():
             hb.stop()
         self.heartbeats.clear()

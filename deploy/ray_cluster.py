@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pdserve.deploy.handles import handle_for
 from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
 from pdserve.deploy.redis_server import RedisServer
-from pdserve.deploy.router_thread import RouterThread, start_router
+from pdserve.deploy.router_thread import RoutedCluster, RouterThread
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import WorkerRecord, WorkerRole
 
@@ -48,7 +48,7 @@ class ClusterStartError(RuntimeError):
     """Which part of the cluster failed to start, and why."""
 
 
-class RayCluster:
+class RayCluster(RoutedCluster):
     def __init__(self, spec: ClusterSpec, placement: Placement = Placement(),
                  ray_address: str | None = None, redis_url: str | None = None,
                  address: str = "127.0.0.1:0", max_restarts: int = 3,
@@ -75,10 +75,6 @@ class RayCluster:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def address(self) -> str:
-        return self.routers[0].address
 
     @staticmethod
     def _step(what: str, fn) -> None:
@@ -158,16 +154,8 @@ class RayCluster:
         return handle_for(record, ray.get_actor(record.worker_id, namespace=NAMESPACE),
                           RayCalls())
 
-    def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
-        router = start_router(self.spec, self.redis_url, self.connect, len(self.routers),
-                              address)
-        self.routers.append(router)
-        return router
-
     def close(self) -> None:
-        for router in self.routers:
-            router.close()
-        self.routers.clear()
+        self._close_routers()
         for actor in self.actors.values():
             try:
                 ray.get(actor.close.remote(), timeout=30)

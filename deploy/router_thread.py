@@ -74,8 +74,31 @@ class RouterThread:
         self._loop.close()
 
 
-def start_router(spec: ClusterSpec, redis_url: str, connect, index: int,
-                 address: str) -> RouterThread:
-    """The cluster's `index`-th router (id `router-<index>`) and its gRPC server."""
-    config = replace(spec.router, router_id=f"router-{index}")
-    return RouterThread(config, resolve_model(spec.model), redis_url, connect, address)
+class RoutedCluster:
+    """What every cluster shares: its routers, one RouterThread each on one Redis; the
+    first one's gRPC address is the cluster's. A cluster sets `spec`, `redis_url` and
+    `routers` and implements `connect(record)`, the router's handle factory."""
+
+    spec: ClusterSpec
+    redis_url: str
+    routers: list[RouterThread]
+
+    @property
+    def address(self) -> str:
+        return self.routers[0].address
+
+    def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
+        """Another router (id `router-<n>`) on the cluster's Redis, and its gRPC server."""
+        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
+        router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
+                              self.connect, address)
+        self.routers.append(router)
+        return router
+
+    def connect(self, record):
+        raise NotImplementedError
+
+    def _close_routers(self) -> None:
+        for router in self.routers:
+            router.close()
+        self.routers.clear()
