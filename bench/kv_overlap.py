@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
 from pdserve.bench.kvtransfer import BLOCK, mp, receiver_process
 from pdserve.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 from pdserve.engine.config import CacheConfig, EngineMode, SchedulerConfig
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
-from pdserve.kvtransfer.zmq_transport import ZmqSender
+from pdserve.kvtransfer.transports import TransportKind, make_sender
 from pdserve.models import resolve_model
-from tqdm import tqdm
 
 
 def prefill_engine(model: str, prompt_len: int) -> Engine:
@@ -104,7 +105,7 @@ def main() -> None:
                        args=("zmq", "tcp://127.0.0.1:*", spec, blocks, child_conn))
     child.start()
     endpoint = conn.recv()
-    sender = ZmqSender(spec)
+    sender = make_sender(TransportKind.ZMQ, spec)
     prompt = torch.randint(1000, 40000, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     runs: dict[str, list[tuple[float, float]]] = {"alone": [], "after": [], "layerwise": []}

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import zmq
+from tqdm import tqdm
+
 from pdserve.engine.host_memory import tune_malloc
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.transports import TransportKind, make_receiver, make_sender
-from tqdm import tqdm
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer

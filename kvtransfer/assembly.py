@@ -3,8 +3,9 @@
 An `Assembly` checks each arriving frame of one transfer against what was expected (layer,
 token range, dtype, shape, checksum, no overlap with a frame already taken), scatters it
 into the reserved blocks, and decides DONE or FAILED. `AssemblingReceiver` keeps the
-assemblies of one receiver behind a lock and implements the bookkeeping half of
-`KVReceiver`; a transport adds how frames arrive.
+assemblies of one receiver behind a lock, implements the bookkeeping half of `KVReceiver`
+and takes frames and Done messages (`take_frame`, `take_done`); a transport adds how they
+arrive.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ class Assembly:
         self.status = TransferStatus.PENDING
         self.reason = ""
         self.first_token_id: int | None = None
+        self.note = b""  # the Done's hand-off note, kept once DONE
         # per layer: token ranges taken so far
         self._ranges: list[list[tuple[int, int]]] = [[] for _ in range(spec.num_layers)]
         self.num_bytes = 0
 
     @property
     def result(self) -> TransferResult:
-        return TransferResult(self.status, self.first_token_id, self.reason)
+        return TransferResult(self.status, self.first_token_id, self.reason, self.note)
 
     def fail(self, reason: str) -> None:
         if not self.status.is_terminal:
@@ -115,6 +117,7 @@ class Assembly:
             if sum(e - s for s, e in taken) != self.num_tokens:
                 return self.fail(f"layer {layer} is missing tokens")
         self.status, self.first_token_id = TransferStatus.DONE, done.first_token_id
+        self.note = done.note
 
 
 class AssemblingReceiver(KVReceiver):
@@ -150,6 +153,33 @@ class AssemblingReceiver(KVReceiver):
         with self._lock:
             if (a := self._assemblies.pop(transfer_id, None)) is not None:
                 a.fail("released")
+
+    def take_frame(self, header: ChunkHeader,
+                   payload: bytes | memoryview | torch.Tensor) -> str | None:
+        """Check and scatter one frame; why its transfer failed, or None if taken."""
+        with self._lock:
+            a = self._assemblies.get(header.transfer_id)
+            if a is None:
+                return f"receiver does not expect transfer {header.transfer_id!r}"
+            if a.expire():
+                return a.reason
+            try:
+                a.accept(header, payload, self.k_cache, self.v_cache)
+            except FrameError as e:
+                a.fail(str(e))
+                return a.reason
+            return None
+
+    def take_done(self, done: Done) -> TransferResult:
+        """The sender sent everything: the transfer's outcome (DONE or FAILED)."""
+        with self._lock:
+            a = self._assemblies.get(done.transfer_id)
+            if a is None:
+                return TransferResult(TransferStatus.FAILED, reason="receiver does not expect "
+                                      f"transfer {done.transfer_id!r}")
+            if not a.expire():
+                a.complete(done)
+            return a.result
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:

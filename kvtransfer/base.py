@@ -13,9 +13,12 @@ Life of a transfer (keyed by the router's `transfer_id`, never a worker-local id
 
 Ownership: the receiver writes only into the blocks named in `expect`, and only until the
 transfer is DONE or FAILED; the blocks stay the decode engine's, which frees them (on
-FAILED too). The sender copies each layer into its own staging memory before `send_layer`
-returns, so the prefill engine may reuse its cache blocks at once. Every method is
-thread-safe; `abort`, `release` and `close` are idempotent.
+FAILED too). The sender does not copy on the caller's thread: `send_layer` keeps references
+to the K and V it is given and the sender's own thread copies them into staging memory the
+sender owns (frames of at most `max_frame_bytes`), then drops the references. The caller
+hands over tensors that nothing writes again (a layer's freshly computed K/V), never a
+buffer it reuses. Every method is thread-safe; `abort`, `release` and `close` are
+idempotent.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class TransferResult:
     status: TransferStatus
     first_token_id: int | None = None  # set once DONE
     reason: str = ""  # why, when FAILED
+    note: bytes = b""  # the sender's opaque hand-off note; set on the receiver's DONE result
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,18 @@ class KVSender(ABC):
     def send_layer(self, transfer_id: str, layer: int, start: int, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         """Queue K and V `[tokens, kv_heads, head_dim]` of positions [start, start + tokens)
-        of one layer. Copies them before returning; never blocks on the network."""
+        of one layer, and return at once: no copy, no checksum, never the network.
+
+        `k` and `v` may be non-contiguous views (a column slice of a fused qkv output) and
+        inference-mode tensors. The sender holds references to them until its I/O thread has
+        staged them into frames; the caller must not modify them in place after this call
+        (the prefill hands over each layer's freshly computed K/V, which nothing writes
+        again). Raises ValueError for an id never begun or for K/V of different shapes."""
 
     @abstractmethod
-    def finish(self, transfer_id: str, first_token_id: int) -> None:
-        """Everything was sent; the receiver checks completeness and acknowledges."""
+    def finish(self, transfer_id: str, first_token_id: int, note: bytes = b"") -> None:
+        """Everything was sent; the receiver checks completeness and acknowledges. `note` is
+        opaque to kvtransfer: it reaches the receiver's DONE result unchanged."""
 
     @abstractmethod
     def poll(self, transfer_id: str) -> TransferResult:

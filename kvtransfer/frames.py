@@ -1,22 +1,73 @@
-"""Sender-side framing: one layer's token range as a control header plus a raw payload."""
+"""The one frame builder of every transport: a layer's token range as frames of at most
+`max_frame_bytes`, each a ChunkHeader plus a staged payload (K then V, token-major).
+
+Frames, not whole layers: while one frame is on the wire the next is staged, and the
+receiver checks and scatters frames as they come. The payload goes into memory from the
+channel's `alloc` (a reused scratch buffer, a fresh tensor, a GPU tensor); host payloads
+carry the xxh3-64 of their bytes, payloads on a GPU carry 0 (hashing would copy them to the
+host).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from pdserve.kvtransfer.messages import ChunkHeader, checksum
 
+Alloc = Callable[[int], torch.Tensor]  # nbytes -> uint8 tensor of that many elements
 
-def make_chunk(transfer_id: str, layer: int, start: int, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[ChunkHeader, memoryview]:
-    """Copy K and V `[tokens, kv_heads, head_dim]` into one contiguous staging buffer (K then
-    V) and describe it. The memoryview keeps the staging buffer alive."""
-    if k.shape != v.shape or k.dim() != 3:
-        raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} must both be "
-                         "[tokens, kv_heads, head_dim]")
-    staging = torch.stack((k, v)).contiguous().cpu()  # [2, tokens, kv_heads, head_dim]
-    payload = memoryview(staging.view(torch.uint8).numpy()).cast("B")
-    header = ChunkHeader(transfer_id, layer, start, start + k.shape[0],
-                         str(k.dtype).removeprefix("torch."), k.shape[1], k.shape[2],
-                         checksum(payload))
-    return header, payload
+
+@dataclass(frozen=True)
+class Frame:
+    header: ChunkHeader
+    payload: torch.Tensor  # uint8 [2 * tokens * kv_heads * head_dim * element size]
+
+
+def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless K and V are both `[tokens, kv_heads, head_dim]` alike."""
+    if k.shape != v.shape or k.dim() != 3 or k.dtype != v.dtype:
+        raise ValueError(f"K {tuple(k.shape)} {k.dtype} and V {tuple(v.shape)} {v.dtype} must "
+                         "both be [tokens, kv_heads, head_dim] of one dtype")
+
+
+def host_alloc(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
+                 max_frame_bytes: int, alloc: Alloc = host_alloc) -> Iterator[Frame]:
+    """Stage K and V of positions [start, start + tokens) frame by frame. A frame's payload
+    is only as long-lived as `alloc` makes it: from a reused buffer, it is valid until the
+    next frame is taken. K and V are only read."""
+    tokens, heads, dim = k.shape
+    token_bytes = 2 * heads * dim * k.element_size()
+    step = max(1, max_frame_bytes // max(1, token_bytes))
+    dtype = str(k.dtype).removeprefix("torch.")
+    for i in range(0, tokens, step):
+        n = min(step, tokens - i)
+        # inference mode: K/V may be inference tensors, and a scratch buffer made here is one
+        with torch.inference_mode():
+            payload = alloc(n * token_bytes)
+            kv = payload.view(k.dtype).view(2, n, heads, dim)
+            kv[0].copy_(k[i:i + n])
+            kv[1].copy_(v[i:i + n])
+        digest = 0 if payload.is_cuda else checksum(memoryview(payload.numpy()))
+        yield Frame(ChunkHeader(transfer_id, layer, start + i, start + i + n, dtype, heads, dim,
+                                digest), payload)
+
+
+class Scratch:
+    """One growing host buffer handed out again and again: for payloads that are consumed
+    (copied or scattered) before the next frame is staged. One owner thread."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < nbytes:
+            with torch.inference_mode():
+                self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes]

@@ -1,8 +1,11 @@
-"""In-process fake transport behind the same seam, for unit tests of the workers.
+"""In-process fake transport behind the same seam (`TransportKind.INPROC`), for unit tests of
+the workers.
 
-Frames go through the same framing, checks and scatter as on the wire, delivered by a
-direct call instead of a socket. Faults are injected through the `InProcHub`, never
-through the production transports: a receiver that vanishes, a corrupted frame.
+Frames go through the same frame builder, checks and scatter as on the wire, delivered by
+a direct call instead of a socket: the sender has no I/O thread, so `send_layer` stages and
+delivers synchronously and `finish` settles at once. Endpoints live in an `InProcHub`, by
+default the process-wide `InProcHub.instance()`; faults are injected through the hub,
+never through the production transports: a receiver that vanishes, a corrupted frame.
 """
 
 from __future__ import annotations
@@ -11,15 +14,28 @@ import threading
 
 import torch
 
-from pdserve.kvtransfer.assembly import AssemblingReceiver, FrameError
+from pdserve.kvtransfer.assembly import AssemblingReceiver
 from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
-from pdserve.kvtransfer.frames import make_chunk
-from pdserve.kvtransfer.messages import ChunkHeader, Done
+from pdserve.kvtransfer.frames import check_kv, stage_frames
+from pdserve.kvtransfer.messages import Done
 from pdserve.kvtransfer.outgoing import OutgoingBook
+
+TRANSPORT = "inproc"
 
 
 class InProcHub:
     """Endpoint registry shared by the fake senders and receivers of one process."""
+
+    _instance: InProcHub | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def instance(cls) -> InProcHub:
+        """The process-wide hub (made on first use), as `zmq.Context.instance()`."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
 
     def __init__(self) -> None:
         self._receivers: dict[str, InProcReceiver] = {}
@@ -30,7 +46,7 @@ class InProcHub:
     def register(self, receiver: InProcReceiver) -> str:
         with self._lock:
             self._count += 1
-            endpoint = f"inproc://receiver-{self._count}"
+            endpoint = f"inproc://receiver-{id(self):x}-{self._count}"
             self._receivers[endpoint] = receiver
             return endpoint
 
@@ -71,39 +87,14 @@ class InProcReceiver(AssemblingReceiver):
         self.hub.disconnect(self._endpoint)
         self._fail_all("receiver closed")
 
-    # -- called by InProcSender ------------------------------------------------------------
-
     def check_handshake(self, spec: KVSpec) -> str | None:
-        return self.spec.handshake().mismatch(spec.handshake())
-
-    def deliver(self, header: ChunkHeader, payload: memoryview) -> str | None:
-        """Take a frame; the failure reason when it failed its transfer."""
-        with self._lock:
-            a = self._assemblies.get(header.transfer_id)
-            if a is None:
-                return f"receiver does not expect transfer {header.transfer_id!r}"
-            if a.expire():
-                return a.reason
-            try:
-                a.accept(header, payload, self.k_cache, self.v_cache)
-            except FrameError as e:
-                a.fail(str(e))
-                return str(e)
-            return None
-
-    def deliver_done(self, done: Done) -> TransferResult:
-        with self._lock:
-            a = self._assemblies.get(done.transfer_id)
-            if a is None:
-                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
-            if not a.expire():
-                a.complete(done)
-            return a.result
+        """Why a sender of `spec` is refused, or None (called by InProcSender)."""
+        return self.spec.handshake(TRANSPORT).mismatch(spec.handshake(TRANSPORT))
 
 
 class InProcSender(KVSender):
-    def __init__(self, hub: InProcHub, spec: KVSpec):
-        self.hub, self.spec = hub, spec
+    def __init__(self, hub: InProcHub, spec: KVSpec, max_frame_bytes: int = 1 << 20):
+        self.hub, self.spec, self.max_frame_bytes = hub, spec, max_frame_bytes
         self._book = OutgoingBook()
 
     def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
@@ -114,26 +105,29 @@ class InProcSender(KVSender):
         elif (reason := receiver.check_handshake(self.spec)) is not None:
             self._book.fail(transfer_id, f"handshake refused: {reason}")
 
-    def send_layer(self, transfer_id, layer, start, k, v) -> None:
+    def send_layer(self, transfer_id: str, layer: int, start: int, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        check_kv(k, v)
         receiver = self._live_receiver(transfer_id)
         if receiver is None:
             return
-        header, payload = make_chunk(transfer_id, layer, start, k, v)
-        if self.hub.take_corruption(transfer_id, layer):
-            corrupted = bytearray(payload)
-            corrupted[len(corrupted) // 2] ^= 0xFF
-            payload = memoryview(bytes(corrupted))
-        if (reason := receiver.deliver(header, payload)) is not None:
-            self._book.fail(transfer_id, reason)
-        else:
-            self._book.settle(transfer_id, TransferResult(TransferStatus.TRANSFERRING))
+        # Fresh buffers (the default alloc): several threads may send through one sender.
+        for frame in stage_frames(transfer_id, layer, start, k, v, self.max_frame_bytes):
+            payload = memoryview(frame.payload.numpy())
+            if self.hub.take_corruption(transfer_id, layer):
+                payload[len(payload) // 2] ^= 0xFF  # after the checksum was taken
+            if (reason := receiver.take_frame(frame.header, payload)) is not None:
+                self._book.fail(transfer_id, reason)
+                return
+        self._book.settle(transfer_id, TransferResult(TransferStatus.TRANSFERRING))
 
-    def finish(self, transfer_id: str, first_token_id: int) -> None:
+    def finish(self, transfer_id: str, first_token_id: int, note: bytes = b"") -> None:
         receiver = self._live_receiver(transfer_id)
         if receiver is None:
             return
-        done = Done(transfer_id, self._book.get(transfer_id).num_tokens, first_token_id)
-        self._book.settle(transfer_id, receiver.deliver_done(done))
+        entry = self._book.get(transfer_id)
+        done = Done(transfer_id, entry.num_tokens, first_token_id, bytes(note))
+        self._book.settle(transfer_id, receiver.take_done(done))
 
     def poll(self, transfer_id: str) -> TransferResult:
         return self._book.poll(transfer_id)

@@ -16,7 +16,8 @@ from dataclasses import astuple, dataclass, fields
 import msgpack
 import xxhash
 
-PROTOCOL_VERSION = 1
+# 2: Done carries the prefill's hand-off note (bytes)
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
@@ -41,7 +42,7 @@ class Handshake:
     num_kv_heads: int
     head_dim: int
     dtype: str  # torch dtype name, e.g. "float32"
-    transport: str = "zmq"  # how payloads travel: "zmq" (in the message) or "torch"
+    transport: str = "zmq"  # how payloads travel: "zmq" (in the message), "torch", "inproc"
     protocol_version: int = PROTOCOL_VERSION
 
     def mismatch(self, other: Handshake) -> str | None:
@@ -84,11 +85,13 @@ class ChunkHeader:
 
 @dataclass(frozen=True)
 class Done:
-    """Every layer and token range of the transfer was sent; carries the first token."""
+    """Every layer and token range of the transfer was sent; carries the first token and an
+    opaque note from the sending side (msgpack bin) that the receiver hands out with DONE."""
 
     transfer_id: str
     num_tokens: int
     first_token_id: int
+    note: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ _TYPES: dict[MsgType, type] = {
     MsgType.ACK: Ack,
 }
 _CODES = {cls: code for code, cls in _TYPES.items()}
+# msgpack round-trips these exactly: str as str, bytes as bin (use_bin_type), int, bool
+_FIELD_TYPES = {"str": str, "int": int, "bool": bool, "bytes": bytes}
 
 
 def encode(msg: Message) -> bytes:
@@ -138,7 +143,7 @@ def decode(frame: bytes | memoryview) -> Message:
     if len(values) != len(cls_fields):
         raise ProtocolError(f"{cls.__name__} needs {len(cls_fields)} fields, got {len(values)}")
     for f, v in zip(cls_fields, values, strict=True):
-        expected = {"str": str, "int": int, "bool": bool}[f.type]
+        expected = _FIELD_TYPES[f.type]
         if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
             raise ProtocolError(f"{cls.__name__}.{f.name} must be {f.type}, got {v!r}")
     return cls(*values)

@@ -1,6 +1,6 @@
 """Sender-side bookkeeping, shared by every transport: which transfers are open, to which
 endpoint, and how each one stands. A result only ever moves forward: once DONE or FAILED
-it stays so (`settle` ignores later verdicts)."""
+it stays so (`settle` ignores later verdicts). Every method is thread-safe."""
 
 from __future__ import annotations
 
@@ -39,6 +39,40 @@ class OutgoingBook:
         if entry is None:
             raise ValueError(f"transfer {transfer_id!r} was never begun")
         return entry
+
+    def sending(self, transfer_id: str) -> str | None:
+        """A layer is being sent: the endpoint, or None once the transfer has ended.
+        Raises ValueError for an id never begun."""
+        with self.lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None:
+                raise ValueError(f"transfer {transfer_id!r} was never begun")
+            if entry.result.status.is_terminal:
+                return None
+            if entry.result.status is TransferStatus.PENDING:
+                entry.result = TransferResult(TransferStatus.TRANSFERRING)
+            return entry.endpoint
+
+    def finishing(self, transfer_id: str, first_token_id: int, ack_deadline: float) -> Outgoing:
+        """Everything was queued: the Ack is due by `ack_deadline`. Raises ValueError for an
+        id never begun."""
+        with self.lock:  # before the Done is queued: its Ack may come back at once
+            entry = self._transfers.get(transfer_id)
+            if entry is None:
+                raise ValueError(f"transfer {transfer_id!r} was never begun")
+            entry.ack_deadline, entry.first_token_id = ack_deadline, first_token_id
+            return entry
+
+    def is_live(self, transfer_id: str) -> bool:
+        with self.lock:
+            entry = self._transfers.get(transfer_id)
+            return entry is not None and not entry.result.status.is_terminal
+
+    def next_ack_deadline(self) -> float | None:
+        with self.lock:
+            return min((e.ack_deadline for e in self._transfers.values()
+                        if e.ack_deadline is not None and not e.result.status.is_terminal),
+                       default=None)
 
     def poll(self, transfer_id: str) -> TransferResult:
         with self.lock:

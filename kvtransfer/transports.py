@@ -1,4 +1,10 @@
-"""Pick a transport by name: what a worker's `--transport zmq|torch` flag selects."""
+"""Pick a transport by name: what a worker's `--transport zmq|torch` flag selects, and the
+in-process fake that tests select the same way.
+
+ZMQ and TORCH are one control plane (sender.Sender, receiver.Receiver) composed with the
+payload channel of the kind; INPROC is the fake of kvtransfer.inproc, on the process-wide
+hub unless one is given.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,44 @@ import enum
 import torch
 
 from pdserve.kvtransfer.base import KVReceiver, KVSender, KVSpec
+from pdserve.kvtransfer.inline_channel import InlineReceiverChannel, InlineSenderChannel
+from pdserve.kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
+from pdserve.kvtransfer.receiver import Receiver
+from pdserve.kvtransfer.sender import Sender
 
 
 class TransportKind(enum.Enum):
     ZMQ = "zmq"  # payload in the ZMQ message (TCP or IPC)
     TORCH = "torch"  # payload over torch.distributed (gloo on CPU, NCCL on GPU), ZMQ control
+    INPROC = "inproc"  # in-process fake: direct calls through an InProcHub, for tests
 
 
 def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device = "cpu",
-                handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0) -> KVSender:
+                handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0,
+                hub: InProcHub | None = None) -> KVSender:
+    """`device` is where the torch transport stages payloads (the KV cache's device)."""
+    if kind is TransportKind.INPROC:
+        return InProcSender(hub or InProcHub.instance(), spec)
     if kind is TransportKind.TORCH:
-        from pdserve.kvtransfer.torch_transport import TorchSender
+        from pdserve.kvtransfer.torch_channel import TorchSenderChannel  # torch.distributed
 
-        return TorchSender(spec, device, handshake_timeout_s=handshake_timeout_s,
-                           ack_timeout_s=ack_timeout_s)
-    from pdserve.kvtransfer.zmq_transport import ZmqSender
-
-    return ZmqSender(spec, handshake_timeout_s=handshake_timeout_s, ack_timeout_s=ack_timeout_s)
+        channel = TorchSenderChannel(device)
+    else:
+        channel = InlineSenderChannel()
+    return Sender(spec, channel, handshake_timeout_s=handshake_timeout_s,
+                  ack_timeout_s=ack_timeout_s)
 
 
 def make_receiver(kind: TransportKind, spec: KVSpec, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, bind: str) -> KVReceiver:
-    """`bind` is a ZMQ endpoint (`tcp://HOST:*` picks a free port)."""
+                  v_cache: torch.Tensor, bind: str, *, hub: InProcHub | None = None
+                  ) -> KVReceiver:
+    """`bind` is a ZMQ endpoint (`tcp://HOST:*` picks a free port); INPROC ignores it."""
+    if kind is TransportKind.INPROC:
+        return InProcReceiver(hub or InProcHub.instance(), spec, k_cache, v_cache)
     if kind is TransportKind.TORCH:
-        from pdserve.kvtransfer.torch_transport import TorchReceiver
+        from pdserve.kvtransfer.torch_channel import TorchReceiverChannel  # torch.distributed
 
-        return TorchReceiver(spec, k_cache, v_cache, bind=bind)
-    from pdserve.kvtransfer.zmq_transport import ZmqReceiver
-
-    return ZmqReceiver(spec, k_cache, v_cache, bind=bind)
+        channel = TorchReceiverChannel()
+    else:
+        channel = InlineReceiverChannel()
+    return Receiver(spec, k_cache, v_cache, channel, bind=bind)

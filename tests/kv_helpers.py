@@ -1,21 +1,48 @@
-"""Shared pieces of the KV transport tests: a tiny KV spec, caches, a layer-by-layer send
-and a bounded wait for a terminal result."""
+"""Shared pieces of the KV transport tests: a tiny KV spec, caches, senders and receivers of
+each transport kind, a layer-by-layer send and a bounded wait for a terminal result."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+
 from pdserve.kvtransfer.base import KVSpec
+from pdserve.kvtransfer.inline_channel import InlineReceiverChannel, InlineSenderChannel
+from pdserve.kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
 from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.receiver import Receiver
+from pdserve.kvtransfer.sender import Sender
+from pdserve.kvtransfer.torch_channel import TorchReceiverChannel, TorchSenderChannel
 
 SPEC = KVSpec("tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+KINDS = ["zmq", "torch", "inproc"]  # inproc: the fake, on the process-wide hub
 
 
 def caches(num_blocks, block_size, fill=False):
     shape = (SPEC.num_layers, num_blocks, block_size, SPEC.num_kv_heads, SPEC.head_dim)
     return (torch.randn(shape), torch.randn(shape)) if fill else (torch.zeros(shape),
                                                                    torch.zeros(shape))
+
+
+def make_receiver(kind, kv, bind="tcp://127.0.0.1:*", timeout_s=5.0, **channel_kw):
+    """A receiver of `kind` over the caches `kv`; `timeout_s`, `channel_kw`: torch only."""
+    if kind == "inproc":
+        return InProcReceiver(InProcHub.instance(), SPEC, *kv)
+    channel = (TorchReceiverChannel(timeout_s=timeout_s, **channel_kw) if kind == "torch"
+               else InlineReceiverChannel())
+    return Receiver(SPEC, *kv, channel, bind=bind)
+
+
+def make_sender(kind, spec=SPEC, *, timeout_s=5.0, max_frame_bytes=1 << 20, channel=None,
+                **sender_kw):
+    """A sender of `kind`; `timeout_s`: the torch group's; `channel` replaces the kind's."""
+    if kind == "inproc":
+        return InProcSender(InProcHub.instance(), spec, max_frame_bytes)
+    if channel is None:
+        channel = (TorchSenderChannel(timeout_s=timeout_s) if kind == "torch"
+                   else InlineSenderChannel())
+    return Sender(spec, channel, max_frame_bytes=max_frame_bytes, **sender_kw)
 
 
 def wait_for(poll, timeout=5.0):

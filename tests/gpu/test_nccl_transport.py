@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
-from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender, backend_for
+from pdserve.kvtransfer.receiver import Receiver
+from pdserve.kvtransfer.sender import Sender
+from pdserve.kvtransfer.torch_channel import TorchReceiverChannel, TorchSenderChannel
+from pdserve.kvtransfer.torch_pairs import backend_for
 
 pytestmark = pytest.mark.gpu
 
@@ -19,9 +23,10 @@ def test_nccl_transfer_between_two_gpus():
     assert backend_for(src) == "nccl"
     shape = (2, 16, 16, 2, 64)
     pk, pv = (torch.randn(shape, device=src, dtype=torch.bfloat16) for _ in range(2))
-    receiver = TorchReceiver(spec, torch.zeros(shape, device=dst, dtype=torch.bfloat16),
-                             torch.zeros(shape, device=dst, dtype=torch.bfloat16))
-    sender = TorchSender(spec, device=src)
+    receiver = Receiver(spec, torch.zeros(shape, device=dst, dtype=torch.bfloat16),
+                        torch.zeros(shape, device=dst, dtype=torch.bfloat16),
+                        TorchReceiverChannel())
+    sender = Sender(spec, TorchSenderChannel(device=src))
     try:
         n, blocks = 40, [3, 1, 7]
         receiver.expect("t", [0, 1, 2], n, timeout_s=30)

@@ -12,6 +12,7 @@ import torch
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
 from pdserve.kvtransfer.layout import gather_tokens
+from pdserve.kvtransfer.transports import TransportKind, make_receiver, make_sender
 
 SPEC = KVSpec("tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 P_BS, D_BS = 4, 8
@@ -181,3 +182,45 @@ def test_release_forgets_on_both_sides_and_aborts_a_live_transfer(setup):
     assert receiver.poll("t").reason == "unknown transfer"
     sender.begin("t", receiver.endpoint, 4)  # the id can be used again
     assert sender.poll("t").status is TransferStatus.PENDING
+
+
+def test_inproc_is_a_transport_kind_on_the_process_wide_hub():
+    torch.manual_seed(0)
+    pk, pv = caches(8, P_BS, fill=True)
+    receiver = make_receiver(TransportKind.INPROC, SPEC, *caches(8, D_BS), "tcp://ignored:*")
+    sender = make_sender(TransportKind.INPROC, SPEC)
+    hub = InProcHub.instance()
+    assert InProcHub.instance() is hub and hub.lookup(receiver.endpoint) is receiver
+    try:
+        receiver.expect("t", [0, 1], 12, timeout_s=5)
+        sender.begin("t", receiver.endpoint, 12)
+        send_all(sender, "t", (pk, pv), [0, 1, 2], 12)
+        sender.finish("t", 5, note=b"stamps")
+        assert sender.poll("t").status is TransferStatus.DONE
+        assert receiver.poll("t").note == b"stamps"
+        assert_same_kv((pk, pv), [0, 1, 2], (receiver.k_cache, receiver.v_cache), [0, 1], 12)
+        # fault injection stays on the hub
+        receiver.expect("bad", [2], 4, timeout_s=5)
+        sender.begin("bad", receiver.endpoint, 4)
+        hub.corrupt_next("bad", 0)
+        sender.send_layer("bad", 0, 0, pk[0, 0], pv[0, 0])
+        assert "checksum mismatch" in sender.poll("bad").reason
+    finally:
+        sender.close()
+        receiver.close()
+    assert hub.lookup(receiver.endpoint) is None
+
+
+def test_inproc_with_a_hub_of_its_own():
+    own = InProcHub()
+    receiver = make_receiver(TransportKind.INPROC, SPEC, *caches(4, D_BS), "", hub=own)
+    assert own.lookup(receiver.endpoint) is receiver
+    assert InProcHub.instance().lookup(receiver.endpoint) is None
+    elsewhere = make_sender(TransportKind.INPROC, SPEC)  # on the process-wide hub
+    elsewhere.begin("t", receiver.endpoint, 4)
+    assert "no receiver at" in elsewhere.poll("t").reason
+    mine = make_sender(TransportKind.INPROC, SPEC, hub=own)
+    receiver.expect("t", [0], 4, timeout_s=5)
+    mine.begin("t", receiver.endpoint, 4)
+    assert mine.poll("t").status is TransferStatus.PENDING
+    receiver.close()

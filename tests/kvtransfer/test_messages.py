@@ -25,6 +25,7 @@ MESSAGES = [
     HandshakeReply(False, "num_layers differs"),
     ChunkHeader("t-1", 7, 0, 512, "float32", 3, 64, 2**64 - 1),
     Done("t-1", 512, 1234),
+    Done("t-1", 512, 1234, b"\x00opaque stamps\xff"),
     Abort("t-1", "client cancelled"),
     Ack("t-1", True),
 ]
@@ -41,8 +42,9 @@ def test_round_trip(msg):
         (b"\xc1", "undecodable"),
         (msgpack.packb({"type": 1}), "non-empty msgpack array"),
         (msgpack.packb([99, "x"]), "unknown message type 99"),
-        (msgpack.packb([4, "t", 3]), "Done needs 3 fields, got 2"),
-        (msgpack.packb([4, "t", "3", 5]), "Done.num_tokens must be int"),
+        (msgpack.packb([4, "t", 3]), "Done needs 4 fields, got 2"),
+        (msgpack.packb([4, "t", "3", 5, b""]), "Done.num_tokens must be int"),
+        (msgpack.packb([4, "t", 3, 5, "text"]), "Done.note must be bytes"),
         (msgpack.packb([6, "t", 1, ""]), "Ack.ok must be bool"),
     ],
 )
@@ -63,7 +65,7 @@ def test_handshake_mismatch_names_the_field():
     assert HANDSHAKE.mismatch(HANDSHAKE) is None
     other = Handshake("smollm2-135m", 30, 3, 64, "bfloat16")
     assert HANDSHAKE.mismatch(other) == "dtype differs: 'float32' here, 'bfloat16' at the peer"
-    older = Handshake("smollm2-135m", 30, 3, 64, "float32", protocol_version=0)
+    older = Handshake("smollm2-135m", 30, 3, 64, "float32", protocol_version=1)  # no note
     assert "protocol_version" in HANDSHAKE.mismatch(older)
 
 

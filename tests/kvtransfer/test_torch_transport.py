@@ -9,29 +9,32 @@ import time
 
 import torch
 import zmq
-from kv_helpers import SPEC, caches, send_layers, wait_for
+from kv_helpers import SPEC, caches, make_receiver, make_sender, send_layers, wait_for
 
 from pdserve.kvtransfer.base import TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
 from pdserve.kvtransfer.messages import Handshake, HandshakeReply, decode, encode
-from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender
+from pdserve.kvtransfer.torch_channel import TorchSenderChannel
 
 
-class CorruptingSender(TorchSender):
+class CorruptingChannel(TorchSenderChannel):
     """Flips one payload bit after hashing, for transfers whose id starts with 'bad'."""
 
-    def _chunk_message(self, transfer_id, layer, start, k, v):
-        parts, payload = super()._chunk_message(transfer_id, layer, start, k, v)
-        if transfer_id.startswith("bad"):
-            payload[5] ^= 0x01
-        return parts, payload
+    def ship(self, endpoint, sock, frame):
+        if frame.header.transfer_id.startswith("bad"):
+            frame.payload.numpy()[5] ^= 0x01
+        super().ship(endpoint, sock, frame)
 
 
-class PayloadLosingSender(TorchSender):
+class PayloadLosingChannel(TorchSenderChannel):
     """Sends chunk headers but never their payloads: a sender that died in between."""
 
-    def _transmit(self, endpoint, peer, message):
-        peer.sock.send_multipart(message[0], copy=False)
+    def ship(self, endpoint, sock, frame):
+        sock.send(encode(frame.header))
+
+
+def torch_sender(**channel_kw):
+    return make_sender("torch", channel=TorchSenderChannel(**channel_kw))
 
 
 def channel_threads(name: str) -> int:
@@ -49,8 +52,8 @@ def transfer(sender, receiver, tid, p_cache, d_blocks, n=8):
 def test_a_rejected_payload_is_drained_and_the_pair_carries_on():
     torch.manual_seed(0)
     p_cache = caches(32, 4, fill=True)
-    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=5)
-    sender = CorruptingSender(SPEC, timeout_s=5)
+    receiver = make_receiver("torch", caches(32, 8), timeout_s=5)
+    sender = make_sender("torch", channel=CorruptingChannel(timeout_s=5))
     try:
         bad = transfer(sender, receiver, "bad", p_cache, [0])
         assert "checksum mismatch" in bad.reason
@@ -67,8 +70,8 @@ def test_a_rejected_payload_is_drained_and_the_pair_carries_on():
 def test_groups_are_bounded_and_rebuilt_on_demand():
     torch.manual_seed(0)
     p_cache = caches(32, 4, fill=True)
-    receivers = [TorchReceiver(SPEC, *caches(8, 8), timeout_s=5) for _ in range(3)]
-    sender = TorchSender(SPEC, timeout_s=5, max_pairs=1)
+    receivers = [make_receiver("torch", caches(8, 8), timeout_s=5) for _ in range(3)]
+    sender = torch_sender(timeout_s=5, max_pairs=1)
     try:
         for i, r in enumerate(receivers * 2):  # back to the first after the others
             assert transfer(sender, r, f"t{i}", p_cache, [i % 8]).status is TransferStatus.DONE
@@ -88,8 +91,8 @@ def test_groups_are_bounded_and_rebuilt_on_demand():
 def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
     torch.manual_seed(0)
     p_cache = caches(32, 4, fill=True)
-    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=1.5)
-    lost = PayloadLosingSender(SPEC, timeout_s=1.5, ack_timeout_s=1.0)
+    receiver = make_receiver("torch", caches(32, 8), timeout_s=1.5)
+    lost = make_sender("torch", channel=PayloadLosingChannel(timeout_s=1.5), ack_timeout_s=1.0)
     try:
         receiver.expect("lost", [0], 8, timeout_s=0.5)
         lost.begin("lost", receiver.endpoint, 8)
@@ -100,7 +103,7 @@ def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
     finally:
         lost.close()
     # the dead pair does not stop a healthy sender
-    healthy = TorchSender(SPEC, timeout_s=5)
+    healthy = torch_sender(timeout_s=5)
     try:
         assert transfer(healthy, receiver, "ok", p_cache, [2]).status is TransferStatus.DONE
     finally:
@@ -111,8 +114,8 @@ def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
 def test_a_sender_whose_pair_the_receiver_evicted_reconnects():
     torch.manual_seed(0)
     p_cache = caches(32, 4, fill=True)
-    receiver = TorchReceiver(SPEC, *caches(32, 8), timeout_s=3, max_pairs=1)
-    a, b = TorchSender(SPEC, timeout_s=3), TorchSender(SPEC, timeout_s=3)
+    receiver = make_receiver("torch", caches(32, 8), timeout_s=3, max_pairs=1)
+    a, b = torch_sender(timeout_s=3), torch_sender(timeout_s=3)
     try:
         assert transfer(a, receiver, "a1", p_cache, [0]).status is TransferStatus.DONE
         assert transfer(b, receiver, "b1", p_cache, [1]).status is TransferStatus.DONE  # evicts a
@@ -135,7 +138,7 @@ def test_a_receiver_that_accepts_without_a_rendezvous_fails_the_transfer():
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    sender = TorchSender(SPEC, timeout_s=2)
+    sender = torch_sender(timeout_s=2)
     try:
         sender.begin("t", f"tcp://127.0.0.1:{port}", 4)
         peer, frame = sock.recv_multipart()

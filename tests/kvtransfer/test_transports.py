@@ -1,6 +1,7 @@
-"""The ZeroMQ and torch.distributed (gloo) transports on real loopback sockets: transfers,
-refusals, vanished peers, corrupt frames and deadlines all end in a defined state, in
-bounded time. Every test runs against both transports unless it drives ZMQ frames by hand."""
+"""The ZeroMQ and torch.distributed (gloo) transports on real loopback sockets, and the
+in-process fake where a test does not need sockets: transfers, refusals, vanished peers,
+corrupt frames and deadlines all end in a defined state, in bounded time. Every test runs
+against every transport it applies to."""
 
 from __future__ import annotations
 
@@ -10,27 +11,17 @@ import time
 import pytest
 import torch
 import zmq
-from kv_helpers import SPEC, caches, send_layers, wait_for
+from kv_helpers import KINDS, SPEC, caches, make_receiver, make_sender, send_layers, wait_for
 
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
-from pdserve.kvtransfer.frames import make_chunk
+from pdserve.kvtransfer.frames import stage_frames
 from pdserve.kvtransfer.layout import gather_tokens
 from pdserve.kvtransfer.messages import HandshakeReply, decode, encode
-from pdserve.kvtransfer.torch_transport import TorchReceiver, TorchSender
-from pdserve.kvtransfer.zmq_transport import ZmqReceiver, ZmqSender
+
+SOCKETS = ["zmq", "torch"]  # the kinds with a control plane on ZMQ sockets
 
 
-def make_receiver(kind, kv, **kw):
-    if kind == "torch":
-        return TorchReceiver(SPEC, *kv, timeout_s=5.0, **kw)
-    return ZmqReceiver(SPEC, *kv, **kw)
-
-
-def make_sender(kind, spec=SPEC, **kw):
-    return (TorchSender(spec, timeout_s=5.0, **kw) if kind == "torch" else ZmqSender(spec, **kw))
-
-
-@pytest.fixture(params=["zmq", "torch"])
+@pytest.fixture(params=KINDS)
 def kind(request):
     return request.param
 
@@ -62,6 +53,8 @@ def sender(kind):
 ])
 def test_complete_transfer(kind, p_cache, bind, frame_bytes, tmp_path):
     if bind == "ipc":
+        if kind == "inproc":
+            pytest.skip("the in-process fake binds nothing")
         bind = f"ipc://{tmp_path}/kv.sock"
     receiver = make_receiver(kind, caches(32, 8), bind=bind)
     sender = make_sender(kind, max_frame_bytes=frame_bytes)
@@ -70,10 +63,11 @@ def test_complete_transfer(kind, p_cache, bind, frame_bytes, tmp_path):
         receiver.expect("t", d_blocks, n, timeout_s=5)
         sender.begin("t", receiver.endpoint, n)
         send_layers(sender, "t", p_cache, p_blocks, n)
-        sender.finish("t", 42)
+        sender.finish("t", 42, note=b"prefill stamps")
         assert wait_for(lambda: sender.poll("t")).first_token_id == 42
         result = receiver.poll("t")
         assert result.status is TransferStatus.DONE and result.first_token_id == 42
+        assert result.note == b"prefill stamps"
         for layer in range(SPEC.num_layers):
             for src, dst in zip(p_cache, (receiver.k_cache, receiver.v_cache), strict=True):
                 assert torch.equal(gather_tokens(dst[layer], d_blocks, 0, n),
@@ -94,14 +88,16 @@ def test_handshake_mismatch_is_refused_at_connect(kind, receiver):
         other.close()
 
 
-def test_no_receiver_fails_within_the_handshake_timeout(sender, p_cache):
+def test_no_receiver_fails_within_the_handshake_timeout(kind, sender, p_cache):
     t0 = time.monotonic()
     sender.begin("t", "tcp://127.0.0.1:1", 4)  # nothing listens there
     send_layers(sender, "t", p_cache, [0], 4, layers=[0])
     result = wait_for(lambda: sender.poll("t"), timeout=3)
-    assert "no handshake reply" in result.reason and time.monotonic() - t0 < 3
+    expected = "no receiver at" if kind == "inproc" else "no handshake reply"
+    assert expected in result.reason and time.monotonic() - t0 < 3
 
 
+@pytest.mark.parametrize("kind", SOCKETS)
 def test_a_sender_of_the_other_transport_is_refused(kind, receiver):
     other = make_sender("zmq" if kind == "torch" else "torch")
     try:
@@ -123,10 +119,11 @@ def test_receiver_vanishing_mid_transfer_fails_the_sender(kind, sender, p_cache)
     send_layers(sender, "t", p_cache, [0, 1], 8, layers=[1, 2])
     sender.finish("t", 1)
     # The dropped connection fails the transfer well before the ack timeout (10 s);
-    # torch: the payload channel may notice first.
+    # torch: the payload channel may notice first; inproc: the next frame finds none.
     result = wait_for(lambda: sender.poll("t"), timeout=3)
     assert (result.reason.endswith("disconnected")
-            or kind == "torch" and "payload channel failed" in result.reason), result.reason
+            or kind == "torch" and "payload channel failed" in result.reason
+            or kind == "inproc" and result.reason.endswith("is gone")), result.reason
     assert receiver.poll("t").reason == "receiver closed"
 
 
@@ -151,7 +148,7 @@ def test_unknown_transfer_missing_layer_and_deadline(receiver, sender, p_cache):
 
 def test_corrupt_and_duplicate_frames_are_rejected(p_cache):
     """A hand-driven ZMQ peer sends frames no correct sender would."""
-    receiver = ZmqReceiver(SPEC, *caches(32, 8))
+    receiver = make_receiver("zmq", caches(32, 8))
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
@@ -162,7 +159,8 @@ def test_corrupt_and_duplicate_frames_are_rejected(p_cache):
         pk, pv = p_cache
         for tid in ("corrupt", "dup"):
             receiver.expect(tid, [0], 4, timeout_s=5)
-            header, payload = make_chunk(tid, 0, 0, pk[0, 0], pv[0, 0])
+            frame = next(stage_frames(tid, 0, 0, pk[0, 0], pv[0, 0], 1 << 20))
+            header, payload = frame.header, frame.payload.numpy().tobytes()
             if tid == "corrupt":
                 bad = bytearray(payload)
                 bad[7] ^= 0x10
@@ -254,7 +252,7 @@ def test_release_after_done_and_while_live(receiver, sender, p_cache):
     assert wait_for(lambda: receiver.poll("live")).reason == "released"
 
 
-
+@pytest.mark.parametrize("kind", SOCKETS)
 def test_a_restarted_receiver_fails_the_old_connection_then_accepts_a_new_one(
         kind, sender, p_cache, tmp_path):
     bind = f"ipc://{tmp_path}/kv.sock"
