@@ -41,7 +41,8 @@ def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: t
                  max_frame_bytes: int, alloc: Alloc = host_alloc) -> Iterator[Frame]:
     """Stage K and V of positions [start, start + tokens) frame by frame. A frame's payload
     is only as long-lived as `alloc` makes it: from a reused buffer, it is valid until the
-    next frame is taken. K and V are only read."""
+    next frame is taken. K and V are only read. Raises ValueError as `check_kv`."""
+    check_kv(k, v)
     tokens, heads, dim = k.shape
     token_bytes = 2 * heads * dim * k.element_size()
     step = max(1, max_frame_bytes // max(1, token_bytes))
