@@ -167,8 +167,7 @@ class Router:
                 self.workers[worker_id] = _Worker(record, handle)
             else:
                 known.record = record
-        async with self._changed:
-            self._changed.notify_all()
+        await self._notify()
 
     def _drop(self, worker_id: str) -> None:
         worker = self.workers.pop(worker_id, None)
@@ -203,18 +202,19 @@ class Router:
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
         try:
-            decode, prefill = await self._dispatch(req, tid, disagg, queue)
-            dispatched = time.time()
+            decode, prefill, dispatched = await self._dispatch(req, tid, disagg, queue)
+            prefill_id = prefill.record.worker_id if prefill else ""
             detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
             out_ids: list[int] = []
             first_token = 0.0
             worker = TokenChunk(tid, ())  # the latest chunk with the worker's stamps
-            chunks = contextlib.aclosing(self._chunks(queue, tid, decode, prefill))
+            chunks = contextlib.aclosing(self._chunks(queue, decode, prefill))
             async with chunks as stream:
                 async for chunk in stream:
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
-                        prefill = None if chunk is None else prefill
+                        prefill = None
+                        await self._notify()
                     out_ids += chunk.token_ids
                     worker = chunk if chunk.stamps is not None else worker
                     delta = detok.add(chunk.token_ids)
@@ -227,10 +227,10 @@ class Router:
                             token_ids=list(chunk.token_ids), text=text))
                     if delta.stopped or chunk.finish is not None:
                         finished = chunk.finish is not None
-                        yield final_response(
-                            request_id, req, FinishReason.STOP if delta.stopped
-                            else chunk.finish, len(out_ids), worker, arrival, dispatched,
-                            first_token, decode.record.worker_id, self._prefill_id(tid))
+                        finish = FinishReason.STOP if delta.stopped else chunk.finish
+                        yield final_response(request_id, req, finish, len(out_ids), worker,
+                                             arrival, dispatched, first_token,
+                                             decode.record.worker_id, prefill_id)
                         return
         finally:
             self.stream.close_queue(tid)
@@ -239,29 +239,35 @@ class Router:
                     w.in_flight.pop(tid, None)
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
-                await asyncio.shield(self._abort(tid, decode, self._prefill_of(tid, prefill)))
-            async with self._changed:
-                self._changed.notify_all()
+                await asyncio.shield(self._abort(tid, decode, prefill))
+            await self._notify()
+
+    async def _notify(self) -> None:
+        """Wake the requests that wait for a slot or blocks."""
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool,
-                        queue) -> tuple[_Worker, _Worker | None]:
+                        queue) -> tuple[_Worker, _Worker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
-        local prefill. Returns the decode worker and the prefill worker (None when local).
-        If it fails or is cancelled midway, what it started is aborted before it raises."""
+        local prefill. Returns the decode worker, the prefill worker (None when local) and
+        when the orders went out. If it fails or is cancelled midway, what it started is
+        aborted before it raises."""
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
                             self.config.lease_s)
         while True:
             decode, prefill = await self._wait_for_workers(req, disagg)
             decode.in_flight[tid] = queue
+            dispatched = time.time()
             try:
                 if prefill is None:
                     await self._call(decode, decode.handle.generate(order))
-                    return decode, None
+                    return decode, None, dispatched
                 endpoint = await self._call(decode, decode.handle.reserve(order))
                 prefill.in_flight[tid] = queue
                 await self._call(prefill, prefill.handle.submit(PrefillOrder(
                     tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint)))
-                return decode, prefill
+                return decode, prefill, dispatched
             except NoRoom:  # its heartbeat was stale: wait for room like any other request
                 decode.in_flight.pop(tid, None)
                 decode.record = decode.record.without_room()

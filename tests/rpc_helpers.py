@@ -47,31 +47,58 @@ def wait_cluster_idle(cluster, timeout: float = 15.0) -> None:
 
 class LongRequest:
     """A long disaggregated request streaming in a thread; `victim` is the decode worker
-    that holds it (from the router's status); `outcome` its gRPC code once it ended."""
+    that holds it (from the router's status) once its tokens flow; `outcome` its gRPC code
+    once it ended."""
 
     def __init__(self, stub):
         import threading
-
-        from pdserve.rpc import pdserve_pb2 as pb
 
         req = greedy_request("Count to a thousand:", 2000,
                              disaggregation=pb.DISAGGREGATION_ALWAYS)
         req.sampling.ignore_eos = True
         self.outcome: dict = {}
+        streaming = threading.Event()
 
         def run():
             try:
-                collect(stub, req, timeout=120)
+                for response in stub.Generate(req, timeout=120):
+                    if response.HasField("chunk") and response.chunk.token_ids:
+                        streaming.set()
                 self.outcome["code"] = grpc.StatusCode.OK
             except grpc.RpcError as e:
                 self.outcome["code"], self.outcome["details"] = e.code(), e.details()
+            finally:
+                streaming.set()
 
         self.thread = threading.Thread(target=run)
         self.thread.start()
-        self.victim = None
-        while self.victim is None:
-            status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
-            busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
-            self.victim = busy[0] if busy else None
-            time.sleep(0.05)
-        time.sleep(0.5)  # decoding by now
+        assert streaming.wait(60) and not self.outcome, self.outcome  # decoding now
+        status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
+        assert len(busy) == 1, status
+        self.victim = busy[0]
+
+
+class Recorded:
+    """A router handle (deploy.handles) that notes every call it passes on: (worker id,
+    method, transfer id). Tests wrap the cluster's handles with it to see which worker was
+    asked what."""
+
+    def __init__(self, handle, calls: list):
+        self._handle, self._calls = handle, calls
+
+    async def reserve(self, order):
+        self._calls.append((self._handle.worker_id, "reserve", order.transfer_id))
+        return await self._handle.reserve(order)
+
+    async def generate(self, order):
+        self._calls.append((self._handle.worker_id, "generate", order.transfer_id))
+        await self._handle.generate(order)
+
+    async def submit(self, order):
+        self._calls.append((self._handle.worker_id, "submit", order.transfer_id))
+        await self._handle.submit(order)
+
+    async def abort(self, transfer_id):
+        self._calls.append((self._handle.worker_id, "abort", transfer_id))
+        await self._handle.abort(transfer_id)

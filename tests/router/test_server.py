@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
+from rpc_helpers import Recorded, collect, greedy_request, stub_for, wait_cluster_idle
 
-from pdserve.deploy.local_cluster import ClusterSpec, LocalCluster
+from pdserve.deploy.local_cluster import LocalCluster
+from pdserve.deploy.spec import ClusterSpec
 from pdserve.engine import SamplingParams
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
@@ -20,14 +21,29 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):"]
 
 
+class RecordingCluster(LocalCluster):
+    """The router's handles note every call in `calls`."""
+
+    calls: list = []
+
+    def connect(self, record):
+        return Recorded(super().connect(record), self.calls)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     spec = ClusterSpec(prefill=1, decode=1, colocated=1, num_blocks=256,
                        router=RouterConfig(disaggregation_threshold=4, max_in_flight_per_worker=4,
                                            max_queue=4))
-    c = LocalCluster(spec)
+    c = RecordingCluster(spec)
     yield c
     c.close()
+
+
+def calls_for(cluster, request_id: str) -> list[tuple[str, str]]:
+    """(worker, method) of every handle call the router made for a request."""
+    return [(worker, method) for worker, method, tid in cluster.calls
+            if tid.startswith(f"{request_id}/")]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +86,28 @@ def test_chat_messages_and_stop_strings(stub, smollm2_llm):
     text, _, final = collect(stub, req)
     assert text == want_cut.text and stop not in text
     assert final.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_the_request_path_makes_no_wasted_call(cluster, stub, smollm2_llm):
+    """A finished request aborts nothing; one that a stop string ends aborts only its
+    decode job (the prefill job ended at the hand-off); each side is called once."""
+    prompt = PROMPTS[0]
+    req = greedy_request(prompt, 16, request_id="whole",
+                         disaggregation=pb.DISAGGREGATION_ALWAYS)
+    text, _, final = collect(stub, req)
+    assert calls_for(cluster, "whole") == [("decode-0", "reserve"), ("prefill-0", "submit")]
+    assert final.timing.prefill_compute_ms > 0 and final.timing.kv_received > 0
+    stop = text[len(text) // 3:len(text) // 3 + 3]
+    req = greedy_request(prompt, 16, request_id="stopped",
+                         disaggregation=pb.DISAGGREGATION_ALWAYS)
+    req.sampling.stop.append(stop)
+    cut, _, final = collect(stub, req)
+    assert final.finish_reason == pb.FINISH_REASON_STOP and stop not in cut
+    assert calls_for(cluster, "stopped") == [("decode-0", "reserve"), ("prefill-0", "submit"),
+                                             ("decode-0", "abort")]
+    # the timing up to the first token still came with the decode worker's first chunk
+    assert final.timing.prefill_compute_ms > 0 and final.timing.decode_admitted > 0
+    assert final.usage.cached_prompt_tokens >= 0
 
 
 def test_timing_breakdown_is_present_and_ordered(stub):

@@ -1,8 +1,8 @@
 """Kills and aborts across worker processes: every job ends in bounded time and every
 worker, prefill and decode, is left with all blocks free and no job.
 
-The prefill worker here runs two tokens per step and one sequence at a time, so a 400-token
-prompt takes a couple of hundred steps: long enough to act while it is in a given state.
+The prefill worker here runs one token per step and one sequence at a time, so a 400-token
+prompt takes four hundred steps: long enough to act while it is in a given state.
 To hold a job in the prefill worker's TRANSFERRING state (first token sent, waiting for
 the receiver's acknowledgement), the decode worker is stopped (SIGSTOP) while the prefill
 finishes: its KV and Done wait in the socket until it runs again, or dies."""
@@ -29,7 +29,7 @@ SHORT = (5, 6, 7, 8, 9)
 
 
 def slow_prefill_config(model_dir, worker_id):
-    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=2,
+    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=1,
                          max_num_seqs=1, ack_timeout_s=5.0)
 
 
@@ -157,7 +157,11 @@ def test_abort_in_each_state_frees_both_sides(state, collector, prefill, decode)
     prompt = SHORT if state == "decoding" else LONG
     start(collector, prefill, decode.worker, tid, prompt, params)
     if state == "queued":
-        wait_state(prefill, tid, PrefillState.QUEUED)
+        try:
+            wait_state(prefill, tid, PrefillState.QUEUED)
+        except AssertionError as e:
+            streams = {t: collector.streams.get(t) for t in (tid, "blocker")}
+            raise AssertionError(f"{e}; streams: {streams}") from None
     elif state == "prefilling":
         wait_state(prefill, tid, PrefillState.PREFILLING)
     elif state == "transferring":
