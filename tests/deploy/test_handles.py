@@ -1,5 +1,6 @@
-"""The handles' error contract (router.handles): a full decode worker is NoRoom, a bad job a
-ValueError, an unreachable worker WorkerGone, and abort never raises for a dead worker."""
+"""The handles' error contract (router.handles): a full decode worker is NoRoom, a bad order
+a ValueError, an unreachable or closed worker WorkerGone, and abort never raises for a dead
+worker."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import asyncio
 
 import pytest
 
-from pdserve.deploy.handles import DecodeHandle, PrefillHandle
+from pdserve.deploy.handles import WorkerHandle
 from pdserve.engine import NoFreeBlocksError
+from pdserve.protocol import DecodeOrder, PrefillOrder, SamplingParams
 from pdserve.router.handles import NoRoom, WorkerGone
-from pdserve.router.jobs import DecodeOrder, PrefillOrder, Sampling
 
-ORDER = DecodeOrder("t", (1, 2, 3), Sampling(max_tokens=2), "tcp://127.0.0.1:1", 5.0)
+ORDER = DecodeOrder("t", (1, 2, 3), SamplingParams(max_tokens=2), "tcp://127.0.0.1:1", 5.0)
 
 
 class Raising:
@@ -27,7 +28,7 @@ class Raising:
     def generate(self, job):
         raise self.error
 
-    def prefill(self, job):
+    def submit(self, job):
         raise self.error
 
     def abort(self, transfer_id):
@@ -42,17 +43,18 @@ class Raising:
     (RuntimeError("engine loop closed"), WorkerGone),
 ])
 def test_worker_errors_become_the_routers(error, expected):
-    handle = DecodeHandle(Raising(error), "decode-0")
+    handle = WorkerHandle(Raising(error), "decode-0")
     with pytest.raises(expected):
         asyncio.run(handle.reserve(ORDER))
     with pytest.raises(expected):
         asyncio.run(handle.generate(ORDER))
 
 
-def test_abort_of_a_dead_worker_does_not_raise_and_prefill_reports_it_gone():
+def test_abort_of_a_dead_worker_does_not_raise_and_submit_reports_it_gone():
     dead = Raising(EOFError())
-    asyncio.run(DecodeHandle(dead, "decode-0").abort("t"))
-    asyncio.run(PrefillHandle(dead, "prefill-0").abort("t"))
+    asyncio.run(WorkerHandle(dead, "decode-0").abort("t"))
+    asyncio.run(WorkerHandle(dead, "prefill-0").abort("t"))
     with pytest.raises(WorkerGone, match="prefill-0"):
-        asyncio.run(PrefillHandle(dead, "prefill-0").prefill(
-            PrefillOrder("t", (1, 2), Sampling(), "tcp://127.0.0.1:1")))
+        asyncio.run(WorkerHandle(dead, "prefill-0").submit(
+            PrefillOrder("t", (1, 2), SamplingParams(), "tcp://127.0.0.1:1",
+                         "tcp://127.0.0.1:2")))

@@ -16,8 +16,8 @@ import ray
 from ray.cluster_utils import Cluster
 from rpc_helpers import LongRequest, collect, greedy_request, stub_for
 
-from pdserve.deploy.local_cluster import ClusterSpec
 from pdserve.deploy.ray_cluster import Placement, RayCluster
+from pdserve.deploy.spec import ClusterSpec
 from pdserve.engine import SamplingParams
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.engine.attention import FlashAttentionBackend, SdpaBackend, SeqSlice
 
 pytestmark = pytest.mark.gpu
