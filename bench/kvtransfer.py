@@ -5,21 +5,26 @@ For each KV size, one transfer = a single layer's chunk of that many bytes sent 
 reserved, until the sender sees DONE (staging, framing, checksums, scatter and the
 acknowledgement included), for zmq-tcp, zmq-ipc and torch (gloo over TCP, control on ZMQ).
 Baselines, same bytes, same run: a raw ZMQ send of one frame (copy=False) to a second
-process that answers with one byte, and a torch tensor copy. Both processes run with the
+process that answers with one byte, and a torch tensor copy; with `--baseline PATH`, the
+same transfers through the kvtransfer of an older checkout at PATH (one whose parts import
+as top-level packages, `kvtransfer.transports`), side by side. Both processes run with the
 malloc settings of an engine process (engine.host_memory), as the workers do.
 
-    .venv/bin/python bench/kvtransfer.py [--repeats 20] [--json PATH]
+    .venv/bin/python -m pdserve.bench.kvtransfer [--repeats 20] [--json PATH] [--baseline PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,23 +32,51 @@ import zmq
 from tqdm import tqdm
 
 from pdserve.engine.host_memory import tune_malloc
-from pdserve.kvtransfer.base import KVSpec, TransferStatus
-from pdserve.kvtransfer.transports import TransportKind, make_receiver, make_sender
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer
 TOKEN_BYTES = 2 * HEADS * DIM * 4  # K and V, float32
+TRANSPORTS = (("zmq-tcp", "zmq"), ("zmq-ipc", "zmq"), ("torch-gloo", "torch"))
 mp = mp.get_context("spawn")  # children start clean: no inherited ZMQ context or threads
 
 
-def receiver_process(kind: str, bind: str, spec: KVSpec, blocks: int, conn) -> None:
+@dataclass(frozen=True)
+class Impl:
+    """Which kvtransfer to run: this tree's, or an older checkout's (`path`), whose
+    kvtransfer imports as the top-level package `kvtransfer`."""
+
+    path: str | None = None
+
+    @property
+    def package(self) -> str:
+        return "kvtransfer" if self.path else "pdserve.kvtransfer"
+
+    def module(self, name: str):
+        if self.path and self.path not in sys.path:
+            sys.path.insert(0, self.path)
+        return importlib.import_module(f"{self.package}.{name}")
+
+    def spec(self, layers: int, heads: int = HEADS, dim: int = DIM):
+        return self.module("base").KVSpec("bench", layers, heads, dim, torch.float32)
+
+    def sender(self, kind: str, spec):
+        transports = self.module("transports")
+        return transports.make_sender(transports.TransportKind(kind), spec)
+
+
+def receiver_process(impl: Impl, kind: str, bind: str, layers: int, blocks: int, conn,
+                     cpu: int | None = None) -> None:
     """Child process: hosts a receiver (as a decode worker would) with `blocks` blocks of
     BLOCK tokens per layer, sends its endpoint, then obeys ("expect" | "release", transfer
-    id, tokens) commands from `conn`, answering each, until None."""
+    id, tokens) commands from `conn`, answering each, until None. `cpu`: the core to pin to."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+        torch.set_num_threads(1)
     tune_malloc()
+    spec, transports = impl.spec(layers), impl.module("transports")
     shape = (spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim)
-    receiver = make_receiver(TransportKind(kind), spec, torch.zeros(shape), torch.zeros(shape),
-                             bind)
+    receiver = transports.make_receiver(transports.TransportKind(kind), spec,
+                                        torch.zeros(shape), torch.zeros(shape), bind)
     conn.send(receiver.endpoint)
     while (cmd := conn.recv()) is not None:
         op, tid, tokens = cmd
@@ -68,15 +101,15 @@ def _raw_process(bind: str, conn) -> None:
     sock.close(linger=0)
 
 
-def transport_times(kind: str, bind: str, num_bytes: int, repeats: int) -> list[float]:
+def transport_times(impl: Impl, kind: str, bind: str, num_bytes: int,
+                    repeats: int) -> list[float]:
     tokens = num_bytes // TOKEN_BYTES
     blocks = -(-tokens // BLOCK)
-    spec = KVSpec("bench", 1, HEADS, DIM, torch.float32)
     conn, child_conn = mp.Pipe()
-    child = mp.Process(target=receiver_process, args=(kind, bind, spec, blocks, child_conn))
+    child = mp.Process(target=receiver_process, args=(impl, kind, bind, 1, blocks, child_conn))
     child.start()
     endpoint = conn.recv()
-    sender = make_sender(TransportKind(kind), spec)
+    sender = impl.sender(kind, impl.spec(1))
     k, v = torch.randn(tokens, HEADS, DIM), torch.randn(tokens, HEADS, DIM)
     times = []
     try:
@@ -90,7 +123,7 @@ def transport_times(kind: str, bind: str, num_bytes: int, repeats: int) -> list[
             sender.finish(tid, 0)
             while not (result := sender.poll(tid)).status.is_terminal:
                 time.sleep(0.0002)
-            assert result.status is TransferStatus.DONE, result
+            assert result.status.value == "done", result
             if i:  # the first one pays for the connection and handshake
                 times.append(time.perf_counter() - t0)
             sender.release(tid)
@@ -140,40 +173,51 @@ def summarize(times: list[float], num_bytes: int) -> dict:
             "p99_ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3}
 
 
+def measure(num_bytes: int, repeats: int, tmp: str, baseline: Impl | None) -> dict:
+    r = {"bytes": num_bytes, "memcpy": summarize(copy_times(num_bytes, repeats), num_bytes)}
+    binds = {"zmq-tcp": "tcp://127.0.0.1:*", "zmq-ipc": f"ipc://{tmp}/kv",
+             "torch-gloo": "tcp://127.0.0.1:*"}
+    for name in ("zmq-tcp", "zmq-ipc"):
+        raw_bind = binds[name] + ("-raw" if "ipc" in name else "")
+        r[f"raw-{name}"] = summarize(raw_zmq_times(raw_bind, num_bytes, repeats), num_bytes)
+    impls = {"": Impl()} | ({"baseline-": baseline} if baseline else {})
+    for name, kind in TRANSPORTS:
+        for prefix, impl in impls.items():  # one right after the other: the same conditions
+            times = transport_times(impl, kind, binds[name], num_bytes, repeats)
+            r[prefix + name] = summarize(times, num_bytes)
+    return r
+
+
+def print_table(rows: list[dict], baseline: bool) -> None:
+    print(f"\n{'size':>7} {'transport':>10} | {'GB/s':>6} {'raw GB/s':>8} {'/ raw':>6} | "
+          f"{'p50 / p99 ms':>15}" + (f" | {'baseline GB/s':>13} {'/ baseline':>10}"
+                                     if baseline else ""))
+    for r in rows:
+        size = f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB"
+        for name, _ in TRANSPORTS:
+            t, raw = r[name], r["raw-" + name.replace("torch-gloo", "zmq-tcp")]
+            line = (f"{size:>7} {name:>10} | {t['gbps']:6.2f} {raw['gbps']:8.2f} "
+                    f"{t['gbps'] / raw['gbps']:6.2f} | {t['p50_ms']:7.2f} / {t['p99_ms']:5.2f}")
+            if baseline:
+                b = r["baseline-" + name]
+                line += f" | {b['gbps']:13.2f} {t['gbps'] / b['gbps']:10.2f}"
+            print(line)
+        print(f"{size:>7} {'memcpy':>10} | {r['memcpy']['gbps']:6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--baseline", help="an older checkout to measure side by side")
     args = ap.parse_args()
     tune_malloc()
     tmp = tempfile.mkdtemp()
-    rows = []
-    for num_bytes in tqdm(SIZES, desc="kv sizes", file=sys.stderr):
-        r = {"bytes": num_bytes}
-        for name, bind in (("zmq-tcp", "tcp://127.0.0.1:*"), ("zmq-ipc", f"ipc://{tmp}/kv")):
-            r[name] = summarize(transport_times("zmq", bind, num_bytes, args.repeats),
-                                num_bytes)
-            r[f"raw-{name}"] = summarize(raw_zmq_times(bind + "-raw" if "ipc" in bind
-                                                       else bind, num_bytes, args.repeats),
-                                         num_bytes)
-        r["torch-gloo"] = summarize(
-            transport_times("torch", "tcp://127.0.0.1:*", num_bytes, args.repeats), num_bytes)
-        r["memcpy"] = summarize(copy_times(num_bytes, args.repeats), num_bytes)
-        rows.append(r)
-
-    print(f"\n{'size':>8} | {'zmq-tcp GB/s':>12} {'raw tcp':>8} {'ratio':>6} | "
-          f"{'zmq-ipc GB/s':>12} {'raw ipc':>8} {'ratio':>6} | {'gloo GB/s':>9} {'ratio':>6} | "
-          f"{'memcpy':>7} | {'tcp p50/p99 ms':>15} | {'gloo p50/p99 ms':>15}")
-    for r in rows:
-        size = f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB"
-        t, rt, i, ri = r["zmq-tcp"], r["raw-zmq-tcp"], r["zmq-ipc"], r["raw-zmq-ipc"]
-        g = r["torch-gloo"]
-        print(f"{size:>8} | {t['gbps']:12.2f} {rt['gbps']:8.2f} {t['gbps'] / rt['gbps']:6.2f} | "
-              f"{i['gbps']:12.2f} {ri['gbps']:8.2f} {i['gbps'] / ri['gbps']:6.2f} | "
-              f"{g['gbps']:9.2f} {g['gbps'] / rt['gbps']:6.2f} | "
-              f"{r['memcpy']['gbps']:7.2f} | {t['p50_ms']:7.2f}/{t['p99_ms']:.2f} | "
-              f"{g['p50_ms']:7.2f}/{g['p99_ms']:.2f}")
+    baseline = Impl(args.baseline) if args.baseline else None
+    rows = [measure(num_bytes, args.repeats, tmp, baseline)
+            for num_bytes in tqdm(SIZES, desc="kv sizes", file=sys.stderr)]
+    print_table(rows, baseline is not None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 
 import torch
 
 from pdserve.kvtransfer.base import KVReceiver, KVSpec, TransferResult, TransferStatus
-from pdserve.kvtransfer.layout import scatter_tokens
+from pdserve.kvtransfer.layout import slot_index
 from pdserve.kvtransfer.messages import ChunkHeader, Done, checksum
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class FrameError(ValueError):
@@ -75,11 +78,11 @@ class Assembly:
         if not 0 <= header.start < header.end <= self.num_tokens:
             raise FrameError(f"token range [{header.start}, {header.end}) outside "
                              f"[0, {self.num_tokens})")
-        expected = (spec.handshake().dtype, spec.num_kv_heads, spec.head_dim)
+        expected = (_dtype_name(spec.dtype), spec.num_kv_heads, spec.head_dim)
         got = (header.dtype, header.num_kv_heads, header.head_dim)
         if got != expected:
             raise FrameError(f"frame dtype/heads/head_dim {got} != expected {expected}")
-        size = header.payload_bytes(torch.empty((), dtype=spec.dtype).element_size())
+        size = header.payload_bytes(spec.dtype.itemsize)
         on_gpu = isinstance(payload, torch.Tensor)
         got_size = payload.numel() if on_gpu else len(payload)
         if got_size != size:
@@ -94,14 +97,18 @@ class Assembly:
         if on_gpu:
             flat = payload.view(spec.dtype)
         else:
-            with warnings.catch_warnings():  # read-only buffers are fine: scatter copies out
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.frombuffer(payload, dtype=spec.dtype)
+            if isinstance(payload, bytes) or memoryview(payload).readonly:
+                payload = bytearray(payload)  # frombuffer warns on read-only memory
+            flat = torch.frombuffer(payload, dtype=spec.dtype)
         kv = flat.view(2, header.num_tokens, spec.num_kv_heads, spec.head_dim)
         if self._table is None:
             self._table = torch.tensor(self.block_ids, dtype=torch.long, device=k_cache.device)
-        scatter_tokens(k_cache[header.layer], self._table, header.start, kv[0])
-        scatter_tokens(v_cache[header.layer], self._table, header.start, kv[1])
+        # one slot index for K and V: the index ops cost as much as a small frame's copy
+        idx = slot_index(self._table, k_cache.shape[2], header.start, header.end,
+                         k_cache.device)
+        for cache, part in ((k_cache, kv[0]), (v_cache, kv[1])):
+            cache[header.layer].flatten(0, 1).index_copy_(
+                0, idx, part.to(device=cache.device, dtype=cache.dtype))
         taken.append((header.start, header.end))
         self.num_bytes += size
         self.status = TransferStatus.TRANSFERRING
@@ -133,6 +140,13 @@ class AssemblingReceiver(KVReceiver):
         with self._lock:
             if transfer_id in self._assemblies:
                 raise ValueError(f"transfer {transfer_id!r} is already expected")
+            num_blocks, block_size = self.k_cache.shape[1], self.k_cache.shape[2]
+            if num_tokens > len(block_ids) * block_size:
+                raise ValueError(f"transfer {transfer_id!r}: {num_tokens} tokens do not fit "
+                                 f"in {len(block_ids)} blocks of {block_size}")
+            if any(not 0 <= b < num_blocks for b in block_ids):
+                raise ValueError(f"transfer {transfer_id!r}: block ids outside "
+                                 f"[0, {num_blocks})")
             self._assemblies[transfer_id] = Assembly(
                 transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
 
@@ -167,6 +181,9 @@ class AssemblingReceiver(KVReceiver):
                 a.accept(header, payload, self.k_cache, self.v_cache)
             except FrameError as e:
                 a.fail(str(e))
+                return a.reason
+            except (RuntimeError, ValueError) as e:  # a bug, not the peer's: fail, stay up
+                a.fail(f"could not scatter the frame: {e}")
                 return a.reason
             return None
 

@@ -79,7 +79,8 @@ class KVReceiver(ABC):
     def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
                timeout_s: float) -> None:
         """Announce a transfer of `num_tokens` tokens into `block_ids`. It fails unless DONE
-        within `timeout_s`. Raises ValueError for a transfer id already expected."""
+        within `timeout_s`. Raises ValueError for a transfer id already expected, and for
+        block ids outside the cache or too few to hold `num_tokens`."""
 
     @abstractmethod
     def poll(self, transfer_id: str) -> TransferResult:

@@ -53,8 +53,11 @@ def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: t
         with torch.inference_mode():
             payload = alloc(n * token_bytes)
             kv = payload.view(k.dtype).view(2, n, heads, dim)
-            kv[0].copy_(k[i:i + n])
-            kv[1].copy_(v[i:i + n])
+            if payload.device == k.device == v.device:
+                torch.stack((k[i:i + n], v[i:i + n]), out=kv)  # one op: less than two copies
+            else:  # to or from a GPU
+                kv[0].copy_(k[i:i + n])
+                kv[1].copy_(v[i:i + n])
         digest = 0 if payload.is_cuda else checksum(memoryview(payload.numpy()))
         yield Frame(ChunkHeader(transfer_id, layer, start + i, start + i + n, dtype, heads, dim,
                                 digest), payload)

@@ -42,6 +42,11 @@ class Links:
     def get(self, endpoint: str) -> Link | None:
         return self._by_endpoint.get(endpoint)
 
+    def __contains__(self, endpoint: str) -> bool:
+        """Whether a link to `endpoint` is open (a hint from other threads: it may change
+        right after)."""
+        return endpoint in self._by_endpoint
+
     def owner(self, sock) -> Link | None:
         return self._by_socket.get(sock)
 

@@ -32,9 +32,11 @@ class Mailbox:
         self._lock = threading.Lock()  # no write after close: the fd number may be reused
         self._closed = False
 
-    def put(self, item) -> None:
+    def put(self, item, wake: bool = True) -> None:
+        """Queue `item`; with `wake`, wake the owner if it sleeps (else it finds the item
+        when it next wakes)."""
         self._items.append(item)
-        if self._sleeping and not self._signalled:
+        if wake and self._sleeping and not self._signalled:
             self.wake()
 
     def wake(self) -> None:

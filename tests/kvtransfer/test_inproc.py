@@ -68,6 +68,15 @@ def test_complete_transfer_between_block_sizes(setup):
     assert receiver.poll("t").reason == "unknown transfer"
 
 
+def test_expect_refuses_blocks_that_cannot_hold_the_tokens(setup):
+    _, receiver, _, _, _ = setup
+    with pytest.raises(ValueError, match="17 tokens do not fit in 2 blocks of 8"):
+        receiver.expect("t", [0, 1], 17, timeout_s=5)
+    with pytest.raises(ValueError, match=r"block ids outside \[0, 64\)"):
+        receiver.expect("t", [64], 4, timeout_s=5)
+    assert receiver.poll("t").reason == "unknown transfer"
+
+
 def test_handshake_mismatch_is_refused(setup):
     hub, receiver, _, _, _ = setup
     other = InProcSender(hub, KVSpec("tiny", 3, 2, 8, torch.bfloat16))

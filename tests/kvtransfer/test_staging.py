@@ -54,13 +54,13 @@ def test_send_layer_returns_before_anything_is_staged_and_never_stages_itself(
         sent = [fused_kv(n, layer) for layer in range(SPEC.num_layers)]
         for layer, (k, v) in enumerate(sent):
             sender.send_layer("t", layer, 0, k, v)  # would block here if it staged
-        assert not gate.is_set()
+        sender.finish("t", 3)  # wakes the I/O thread, which stages and waits at the gate
         deadline = time.monotonic() + 5
         while not stagers and time.monotonic() < deadline:
             time.sleep(0.005)
         assert stagers and threading.current_thread() not in stagers
+        assert sender.poll("t").status is TransferStatus.TRANSFERRING  # nothing went out yet
         gate.set()
-        sender.finish("t", 3)
         assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
         assert threading.current_thread() not in stagers
         for layer, (k, v) in enumerate(sent):
@@ -102,7 +102,7 @@ def test_the_sender_queues_typed_frozen_commands():
     receiver, sender = make_receiver("zmq", caches(8, 8)), make_sender("zmq")
     queued = []
     put = sender._commands.put
-    sender._commands.put = lambda cmd: (queued.append(cmd), put(cmd))
+    sender._commands.put = lambda cmd, wake=True: (queued.append(cmd), put(cmd, wake))
     try:
         receiver.expect("t", [0], 4, timeout_s=5)
         sender.begin("t", receiver.endpoint, 4)
@@ -124,6 +124,35 @@ def test_the_sender_queues_typed_frozen_commands():
                 cmd.endpoint = "elsewhere"
         # one layer of three was sent: the Done went out and was judged
         assert wait_for(lambda: sender.poll("t")).reason == "layer 1 is missing tokens"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_small_chunks_wake_the_io_thread_once_a_batch_is_due():
+    chunk_bytes = 2 * 4 * HEADS * DIM * 4  # 4 tokens
+    receiver = make_receiver("zmq", caches(8, 8))
+    sender = make_sender("zmq", wake_bytes=2 * chunk_bytes)
+    wakes = []
+    put = sender._commands.put
+    sender._commands.put = lambda cmd, wake=True: (wakes.append((type(cmd), wake)),
+                                                   put(cmd, wake))
+    try:
+        receiver.expect("t", [0, 1, 2], 5 * 4, timeout_s=5)
+        sender.begin("t", receiver.endpoint, 5 * 4)
+        for layer in range(SPEC.num_layers):
+            k, v = fused_kv(5 * 4, layer)
+            for i in range(5):
+                sender.send_layer("t", layer, 4 * i, k[4 * i:4 * i + 4], v[4 * i:4 * i + 4])
+        sender.finish("t", 1)
+        chunk_wakes = [wake for kind, wake in wakes if kind is SendChunk]
+        assert chunk_wakes == [False, True] * (5 * SPEC.num_layers // 2) + [False]
+        assert wakes[0] == (Connect, True) and wakes[-1] == (SendDone, True)
+        assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
+        # a connected endpoint needs no wake-up to begin
+        receiver.expect("u", [3], 4, timeout_s=5)
+        sender.begin("u", receiver.endpoint, 4)
+        assert wakes[-1] == (Connect, False)
     finally:
         sender.close()
         receiver.close()
