@@ -11,6 +11,7 @@ as top-level packages, `kvtransfer.transports`), side by side. Both processes ru
 malloc settings of an engine process (engine.host_memory), as the workers do.
 
     .venv/bin/python -m pdserve.bench.kvtransfer [--repeats 20] [--json PATH] [--baseline PATH]
+        [--sizes 128K 1M 8M 64M]
 """
 
 from __future__ import annotations
@@ -101,38 +102,44 @@ def _raw_process(bind: str, conn) -> None:
     sock.close(linger=0)
 
 
-def transport_times(impl: Impl, kind: str, bind: str, num_bytes: int,
-                    repeats: int) -> list[float]:
+def transport_times(impls: dict[str, Impl], kind: str, bind: str, num_bytes: int,
+                    repeats: int) -> dict[str, list[float]]:
+    """Transfer times of each implementation, taking turns transfer by transfer (each with
+    its own receiver process), so the load of a shared machine hits them alike."""
     tokens = num_bytes // TOKEN_BYTES
     blocks = -(-tokens // BLOCK)
-    conn, child_conn = mp.Pipe()
-    child = mp.Process(target=receiver_process, args=(impl, kind, bind, 1, blocks, child_conn))
-    child.start()
-    endpoint = conn.recv()
-    sender = impl.sender(kind, impl.spec(1))
+    sides = {}
+    for name, impl in impls.items():
+        conn, child_conn = mp.Pipe()
+        child = mp.Process(target=receiver_process, args=(
+            impl, kind, bind + name if bind.startswith("ipc") else bind, 1, blocks, child_conn))
+        child.start()
+        sides[name] = (impl.sender(kind, impl.spec(1)), conn, conn.recv(), child)
     k, v = torch.randn(tokens, HEADS, DIM), torch.randn(tokens, HEADS, DIM)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in impls}
     try:
         for i in range(repeats + 1):
-            tid = f"t{i}"
-            conn.send(("expect", tid, tokens))
-            conn.recv()
-            t0 = time.perf_counter()
-            sender.begin(tid, endpoint, tokens)
-            sender.send_layer(tid, 0, 0, k, v)
-            sender.finish(tid, 0)
-            while not (result := sender.poll(tid)).status.is_terminal:
-                time.sleep(0.0002)
-            assert result.status.value == "done", result
-            if i:  # the first one pays for the connection and handshake
-                times.append(time.perf_counter() - t0)
-            sender.release(tid)
-            conn.send(("release", tid, 0))
-            conn.recv()
+            for name, (sender, conn, endpoint, _) in sides.items():
+                tid = f"t{i}"
+                conn.send(("expect", tid, tokens))
+                conn.recv()
+                t0 = time.perf_counter()
+                sender.begin(tid, endpoint, tokens)
+                sender.send_layer(tid, 0, 0, k, v)
+                sender.finish(tid, 0)
+                while not (result := sender.poll(tid)).status.is_terminal:
+                    time.sleep(0.0002)
+                assert result.status.value == "done", result
+                if i:  # the first one pays for the connection and handshake
+                    times[name].append(time.perf_counter() - t0)
+                sender.release(tid)
+                conn.send(("release", tid, 0))
+                conn.recv()
     finally:
-        sender.close()
-        conn.send(None)
-        child.join()
+        for sender, conn, _, child in sides.values():
+            sender.close()
+            conn.send(None)
+            child.join()
     return times
 
 
@@ -182,8 +189,8 @@ def measure(num_bytes: int, repeats: int, tmp: str, baseline: Impl | None) -> di
         r[f"raw-{name}"] = summarize(raw_zmq_times(raw_bind, num_bytes, repeats), num_bytes)
     impls = {"": Impl()} | ({"baseline-": baseline} if baseline else {})
     for name, kind in TRANSPORTS:
-        for prefix, impl in impls.items():  # one right after the other: the same conditions
-            times = transport_times(impl, kind, binds[name], num_bytes, repeats)
+        for prefix, times in transport_times(impls, kind, binds[name], num_bytes,
+                                             repeats).items():
             r[prefix + name] = summarize(times, num_bytes)
     return r
 
@@ -211,12 +218,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--baseline", help="an older checkout to measure side by side")
+    ap.add_argument("--sizes", nargs="+", type=lambda t: int(t[:-1]) << {"K": 10, "M": 20}[t[-1]],
+                    default=SIZES, help="KV bytes per transfer, e.g. 128K 64M")
     args = ap.parse_args()
     tune_malloc()
     tmp = tempfile.mkdtemp()
     baseline = Impl(args.baseline) if args.baseline else None
     rows = [measure(num_bytes, args.repeats, tmp, baseline)
-            for num_bytes in tqdm(SIZES, desc="kv sizes", file=sys.stderr)]
+            for num_bytes in tqdm(args.sizes, desc="kv sizes", file=sys.stderr)]
     print_table(rows, baseline is not None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

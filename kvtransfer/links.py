@@ -54,14 +54,20 @@ class Links:
         return iter(list(self._by_endpoint.values()))
 
     def open(self, endpoint: str) -> Link:
+        """Connect and send the handshake. Raises zmq.ZMQError for an endpoint ZMQ cannot
+        connect to (a malformed address, an unknown transport)."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # No high-water mark: a send never blocks the I/O thread. What a slow receiver has
         # not taken yet is bounded by the live transfers; a dead one is noticed by the
         # monitor and its queue dropped with the socket.
         sock.setsockopt(zmq.SNDHWM, 0)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(endpoint)
         sock.send(self._handshake)
         link = Link(endpoint, sock, monitor, time.monotonic() + self._timeout_s)
         self._by_endpoint[endpoint] = link

@@ -152,7 +152,12 @@ class Sender(KVSender):
         return max(0, min(int(wait * 1000) + 1, int(_IDLE_POLL_S * 1000)))
 
     def _execute(self, cmd: Command) -> None:
-        link = self._links.get(cmd.endpoint) or self._links.open(cmd.endpoint)
+        link = self._links.get(cmd.endpoint)
+        if link is None:
+            try:
+                link = self._links.open(cmd.endpoint)
+            except zmq.ZMQError as e:
+                return self._fail_endpoint(cmd.endpoint, f"cannot connect to {cmd.endpoint}: {e}")
         if isinstance(cmd, Connect):
             return
         if link.accepted:

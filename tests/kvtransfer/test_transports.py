@@ -97,6 +97,17 @@ def test_no_receiver_fails_within_the_handshake_timeout(kind, sender, p_cache):
     assert expected in result.reason and time.monotonic() - t0 < 3
 
 
+def test_an_endpoint_that_cannot_be_connected_fails_at_once(kind, sender, receiver, p_cache):
+    sender.begin("bad", "no-such-scheme://nowhere", 4)
+    expected = "no receiver at" if kind == "inproc" else "cannot connect to"
+    assert expected in wait_for(lambda: sender.poll("bad"), timeout=2).reason
+    receiver.expect("t", [0], 4, timeout_s=5)  # and the sender carries on
+    sender.begin("t", receiver.endpoint, 4)
+    send_layers(sender, "t", p_cache, [0], 4)
+    sender.finish("t", 1)
+    assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
+
+
 @pytest.mark.parametrize("kind", SOCKETS)
 def test_a_sender_of_the_other_transport_is_refused(kind, receiver):
     other = make_sender("zmq" if kind == "torch" else "torch")
