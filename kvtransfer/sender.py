@@ -141,9 +141,9 @@ class Sender(KVSender):
         for cmd in self._commands.take():
             if isinstance(cmd, SendAbort):
                 self._execute(cmd)
+        self.channel.close()  # first: it waits for its pairs, which dropping would not
         for link in links:
             self._drop(link, linger_ms=1000)
-        self.channel.close()
 
     def _sleep_ms(self) -> int:
         due = [t for t in (self._links.next_handshake_deadline(), self._book.next_ack_deadline())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -44,6 +45,14 @@ from pdserve.kvtransfer.torch_pairs import (
     local_address_towards,
     make_group,
 )
+
+_CLOSE_WAIT_S = 2.0  # for the pairs of a closing side to finish what they were doing
+
+
+def _join(pairs: list[PairWorker]) -> None:
+    deadline = time.monotonic() + _CLOSE_WAIT_S
+    for pair in pairs:
+        pair.join(max(0.0, deadline - time.monotonic()))
 
 
 class TorchSenderChannel(SenderChannel):
@@ -111,8 +120,10 @@ class TorchSenderChannel(SenderChannel):
             pair.close()
 
     def close(self) -> None:
+        pairs = list(self._pairs.values())
         for endpoint in list(self._pairs):
             self.close_pair(endpoint)
+        _join(pairs)
 
 
 class TorchReceiverChannel(ReceiverChannel):
@@ -156,9 +167,11 @@ class TorchReceiverChannel(ReceiverChannel):
         self._route(peer, done)  # after the pair's earlier payloads, never before
 
     def close(self) -> None:
-        for pair in self._pairs.values():
+        pairs = list(self._pairs.values())
+        for pair in pairs:
             pair.close()
         self._pairs.clear()
+        _join(pairs)
 
     def _route(self, peer: bytes, msg: ChunkHeader | Done) -> None:
         pair = self._pairs.get(peer)

@@ -97,6 +97,12 @@ class PairWorker:
     def close(self) -> None:
         self._queue.put(None)
 
+    def join(self, timeout_s: float) -> None:
+        """Wait (bounded) for the thread to end after `close`. A group still alive when the
+        process exits aborts it in gloo's teardown ("terminate called without an active
+        exception"), so an owner that closes for good waits here."""
+        self._thread.join(timeout_s)
+
     def _run(self) -> None:
         try:
             self.group = self._connect()
@@ -108,3 +114,4 @@ class PairWorker:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+        self.group = None  # destroyed here, not by the interpreter's teardown

@@ -62,3 +62,21 @@ def send_layers(sender, tid, p_cache, p_blocks, n, layers=None):
         for start, end in ((0, n // 2), (n // 2, n)):
             sender.send_layer(tid, layer, start, gather_tokens(pk[layer], p_blocks, start, end),
                               gather_tokens(pv[layer], p_blocks, start, end))
+
+
+def transfer_in_child(role, endpoint_or_none, conn):
+    """Child process body: one torch-transport side that does one transfer and closes, then
+    the process exits normally (its exit code tells whether the teardown aborted)."""
+    if role == "sender":
+        sender = make_sender("torch")
+        sender.begin("t", endpoint_or_none, 4)
+        send_layers(sender, "t", caches(4, 4, fill=True), [0], 4)
+        sender.finish("t", 1)
+        conn.send(wait_for(lambda: sender.poll("t")).status.value)
+        sender.close()
+    else:
+        receiver = make_receiver("torch", caches(4, 4))
+        receiver.expect("t", [0], 4, timeout_s=10)
+        conn.send(receiver.endpoint)
+        conn.send(wait_for(lambda: receiver.poll("t"), timeout=10).status.value)
+        receiver.close()

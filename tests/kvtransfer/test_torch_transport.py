@@ -4,12 +4,21 @@ that may never come, and a receiver that accepts but names no rendezvous."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
 import torch
 import zmq
-from kv_helpers import SPEC, caches, make_receiver, make_sender, send_layers, wait_for
+from kv_helpers import (
+    SPEC,
+    caches,
+    make_receiver,
+    make_sender,
+    send_layers,
+    transfer_in_child,
+    wait_for,
+)
 
 from pdserve.kvtransfer.base import TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
@@ -149,3 +158,35 @@ def test_a_receiver_that_accepts_without_a_rendezvous_fails_the_transfer():
     finally:
         sender.close()
         sock.close()
+
+
+def test_a_closed_side_lets_its_process_exit_cleanly():
+    """gloo aborts a process that exits with a group still alive ("terminate called without
+    an active exception"): close() waits for its pairs' groups to go."""
+    spawn = multiprocessing.get_context("spawn")
+    receiver = make_receiver("torch", caches(4, 4))
+    sender = make_sender("torch")
+    try:
+        receiver.expect("t", [0], 4, timeout_s=30)
+        conn, child_conn = spawn.Pipe()
+        child = spawn.Process(target=transfer_in_child,
+                              args=("sender", receiver.endpoint, child_conn))
+        child.start()
+        assert conn.recv() == "done"
+        child.join(30)
+        assert child.exitcode == 0
+
+        conn, child_conn = spawn.Pipe()
+        child = spawn.Process(target=transfer_in_child, args=("receiver", None, child_conn))
+        child.start()
+        endpoint = conn.recv()
+        sender.begin("t", endpoint, 4)
+        send_layers(sender, "t", caches(4, 4, fill=True), [0], 4)
+        sender.finish("t", 1)
+        assert wait_for(lambda: sender.poll("t"), timeout=10).status is TransferStatus.DONE
+        assert conn.recv() == "done"
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        sender.close()
+        receiver.close()
