@@ -116,7 +116,8 @@ class KVSender(ABC):
         inference-mode tensors. The sender holds references to them until its I/O thread has
         staged them into frames; the caller must not modify them in place after this call
         (the prefill hands over each layer's freshly computed K/V, which nothing writes
-        again). Raises ValueError for an id never begun or for K/V of different shapes."""
+        again). GPU K/V are read after the work queued so far on the caller's current
+        stream. Raises ValueError for an id never begun or for K/V of different shapes."""
 
     @abstractmethod
     def finish(self, transfer_id: str, first_token_id: int, note: bytes = b"") -> None:

@@ -31,6 +31,7 @@ class SendChunk:
     start: int
     k: torch.Tensor
     v: torch.Tensor
+    ready: torch.cuda.Event | None = None  # GPU K/V: recorded on the producer's stream
 
     @property
     def nbytes(self) -> int:

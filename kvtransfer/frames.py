@@ -37,12 +37,32 @@ def host_alloc(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
+def ready_event(k: torch.Tensor) -> torch.cuda.Event | None:
+    """For GPU K/V handed to another thread: an event on the producer's current stream, so
+    the stager's copies wait for the kernels that computed K/V. None for host tensors."""
+    if not k.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(k.device))
+    return event
+
+
 def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
-                 max_frame_bytes: int, alloc: Alloc = host_alloc) -> Iterator[Frame]:
+                 max_frame_bytes: int, alloc: Alloc = host_alloc,
+                 ready: torch.cuda.Event | None = None) -> Iterator[Frame]:
     """Stage K and V of positions [start, start + tokens) frame by frame. A frame's payload
     is only as long-lived as `alloc` makes it: from a reused buffer, it is valid until the
-    next frame is taken. K and V are only read. Raises ValueError as `check_kv`."""
+    next frame is taken. K and V are only read; `ready` (from `ready_event`) orders the
+    copies after their producer. Raises ValueError as `check_kv`."""
     check_kv(k, v)
+    if ready is not None:
+        stream = torch.cuda.current_stream(k.device)
+        stream.wait_event(ready)
+        with torch.inference_mode():
+            # the producer may free K/V once we drop them: keep their memory until these
+            # copies on our stream are done
+            k.record_stream(stream)
+            v.record_stream(stream)
     tokens, heads, dim = k.shape
     token_bytes = 2 * heads * dim * k.element_size()
     step = max(1, max_frame_bytes // max(1, token_bytes))

@@ -26,7 +26,7 @@ import zmq
 from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from pdserve.kvtransfer.channel import SenderChannel
 from pdserve.kvtransfer.commands import Command, Connect, SendAbort, SendChunk, SendDone
-from pdserve.kvtransfer.frames import check_kv, stage_frames
+from pdserve.kvtransfer.frames import check_kv, ready_event, stage_frames
 from pdserve.kvtransfer.links import Link, Links
 from pdserve.kvtransfer.mailbox import Mailbox
 from pdserve.kvtransfer.messages import (
@@ -83,7 +83,7 @@ class Sender(KVSender):
         check_kv(k, v)
         endpoint = self._book.sending(transfer_id)
         if endpoint is not None:
-            cmd = SendChunk(endpoint, transfer_id, layer, start, k, v)
+            cmd = SendChunk(endpoint, transfer_id, layer, start, k, v, ready_event(k))
             # Each wake-up takes the prefill's core from it (a context switch, the GIL, a
             # batch of ZMQ sends instead of one): batch small layers. Unlocked: a lost
             # update between two calling threads only moves a wake-up by one chunk.
@@ -174,7 +174,7 @@ class Sender(KVSender):
         elif isinstance(cmd, SendChunk) and self._book.is_live(cmd.transfer_id):
             try:
                 for frame in stage_frames(cmd.transfer_id, cmd.layer, cmd.start, cmd.k, cmd.v,
-                                          self.max_frame_bytes, self.channel.alloc):
+                                          self.max_frame_bytes, self.channel.alloc, cmd.ready):
                     self.channel.ship(link.endpoint, link.sock, frame)
             except Exception as e:  # e.g. out of memory: fail the transfer, keep the thread
                 self._book.fail(cmd.transfer_id, f"staging failed: {e!r}")
