@@ -20,6 +20,11 @@ import xxhash
 PROTOCOL_VERSION = 2
 
 
+# The receiver's Ack reason to a sender it has not (or no longer) accepted: it restarted, or
+# evicted the pair. The sender then drops the connection; the next begin() handshakes anew.
+NO_HANDSHAKE = "no handshake from this sender"
+
+
 class ProtocolError(ValueError):
     """A frame that is not a well-formed message of this protocol version."""
 

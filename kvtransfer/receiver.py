@@ -25,6 +25,7 @@ from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.channel import FrameSink, ReceiverChannel
 from pdserve.kvtransfer.mailbox import Mailbox
 from pdserve.kvtransfer.messages import (
+    NO_HANDSHAKE,
     Abort,
     Ack,
     ChunkHeader,
@@ -35,7 +36,6 @@ from pdserve.kvtransfer.messages import (
     decode,
     encode,
 )
-from pdserve.kvtransfer.sender import NO_HANDSHAKE
 
 _IDLE_POLL_MS = 1000  # nothing is due on this thread; the bound guards a lost wake-up
 

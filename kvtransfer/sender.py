@@ -30,6 +30,7 @@ from pdserve.kvtransfer.frames import check_kv, ready_event, stage_frames
 from pdserve.kvtransfer.links import Link, Links
 from pdserve.kvtransfer.mailbox import Mailbox
 from pdserve.kvtransfer.messages import (
+    NO_HANDSHAKE,
     Abort,
     Ack,
     Done,
@@ -40,9 +41,6 @@ from pdserve.kvtransfer.messages import (
 )
 from pdserve.kvtransfer.outgoing import OutgoingBook
 
-# The receiver's answer to a sender it has not (or no longer) accepted: it restarted, or
-# evicted the pair. The sender then drops the connection; the next begin() handshakes anew.
-NO_HANDSHAKE = "no handshake from this sender"
 # Longest sleep with no deadline due: nothing needs the I/O thread then, so it stays off
 # the prefill's core; the bound only guards against a lost wake-up.
 _IDLE_POLL_S = 1.0

@@ -16,6 +16,7 @@ import pdserve.kvtransfer.sender as sender_module
 from pdserve.kvtransfer.base import TransferStatus
 from pdserve.kvtransfer.commands import Connect, SendAbort, SendChunk, SendDone
 from pdserve.kvtransfer.frames import Scratch, stage_frames
+from pdserve.kvtransfer.inline_channel import InlineSenderChannel
 from pdserve.kvtransfer.layout import gather_tokens
 from pdserve.kvtransfer.messages import checksum
 
@@ -93,6 +94,26 @@ def test_every_transport_frames_through_the_one_builder(kind, monkeypatch):
         sender.finish("t", 1)
         assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
         assert sorted(calls) == [("t", layer, 0) for layer in range(SPEC.num_layers)]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_zero_copy_frames_arrive_as_copied_ones_do():
+    receiver = make_receiver("zmq", caches(8, 8))
+    sender = make_sender("zmq", channel=InlineSenderChannel(zero_copy_bytes=512),
+                         max_frame_bytes=1024)  # 8-token frames of 1 KiB, sent zero-copy
+    try:
+        receiver.expect("t", [0, 1, 2], 20, timeout_s=5)
+        sender.begin("t", receiver.endpoint, 20)
+        sent = [fused_kv(20, layer) for layer in range(SPEC.num_layers)]
+        for layer, (k, v) in enumerate(sent):
+            sender.send_layer("t", layer, 0, k, v)
+        sender.finish("t", 2)
+        assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
+        for layer, (k, v) in enumerate(sent):
+            assert torch.equal(gather_tokens(receiver.k_cache[layer], [0, 1, 2], 0, 20), k)
+            assert torch.equal(gather_tokens(receiver.v_cache[layer], [0, 1, 2], 0, 20), v)
     finally:
         sender.close()
         receiver.close()
