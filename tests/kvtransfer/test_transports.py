@@ -77,6 +77,25 @@ def test_complete_transfer(kind, p_cache, bind, frame_bytes, tmp_path):
         receiver.close()
 
 
+def test_the_hand_off_note_reaches_the_receivers_done_result(kind, receiver, sender, p_cache):
+    note = bytes(range(256)) * 4  # opaque: any bytes, zeros included
+    receiver.expect("t", [0], 4, timeout_s=5)
+    sender.begin("t", receiver.endpoint, 4)
+    assert receiver.poll("t").note == b""
+    send_layers(sender, "t", p_cache, [0], 4)
+    sender.finish("t", 8, note=note)
+    assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
+    result = receiver.poll("t")
+    assert (result.status, result.first_token_id, result.note) == (TransferStatus.DONE, 8, note)
+    # a transfer that fails carries none
+    receiver.expect("u", [1], 4, timeout_s=5)
+    sender.begin("u", receiver.endpoint, 4)
+    send_layers(sender, "u", p_cache, [1], 4, layers=[0])
+    sender.finish("u", 9, note=b"stamps")
+    assert wait_for(lambda: sender.poll("u")).reason == "layer 1 is missing tokens"
+    assert receiver.poll("u").note == b""
+
+
 def test_handshake_mismatch_is_refused_at_connect(kind, receiver):
     other = make_sender(kind, KVSpec("tiny", 4, 2, 8, torch.float32))
     try:
