@@ -33,8 +33,8 @@ test: model
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check engine kvtransfer prefill_worker decode_worker rpc router deploy \
-		tests bench
+	$(VENV)/bin/ruff check pdserve protocol models engine kvtransfer worker prefill_worker \
+		decode_worker rpc router deploy tests bench
 
 # regenerate rpc/ stubs from proto/ (tests/test_rpc_stubs.py fails while they are stale)
 proto: setup

@@ -34,8 +34,8 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from pdserve.protocol import (
     DecodeOrder,
@@ -45,23 +45,22 @@ from pdserve.protocol import (
     PrefillOutcome,
     PrefillStatus,
     TokenChunk,
-    WorkerRecord,
     WorkerRole,
     block_hashes,
 )
 from pdserve.router.final import final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.policy import (
-    WorkerLoad,
     choose_decode,
     choose_prefill,
     round_robin,
     should_disaggregate,
 )
-from pdserve.router.registry import live_workers, prefix_hits
+from pdserve.router.registry import prefix_hits
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
+from pdserve.router.view import ClusterView, Gone, HandleFactory, LiveWorker
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -100,45 +99,21 @@ def unavailable(message: str) -> RequestError:
     return RequestError("UNAVAILABLE", message)
 
 
-@dataclass(eq=False)
-class _Worker:
-    record: WorkerRecord
-    handle: object
-    in_flight: dict[str, asyncio.Queue] = field(default_factory=dict)  # transfer id -> stream
-
-    def load(self) -> WorkerLoad:
-        r = self.record
-        return WorkerLoad(r.worker_id, r.free_blocks, r.total_blocks, r.block_size, r.running,
-                          r.waiting, r.queued_prefill_tokens, len(self.in_flight))
-
-
-class _Gone:
-    """Put in a request's stream queue when its worker disappears."""
-
-    def __init__(self, worker_id: str):
-        self.worker_id = worker_id
-
-
-HandleFactory = Callable[[WorkerRecord], object]
-
-
 class Router:
     def __init__(self, config: RouterConfig, tokenizer: RouterTokenizer, redis,
                  connect: HandleFactory):
         self.config = config
         self.tokenizer = tokenizer
         self.redis = redis
-        self._connect = connect
+        self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host)
-        self.workers: dict[str, _Worker] = {}
-        self._changed = asyncio.Condition()
         self._queued = 0
         self._turn = itertools.count()
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.stream.start()
-        await self.refresh()
+        await self.view.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def close(self) -> None:
@@ -146,48 +121,13 @@ class Router:
             self._refresher.cancel()
         await self.stream.close()
 
-    # -- registry ----------------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        """Take the registry's view: new workers join, expired ones leave (and their
-        in-flight requests fail with UNAVAILABLE)."""
-        records = {r.worker_id: r for r in await live_workers(self.redis)}
-        for worker_id, worker in list(self.workers.items()):
-            record = records.get(worker_id)
-            if record is None or record.started != worker.record.started:
-                self._drop(worker_id)  # gone, or restarted: what it held is lost
-        for worker_id, record in records.items():
-            known = self.workers.get(worker_id)
-            if known is None:
-                try:
-                    handle = self._connect(record)
-                except Exception as e:  # noqa: BLE001 - one unreachable worker is not fatal
-                    log.error("cannot reach worker %s: %s", worker_id, e)
-                    continue
-                self.workers[worker_id] = _Worker(record, handle)
-            else:
-                known.record = record
-        await self._notify()
-
-    def _drop(self, worker_id: str) -> None:
-        worker = self.workers.pop(worker_id, None)
-        if worker is None:
-            return
-        log.warning("worker %s left the registry; failing its %d requests", worker_id,
-                    len(worker.in_flight))
-        for q in worker.in_flight.values():
-            q.put_nowait(_Gone(worker_id))
-
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
             try:
-                await self.refresh()
+                await self.view.refresh()
             except Exception as e:  # noqa: BLE001 - keep serving on the last known view
                 log.error("registry refresh failed: %s", e)
-
-    def _role(self, *roles: WorkerRole) -> list[_Worker]:
-        return [w for w in self.workers.values() if w.record.role in roles]
 
     # -- a request ---------------------------------------------------------------------------
 
@@ -197,13 +137,13 @@ class Router:
         tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
         n = len(req.prompt_token_ids)
         disagg = should_disaggregate(req.hint, n, self.config.disaggregation_threshold,
-                                     bool(self._role(WorkerRole.PREFILL)))
+                                     bool(self.view.of_role(WorkerRole.PREFILL)))
         queue = self.stream.open(tid)
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
         try:
             decode, prefill, dispatched = await self._dispatch(req, tid, disagg, queue)
-            prefill_id = prefill.record.worker_id if prefill else ""
+            prefill_id = prefill.worker_id if prefill else ""
             detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
             out_ids: list[int] = []
             first_token = 0.0
@@ -214,7 +154,7 @@ class Router:
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
                         prefill = None
-                        await self._notify()
+                        await self.view.notify()
                     out_ids += chunk.token_ids
                     worker = chunk if chunk.stamps is not None else worker
                     delta = detok.add(chunk.token_ids)
@@ -230,7 +170,7 @@ class Router:
                         finish = FinishReason.STOP if delta.stopped else chunk.finish
                         yield final_response(request_id, req, finish, len(out_ids), worker,
                                              arrival, dispatched, first_token,
-                                             decode.record.worker_id, prefill_id)
+                                             decode.worker_id, prefill_id)
                         return
         finally:
             self.stream.close_queue(tid)
@@ -240,15 +180,10 @@ class Router:
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
                 await asyncio.shield(self._abort(tid, decode, prefill))
-            await self._notify()
-
-    async def _notify(self) -> None:
-        """Wake the requests that wait for a slot or blocks."""
-        async with self._changed:
-            self._changed.notify_all()
+            await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool,
-                        queue) -> tuple[_Worker, _Worker | None, float]:
+                        queue) -> tuple[LiveWorker, LiveWorker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
         when the orders went out. If it fails or is cancelled midway, what it started is
@@ -278,16 +213,16 @@ class Router:
                 await asyncio.shield(self._abort(tid, decode, prefill))
                 raise
 
-    async def _call(self, worker: _Worker, call):
+    async def _call(self, worker: LiveWorker, call):
         """A handle call; a worker that cannot be reached leaves the view (UNAVAILABLE)."""
         try:
             return await call
         except WorkerGone as e:
-            self._drop(worker.record.worker_id)
-            raise unavailable(f"worker {worker.record.worker_id} is gone: {e}") from e
+            self.view.drop(worker.worker_id)
+            raise unavailable(f"worker {worker.worker_id} is gone: {e}") from e
 
     async def _wait_for_workers(self, req: ValidRequest,
-                                disagg: bool) -> tuple[_Worker, _Worker | None]:
+                                disagg: bool) -> tuple[LiveWorker, LiveWorker | None]:
         """The router queue: until a decode (or colocated) worker has a slot and the
         prompt's blocks, and, when disaggregated, a prefill worker has a slot."""
         if self._queued >= self.config.max_queue:
@@ -298,30 +233,26 @@ class Router:
             while True:
                 decode_roles = ((WorkerRole.DECODE,) if disagg
                                 else (WorkerRole.COLOCATED, WorkerRole.DECODE))
-                decodes = self._role(*decode_roles)
+                decodes = self.view.of_role(*decode_roles)
                 if not decodes:
                     names = " or ".join(r.value for r in decode_roles)
                     raise unavailable(f"no live {names} worker")
                 _check_fits(decodes, len(req.prompt_token_ids))
                 prefill = None
                 if disagg:
-                    prefills = self._role(WorkerRole.PREFILL)
+                    prefills = self.view.of_role(WorkerRole.PREFILL)
                     if not prefills:
                         raise unavailable("no live prefill worker")
                     prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
                 decode = self._pick_decode(decodes, len(req.prompt_token_ids))
                 if decode is not None and (prefill is not None or not disagg):
                     return decode, prefill
-                async with self._changed:  # until a slot or blocks free up
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), self.config.refresh_s)
-                    except TimeoutError:
-                        pass
+                await self.view.wait_for_change(self.config.refresh_s)  # a slot, blocks
         finally:
             self._queued -= 1
 
-    def _pick_decode(self, workers: list[_Worker], n: int) -> _Worker | None:
-        loads = {w.record.worker_id: w for w in workers}
+    def _pick_decode(self, workers: list[LiveWorker], n: int) -> LiveWorker | None:
+        loads = {w.worker_id: w for w in workers}
         limit = self.config.max_in_flight_per_worker
         if self.config.policy is Policy.ROUND_ROBIN:
             chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
@@ -329,8 +260,8 @@ class Router:
             chosen = choose_decode([w.load() for w in workers], n, limit)
         return loads[chosen.worker_id] if chosen else None
 
-    async def _pick_prefill(self, workers: list[_Worker], tokens) -> _Worker | None:
-        loads = {w.record.worker_id: w for w in workers}
+    async def _pick_prefill(self, workers: list[LiveWorker], tokens) -> LiveWorker | None:
+        loads = {w.worker_id: w for w in workers}
         limit = self.config.max_in_flight_per_worker
         if self.config.policy is Policy.ROUND_ROBIN:
             chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
@@ -340,23 +271,23 @@ class Router:
             chosen = choose_prefill([w.load() for w in workers], len(tokens), hits, limit)
         return loads[chosen.worker_id] if chosen else None
 
-    async def _chunks(self, queue: asyncio.Queue, decode: _Worker,
-                      prefill: _Worker | None) -> AsyncIterator[TokenChunk]:
+    async def _chunks(self, queue: asyncio.Queue, decode: LiveWorker,
+                      prefill: LiveWorker | None) -> AsyncIterator[TokenChunk]:
         """The request's token chunks until the last one. Raises UNAVAILABLE when the prefill
         fails before the hand-off (its outcome, or its worker's death), the decode job ends
         in an error, or the decode worker dies, so the caller aborts what is left."""
         handed_off = prefill is None
         while True:
             item = await queue.get()
-            if isinstance(item, _Gone):
-                if item.worker_id == decode.record.worker_id or not handed_off:
+            if isinstance(item, Gone):
+                if item.worker_id == decode.worker_id or not handed_off:
                     raise unavailable(f"worker {item.worker_id} is gone")
             elif isinstance(item, PrefillOutcome):
                 if item.status is not PrefillStatus.DONE and not handed_off:
-                    raise unavailable(f"prefill on {prefill.record.worker_id} failed: "
+                    raise unavailable(f"prefill on {prefill.worker_id} failed: "
                                       f"{item.reason}")
             elif item.finish in (FinishReason.ERROR, FinishReason.ABORT):
-                raise unavailable(f"decode worker {decode.record.worker_id} ended the request: "
+                raise unavailable(f"decode worker {decode.worker_id} ended the request: "
                                   f"{item.error or item.finish.value}")
             else:
                 handed_off = True
@@ -364,7 +295,8 @@ class Router:
                 if item.finish is not None:
                     return
 
-    async def _abort(self, tid: str, decode: _Worker | None, prefill: _Worker | None) -> None:
+    async def _abort(self, tid: str, decode: LiveWorker | None,
+                     prefill: LiveWorker | None) -> None:
         """Abort on both workers at once; aborts are idempotent, and a worker that is gone
         has freed what it held."""
         workers = [w for w in (prefill, decode) if w is not None]
@@ -372,22 +304,13 @@ class Router:
                                        return_exceptions=True)
         for worker, result in zip(workers, results, strict=True):
             if isinstance(result, Exception):
-                log.info("abort of %s on %s failed: %s", tid, worker.record.worker_id, result)
+                log.info("abort of %s on %s failed: %s", tid, worker.worker_id, result)
 
     def status(self) -> pb.ClusterStatus:
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: w.record.worker_id):
-            r = w.record
-            used = 1 - r.free_blocks / r.total_blocks if r.total_blocks else 0.0
-            workers.append(pb.WorkerStatus(
-                worker_id=r.worker_id, role=r.role.value, node=r.node, kv_endpoint=r.kv_endpoint,
-                total_blocks=r.total_blocks, free_blocks=r.free_blocks, running=r.running,
-                waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
-                in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used))
-        return pb.ClusterStatus(workers=workers, router_id=self.config.router_id)
+        return self.view.status(self.config.router_id)
 
 
-def _check_fits(workers: list[_Worker], num_prompt_tokens: int) -> None:
+def _check_fits(workers: list[LiveWorker], num_prompt_tokens: int) -> None:
     """A prompt no worker could ever hold is refused now instead of waiting forever."""
     capacity = max(w.record.total_blocks * w.record.block_size for w in workers)
     if num_prompt_tokens + 1 > capacity:

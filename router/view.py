@@ -1,0 +1,115 @@
+"""The router's view of the cluster: the live workers the Redis registry lists, a handle to
+each, and which of this router's requests each one holds.
+
+Life of a worker in the view:
+1. JOINED   `refresh` finds its record in the registry and makes a handle (`connect`).
+2. LISTED   each refresh updates its record (load, free blocks); requests put themselves in
+            its `in_flight` while it holds their job, and take themselves out after.
+3. DROPPED  its record expired or a new incarnation replaced it (`refresh`), or a call to it
+            found it gone (`drop`): each request it held gets a `Gone` in its stream queue,
+            so it fails with UNAVAILABLE instead of waiting for tokens that never come.
+`changed` is notified whenever workers or slots change, so queued requests look again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pdserve.protocol import WorkerRecord, WorkerRole
+from pdserve.router.policy import WorkerLoad
+from pdserve.router.registry import live_workers
+from pdserve.rpc import pdserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+HandleFactory = Callable[[WorkerRecord], object]
+
+
+@dataclass(eq=False)
+class LiveWorker:
+    record: WorkerRecord
+    handle: object  # router.handles.DecodeHandle / PrefillHandle, as its role offers
+    in_flight: dict[str, asyncio.Queue] = field(default_factory=dict)  # transfer id -> stream
+
+    @property
+    def worker_id(self) -> str:
+        return self.record.worker_id
+
+    def load(self) -> WorkerLoad:
+        r = self.record
+        return WorkerLoad(r.worker_id, r.free_blocks, r.total_blocks, r.block_size, r.running,
+                          r.waiting, r.queued_prefill_tokens, len(self.in_flight))
+
+
+@dataclass(frozen=True)
+class Gone:
+    """Put in a request's stream queue when a worker that holds its job disappears."""
+
+    worker_id: str
+
+
+class ClusterView:
+    def __init__(self, redis, connect: HandleFactory):
+        self.redis = redis
+        self._connect = connect
+        self.workers: dict[str, LiveWorker] = {}
+        self.changed = asyncio.Condition()
+
+    async def refresh(self) -> None:
+        """Take the registry's view: new workers join, expired or restarted ones leave."""
+        records = {r.worker_id: r for r in await live_workers(self.redis)}
+        for worker_id, worker in list(self.workers.items()):
+            record = records.get(worker_id)
+            if record is None or record.started != worker.record.started:
+                self.drop(worker_id)  # gone, or restarted: what it held is lost
+        for worker_id, record in records.items():
+            known = self.workers.get(worker_id)
+            if known is None:
+                try:
+                    handle = self._connect(record)
+                except Exception as e:  # noqa: BLE001 - one unreachable worker is not fatal
+                    log.error("cannot reach worker %s: %s", worker_id, e)
+                    continue
+                self.workers[worker_id] = LiveWorker(record, handle)
+            else:
+                known.record = record
+        await self.notify()
+
+    def drop(self, worker_id: str) -> None:
+        """The worker left: every request it held is told (idempotent)."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        log.warning("worker %s left the view; failing its %d requests", worker_id,
+                    len(worker.in_flight))
+        for q in worker.in_flight.values():
+            q.put_nowait(Gone(worker_id))
+
+    def of_role(self, *roles: WorkerRole) -> list[LiveWorker]:
+        return [w for w in self.workers.values() if w.record.role in roles]
+
+    async def notify(self) -> None:
+        """Wake the requests that wait for a worker, a slot or blocks."""
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
+
+    def status(self, router_id: str) -> pb.ClusterStatus:
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: w.worker_id):
+            r = w.record
+            used = 1 - r.free_blocks / r.total_blocks if r.total_blocks else 0.0
+            workers.append(pb.WorkerStatus(
+                worker_id=r.worker_id, role=r.role.value, node=r.node, kv_endpoint=r.kv_endpoint,
+                total_blocks=r.total_blocks, free_blocks=r.free_blocks, running=r.running,
+                waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
+                in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used))
+        return pb.ClusterStatus(workers=workers, router_id=router_id)
