@@ -43,3 +43,50 @@ def test_prefill_choice_weighs_queued_tokens_against_cached_prefix():
 def test_round_robin_cycles_over_workers_with_a_free_slot():
     ws = [load("b"), load("a"), load("c", in_flight=8)]
     assert [round_robin(ws, t, 8).worker_id for t in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_aborts_go_to_both_workers_at_once_and_one_failure_does_not_stop_the_other():
+    import asyncio
+    import time
+
+    from pdserve.protocol import WorkerRecord, WorkerRole
+    from pdserve.router.router import Router, RouterConfig
+    from pdserve.router.view import LiveWorker
+
+    class Handle:
+        def __init__(self, fail: bool = False):
+            self.fail, self.done = fail, False
+
+        async def abort(self, transfer_id):
+            calls.append(self)
+            if len(calls) == 2:
+                both.set()
+            if self.fail:
+                raise ConnectionError("dead")
+            await asyncio.wait_for(both.wait(), 30)  # sequential aborts would never get here
+            self.done = True
+
+    def worker(wid, role, handle):
+        return LiveWorker(WorkerRecord(wid, role, "n", "", 16, 10, 10, 0, 0, 0, time.time(),
+                                       1.0), handle)
+
+    async def run(prefill_fails: bool):
+        router = Router(RouterConfig(), None, None, lambda record: None)
+        try:
+            d, p = Handle(), Handle(fail=prefill_fails)
+            await router._abort("t", worker("d", WorkerRole.DECODE, d),
+                                worker("p", WorkerRole.PREFILL, p))
+            return d, p
+        finally:
+            await router.stream.close()
+
+    calls, both = [], None
+
+    async def main():
+        nonlocal both, calls
+        for fails in (False, True):
+            calls, both = [], asyncio.Event()
+            d, p = await run(fails)
+            assert d.done and p.done is not fails and len(calls) == 2
+
+    asyncio.run(main())
