@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_recorder import Recorder
 
 from pdserve.bench import serve_bench, sweep
 from pdserve.bench.backends import Backend
-from pdserve.bench.metrics import RequestResult
-from pdserve.bench.workload import Sample
 from pdserve.deploy.cli import SERVER_MODULES, main
 
 
@@ -112,24 +111,8 @@ def _dist_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
 
 
-class _Recorder(Backend):
-    name = "recorder"
-
-    def __init__(self):
-        self.sent: list[Sample] = []
-
-    async def send(self, sample: Sample) -> RequestResult:
-        self.sent.append(sample)
-        n = sample.output_len
-        return RequestResult(len(sample.prompt), True, "", 0.01, [0.001] * (n - 1),
-                             0.01 + 0.001 * (n - 1), n)
-
-    async def close(self) -> None:
-        pass
-
-
 def test_bench_runs_in_process_with_paths_relative_to_the_caller(monkeypatch, tmp_path):
-    recorder = _Recorder()  # seen only if the benchmark runs in this process
+    recorder = Recorder()  # seen only if the benchmark runs in this process
     monkeypatch.setattr(serve_bench, "make_backend", lambda _args: recorder)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--backend", "openai", "--dataset", "mooncake", "--num-prompts", "4",
@@ -146,7 +129,7 @@ def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypat
             self.deployment = deployment
 
         def backend(self) -> Backend:
-            return _Recorder()
+            return Recorder()
 
         def stop(self) -> None:
             pass

@@ -8,29 +8,12 @@ import argparse
 import asyncio
 
 import pytest
+from bench_recorder import Recorder
 
 from pdserve.bench import serve_bench, sweep
 from pdserve.bench.backends import Backend
-from pdserve.bench.metrics import RequestResult, Slo
+from pdserve.bench.metrics import Slo
 from pdserve.bench.workload import Sample, random_dataset, warmup_samples
-
-
-class Recorder(Backend):
-    """Answers every request at once and remembers what was sent, in order."""
-
-    name = "recorder"
-
-    def __init__(self):
-        self.sent: list[Sample] = []
-
-    async def send(self, sample: Sample) -> RequestResult:
-        self.sent.append(sample)
-        n = sample.output_len
-        return RequestResult(len(sample.prompt), True, "", 0.01, [0.001] * (n - 1),
-                             0.01 + 0.001 * (n - 1), n)
-
-    async def close(self) -> None:
-        pass
 
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
