@@ -31,7 +31,7 @@ class FrameError(ValueError):
 
 class Assembly:
     def __init__(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-                 spec: KVSpec, deadline: float):
+                 spec: KVSpec, lease_s: float):
         if num_tokens < 1:
             raise ValueError(f"transfer {transfer_id!r}: num_tokens must be >= 1")
         self.transfer_id = transfer_id
@@ -39,7 +39,8 @@ class Assembly:
         self._table: torch.Tensor | None = None  # block_ids on the cache's device, made once
         self.num_tokens = num_tokens
         self.spec = spec
-        self.deadline = deadline  # time.monotonic() seconds
+        self.lease_s = lease_s
+        self.deadline = time.monotonic() + lease_s  # renewed by every sign of progress
         self.status = TransferStatus.PENDING
         self.reason = ""
         self.first_token_id: int | None = None
@@ -57,11 +58,21 @@ class Assembly:
             self.status, self.reason = TransferStatus.FAILED, reason
 
     def expire(self, now: float | None = None) -> bool:
-        """Fail the transfer if its deadline passed; True if it did just now."""
+        """Fail the transfer if its lease ran out; True if it did just now."""
         if self.status.is_terminal or (now or time.monotonic()) < self.deadline:
             return False
-        self.fail("deadline passed before all KV arrived")
+        self.fail(f"lease expired: no KV nor keep-alive from the sender for {self.lease_s:g} s")
         return True
+
+    def renew(self) -> str | None:
+        """A sign of progress from the sender: the lease runs `lease_s` from now. Why the
+        transfer cannot be renewed (it ended), or None."""
+        if self.expire():
+            return self.reason
+        if self.status.is_terminal:
+            return self.reason or f"transfer is already {self.status.value}"
+        self.deadline = time.monotonic() + self.lease_s
+        return None
 
     def accept(self, header: ChunkHeader, payload: bytes | memoryview | torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -112,6 +123,7 @@ class Assembly:
         taken.append((header.start, header.end))
         self.num_bytes += size
         self.status = TransferStatus.TRANSFERRING
+        self.deadline = time.monotonic() + self.lease_s
 
     def complete(self, done: Done) -> None:
         """The sender says it sent everything: DONE if every layer covers every token."""
@@ -136,7 +148,7 @@ class AssemblingReceiver(KVReceiver):
         self._assemblies: dict[str, Assembly] = {}
 
     def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-               timeout_s: float) -> None:
+               lease_s: float) -> None:
         with self._lock:
             if transfer_id in self._assemblies:
                 raise ValueError(f"transfer {transfer_id!r} is already expected")
@@ -148,7 +160,7 @@ class AssemblingReceiver(KVReceiver):
                 raise ValueError(f"transfer {transfer_id!r}: block ids outside "
                                  f"[0, {num_blocks})")
             self._assemblies[transfer_id] = Assembly(
-                transfer_id, block_ids, num_tokens, self.spec, time.monotonic() + timeout_s)
+                transfer_id, block_ids, num_tokens, self.spec, lease_s)
 
     def poll(self, transfer_id: str) -> TransferResult:
         with self._lock:
@@ -162,6 +174,15 @@ class AssemblingReceiver(KVReceiver):
         with self._lock:
             if (a := self._assemblies.get(transfer_id)) is not None:
                 a.fail(reason)
+
+    def renew(self, transfer_id: str) -> str | None:
+        """The sender's keep-alive: renew the transfer's lease. Why it cannot be (unknown
+        here, or ended), or None."""
+        with self._lock:
+            a = self._assemblies.get(transfer_id)
+            if a is None:
+                return f"receiver does not expect transfer {transfer_id!r}"
+            return a.renew()
 
     def release(self, transfer_id: str) -> None:
         with self._lock:

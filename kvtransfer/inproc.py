@@ -130,6 +130,12 @@ class InProcSender(KVSender):
         self._book.settle(transfer_id, receiver.take_done(done))
 
     def poll(self, transfer_id: str) -> TransferResult:
+        """The owner polls each live job's transfer every turn of its loop: that is the
+        keep-alive of an in-process pair (the ZMQ sender sends one every `keepalive_s`)."""
+        if not self._book.poll(transfer_id).status.is_terminal:
+            receiver = self._live_receiver(transfer_id)
+            if receiver is not None and (why := receiver.renew(transfer_id)) is not None:
+                self._book.fail(transfer_id, why)
         return self._book.poll(transfer_id)
 
     def abort(self, transfer_id: str, reason: str) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 import msgpack
 import xxhash
 
-# 2: Done carries the prefill's hand-off note (bytes)
-PROTOCOL_VERSION = 2
+# 2: Done carries the prefill's hand-off note (bytes); 3: KeepAlive renews a lease
+PROTOCOL_VERSION = 3
 
 
 # The receiver's Ack reason to a sender it has not (or no longer) accepted: it restarted, or
@@ -36,6 +36,7 @@ class MsgType(enum.IntEnum):
     DONE = 4
     ABORT = 5
     ACK = 6
+    KEEPALIVE = 7
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,16 @@ class Ack:
     reason: str = ""
 
 
-Message = Handshake | HandshakeReply | ChunkHeader | Done | Abort | Ack
+@dataclass(frozen=True)
+class KeepAlive:
+    """The sender still means to send this transfer (its job waits in the prefill queue or
+    computes): the receiver renews the transfer's lease, or answers a failing Ack when it no
+    longer expects the transfer, so the sender drops the job before computing it."""
+
+    transfer_id: str
+
+
+Message = Handshake | HandshakeReply | ChunkHeader | Done | Abort | Ack | KeepAlive
 _TYPES: dict[MsgType, type] = {
     MsgType.HANDSHAKE: Handshake,
     MsgType.HANDSHAKE_REPLY: HandshakeReply,
@@ -122,6 +132,7 @@ _TYPES: dict[MsgType, type] = {
     MsgType.DONE: Done,
     MsgType.ABORT: Abort,
     MsgType.ACK: Ack,
+    MsgType.KEEPALIVE: KeepAlive,
 }
 _CODES = {cls: int(code) for code, cls in _TYPES.items()}
 _NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}

@@ -105,6 +105,13 @@ class OutgoingBook:
         with self.lock:
             return [t for t, e in self._transfers.items() if not e.result.status.is_terminal]
 
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(transfer id, endpoint) of each live transfer not yet finished: its job still
+        waits or computes, and the receiver's lease on it needs renewing."""
+        with self.lock:
+            return [(t, e.endpoint) for t, e in self._transfers.items()
+                    if e.ack_deadline is None and not e.result.status.is_terminal]
+
     def live_endpoints(self) -> set[str]:
         with self.lock:
             return {e.endpoint for e in self._transfers.values()

@@ -9,8 +9,9 @@ completions to this object (`FrameSink`), on its thread or the I/O thread; verdi
 to the peer through the outbox, which only the I/O thread sends from. A frame is
 acknowledged only when it fails its transfer; a transfer once, at Done.
 
-Deadlines are checked where they matter (`poll`, a frame's arrival, Done), so the I/O
-thread sleeps until a message comes.
+Leases are checked where they matter (`poll`, a frame's arrival, Done, a keep-alive), so
+the I/O thread sleeps until a message comes. A keep-alive for a transfer this side no
+longer expects is answered with a failing Ack: the sender drops the job it belongs to.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pdserve.kvtransfer.messages import (
     Done,
     Handshake,
     HandshakeReply,
+    KeepAlive,
     ProtocolError,
     decode,
     encode,
@@ -129,6 +131,9 @@ class Receiver(AssemblingReceiver, FrameSink):
             self.channel.on_done(peer, msg)
         elif isinstance(msg, Abort):
             self.abort(tid, msg.reason)
+        elif isinstance(msg, KeepAlive):
+            if (why := self.renew(tid)) is not None:
+                self._reply(peer, Ack(tid, False, why))
         else:
             self._reply(peer, Ack(tid, False, f"unexpected {type(msg).__name__}"))
 

@@ -10,7 +10,10 @@ and enforces the deadlines.
 Life of a transfer here: `begin` -> Connect (handshake while the prefill computes);
 `send_layer` -> SendChunk, held in the link's backlog until the receiver accepts, then
 staged and shipped unless the transfer ended meanwhile; `finish` -> SendDone and an ack
-deadline; the receiver's Ack settles DONE or FAILED. A refused or late handshake, a dropped
+deadline; the receiver's Ack settles DONE or FAILED. Until `finish`, a KeepAlive goes out
+every `keepalive_s` for the transfer, so the receiver's lease measures this side's silence,
+not how long the job waits in the prefill queue; a receiver that no longer expects it
+answers a failing Ack, and the job is dropped before it computes. A refused or late handshake, a dropped
 connection, a receiver that forgot us, a failed payload pair or a missed ack deadline fails
 every transfer it concerns, so a vanished receiver never hangs a sender.
 """
@@ -35,6 +38,7 @@ from pdserve.kvtransfer.messages import (
     Ack,
     Done,
     HandshakeReply,
+    KeepAlive,
     ProtocolError,
     decode,
     encode,
@@ -49,12 +53,15 @@ _IDLE_POLL_S = 1.0
 class Sender(KVSender):
     def __init__(self, spec: KVSpec, channel: SenderChannel, *, handshake_timeout_s: float = 5.0,
                  ack_timeout_s: float = 10.0, max_frame_bytes: int = 1 << 20,
-                 wake_bytes: int = 1 << 20):
+                 wake_bytes: int = 1 << 20, keepalive_s: float = 1.0):
         """`wake_bytes`: `send_layer` wakes the I/O thread once this many bytes of chunks
         wait for it (`finish` and `abort` always do): the chunks of a short prefill's layers
-        go out in a few batches, not one wake-up each."""
+        go out in a few batches, not one wake-up each. `keepalive_s`: how often an
+        unfinished transfer's lease is renewed; receivers' leases must be several times it."""
         self.spec, self.channel = spec, channel
         self.ack_timeout_s = ack_timeout_s
+        self.keepalive_s = keepalive_s
+        self._next_keepalive = time.monotonic() + keepalive_s
         self.max_frame_bytes = max_frame_bytes
         self.wake_bytes = wake_bytes
         self._unwoken_bytes = 0
@@ -144,8 +151,8 @@ class Sender(KVSender):
             self._drop(link, linger_ms=1000)
 
     def _sleep_ms(self) -> int:
-        due = [t for t in (self._links.next_handshake_deadline(), self._book.next_ack_deadline())
-               if t is not None]
+        due = [t for t in (self._links.next_handshake_deadline(), self._book.next_ack_deadline(),
+                           self._next_keepalive) if t is not None]
         wait = min(due, default=time.monotonic() + _IDLE_POLL_S) - time.monotonic()
         return max(0, min(int(wait * 1000) + 1, int(_IDLE_POLL_S * 1000)))
 
@@ -241,6 +248,21 @@ class Sender(KVSender):
         if (due := self._book.next_ack_deadline()) is not None and now > due:
             self._book.fail_where(lambda e: e.ack_deadline is not None and now > e.ack_deadline,
                                   "no acknowledgement from the receiver")
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + self.keepalive_s
+            self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        """Renew the lease of every transfer whose job has not finished; one whose link is
+        not accepted yet needs none (its receiver's lease started at reserve, and the
+        handshake deadline is shorter)."""
+        for transfer_id, endpoint in self._book.unfinished():
+            link = self._links.get(endpoint)
+            if link is not None and link.accepted:
+                try:
+                    link.sock.send(encode(KeepAlive(transfer_id)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # a full or closed pipe: the link's own checks fail the transfer
 
     def _drop(self, link: Link, linger_ms: int = 0) -> None:
         self.channel.close_pair(link.endpoint)

@@ -76,7 +76,7 @@ def transfer_in_child(role, endpoint_or_none, conn):
         sender.close()
     else:
         receiver = make_receiver("torch", caches(4, 4))
-        receiver.expect("t", [0], 4, timeout_s=10)
+        receiver.expect("t", [0], 4, lease_s=10)
         conn.send(receiver.endpoint)
         conn.send(wait_for(lambda: receiver.poll("t"), timeout=10).status.value)
         receiver.close()

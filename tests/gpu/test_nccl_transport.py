@@ -31,7 +31,7 @@ def test_nccl_transfer_between_two_gpus():
     sender = Sender(spec, TorchSenderChannel(device=src))
     try:
         n, blocks = 40, [3, 1, 7]
-        receiver.expect("t", [0, 1, 2], n, timeout_s=30)
+        receiver.expect("t", [0, 1, 2], n, lease_s=30)
         sender.begin("t", receiver.endpoint, n)
         for layer in range(2):
             sender.send_layer("t", layer, 0, gather_tokens(pk[layer], blocks, 0, n),

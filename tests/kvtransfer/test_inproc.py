@@ -54,7 +54,7 @@ def assert_same_kv(p_cache, p_blocks, d_cache, d_blocks, n):
 def test_complete_transfer_between_block_sizes(setup):
     hub, receiver, sender, p_cache, d_cache = setup
     n, p_blocks, d_blocks = 13, [7, 2, 9, 4], [3, 5]
-    receiver.expect("t", d_blocks, n, timeout_s=5)
+    receiver.expect("t", d_blocks, n, lease_s=5)
     assert receiver.poll("t").status is TransferStatus.PENDING
     sender.begin("t", receiver.endpoint, n)
     send_all(sender, "t", p_cache, p_blocks, n)
@@ -71,16 +71,16 @@ def test_complete_transfer_between_block_sizes(setup):
 def test_expect_refuses_blocks_that_cannot_hold_the_tokens(setup):
     _, receiver, _, _, _ = setup
     with pytest.raises(ValueError, match="17 tokens do not fit in 2 blocks of 8"):
-        receiver.expect("t", [0, 1], 17, timeout_s=5)
+        receiver.expect("t", [0, 1], 17, lease_s=5)
     with pytest.raises(ValueError, match=r"block ids outside \[0, 64\)"):
-        receiver.expect("t", [64], 4, timeout_s=5)
+        receiver.expect("t", [64], 4, lease_s=5)
     assert receiver.poll("t").reason == "unknown transfer"
 
 
 def test_handshake_mismatch_is_refused(setup):
     hub, receiver, _, _, _ = setup
     other = InProcSender(hub, KVSpec("tiny", 3, 2, 8, torch.bfloat16))
-    receiver.expect("t", [0], 4, timeout_s=5)
+    receiver.expect("t", [0], 4, lease_s=5)
     other.begin("t", receiver.endpoint, 4)
     result = other.poll("t")
     assert result.status is TransferStatus.FAILED
@@ -93,7 +93,7 @@ def test_handshake_mismatch_is_refused(setup):
 def test_bad_frames_fail_the_transfer(setup, fault):
     hub, receiver, sender, p_cache, d_cache = setup
     n, p_blocks, d_blocks = 8, [1, 2], [0]
-    receiver.expect("t", d_blocks, n, timeout_s=5)
+    receiver.expect("t", d_blocks, n, lease_s=5)
     tid = "other" if fault == "unknown" else "t"
     sender.begin(tid, receiver.endpoint, n)
     pk, pv = p_cache
@@ -124,10 +124,10 @@ def test_bad_frames_fail_the_transfer(setup, fault):
 
 def test_deadline_fails_a_transfer_whose_data_is_late(setup):
     _, receiver, sender, p_cache, _ = setup
-    receiver.expect("t", [0], 4, timeout_s=0.05)
+    receiver.expect("t", [0], 4, lease_s=0.05)
     sender.begin("t", receiver.endpoint, 4)
     time.sleep(0.1)
-    assert receiver.poll("t").reason == "deadline passed before all KV arrived"
+    assert receiver.poll("t").reason .startswith("lease expired")
     pk, pv = p_cache
     sender.send_layer("t", 0, 0, pk[0, 0], pv[0, 0])
     assert sender.poll("t").status is TransferStatus.FAILED
@@ -136,8 +136,8 @@ def test_deadline_fails_a_transfer_whose_data_is_late(setup):
 def test_vanished_receiver_and_abort(setup):
     hub, receiver, sender, p_cache, _ = setup
     pk, pv = p_cache
-    receiver.expect("a", [0], 4, timeout_s=5)
-    receiver.expect("b", [1], 4, timeout_s=5)
+    receiver.expect("a", [0], 4, lease_s=5)
+    receiver.expect("b", [1], 4, lease_s=5)
     sender.begin("a", receiver.endpoint, 4)
     sender.begin("b", receiver.endpoint, 4)
     sender.abort("a", "client cancelled")
@@ -156,7 +156,7 @@ def test_64_concurrent_transfers_interleave(setup):
     _, receiver, sender, p_cache, d_cache = setup
     n = 6  # one destination block each
     for i in range(64):
-        receiver.expect(f"t{i}", [i], n, timeout_s=10)
+        receiver.expect(f"t{i}", [i], n, lease_s=10)
         sender.begin(f"t{i}", receiver.endpoint, n)
 
     def run(ids):
@@ -181,7 +181,7 @@ def test_64_concurrent_transfers_interleave(setup):
 
 def test_release_forgets_on_both_sides_and_aborts_a_live_transfer(setup):
     _, receiver, sender, _, _ = setup
-    receiver.expect("t", [0], 4, timeout_s=5)
+    receiver.expect("t", [0], 4, lease_s=5)
     sender.begin("t", receiver.endpoint, 4)
     sender.release("t")
     assert receiver.poll("t").reason == "released"
@@ -189,7 +189,8 @@ def test_release_forgets_on_both_sides_and_aborts_a_live_transfer(setup):
     sender.release("t")  # idempotent
     receiver.release("t")
     assert receiver.poll("t").reason == "unknown transfer"
-    sender.begin("t", receiver.endpoint, 4)  # the id can be used again
+    receiver.expect("t", [0], 4, lease_s=5)  # the id can be used again
+    sender.begin("t", receiver.endpoint, 4)
     assert sender.poll("t").status is TransferStatus.PENDING
 
 
@@ -201,7 +202,7 @@ def test_inproc_is_a_transport_kind_on_the_process_wide_hub():
     hub = InProcHub.instance()
     assert InProcHub.instance() is hub and hub.lookup(receiver.endpoint) is receiver
     try:
-        receiver.expect("t", [0, 1], 12, timeout_s=5)
+        receiver.expect("t", [0, 1], 12, lease_s=5)
         sender.begin("t", receiver.endpoint, 12)
         send_all(sender, "t", (pk, pv), [0, 1, 2], 12)
         sender.finish("t", 5, note=b"stamps")
@@ -209,7 +210,7 @@ def test_inproc_is_a_transport_kind_on_the_process_wide_hub():
         assert receiver.poll("t").note == b"stamps"
         assert_same_kv((pk, pv), [0, 1, 2], (receiver.k_cache, receiver.v_cache), [0, 1], 12)
         # fault injection stays on the hub
-        receiver.expect("bad", [2], 4, timeout_s=5)
+        receiver.expect("bad", [2], 4, lease_s=5)
         sender.begin("bad", receiver.endpoint, 4)
         hub.corrupt_next("bad", 0)
         sender.send_layer("bad", 0, 0, pk[0, 0], pv[0, 0])
@@ -229,7 +230,7 @@ def test_inproc_with_a_hub_of_its_own():
     elsewhere.begin("t", receiver.endpoint, 4)
     assert "no receiver at" in elsewhere.poll("t").reason
     mine = make_sender(TransportKind.INPROC, SPEC, hub=own)
-    receiver.expect("t", [0], 4, timeout_s=5)
+    receiver.expect("t", [0], 4, lease_s=5)
     mine.begin("t", receiver.endpoint, 4)
     assert mine.poll("t").status is TransferStatus.PENDING
     receiver.close()

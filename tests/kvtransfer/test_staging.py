@@ -50,7 +50,7 @@ def test_send_layer_returns_before_anything_is_staged_and_never_stages_itself(
     receiver, sender = make_receiver(kind, caches(8, 8)), make_sender(kind)
     try:
         n = 12
-        receiver.expect("t", [2, 5], n, timeout_s=10)
+        receiver.expect("t", [2, 5], n, lease_s=10)
         sender.begin("t", receiver.endpoint, n)
         sent = [fused_kv(n, layer) for layer in range(SPEC.num_layers)]
         for layer, (k, v) in enumerate(sent):
@@ -87,7 +87,7 @@ def test_every_transport_frames_through_the_one_builder(kind, monkeypatch):
     receiver = make_receiver(kind, caches(8, 8))
     sender = make_sender(kind, max_frame_bytes=300)  # 128 bytes a token: 2-token frames
     try:
-        receiver.expect("t", [0], 5, timeout_s=5)
+        receiver.expect("t", [0], 5, lease_s=5)
         sender.begin("t", receiver.endpoint, 5)
         for layer in range(SPEC.num_layers):
             sender.send_layer("t", layer, 0, *fused_kv(5, layer))
@@ -104,7 +104,7 @@ def test_zero_copy_frames_arrive_as_copied_ones_do():
     sender = make_sender("zmq", channel=InlineSenderChannel(zero_copy_bytes=512),
                          max_frame_bytes=1024)  # 8-token frames of 1 KiB, sent zero-copy
     try:
-        receiver.expect("t", [0, 1, 2], 20, timeout_s=5)
+        receiver.expect("t", [0, 1, 2], 20, lease_s=5)
         sender.begin("t", receiver.endpoint, 20)
         sent = [fused_kv(20, layer) for layer in range(SPEC.num_layers)]
         for layer, (k, v) in enumerate(sent):
@@ -125,7 +125,7 @@ def test_the_sender_queues_typed_frozen_commands():
     put = sender._commands.put
     sender._commands.put = lambda cmd, wake=True: (queued.append(cmd), put(cmd, wake))
     try:
-        receiver.expect("t", [0], 4, timeout_s=5)
+        receiver.expect("t", [0], 4, lease_s=5)
         sender.begin("t", receiver.endpoint, 4)
         k, v = fused_kv(4, 0)
         sender.send_layer("t", 0, 0, k, v)
@@ -159,7 +159,7 @@ def test_small_chunks_wake_the_io_thread_once_a_batch_is_due():
     sender._commands.put = lambda cmd, wake=True: (wakes.append((type(cmd), wake)),
                                                    put(cmd, wake))
     try:
-        receiver.expect("t", [0, 1, 2], 5 * 4, timeout_s=5)
+        receiver.expect("t", [0, 1, 2], 5 * 4, lease_s=5)
         sender.begin("t", receiver.endpoint, 5 * 4)
         for layer in range(SPEC.num_layers):
             k, v = fused_kv(5 * 4, layer)
@@ -171,7 +171,7 @@ def test_small_chunks_wake_the_io_thread_once_a_batch_is_due():
         assert wakes[0] == (Connect, True) and wakes[-1] == (SendDone, True)
         assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
         # a connected endpoint needs no wake-up to begin
-        receiver.expect("u", [3], 4, timeout_s=5)
+        receiver.expect("u", [3], 4, lease_s=5)
         sender.begin("u", receiver.endpoint, 4)
         assert wakes[-1] == (Connect, False)
     finally:

@@ -51,7 +51,7 @@ def channel_threads(name: str) -> int:
 
 
 def transfer(sender, receiver, tid, p_cache, d_blocks, n=8):
-    receiver.expect(tid, d_blocks, n, timeout_s=5)
+    receiver.expect(tid, d_blocks, n, lease_s=5)
     sender.begin(tid, receiver.endpoint, n)
     send_layers(sender, tid, p_cache, [0, 1], n)
     sender.finish(tid, 5)
@@ -103,10 +103,10 @@ def test_a_payload_that_never_comes_fails_by_deadline_and_frees_the_receiver():
     receiver = make_receiver("torch", caches(32, 8), timeout_s=1.5)
     lost = make_sender("torch", channel=PayloadLosingChannel(timeout_s=1.5), ack_timeout_s=1.0)
     try:
-        receiver.expect("lost", [0], 8, timeout_s=0.5)
+        receiver.expect("lost", [0], 8, lease_s=0.5)
         lost.begin("lost", receiver.endpoint, 8)
         send_layers(lost, "lost", p_cache, [0, 1], 8, layers=[0])
-        assert "deadline" in wait_for(lambda: receiver.poll("lost"), timeout=3).reason
+        assert "lease expired" in wait_for(lambda: receiver.poll("lost"), timeout=3).reason
         lost.finish("lost", 1)
         assert wait_for(lambda: lost.poll("lost"), timeout=5).status is TransferStatus.FAILED
     finally:
@@ -167,7 +167,7 @@ def test_a_closed_side_lets_its_process_exit_cleanly():
     receiver = make_receiver("torch", caches(4, 4))
     sender = make_sender("torch")
     try:
-        receiver.expect("t", [0], 4, timeout_s=30)
+        receiver.expect("t", [0], 4, lease_s=30)
         conn, child_conn = spawn.Pipe()
         child = spawn.Process(target=transfer_in_child,
                               args=("sender", receiver.endpoint, child_conn))

@@ -60,7 +60,7 @@ def test_complete_transfer(kind, p_cache, bind, frame_bytes, tmp_path):
     sender = make_sender(kind, max_frame_bytes=frame_bytes)
     try:
         n, p_blocks, d_blocks = 13, [7, 2, 9, 4], [3, 5]
-        receiver.expect("t", d_blocks, n, timeout_s=5)
+        receiver.expect("t", d_blocks, n, lease_s=5)
         sender.begin("t", receiver.endpoint, n)
         send_layers(sender, "t", p_cache, p_blocks, n)
         sender.finish("t", 42, note=b"prefill stamps")
@@ -79,7 +79,7 @@ def test_complete_transfer(kind, p_cache, bind, frame_bytes, tmp_path):
 
 def test_the_hand_off_note_reaches_the_receivers_done_result(kind, receiver, sender, p_cache):
     note = bytes(range(256)) * 4  # opaque: any bytes, zeros included
-    receiver.expect("t", [0], 4, timeout_s=5)
+    receiver.expect("t", [0], 4, lease_s=5)
     sender.begin("t", receiver.endpoint, 4)
     assert receiver.poll("t").note == b""
     send_layers(sender, "t", p_cache, [0], 4)
@@ -88,7 +88,7 @@ def test_the_hand_off_note_reaches_the_receivers_done_result(kind, receiver, sen
     result = receiver.poll("t")
     assert (result.status, result.first_token_id, result.note) == (TransferStatus.DONE, 8, note)
     # a transfer that fails carries none
-    receiver.expect("u", [1], 4, timeout_s=5)
+    receiver.expect("u", [1], 4, lease_s=5)
     sender.begin("u", receiver.endpoint, 4)
     send_layers(sender, "u", p_cache, [1], 4, layers=[0])
     sender.finish("u", 9, note=b"stamps")
@@ -99,7 +99,7 @@ def test_the_hand_off_note_reaches_the_receivers_done_result(kind, receiver, sen
 def test_handshake_mismatch_is_refused_at_connect(kind, receiver):
     other = make_sender(kind, KVSpec("tiny", 4, 2, 8, torch.float32))
     try:
-        receiver.expect("t", [0], 4, timeout_s=5)
+        receiver.expect("t", [0], 4, lease_s=5)
         other.begin("t", receiver.endpoint, 4)
         result = wait_for(lambda: other.poll("t"), timeout=2)
         assert result.reason == "handshake refused: num_layers differs: 3 here, 4 at the peer"
@@ -119,7 +119,7 @@ def test_an_endpoint_that_cannot_be_connected_fails_at_once(kind, sender, receiv
     sender.begin("bad", "no-such-scheme://nowhere", 4)
     expected = "no receiver at" if kind == "inproc" else "cannot connect to"
     assert expected in wait_for(lambda: sender.poll("bad"), timeout=2).reason
-    receiver.expect("t", [0], 4, timeout_s=5)  # and the sender carries on
+    receiver.expect("t", [0], 4, lease_s=5)  # and the sender carries on
     sender.begin("t", receiver.endpoint, 4)
     send_layers(sender, "t", p_cache, [0], 4)
     sender.finish("t", 1)
@@ -130,7 +130,7 @@ def test_an_endpoint_that_cannot_be_connected_fails_at_once(kind, sender, receiv
 def test_a_sender_of_the_other_transport_is_refused(kind, receiver):
     other = make_sender("zmq" if kind == "torch" else "torch")
     try:
-        receiver.expect("t", [0], 4, timeout_s=5)
+        receiver.expect("t", [0], 4, lease_s=5)
         other.begin("t", receiver.endpoint, 4)
         reason = wait_for(lambda: other.poll("t"), timeout=2).reason
         assert reason.startswith("handshake refused: transport differs")
@@ -140,7 +140,7 @@ def test_a_sender_of_the_other_transport_is_refused(kind, receiver):
 
 def test_receiver_vanishing_mid_transfer_fails_the_sender(kind, sender, p_cache):
     receiver = make_receiver(kind, caches(32, 8))
-    receiver.expect("t", [0, 1], 8, timeout_s=5)
+    receiver.expect("t", [0, 1], 8, lease_s=5)
     sender.begin("t", receiver.endpoint, 8)
     send_layers(sender, "t", p_cache, [0, 1], 8, layers=[0])
     time.sleep(0.1)
@@ -161,18 +161,68 @@ def test_unknown_transfer_missing_layer_and_deadline(receiver, sender, p_cache):
     send_layers(sender, "ghost", p_cache, [0], 4, layers=[0])
     assert "does not expect transfer 'ghost'" in wait_for(lambda: sender.poll("ghost")).reason
 
-    receiver.expect("partial", [0], 4, timeout_s=5)
+    receiver.expect("partial", [0], 4, lease_s=5)
     sender.begin("partial", receiver.endpoint, 4)
     send_layers(sender, "partial", p_cache, [1], 4, layers=[0, 1])
     sender.finish("partial", 7)
     assert wait_for(lambda: sender.poll("partial")).reason == "layer 2 is missing tokens"
 
-    receiver.expect("late", [1], 4, timeout_s=0.05)
+    receiver.expect("late", [1], 4, lease_s=0.05)
     time.sleep(0.15)
-    assert receiver.poll("late").reason == "deadline passed before all KV arrived"
+    assert receiver.poll("late").reason .startswith("lease expired")
     sender.begin("late", receiver.endpoint, 4)
     send_layers(sender, "late", p_cache, [2], 4, layers=[0])
-    assert "deadline" in wait_for(lambda: sender.poll("late")).reason
+    assert "lease expired" in wait_for(lambda: sender.poll("late")).reason
+
+
+def _keeping_alive(kind):
+    """A sender of `kind` that renews leases every 50 ms (the in-process one on each poll)."""
+    if kind == "inproc":
+        return make_sender(kind)
+    return make_sender(kind, handshake_timeout_s=1.0, ack_timeout_s=1.0, keepalive_s=0.05)
+
+
+def test_a_lease_measures_the_senders_silence_not_its_queue(kind, receiver, p_cache):
+    """A transfer whose job waits (no frame yet) outlives many leases while its sender keeps
+    it alive, then completes; the same wait with a silent sender expires."""
+    sender = _keeping_alive(kind)
+    try:
+        receiver.expect("queued", [0], 4, lease_s=0.3)
+        sender.begin("queued", receiver.endpoint, 4)
+        end = time.monotonic() + 1.5  # five leases, no frame
+        while time.monotonic() < end:
+            assert not sender.poll("queued").status.is_terminal  # the owner's polling
+            assert not receiver.poll("queued").status.is_terminal
+            time.sleep(0.02)
+        send_layers(sender, "queued", p_cache, [0], 4)
+        sender.finish("queued", 9)
+        assert wait_for(lambda: sender.poll("queued")).status is TransferStatus.DONE
+        assert receiver.poll("queued").status is TransferStatus.DONE
+    finally:
+        sender.close()
+    silent = make_sender(kind, keepalive_s=60.0) if kind != "inproc" else None
+    if silent is not None:  # the in-process pair has no silence but its owner's
+        try:
+            receiver.expect("silent", [1], 4, lease_s=0.3)
+            silent.begin("silent", receiver.endpoint, 4)
+            assert wait_for(lambda: receiver.poll("silent")).reason.startswith("lease expired")
+        finally:
+            silent.close()
+
+
+def test_a_keep_alive_for_an_ended_reservation_fails_the_job_before_it_sends(kind, receiver):
+    """The decode side released the reservation (aborted, or its lease ran out) while the
+    job waited: the sender learns it from the keep-alive's answer, with no frame sent."""
+    sender = _keeping_alive(kind)
+    try:
+        receiver.expect("gone", [0], 4, lease_s=5)
+        sender.begin("gone", receiver.endpoint, 4)
+        receiver.release("gone")
+        result = wait_for(lambda: sender.poll("gone"))
+        assert result.status is TransferStatus.FAILED
+        assert "does not expect transfer 'gone'" in result.reason
+    finally:
+        sender.close()
 
 
 def test_corrupt_and_duplicate_frames_are_rejected(p_cache):
@@ -187,7 +237,7 @@ def test_corrupt_and_duplicate_frames_are_rejected(p_cache):
         assert decode(sock.recv()) == HandshakeReply(True)
         pk, pv = p_cache
         for tid in ("corrupt", "dup"):
-            receiver.expect(tid, [0], 4, timeout_s=5)
+            receiver.expect(tid, [0], 4, lease_s=5)
             frame = next(stage_frames(tid, 0, 0, pk[0, 0], pv[0, 0], 1 << 20))
             header, payload = frame.header, frame.payload.numpy().tobytes()
             if tid == "corrupt":
@@ -215,7 +265,7 @@ def test_corrupt_and_duplicate_frames_are_rejected(p_cache):
 
 
 def test_abort_reaches_the_receiver(receiver, sender, p_cache):
-    receiver.expect("t", [0, 1], 8, timeout_s=5)
+    receiver.expect("t", [0, 1], 8, lease_s=5)
     sender.begin("t", receiver.endpoint, 8)
     send_layers(sender, "t", p_cache, [0, 1], 8, layers=[0])
     sender.abort("t", "client cancelled")
@@ -230,7 +280,7 @@ def test_64_concurrent_transfers(kind, p_cache):
     n, ids = 6, list(range(64))  # one destination block each
     try:
         for i in ids:
-            receiver.expect(f"t{i}", [i], n, timeout_s=20)
+            receiver.expect(f"t{i}", [i], n, lease_s=20)
 
         def run(sender, mine):
             for i in mine:
@@ -265,7 +315,7 @@ def test_64_concurrent_transfers(kind, p_cache):
 
 
 def test_release_after_done_and_while_live(receiver, sender, p_cache):
-    receiver.expect("done", [0], 4, timeout_s=5)
+    receiver.expect("done", [0], 4, lease_s=5)
     sender.begin("done", receiver.endpoint, 4)
     send_layers(sender, "done", p_cache, [0], 4)
     sender.finish("done", 3)
@@ -274,7 +324,7 @@ def test_release_after_done_and_while_live(receiver, sender, p_cache):
     receiver.release("done")
     assert sender.poll("done").reason == receiver.poll("done").reason == "unknown transfer"
 
-    receiver.expect("live", [1], 4, timeout_s=5)
+    receiver.expect("live", [1], 4, lease_s=5)
     sender.begin("live", receiver.endpoint, 4)
     send_layers(sender, "live", p_cache, [1], 4, layers=[0])
     sender.release("live")
@@ -286,7 +336,7 @@ def test_a_restarted_receiver_fails_the_old_connection_then_accepts_a_new_one(
         kind, sender, p_cache, tmp_path):
     bind = f"ipc://{tmp_path}/kv.sock"
     first = make_receiver(kind, caches(32, 8), bind=bind)
-    first.expect("a", [0], 4, timeout_s=5)
+    first.expect("a", [0], 4, lease_s=5)
     sender.begin("a", first.endpoint, 4)
     send_layers(sender, "a", p_cache, [0], 4)
     sender.finish("a", 1)
@@ -294,7 +344,7 @@ def test_a_restarted_receiver_fails_the_old_connection_then_accepts_a_new_one(
     first.close()
     second = make_receiver(kind, caches(32, 8), bind=bind)  # same endpoint, new process state
     try:
-        second.expect("b", [0], 4, timeout_s=5)
+        second.expect("b", [0], 4, lease_s=5)
         sender.begin("b", second.endpoint, 4)
         send_layers(sender, "b", p_cache, [0], 4)
         sender.finish("b", 2)
@@ -306,7 +356,7 @@ def test_a_restarted_receiver_fails_the_old_connection_then_accepts_a_new_one(
                     or result.reason.endswith("disconnected")
                     or kind == "torch" and "payload channel failed" in result.reason)
             second.release("b")
-            second.expect("c", [1], 4, timeout_s=5)
+            second.expect("c", [1], 4, lease_s=5)
             sender.begin("c", second.endpoint, 4)
             send_layers(sender, "c", p_cache, [1], 4)
             sender.finish("c", 3)
