@@ -86,6 +86,7 @@ class DecodeJobs(JobTable):
         self.publisher.flush()
 
     def tick(self) -> None:
+        self.end_expired()
         if self.receiver is not None:
             for entry in [e for e in self.jobs.values() if e.state in _AWAITING_KV]:
                 self._poll_transfer(entry)

@@ -31,6 +31,7 @@ class ClusterSpec:
     pin_cores: bool = False  # one core per worker, round robin over this process's cores
     handshake_timeout_s: float = 5.0
     ack_timeout_s: float = 10.0
+    keepalive_s: float = 1.0  # a prefill job renews its decode lease this often
     heartbeat_s: float = 0.5
     heartbeat_ttl_s: float = 3.0
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -60,4 +61,4 @@ class ClusterSpec:
                                       max_num_seqs=self.max_num_seqs),
             device=device)
         return WorkerConfig(role, engine, worker_id, self.transport, kv_host,
-                            self.handshake_timeout_s, self.ack_timeout_s)
+                            self.handshake_timeout_s, self.ack_timeout_s, self.keepalive_s)

@@ -9,7 +9,8 @@ Life of a transfer (keyed by the router's `transfer_id`, never a worker-local id
 3. DONE          the sender's `finish` carries the first token; the receiver has every layer
                  of every token, acknowledges, and the decode engine can admit the request.
    FAILED        a bad frame, an abort on either side, a lease or ack deadline, or a peer
-                 that vanished or refused the handshake. Both sides stop touching the transfer's memory.
+                 that vanished or refused the handshake. Both sides stop touching the
+                 transfer's memory.
 
 Ownership: the receiver writes only into the blocks named in `expect`, and only until the
 transfer is DONE or FAILED; the blocks stay the decode engine's, which frees them (on
@@ -81,8 +82,8 @@ class KVReceiver(ABC):
         """Announce a transfer of `num_tokens` tokens into `block_ids`, under a lease: it
         fails when `lease_s` pass with no sign of progress from the sender (a frame, or the
         keep-alive it sends while its job waits or computes), so the lease measures the
-        sender's silence, not the prefill queue. Raises ValueError for a transfer id already expected, and for
-        block ids outside the cache or too few to hold `num_tokens`."""
+        sender's silence, not the prefill queue. Raises ValueError for a transfer id already
+        expected, and for block ids outside the cache or too few to hold `num_tokens`."""
 
     @abstractmethod
     def poll(self, transfer_id: str) -> TransferResult:

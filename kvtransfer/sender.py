@@ -13,9 +13,10 @@ staged and shipped unless the transfer ended meanwhile; `finish` -> SendDone and
 deadline; the receiver's Ack settles DONE or FAILED. Until `finish`, a KeepAlive goes out
 every `keepalive_s` for the transfer, so the receiver's lease measures this side's silence,
 not how long the job waits in the prefill queue; a receiver that no longer expects it
-answers a failing Ack, and the job is dropped before it computes. A refused or late handshake, a dropped
-connection, a receiver that forgot us, a failed payload pair or a missed ack deadline fails
-every transfer it concerns, so a vanished receiver never hangs a sender.
+answers a failing Ack, and the job is dropped before it computes. A refused or late
+handshake, a dropped connection, a receiver that forgot us, a failed payload pair or a
+missed ack deadline fails every transfer it concerns, so a vanished receiver never hangs a
+sender.
 """
 
 from __future__ import annotations

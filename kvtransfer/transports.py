@@ -27,7 +27,7 @@ class TransportKind(enum.Enum):
 
 def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device = "cpu",
                 handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0,
-                hub: InProcHub | None = None) -> KVSender:
+                keepalive_s: float = 1.0, hub: InProcHub | None = None) -> KVSender:
     """`device` is where the torch transport stages payloads (the KV cache's device)."""
     if kind is TransportKind.INPROC:
         return InProcSender(hub or InProcHub.instance(), spec)
@@ -38,7 +38,7 @@ def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device
     else:
         channel = InlineSenderChannel()
     return Sender(spec, channel, handshake_timeout_s=handshake_timeout_s,
-                  ack_timeout_s=ack_timeout_s)
+                  ack_timeout_s=ack_timeout_s, keepalive_s=keepalive_s)
 
 
 def make_receiver(kind: TransportKind, spec: KVSpec, k_cache: torch.Tensor,

@@ -122,6 +122,7 @@ class PrefillJobs(JobTable):
             self._set(entry, PrefillState.TRANSFERRING)
 
     def tick(self) -> None:
+        self.end_expired()
         for tid, entry in list(self.jobs.items()):
             result = self.sender.poll(tid)
             if result.status is TransferStatus.DONE:

@@ -47,7 +47,8 @@ class PrefillWorker(Worker):
         def make_jobs(engine, publisher):
             sender = make_sender(config.transport, config.kv_spec, device=config.engine.device,
                                  handshake_timeout_s=config.handshake_timeout_s,
-                                 ack_timeout_s=config.ack_timeout_s)
+                                 ack_timeout_s=config.ack_timeout_s,
+                                 keepalive_s=config.keepalive_s)
             return PrefillJobs(engine, sender, publisher)
 
         super().__init__(config, make_jobs)

@@ -5,6 +5,13 @@ router reserves with a DecodeOrder on a decode worker, then submits a PrefillOrd
 the KV endpoint that reservation returned. Local (colocated, or a short prompt): one
 DecodeOrder that the worker prefills itself. Tokens and outcomes come back on the router's
 stream endpoint (protocol.stream), never as the return value of a call.
+
+Leases: a reservation holds the decode worker's blocks while the prefill side shows signs
+of progress: each KV frame, and while the prefill job waits or computes, a keep-alive from
+its sender every second. `lease_s` of silence ends it (blocks freed), so a job that waits
+behind long prefills keeps its reservation, and a prefill worker that died or hangs frees
+it. Deadlines: an order carries the request's `deadline` (epoch seconds, None for none);
+a worker ends a job whose deadline passed, before its prefill runs if it has not yet.
 """
 
 from __future__ import annotations
@@ -37,19 +44,24 @@ def _check_ids(transfer_id: str, prompt_token_ids, **endpoints: str) -> tuple[in
 @dataclass(frozen=True)
 class DecodeOrder:
     """Decode `transfer_id` and push its tokens to the router's `stream_endpoint`. As a
-    reservation, hold blocks for the prompt's KV for at most `lease_s` seconds."""
+    reservation, hold blocks for the prompt's KV until the prefill side has been silent for
+    `lease_s` seconds (see the module's Leases)."""
 
     transfer_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     stream_endpoint: str
-    lease_s: float = 30.0
+    lease_s: float = 10.0
+    deadline: float | None = None  # time.time() after which the job is dropped
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", _check_ids(
             self.transfer_id, self.prompt_token_ids, stream_endpoint=self.stream_endpoint))
         if not self.lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass(frozen=True)
@@ -62,17 +74,21 @@ class PrefillOrder:
     sampling: SamplingParams
     kv_endpoint: str
     notify_endpoint: str
+    deadline: float | None = None  # time.time() after which the job is dropped
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", _check_ids(
             self.transfer_id, self.prompt_token_ids, kv_endpoint=self.kv_endpoint,
             notify_endpoint=self.notify_endpoint))
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
 
 class PrefillStatus(enum.Enum):
     DONE = "done"  # the decode worker holds every layer and the first token
     FAILED = "failed"  # bad order, or the transfer failed (receiver gone, refused, timed out)
-    ABORTED = "aborted"  # the router aborted it
+    ABORTED = "aborted"  # the router aborted it, or its deadline passed
 
 
 @dataclass(frozen=True)

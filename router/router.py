@@ -20,6 +20,9 @@ Life of a request:
                died (the handle raised WorkerGone, or its registry entry expired):
                UNAVAILABLE.
    CANCELLED   the client went away or its deadline passed: the caller cancels the task.
+               The orders carry the deadline too, so each worker drops the job by itself
+               when it passes (before its prefill runs, if it has not), whether or not the
+               router's abort reaches it.
 On every exit but FINISHED the router aborts the job, concurrently on both workers (on
 the decode worker only once the hand-off happened), so every block is freed on both
 sides; the slots are given back in all cases.
@@ -78,7 +81,9 @@ class RouterConfig:
     disaggregation_threshold: int = 128  # prompt tokens; `auto` prefills shorter ones locally
     max_in_flight_per_worker: int = 32
     max_queue: int = 256  # requests waiting for a worker slot
-    lease_s: float = 30.0  # how long a decode reservation waits for the KV
+    # a decode reservation ends after this long with no sign of the prefill side (no KV,
+    # no keep-alive; the prefill queue does not count: protocol.orders, Leases)
+    lease_s: float = 10.0
     refresh_s: float = 0.5  # registry poll period
     policy: Policy = Policy.LOAD
 
@@ -131,7 +136,10 @@ class Router:
 
     # -- a request ---------------------------------------------------------------------------
 
-    async def generate(self, req: ValidRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, req: ValidRequest,
+                       deadline: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """The request's chunks, then its final message. `deadline` (time.time(), None for
+        none) is the client's: it goes into the orders, so workers drop the job by itself."""
         arrival = time.time()
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
@@ -142,7 +150,8 @@ class Router:
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
         try:
-            decode, prefill, dispatched = await self._dispatch(req, tid, disagg, queue)
+            decode, prefill, dispatched = await self._dispatch(req, tid, disagg, queue,
+                                                               deadline)
             prefill_id = prefill.worker_id if prefill else ""
             detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
             out_ids: list[int] = []
@@ -182,14 +191,14 @@ class Router:
                 await asyncio.shield(self._abort(tid, decode, prefill))
             await self.view.notify()
 
-    async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool,
-                        queue) -> tuple[LiveWorker, LiveWorker | None, float]:
+    async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
+                        deadline: float | None) -> tuple[LiveWorker, LiveWorker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
         when the orders went out. If it fails or is cancelled midway, what it started is
         aborted before it raises."""
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
-                            self.config.lease_s)
+                            self.config.lease_s, deadline)
         while True:
             decode, prefill = await self._wait_for_workers(req, disagg)
             decode.in_flight[tid] = queue
@@ -201,7 +210,8 @@ class Router:
                 endpoint = await self._call(decode, decode.handle.reserve(order))
                 prefill.in_flight[tid] = queue
                 await self._call(prefill, prefill.handle.submit(PrefillOrder(
-                    tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint)))
+                    tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint,
+                    deadline)))
                 return decode, prefill, dispatched
             except NoRoom:  # its heartbeat was stale: wait for room like any other request
                 decode.in_flight.pop(tid, None)

@@ -8,6 +8,7 @@ the client gets INVALID_ARGUMENT naming the field rather than a bare INTERNAL er
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -39,8 +40,10 @@ class PdServeService:
             valid = validate(request, self.router.tokenizer)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.time() + remaining
         try:
-            async for response in self.router.generate(valid):
+            async for response in self.router.generate(valid, deadline):
                 yield response
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))

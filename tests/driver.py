@@ -30,9 +30,10 @@ class Outcome:
 
 
 def reserve(collector: StreamCollector, decode, tid: str, prompt: Sequence[int],
-            params: SamplingParams, lease_s: float = 30.0, wait_s: float = 60.0) -> str:
+            params: SamplingParams, lease_s: float = 30.0, wait_s: float = 60.0,
+            deadline: float | None = None) -> str:
     """Reserve on `decode`, waiting for room as the router's queue does; the KV endpoint."""
-    order = DecodeOrder(tid, tuple(prompt), params, collector.endpoint, lease_s)
+    order = DecodeOrder(tid, tuple(prompt), params, collector.endpoint, lease_s, deadline)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -44,8 +45,9 @@ def reserve(collector: StreamCollector, decode, tid: str, prompt: Sequence[int],
 
 
 def submit(collector: StreamCollector, prefill, tid: str, prompt: Sequence[int],
-           params: SamplingParams, endpoint: str) -> None:
-    prefill.submit(PrefillOrder(tid, tuple(prompt), params, endpoint, collector.endpoint))
+           params: SamplingParams, endpoint: str, deadline: float | None = None) -> None:
+    prefill.submit(PrefillOrder(tid, tuple(prompt), params, endpoint, collector.endpoint,
+                                deadline))
 
 
 def run_disaggregated(collector: StreamCollector, prefill, decode, tid: str,

@@ -13,11 +13,13 @@ from pdserve.worker import WorkerConfig
 
 def worker_config(role: WorkerRole, model_dir: Path, worker_id: str, *, block_size: int = 4,
                   num_blocks: int = 512, max_num_batched_tokens: int = 64,
-                  max_num_seqs: int = 64, ack_timeout_s: float = 5.0, **spec) -> WorkerConfig:
+                  max_num_seqs: int = 64, ack_timeout_s: float = 5.0,
+                  keepalive_s: float = 0.1, **spec) -> WorkerConfig:
     """A CPU worker on `model_dir`, configured the way `pdserve serve` configures one."""
     return ClusterSpec(model=str(model_dir), block_size=block_size, num_blocks=num_blocks,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                        device="cpu", handshake_timeout_s=3.0, ack_timeout_s=ack_timeout_s,
+                       keepalive_s=keepalive_s,
                        **spec).worker_config(worker_id, role)
 
 

@@ -19,6 +19,7 @@ Life of a worker:
 from __future__ import annotations
 
 import enum
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 
@@ -30,17 +31,28 @@ from pdserve.worker.publisher import StreamPublisher
 
 
 class JobTable(LoopHandler):
-    """A worker's live jobs by transfer id. Every method runs on the loop thread; `states`
-    is the copy of each live job's state that other threads read."""
+    """A worker's live jobs by transfer id (`jobs`: each entry has the `order` it runs).
+    Every method runs on the loop thread; `states` is the copy of each live job's state
+    that other threads read."""
 
     def __init__(self, engine: Engine, publisher: StreamPublisher):
         self.engine = engine
         self.publisher = publisher
+        self.jobs: dict = {}
         self.states: dict[str, enum.Enum] = {}
 
     @abstractmethod
     def abort(self, transfer_id: str, reason: str) -> None:
         """End a live job, freeing everything it holds; unknown ids are ignored."""
+
+    def end_expired(self) -> None:
+        """Abort every job whose order's deadline passed: its client has given up. Called
+        each turn before the step, so a job that arrived expired, or expired while queued,
+        never runs its prefill, and blocks are freed whether or not the router's abort
+        comes."""
+        now = time.time()
+        for tid in [t for t, e in self.jobs.items() if e.order.expired(now)]:
+            self.abort(tid, "the request's deadline passed")
 
     def num_jobs(self) -> int:
         return len(self.states)

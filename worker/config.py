@@ -24,6 +24,7 @@ class WorkerConfig:
     kv_host: str = "127.0.0.1"  # decode: the KV receiver binds here; must be routable
     handshake_timeout_s: float = 5.0  # prefill: a decode worker that never answers is gone
     ack_timeout_s: float = 10.0  # prefill: after the first token, a receiver that never acks
+    keepalive_s: float = 1.0  # prefill: how often a waiting job renews its reservation's lease
 
     def __post_init__(self) -> None:
         want = ENGINE_MODES[self.role]

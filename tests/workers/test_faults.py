@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 from driver import reserve, run_disaggregated, submit
@@ -26,6 +27,11 @@ from pdserve.protocol import DecodeOrder, FinishReason, PrefillStatus, WorkerRol
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)
+
+
+def uncached_long(seed: int) -> tuple[int, ...]:
+    """A 400-token prompt no other test sends: no prefix-cache hit shortens its prefill."""
+    return tuple((i * 37 + seed * 101) % 251 for i in range(400))
 
 
 def slow_prefill_config(model_dir, worker_id):
@@ -63,11 +69,13 @@ def no_leaks(prefill, decode):
     wait_idle(decode.worker)
 
 
-def start(collector, prefill, decode, tid, prompt=LONG, params=None, lease_s=30.0) -> None:
+def start(collector, prefill, decode, tid, prompt=LONG, params=None, lease_s=30.0,
+          deadline=None) -> None:
     """Reserve on `decode` and submit to `prefill`; both return at once."""
     params = params or greedy(4)
     submit(collector, prefill, tid, prompt, params,
-           reserve(collector, decode, tid, prompt, params, lease_s))
+           reserve(collector, decode, tid, prompt, params, lease_s, deadline=deadline),
+           deadline)
 
 
 @contextlib.contextmanager
@@ -125,7 +133,7 @@ def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):
         victim.kill()
     final = collector.wait_final("kill-p", timeout=15).final  # the lease expires
     assert final.finish is FinishReason.ERROR
-    assert "deadline" in final.error
+    assert "lease expired" in final.error
 
 
 def test_a_lease_with_no_prefill_expires(collector, decode):
@@ -147,6 +155,51 @@ def test_a_refused_prefill_order_is_reported_and_holds_nothing(collector, prefil
     collector.wait_final("twice")
 
 
+def test_a_job_queued_longer_than_its_lease_keeps_its_reservation(collector, prefill, decode,
+                                                                 short_expected):
+    """The lease measures the prefill side's silence, not its queue: a job that waits behind
+    a long prefill for several of its leases (its sender renewing it) is served in full."""
+    start(collector, prefill, decode.worker, "lease-blocker", uncached_long(1))
+    wait_state(prefill, "lease-blocker", PrefillState.PREFILLING)
+    start(collector, prefill, decode.worker, "patient", SHORT, greedy(6), lease_s=0.4)
+    streamed = collector.wait_final("patient", timeout=60)
+    assert streamed.final.error == "" and streamed.token_ids == short_expected
+    stamps = collector.wait_outcome("patient").stamps
+    assert stamps.prefill_start - stamps.received > 0.4  # it waited past its lease
+    collector.wait_outcome("lease-blocker", timeout=60)
+    collector.wait_final("lease-blocker", timeout=60)
+
+
+def test_a_job_whose_deadline_passes_while_queued_never_prefills(collector, prefill, decode):
+    start(collector, prefill, decode.worker, "deadline-blocker", uncached_long(2))
+    wait_state(prefill, "deadline-blocker", PrefillState.PREFILLING)
+    start(collector, prefill, decode.worker, "too-late", SHORT, greedy(6),
+          deadline=time.time() + 0.2)
+    outcome = collector.wait_outcome("too-late", timeout=30)
+    assert outcome.status is PrefillStatus.ABORTED and "deadline" in outcome.reason
+    assert outcome.stamps.prefill_start == 0.0  # dropped before its prefill ran
+    final = collector.wait_final("too-late").final
+    assert final.finish in (FinishReason.ABORT, FinishReason.ERROR)
+    assert prefill.job_state("deadline-blocker") is PrefillState.PREFILLING  # still running
+    prefill.abort("deadline-blocker")
+    decode.worker.abort("deadline-blocker")
+    collector.wait_outcome("deadline-blocker")
+    collector.wait_final("deadline-blocker")
+
+
+def test_orders_that_arrive_expired_hold_nothing_and_run_nothing(collector, prefill, decode):
+    past = time.time() - 1.0
+    start(collector, prefill, decode.worker, "expired", LONG, greedy(4), deadline=past)
+    outcome = collector.wait_outcome("expired")
+    assert outcome.status is PrefillStatus.ABORTED and outcome.stamps.prefill_start == 0.0
+    assert collector.wait_final("expired").final.finish in (FinishReason.ABORT,
+                                                            FinishReason.ERROR)
+    decode.worker.generate(DecodeOrder("expired-local", SHORT, greedy(4), collector.endpoint,
+                                       deadline=past))
+    final = collector.wait_final("expired-local")
+    assert final.token_ids == [] and final.final.finish is FinishReason.ABORT
+
+
 @pytest.mark.parametrize("state", ["queued", "prefilling", "transferring", "decoding"])
 def test_abort_in_each_state_frees_both_sides(state, collector, prefill, decode):
     tid = f"abort-{state}"
@@ -154,7 +207,8 @@ def test_abort_in_each_state_frees_both_sides(state, collector, prefill, decode)
         start(collector, prefill, decode.worker, "blocker")
         wait_state(prefill, "blocker", PrefillState.PREFILLING)
     params = greedy(400, ignore_eos=True) if state == "decoding" else greedy(4)
-    prompt = SHORT if state == "decoding" else LONG
+    # uncached: a prefix-cache hit would end the prefill before the test can act on it
+    prompt = SHORT if state == "decoding" else uncached_long(10 + len(state))
     start(collector, prefill, decode.worker, tid, prompt, params)
     if state == "queued":
         try:
