@@ -45,7 +45,8 @@ class Heartbeat:
         publish(self._client, WorkerRecord(
             self.worker_id, self.role, self.node, self._kv_endpoint, self.block_size,
             e.num_total_blocks, e.num_free_blocks, e.num_running, e.num_waiting,
-            e.num_queued_prefill_tokens, time.time(), self._started), self._ttl)
+            e.num_queued_prefill_tokens, time.time(), self._started,
+            load.prefill_tokens_per_s), self._ttl)
         added, removed = self._worker.drain_prefix_events()
         if added or removed:
             index_prefixes(self._client, self.worker_id, added, removed)

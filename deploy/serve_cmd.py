@@ -34,6 +34,15 @@ def add_serve(sub) -> None:
     p.add_argument("--disaggregation-threshold", type=int, default=128,
                    help="prompts shorter than this prefill on the decode worker under the "
                         "`auto` hint (%(default)s tokens)")
+    p.add_argument("--default-ttft-slo", type=float, default=30.0, metavar="SECONDS",
+                   help="admission: refuse at once (RESOURCE_EXHAUSTED) a request whose first "
+                        "token the prefill work already queued would delay past its TTFT SLO; "
+                        "this is the SLO of requests that set none; 0 turns it off "
+                        "(%(default)s)")
+    p.add_argument("--kv-lease", type=float, default=10.0, metavar="SECONDS",
+                   help="a decode reservation ends after this long with no KV and no "
+                        "keep-alive from its prefill worker; time in the prefill queue does "
+                        "not count (%(default)s)")
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch threads (and Ray CPUs) per worker (%(default)s)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -70,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,
                        router=RouterConfig(
-                           disaggregation_threshold=args.disaggregation_threshold))
+                           disaggregation_threshold=args.disaggregation_threshold,
+                           default_ttft_slo_s=args.default_ttft_slo,
+                           lease_s=args.kv_lease))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"

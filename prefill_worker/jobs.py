@@ -48,18 +48,18 @@ class PrefillJobs(JobTable):
         self.jobs: dict[str, _Job] = {}
         self._step_sends: list[tuple[_Job, ScheduledRequest, int]] = []
 
-    def add(self, order: PrefillOrder, received: float) -> None:
-        """Queue the job and open its transfer, so the handshake runs while it waits."""
+    def add(self, order: PrefillOrder, received: float, begun: bool) -> None:
+        """Queue the job. `begun`: the worker opened its transfer already (the handshake and
+        keep-alives run while it waits); False when the id is live here, which is refused."""
         tid = order.transfer_id
         entry = _Job(order, stamps=PrefillStamps(received=received))
         try:
+            if not begun:
+                raise ValueError(f"transfer id {tid!r} is already in use")
             self.engine.add_request(tid, order.prompt_token_ids, order.sampling)
-        except ValueError as e:  # e.g. a transfer id already live here: nothing is held
-            return self._report(entry, PrefillStatus.FAILED, f"refused: {e}")
-        try:
-            self.sender.begin(tid, order.kv_endpoint, len(order.prompt_token_ids))
-        except Exception as e:  # noqa: BLE001 - the order cannot run; say why
-            self.engine.abort(tid)
+        except ValueError as e:  # nothing of it is held, and the live job is untouched
+            if begun:
+                self.sender.release(tid)
             return self._report(entry, PrefillStatus.FAILED, f"refused: {e}")
         self.jobs[tid] = entry
         self._set(entry, PrefillState.QUEUED)

@@ -59,4 +59,17 @@ class PrefillWorker(Worker):
         RuntimeError once the worker is closed; nothing is held then."""
         self.engine.validate(order.prompt_token_ids, order.sampling)
         received = time.time()
-        self._apply(lambda: self._jobs.add(order, received))
+        sender, tid = self._jobs.sender, order.transfer_id
+        # Begun here, not on the loop thread: a step in progress may take longer than the
+        # decode side's lease, and the keep-alives that hold it start with the transfer.
+        try:
+            sender.begin(tid, order.kv_endpoint, len(order.prompt_token_ids))
+            begun = True
+        except ValueError:  # the id is live here already: the job table reports the refusal
+            begun = False
+        try:
+            self._apply(lambda: self._jobs.add(order, received, begun))
+        except BaseException:
+            if begun:
+                sender.release(tid)
+            raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from pdserve.protocol.roles import WorkerRole
 
@@ -21,6 +21,7 @@ class WorkerRecord:
     queued_prefill_tokens: int
     heartbeat: float  # Unix seconds
     started: float  # Unix seconds: a restarted worker (same id) is a new incarnation
+    prefill_tokens_per_s: float = 0.0  # measured on its steps; 0.0: not measured yet
 
     def without_room(self) -> WorkerRecord:
         """This record, seen as full (until the worker's next heartbeat says otherwise)."""
@@ -41,6 +42,8 @@ class WorkerRecord:
         values = {}
         try:
             for f in fields(cls):
+                if f.name not in text and f.default is not MISSING:
+                    continue  # a field newer than the worker that wrote the record
                 value = text[f.name]
                 values[f.name] = (WorkerRole(value) if f.name == "role" else int(value)
                                   if f.type == "int" else float(value) if f.type == "float"

@@ -1,8 +1,10 @@
 """The request lifecycle (DESIGN §2) over the workers the Redis registry lists.
 
 Life of a request:
-1. ADMITTED    `generate` counts it in the router queue; a full queue answers
-               RESOURCE_EXHAUSTED at once (Overloaded) instead of queueing without bound.
+1. ADMITTED    `generate` admits it or refuses it at once with RESOURCE_EXHAUSTED: when
+               the router queue is full, or when the prefill work queued ahead of it
+               would delay its first token past its TTFT SLO (router.admission). An
+               admitted request is never failed for waiting.
 2. QUEUED      it waits until a worker of each role it needs has a free slot (at most
                `max_in_flight_per_worker` requests per worker from this router) and, for
                decode, the blocks. No live worker of a needed role: UNAVAILABLE.
@@ -51,6 +53,7 @@ from pdserve.protocol import (
     WorkerRole,
     block_hashes,
 )
+from pdserve.router.admission import Backlog, estimate_wait_s, refusal
 from pdserve.router.final import final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.policy import (
@@ -86,6 +89,9 @@ class RouterConfig:
     lease_s: float = 10.0
     refresh_s: float = 0.5  # registry poll period
     policy: Policy = Policy.LOAD
+    # admission bound on the time to first token for a request with no TTFT SLO of its own
+    # (router.admission); 0 admits whatever the queued work
+    default_ttft_slo_s: float = 30.0
 
 
 class RequestError(Exception):
@@ -113,6 +119,10 @@ class Router:
         self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host)
         self._queued = 0
+        self._queued_tokens = 0  # prompt tokens of the requests in the router queue
+        # per worker, this router's requests whose prefill there has not ended: tid -> tokens
+        self._prefilling: dict[str, dict[str, int]] = {}
+        self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
         self._turn = itertools.count()
         self._refresher: asyncio.Task | None = None
 
@@ -146,6 +156,7 @@ class Router:
         n = len(req.prompt_token_ids)
         disagg = should_disaggregate(req.hint, n, self.config.disaggregation_threshold,
                                      bool(self.view.of_role(WorkerRole.PREFILL)))
+        self._admit(req, disagg)
         queue = self.stream.open(tid)
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
@@ -160,6 +171,7 @@ class Router:
             chunks = contextlib.aclosing(self._chunks(queue, decode, prefill))
             async with chunks as stream:
                 async for chunk in stream:
+                    self._prefill_ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
                         prefill = None
@@ -182,6 +194,7 @@ class Router:
                                              decode.worker_id, prefill_id)
                         return
         finally:
+            self._prefill_ended(tid)
             self.stream.close_queue(tid)
             for w in (decode, prefill):
                 if w is not None:
@@ -205,15 +218,18 @@ class Router:
             dispatched = time.time()
             try:
                 if prefill is None:
+                    self._prefill_started(decode, tid, len(req.prompt_token_ids))
                     await self._call(decode, decode.handle.generate(order))
                     return decode, None, dispatched
                 endpoint = await self._call(decode, decode.handle.reserve(order))
                 prefill.in_flight[tid] = queue
+                self._prefill_started(prefill, tid, len(req.prompt_token_ids))
                 await self._call(prefill, prefill.handle.submit(PrefillOrder(
                     tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint,
                     deadline)))
                 return decode, prefill, dispatched
             except NoRoom:  # its heartbeat was stale: wait for room like any other request
+                self._prefill_ended(tid)
                 decode.in_flight.pop(tid, None)
                 decode.record = decode.record.without_room()
             except BaseException:
@@ -238,7 +254,9 @@ class Router:
         if self._queued >= self.config.max_queue:
             raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
                              "waiting for a worker)")
+        n = len(req.prompt_token_ids)
         self._queued += 1
+        self._queued_tokens += n
         try:
             while True:
                 decode_roles = ((WorkerRole.DECODE,) if disagg
@@ -260,6 +278,34 @@ class Router:
                 await self.view.wait_for_change(self.config.refresh_s)  # a slot, blocks
         finally:
             self._queued -= 1
+            self._queued_tokens -= n
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _admit(self, req: ValidRequest, disagg: bool) -> None:
+        """Refuse the request now (RESOURCE_EXHAUSTED) if the prefill work queued ahead of it
+        would delay its first token past its TTFT SLO (router.admission)."""
+        budget = (req.slo_ttft_ms / 1000 if req.slo_ttft_ms else
+                  self.config.default_ttft_slo_s)
+        roles = ((WorkerRole.PREFILL,) if disagg
+                 else (WorkerRole.COLOCATED, WorkerRole.DECODE))
+        backlogs = [Backlog(w.worker_id,
+                            max(w.record.queued_prefill_tokens,
+                                sum(self._prefilling.get(w.worker_id, {}).values())),
+                            w.record.prefill_tokens_per_s)
+                    for w in self.view.of_role(*roles)]
+        wait = estimate_wait_s(backlogs, len(req.prompt_token_ids), self._queued_tokens)
+        if (why := refusal(wait, budget)) is not None:
+            raise overloaded(why)
+
+    def _prefill_started(self, worker: LiveWorker, tid: str, num_tokens: int) -> None:
+        self._prefilling.setdefault(worker.worker_id, {})[tid] = num_tokens
+        self._prefill_at[tid] = worker.worker_id
+
+    def _prefill_ended(self, tid: str) -> None:
+        """The request's prefill is over (its first token came) or will not happen."""
+        if (worker_id := self._prefill_at.pop(tid, None)) is not None:
+            self._prefilling[worker_id].pop(tid, None)
 
     def _pick_decode(self, workers: list[LiveWorker], n: int) -> LiveWorker | None:
         loads = {w.worker_id: w for w in workers}

@@ -9,7 +9,8 @@ Life of a loop:
                hook for that batch (`handler.before_step`), then `handler.after_step` with
                the outputs; otherwise it sleeps until the next control call or for
                `handler.idle_wait()` seconds;
-            d. publishes a load snapshot, which `load()` returns without waiting.
+            d. publishes a load snapshot, which `load()` returns without waiting, with the
+               prefill rate measured on the steps so far (worker.rate).
 2. CLOSED   `close()` ends the loop after the turn in progress, then calls
             `handler.close()` on the loop thread. Calls still queued fail with
             RuntimeError, as do later ones.
@@ -33,6 +34,7 @@ from typing import TypeVar
 
 from pdserve.engine import Engine, EngineStats, RequestOutput, ScheduledBatch
 from pdserve.engine.model.llama import LayerKVHook
+from pdserve.worker.rate import PrefillRate, prefill_tokens
 
 T = TypeVar("T")
 
@@ -45,6 +47,7 @@ class LoadReport:
     num_jobs: int  # requests the worker holds in any state, transfers included
     time: float  # time.time() of the snapshot
     error: str = ""  # why the loop stopped, when it broke
+    prefill_tokens_per_s: float = 0.0  # measured on its steps (worker.rate); 0.0: none yet
 
     @property
     def is_idle(self) -> bool:
@@ -88,6 +91,8 @@ class EngineLoop:
         # prefix-cache events gathered on the loop thread, handed out without waiting
         self._prefix_lock = threading.Lock()
         self._prefix_events: tuple[set[int], set[int]] | None = None  # None: nobody asked
+        self._rate = PrefillRate()
+        self._step_prefill_tokens = self._step_tokens = 0
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -158,7 +163,10 @@ class EngineLoop:
         self._apply_calls(block_s=0.0)
         self.handler.tick()
         if self.engine.has_work():
-            outputs = self.engine.step(self.handler.before_step)
+            started = time.perf_counter()
+            outputs = self.engine.step(self._before_step)
+            self._rate.observe(self._step_prefill_tokens, self._step_tokens,
+                               time.perf_counter() - started)
             self.handler.after_step(outputs)
         else:
             self._report = self._snapshot()
@@ -211,7 +219,12 @@ class EngineLoop:
             entered.update(new_in)
             left.update(new_out)
 
+    def _before_step(self, batch: ScheduledBatch):
+        self._step_prefill_tokens = prefill_tokens(batch)
+        self._step_tokens = sum(item.num_new_tokens for item in batch.requests)
+        return self.handler.before_step(batch)
+
     def _snapshot(self) -> LoadReport:
         self._gather_prefix_events()
         return LoadReport(self.engine.stats(), self.handler.num_jobs(), time.time(),
-                          self._error)
+                          self._error, self._rate.tokens_per_s)

@@ -122,3 +122,18 @@ def test_prefix_events_are_handed_out_without_waiting_for_a_step(engine):
     finally:
         handler.release.set()
         loop.close()
+
+
+def test_the_load_report_carries_the_prefill_rate_measured_on_prefill_steps(engine):
+    """Decode steps and short prompts say nothing of the prefill rate; a long prompt does."""
+    handler = Recorder()
+    loop = EngineLoop(engine, handler)
+    try:
+        loop.call(lambda: engine.add_request("short", [1, 2, 3], greedy(20))).result(5)
+        wait_for(lambda: any(o.finished for o in handler.outputs), 30, "the short request")
+        assert loop.load().prefill_tokens_per_s == 0.0  # 3 prompt tokens, then decode steps
+        loop.call(lambda: engine.add_request("long", list(range(1, 200)), greedy(1))).result(5)
+        wait_for(lambda: loop.load().prefill_tokens_per_s > 0, 30, "a measured prefill rate")
+    finally:
+        loop.close()
+    assert_no_leaks(engine)

@@ -1,0 +1,93 @@
+"""Admission at the door (router.admission): the queue-token estimate, the refusal, and the
+router's use of both: the requests of one burst see each other before any load report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pdserve.protocol import SamplingParams, WorkerRecord, WorkerRole
+from pdserve.router.admission import Backlog, estimate_wait_s, refusal
+from pdserve.router.policy import Hint
+from pdserve.router.router import RequestError, Router, RouterConfig
+from pdserve.router.validate import ValidRequest
+from pdserve.router.view import LiveWorker
+
+
+def test_the_wait_is_the_best_workers_queue_plus_the_routers_own():
+    a, b = Backlog("a", 1000, 500.0), Backlog("b", 0, 100.0)
+    # a: (1000 + 500) / 500 = 3 s; b: 500 / 100 = 5 s; the router's 600 tokens over 600/s
+    assert estimate_wait_s([a, b], 500, 0) == pytest.approx(3.0)
+    assert estimate_wait_s([a, b], 500, 600) == pytest.approx(4.0)
+
+
+def test_no_estimate_without_a_candidate_or_a_measured_rate():
+    assert estimate_wait_s([], 10, 0) is None
+    assert estimate_wait_s([Backlog("a", 0, 100.0), Backlog("b", 0, 0.0)], 10, 0) is None
+
+
+def test_refusal_names_the_wait_and_the_slo():
+    assert refusal(None, 1.0) is None
+    assert refusal(5.0, None) is None and refusal(5.0, 0.0) is None  # no bound
+    assert refusal(0.9, 1.0) is None
+    why = refusal(12.34, 5.0)
+    assert "~12.3 s" in why and "TTFT SLO of 5.0 s" in why
+
+
+def _worker(wid: str, role: WorkerRole, queued: int, rate: float) -> LiveWorker:
+    record = WorkerRecord(wid, role, "n", "", 16, 100, 100, 0, 0, queued, time.time(), 1.0,
+                          rate)
+    return LiveWorker(record, handle=None)
+
+
+def _request(n: int, slo_ttft_ms: float | None = None) -> ValidRequest:
+    return ValidRequest("", tuple(range(1, n + 1)), SamplingParams(max_tokens=4), Hint.AUTO,
+                        slo_ttft_ms, None)
+
+
+def _router(default_ttft_slo_s: float, *workers: LiveWorker) -> Router:
+    router = Router(RouterConfig(default_ttft_slo_s=default_ttft_slo_s), None, None,
+                    lambda record: None)
+    router.view.workers = {w.worker_id: w for w in workers}
+    return router
+
+
+def test_the_router_refuses_by_the_requests_slo_or_its_default():
+    async def main():
+        p = _worker("p", WorkerRole.PREFILL, queued=4000, rate=1000.0)  # 4 s queued
+        router = _router(30.0, p, _worker("d", WorkerRole.DECODE, 0, 0.0))
+        try:
+            router._admit(_request(1000), disagg=True)  # ~5 s < the 30 s default
+            with pytest.raises(RequestError) as e:
+                router._admit(_request(1000, slo_ttft_ms=2000), disagg=True)
+            assert e.value.code == "RESOURCE_EXHAUSTED" and "refused at admission" in str(e.value)
+            # not disaggregated: the decode worker prefills, and it has measured nothing yet
+            router._admit(_request(1000, slo_ttft_ms=1), disagg=False)
+            off = _router(0.0, p)
+            off._admit(_request(100_000), disagg=True)  # admission by queued work is off
+            await off.stream.close()
+        finally:
+            await router.stream.close()
+
+    asyncio.run(main())
+
+
+def test_a_burst_counts_what_this_router_sent_since_the_last_report():
+    """The load report lags a heartbeat: the prompts this router already sent count."""
+    async def main():
+        p = _worker("p", WorkerRole.PREFILL, queued=0, rate=1000.0)
+        router = _router(3.0, p)
+        try:
+            for i in range(2):  # 2 x 1000 tokens dispatched, none reported yet
+                router._prefill_started(p, f"t{i}", 1000)
+            router._admit(_request(900), disagg=True)  # (2000 + 900) / 1000 = 2.9 s
+            with pytest.raises(RequestError):
+                router._admit(_request(1100), disagg=True)  # 3.1 s
+            router._prefill_ended("t0")  # its first token came: no longer ahead of anyone
+            router._admit(_request(1100), disagg=True)
+        finally:
+            await router.stream.close()
+
+    asyncio.run(main())
