@@ -59,7 +59,7 @@ class SamplingParams:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidField("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not (_is_number(self.temperature) and self.temperature >= 0
-                and math.isfinite(self.temperature)):
+                and _is_finite(self.temperature)):
             raise InvalidField("temperature", f"must be a finite number >= 0, got "
                                               f"{self.temperature!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
@@ -103,3 +103,10 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False

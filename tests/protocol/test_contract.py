@@ -25,6 +25,7 @@ from pdserve.protocol.sampling import SAMPLING_EPS
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(temperature=-1), "temperature"),
+    (dict(temperature=10**400), "temperature"),  # no float holds it
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=float("nan")), "top_p"),
     (dict(top_k=-1), "top_k"),
