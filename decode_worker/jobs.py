@@ -148,6 +148,8 @@ class DecodeJobs(JobTable):
             self.receiver.release(entry.order.transfer_id)
 
     def _emit(self, entry: _Job, out: RequestOutput) -> None:
+        if out.finish_reason is FinishReason.ERROR:  # the engine failed it and freed its blocks
+            return self._end(entry, FinishReason.ERROR, out.error)
         now = time.time()
         if not entry.stamps.first_token:
             entry.stamps.first_token = now

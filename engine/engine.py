@@ -10,6 +10,15 @@ Life of a request (DESIGN §2, §4):
 3. A request leaves when it finishes (its last `RequestOutput` has `finished=True`) or is
    aborted. Either way its blocks are back in the block manager before the call returns.
 
+Failures: a request whose own computation fails ends alone, in the step's outputs, with
+`finish_reason` ERROR, no token, and `error` naming the cause ("sampling failed: the logits
+hold NaN/inf"); its blocks are freed before `step` returns, and the other requests get the
+tokens they would have got without it. A row's logits that are not finite, or an exception
+while sampling a row, fail that row's request. An exception from the model's batched
+forward (or from the step's KV hook) fails every request of that batch, since none of their
+KV for the step can be trusted. Either way the engine serves on; only a fault in its own
+bookkeeping (scheduler, block manager) propagates out of `step`.
+
 Threading: one thread drives the engine (`step`, `add_request`, `abort`,
 `admit_prefilled`, `stats`). `reserve` and `validate` may also be called from any other
 thread, so a decode worker answers a reservation without waiting for the step in progress:
@@ -19,9 +28,12 @@ thread, so a decode worker answers a reservation without waiting for the step in
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig, EngineMode
@@ -29,13 +41,15 @@ from pdserve.engine.kv_cache import PagedKVCache, plan_layout
 from pdserve.engine.model.llama import LayerKVHook
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import Sampler
-from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, Scheduler
+from pdserve.engine.sampler import SampleFailure, Sampler
+from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest, Scheduler
 from pdserve.protocol import SamplingParams
 
 # Given the step's batch before the model runs, returns the per-layer KV hook for that step
 # (or None). Prefill workers use it to stream each layer's KV while later layers compute.
 StepKVHook = Callable[[ScheduledBatch], LayerKVHook | None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,26 +138,25 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self, kv_hook: StepKVHook | None = None) -> list[RequestOutput]:
+        """Run one step; see Failures for what a failed computation does."""
         with self._lock:
             batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        logits = self.runner.execute(batch, kv_hook(batch) if kv_hook else None)
-        sampling = [s.request for s in batch.requests if s.samples]
-        tokens = iter(
-            self.sampler.sample(
-                logits,
-                [r.request_id for r in sampling],
-                [r.sampling_params for r in sampling],
-            )
-        )
-        sampled = [next(tokens) if s.samples else None for s in batch.requests]
+        try:
+            logits = self.runner.execute(batch, kv_hook(batch) if kv_hook else None)
+        except Exception as e:  # noqa: BLE001 - the batch fails, the engine serves on
+            log.exception("model step failed; failing its %d requests", len(batch.requests))
+            reason = f"model step failed: {type(e).__name__}: {e}"
+            return self._fail(batch.requests, [reason] * len(batch.requests))
+        sampled, failed, reasons = self._sample(batch, logits)
+        failures = self._fail(failed, reasons)
         with self._lock:
             outputs = self.scheduler.update(batch, sampled)
         for out in outputs:
             if out.finished:
                 self.sampler.forget(out.request_id)
-        return outputs
+        return outputs + failures
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -176,6 +189,48 @@ class Engine:
             raise ValueError(f"prompt has {len(tokens)} tokens; the KV cache holds only "
                              f"{bm.num_blocks * bm.block_size}")
         return tokens
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor
+                ) -> tuple[list[int | None], list[ScheduledRequest], list[str]]:
+        """The token of each batch item (None where it does not sample or its row failed),
+        and the items whose row failed with the reasons."""
+        sampling = [s for s in batch.requests if s.samples]
+        try:
+            results = self.sampler.sample(
+                logits,
+                [s.request.request_id for s in sampling],
+                [s.request.sampling_params for s in sampling],
+            )
+        except Exception as e:  # noqa: BLE001 - no row can be read: all of them fail
+            log.exception("sampling failed for a whole batch")
+            results = [SampleFailure(f"{type(e).__name__}: {e}")] * len(sampling)
+        rows = iter(results)
+        sampled: list[int | None] = []
+        failed: list[ScheduledRequest] = []
+        reasons: list[str] = []
+        for item in batch.requests:
+            result = next(rows) if item.samples else None
+            if isinstance(result, SampleFailure):
+                log.warning("request %s: sampling failed: %s", item.request.request_id,
+                            result.reason)
+                failed.append(item)
+                reasons.append(f"sampling failed: {result.reason}")
+                result = None
+            sampled.append(result)
+        return sampled, failed, reasons
+
+    def _fail(self, items: Sequence[ScheduledRequest], reasons: Sequence[str]
+              ) -> list[RequestOutput]:
+        """End each item's request with ERROR and its reason, freeing its blocks."""
+        outputs = []
+        with self._lock:
+            for item, reason in zip(items, reasons, strict=True):
+                out = self.scheduler.fail(item.request.request_id, reason)
+                if out is not None:
+                    outputs.append(out)
+        for item in items:
+            self.sampler.forget(item.request.request_id)
+        return outputs
 
     def _stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager

@@ -35,8 +35,9 @@ class CompletionOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
     num_cached_tokens: int = 0
+    error: str = ""  # why, when finish_reason is "error": this request's computation failed
 
 
 class LLM:
@@ -79,7 +80,9 @@ class LLM:
         """One output per prompt, in order. Prompts are strings or token-id lists.
 
         Everything is validated before any request starts, so a ValueError leaves the engine
-        as it was; an error mid-run aborts every request of this call.
+        as it was; an error mid-run aborts every request of this call. A request whose own
+        computation fails (e.g. NaN logits) ends with finish_reason "error" and `error` set,
+        and the others run on.
         """
         prompt_list = _as_prompt_list(prompts)
         param_list = self._params_per_prompt(params, len(prompt_list))
@@ -108,7 +111,8 @@ class LLM:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one completion piece by piece as tokens are produced."""
+        """Yield the text of one completion piece by piece as tokens are produced. Raises
+        RuntimeError with the engine's reason if the request's computation fails."""
         self._require_tokenizer("streamed text")
         tokens = self._tokenize(prompt)
         params = params or SamplingParams()
@@ -120,6 +124,8 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != request_id:
                         continue
+                    if out.finish_reason is FinishReason.ERROR:
+                        raise RuntimeError(out.error)
                     delta = detok.add(out.new_token_ids)
                     if out.finished and not delta.stopped:
                         delta = Delta(delta.text + detok.finish().text, False)
@@ -148,7 +154,8 @@ class LLM:
                         self.engine.abort(out.request_id)
                     if stopped or out.finished:
                         results[out.request_id] = output.result(
-                            None if stopped else out.finish_reason, out.num_cached_tokens)
+                            None if stopped else out.finish_reason, out.num_cached_tokens,
+                            out.error)
         finally:
             for rid in request_ids:
                 self.engine.abort(rid)
@@ -205,7 +212,8 @@ class _Output:
         self.token_ids += token_ids
         return self._detok is not None and self._detok.add(token_ids).stopped
 
-    def result(self, reason: FinishReason | None, num_cached: int) -> CompletionOutput:
+    def result(self, reason: FinishReason | None, num_cached: int,
+               error: str = "") -> CompletionOutput:
         """`reason` None: a stop string ended it."""
         if self._detok is not None:
             if self._detok.finish().stopped:
@@ -214,7 +222,7 @@ class _Output:
         else:
             text = self._decode(self.token_ids) if self._decode else ""
         return CompletionOutput([], list(self.token_ids), text,
-                                reason.value if reason else "stop", num_cached)
+                                reason.value if reason else "stop", num_cached, error)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -21,6 +21,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"  # max_tokens or the model's maximum length
     FINISHED_PREFILLED = "prefilled"  # prefill-only: first token sampled, KV handed off
     FINISHED_ABORTED = "aborted"
+    FINISHED_ERROR = "error"  # its own computation failed (NaN logits, an exception)
 
     @property
     def is_finished(self) -> bool:
@@ -32,6 +33,7 @@ _FINISHED = {
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_PREFILLED,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 
 
@@ -45,6 +47,7 @@ _REASONS = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
 
 

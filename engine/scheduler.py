@@ -9,7 +9,8 @@ Life of a request in the scheduler:
               the longest cached prefix (full blocks) from the block manager.
 4. FINISHED   EOS, a stop token, max_tokens or the model's length (prefill-only: after the
               first token). Its blocks are freed in the same step; computed full blocks stay
-              in the prefix cache until evicted.
+              in the prefix cache until evicted. `fail` ends a request whose computation
+              failed the same way, with an error instead of a token.
 
 Each step schedules running requests first (decodes cost one token each, so they are never
 starved by a long prompt, as in Sarathi-Serve), then admits waiting ones while the token
@@ -72,6 +73,7 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None = None  # see engine.request.finish_reason
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
+    error: str = ""  # why, when finish_reason is ERROR
 
 
 class Scheduler:
@@ -148,6 +150,19 @@ class Scheduler:
             del self.reserved[request_id]
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         return True
+
+    def fail(self, request_id: str, error: str) -> RequestOutput | None:
+        """End a running request whose computation failed, freeing its blocks; its final
+        output (no token, ERROR, `error`). None if it is not running (aborted meanwhile).
+        Blocks it filled in the failed step were never registered in the prefix cache, so
+        no other request can read what the failure left in them."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            return None
+        self.running.remove(request)
+        self._finish(request, RequestStatus.FINISHED_ERROR)
+        return RequestOutput(request_id, (), finished=True, finish_reason=FinishReason.ERROR,
+                             num_cached_tokens=request.num_cached_tokens, error=error)
 
     # -- one step ----------------------------------------------------------------------
 

@@ -19,7 +19,14 @@ import torch
 from pdserve.engine import Engine, RequestOutput, ScheduledBatch, ScheduledRequest
 from pdserve.kvtransfer.base import KVSender, TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
-from pdserve.protocol import Handoff, PrefillOrder, PrefillOutcome, PrefillStamps, PrefillStatus
+from pdserve.protocol import (
+    FinishReason,
+    Handoff,
+    PrefillOrder,
+    PrefillOutcome,
+    PrefillStamps,
+    PrefillStatus,
+)
 from pdserve.worker.base import JobTable
 from pdserve.worker.publisher import StreamPublisher
 
@@ -113,6 +120,10 @@ class PrefillJobs(JobTable):
         for out in outputs:
             entry = self.jobs.get(out.request_id)
             if entry is None:
+                continue
+            if out.finish_reason is FinishReason.ERROR:  # the engine failed it, blocks freed
+                self.sender.abort(out.request_id, out.error)  # the decode side learns why
+                self._settle(entry, PrefillStatus.FAILED, out.error)
                 continue
             entry.num_cached_tokens = out.num_cached_tokens
             entry.stamps.prefill_end = time.time()

@@ -8,6 +8,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 16
+# Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS): dividing logits by a
+# smaller one overflows float32 (30 / 1e-38 is inf) and the softmax turns to NaN, while the
+# distribution it asks for is the argmax anyway.
+SAMPLING_EPS = 1e-5
+# torch's generators take a 64-bit seed; a negative one stands for its two's complement.
+SEED_RANGE = range(-(1 << 63), 1 << 64)
 
 
 class InvalidField(ValueError):
@@ -22,9 +28,18 @@ class InvalidField(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """`temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
-    `stop` strings are matched on text by whoever detokenizes (`LLM`, the router); the engine
-    itself stops on `stop_token_ids`, EOS (unless `ignore_eos`) and `max_tokens`.
+    """How one request samples; every value that passes can be computed.
+
+    - `temperature` >= 0 and finite. Below `SAMPLING_EPS` (1e-5, vLLM's floor), 0 included,
+      sampling is greedy (argmax) and `top_k`, `top_p` and `seed` have no effect. A huge
+      temperature flattens the distribution towards uniform.
+    - `top_k` >= 0; 0 disables it, and so does any value >= the vocabulary size.
+    - `top_p` in (0, 1]; 1 disables it. The most likely token is always kept, so a tiny
+      `top_p` samples the argmax.
+    - `seed` None (the engine's shared generator) or an integer in [-2**63, 2**64): a
+      per-request generator, so the request's tokens do not depend on its batch.
+    - `stop` strings are matched on text by whoever detokenizes (`LLM`, the router); the
+      engine itself stops on `stop_token_ids`, EOS (unless `ignore_eos`) and `max_tokens`.
     Raises InvalidField naming the first bad field."""
 
     max_tokens: int = 16
@@ -44,7 +59,7 @@ class SamplingParams:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidField("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not (_is_number(self.temperature) and self.temperature >= 0
-                and math.isfinite(self.temperature)):
+                and _is_finite(self.temperature)):
             raise InvalidField("temperature", f"must be a finite number >= 0, got "
                                               f"{self.temperature!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
@@ -52,8 +67,9 @@ class SamplingParams:
         if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidField("top_k", f"must be an integer >= 0 (0 disables it), got "
                                         f"{self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidField("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and self.seed in SEED_RANGE):
+            raise InvalidField("seed", f"must be an integer in [-2**63, 2**64), got "
+                                       f"{self.seed!r}")
         if len(stop) > MAX_STOP_STRINGS:
             raise InvalidField("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         for i, text in enumerate(stop):
@@ -65,7 +81,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether the engine takes the argmax (temperature below `SAMPLING_EPS`)."""
+        return self.temperature < SAMPLING_EPS
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raises InvalidField for a stop token id outside the model's vocabulary."""
@@ -86,3 +103,10 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False

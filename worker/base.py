@@ -12,8 +12,10 @@ Life of a worker:
              stream endpoint. `load()` is the last snapshot; `job_state()` a published copy.
 3. CLOSED    `close()` stops the loop after the step in progress; the job table ends every
              live job (an error chunk or outcome to its router) and closes its sockets. A
-             broken loop (an engine error) ends the same way, and `load().error` says why;
-             later calls raise RuntimeError.
+             broken loop (a fault outside any one request: the engine's books, the job
+             table) ends the same way, and `load().error` says why; later calls raise
+             RuntimeError. A job whose own computation fails ends alone, with an error
+             chunk (decode, colocated) or a FAILED outcome (prefill) naming the cause.
 """
 
 from __future__ import annotations

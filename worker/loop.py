@@ -15,7 +15,10 @@ Life of a loop:
             `handler.close()` on the loop thread. Calls still queued fail with
             RuntimeError, as do later ones.
    BROKEN   an exception from the engine or the handler ends the loop the same way; `load()`
-            reports it in `error`. A broken engine must not pretend to serve.
+            reports it in `error`. A broken engine must not pretend to serve. A request
+            whose own computation fails (NaN logits, a failed sampling or forward) does not
+            break it: the engine ends that request with an ERROR output, which the handler
+            passes on like any other, and the loop goes on (Engine, Failures).
 
 Thread-safety: only the loop thread touches the engine and the handler's state. `call` and
 `post` just enqueue, so a control call never blocks the loop; `call` returns a Future the

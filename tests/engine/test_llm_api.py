@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import assert_no_leaks
 
 from pdserve.engine import SamplingParams
@@ -60,4 +61,29 @@ def test_stream_yields_the_generated_text(smollm2_llm):
     pieces = list(smollm2_llm.stream(list(ids), params))
     out, = smollm2_llm.chat(CHAT, params)
     assert "".join(pieces) == out.text and len(pieces) > 5
+    assert_no_leaks(smollm2_llm.engine)
+
+
+def test_the_reported_temperature_1e_38_request_gives_the_greedy_reply(smollm2_llm):
+    """Once NaN in the sampler (and a dead worker loop): now below the floor, so greedy."""
+    prompt = "The capital of France is"
+    tiny, = smollm2_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1e-38))
+    want, = smollm2_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    assert tiny.token_ids == want.token_ids and tiny.finish_reason == "length"
+    assert_no_leaks(smollm2_llm.engine)
+
+
+def test_stream_raises_the_engine_error_when_its_request_fails(smollm2_llm, monkeypatch):
+    runner = smollm2_llm.engine.runner
+    execute = runner.execute
+
+    def nan_logits(batch, hook=None):  # fault injection: every row turns NaN
+        logits = execute(batch, hook)
+        with torch.inference_mode():
+            logits.fill_(float("nan"))
+        return logits
+
+    monkeypatch.setattr(runner, "execute", nan_logits)
+    with pytest.raises(RuntimeError, match="^sampling failed: the logits hold NaN/inf$"):
+        list(smollm2_llm.stream("Hello", SamplingParams(max_tokens=4, temperature=0.0)))
     assert_no_leaks(smollm2_llm.engine)

@@ -16,6 +16,7 @@ from pdserve.protocol import (
     hash_block,
     read_model_limits,
 )
+from pdserve.protocol.sampling import SAMPLING_EPS
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -24,10 +25,14 @@ from pdserve.protocol import (
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(temperature=-1), "temperature"),
+    (dict(temperature=10**400), "temperature"),  # no float holds it
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=float("nan")), "top_p"),
     (dict(top_k=-1), "top_k"),
     (dict(seed=1.5), "seed"),
+    (dict(seed=True), "seed"),
+    (dict(seed=2**64), "seed"),  # torch's generators take 64 bits
+    (dict(seed=-(2**63) - 1), "seed"),
     (dict(stop=["ok", ""]), "stop[1]"),
     (dict(stop=["x"] * 17), "stop"),
     (dict(stop_token_ids=[3, -1]), "stop_token_ids[1]"),
@@ -36,6 +41,19 @@ def test_sampling_names_the_bad_field(kwargs, field):
     with pytest.raises(InvalidField) as e:
         SamplingParams(**kwargs)
     assert e.value.field == field and str(e.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("temperature, greedy", [
+    (0, True), (0.0, True), (5e-324, True), (1e-38, True), (9.99e-6, True),
+    (SAMPLING_EPS, False), (0.7, False), (1e30, False),
+])
+def test_temperatures_below_the_floor_are_greedy(temperature, greedy):
+    assert SamplingParams(temperature=temperature).is_greedy is greedy
+
+
+@pytest.mark.parametrize("seed", [0, -1, -(2**63), 2**64 - 1])
+def test_every_64_bit_seed_is_accepted(seed):
+    assert SamplingParams(seed=seed).seed == seed
 
 
 def test_sampling_keeps_lists_hashable_and_checks_the_vocabulary():
