@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: router (gRPC), prefill and decode workers",
@@ -53,6 +55,7 @@ def add_serve(sub) -> None:
                    help="plain local processes instead of Ray (one machine only)")
     p.add_argument("--pin-cores", action="store_true",
                    help="with --no-ray: one core per worker")
+    add_input_limit_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -70,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,
                        router=RouterConfig(
-                           disaggregation_threshold=args.disaggregation_threshold))
+                           disaggregation_threshold=args.disaggregation_threshold,
+                           input_limits=input_limits(args)))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"

@@ -50,6 +50,7 @@ from pdserve.protocol import (
 )
 from pdserve.router.final import final_response
 from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.limits import InputLimits
 from pdserve.router.policy import (
     choose_decode,
     choose_prefill,
@@ -81,6 +82,8 @@ class RouterConfig:
     lease_s: float = 30.0  # how long a decode reservation waits for the KV
     refresh_s: float = 0.5  # registry poll period
     policy: Policy = Policy.LOAD
+    # what one request may make the router read and tokenize (router.limits)
+    input_limits: InputLimits = InputLimits()
 
 
 class RequestError(Exception):
