@@ -2,9 +2,10 @@
 
 A 1 MiB prompt takes seconds to tokenize on a slow core; on the event loop it would stall
 every stream the router serves. So:
-1. CHECKED   on the loop, the sizes of the raw message (router.limits): O(1) counts and
-             UTF-8 lengths bounded by the limits themselves. Over a limit: InvalidField
-             at once, nothing tokenized.
+1. CHECKED   on the loop, the sizes of the raw message against router.limits
+             (router.validate.check_sizes: counts, then UTF-8 lengths; milliseconds for
+             the largest request gRPC lets in). Over a limit: InvalidField at once,
+             nothing tokenized.
 2. QUEUED    in one of two bounded thread pools, by serialized size: small requests
              (the common case) never wait behind large ones. A lane that already holds
              its `max_pending` requests refuses with IntakeFull (RESOURCE_EXHAUSTED).
@@ -69,7 +70,7 @@ class Intake:
 
     async def validate(self, req: pb.GenerateRequest) -> ValidRequest:
         """Raises InvalidField (bad input) or IntakeFull."""
-        check_sizes(req, self.limits)
+        check_sizes(req, self.limits, self.tokenizer.limits)
         small = req.ByteSize() <= self.limits.small_request_bytes
         lane = self._small if small else self._large
         future = lane.submit(validate, req, self.tokenizer, self.limits)

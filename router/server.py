@@ -61,12 +61,22 @@ class PdServeService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
 
     async def GetClusterStatus(self, request, context):  # noqa: N802
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: is not a "
+                                "serialized pdserve.v1.GetClusterStatusRequest")
         return self.router.status()
 
 
 def deserialize_generate_request(data: bytes):
     try:
         return pb.GenerateRequest.FromString(data)
+    except DecodeError:
+        return _Undecodable(data)
+
+
+def _deserialize_status_request(data: bytes):
+    try:
+        return pb.GetClusterStatusRequest.FromString(data)
     except DecodeError:
         return _Undecodable(data)
 
@@ -79,7 +89,7 @@ def add_service(server: grpc.aio.Server, router: Router) -> None:
             response_serializer=pb.GenerateResponse.SerializeToString),
         "GetClusterStatus": grpc.unary_unary_rpc_method_handler(
             service.GetClusterStatus,
-            request_deserializer=pb.GetClusterStatusRequest.FromString,
+            request_deserializer=_deserialize_status_request,
             response_serializer=pb.ClusterStatus.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.protocol import InvalidField, SamplingParams
+from pdserve.protocol import InvalidField, ModelLimits, SamplingParams
 from pdserve.router.limits import MAX_REQUEST_ID, InputLimits
 from pdserve.router.policy import Hint
 from pdserve.router.tokenizer import RouterTokenizer
@@ -36,7 +36,7 @@ class ValidRequest:
 
 def validate(req: pb.GenerateRequest, tok: RouterTokenizer,
              limits: InputLimits = DEFAULT_LIMITS) -> ValidRequest:
-    check_sizes(req, limits)
+    check_sizes(req, limits, tok.limits)
     if req.disaggregation not in Hint._value2member_map_:
         raise InvalidArgument("disaggregation", f"unknown value {req.disaggregation}")
     sampling = _sampling(req.sampling, tok.limits.vocab_size)
@@ -51,14 +51,19 @@ def validate(req: pb.GenerateRequest, tok: RouterTokenizer,
                         ttft, tpot)
 
 
-def check_sizes(req: pb.GenerateRequest, limits: InputLimits) -> None:
-    """Raises InvalidField for the first field over its limit (router.limits). Cheap
-    enough for the event loop, milliseconds for the largest request gRPC lets in: counts
-    before contents, and a string's character count (a lower bound of its UTF-8 length)
-    before its UTF-8 length."""
+def check_sizes(req: pb.GenerateRequest, limits: InputLimits, model: ModelLimits) -> None:
+    """Raises InvalidField for the first field over its limit (router.limits; `token_ids`
+    by the model's length). Cheap enough for the event loop, milliseconds for the largest
+    request gRPC lets in: counts before contents, and a string's character count (a lower
+    bound of its UTF-8 length) before its UTF-8 length."""
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidField("request_id", f"longer than {MAX_REQUEST_ID} characters")
     _check_text("prompt", req.prompt, limits.max_prompt_bytes)
+    n = len(req.token_ids)
+    if n >= model.max_model_len:
+        raise InvalidField("token_ids", f"{n} tokens; the model's maximum length is "
+                                        f"{model.max_model_len}, which must leave room for "
+                                        "at least one new token")
     n = len(req.messages)
     if n > limits.max_messages:
         raise InvalidField("messages", f"{n} messages; at most {limits.max_messages} are "
@@ -102,11 +107,6 @@ def _input(req: pb.GenerateRequest, tok: RouterTokenizer) -> tuple[str, list[int
             raise InvalidArgument("prompt", "encodes to no tokens")
         return field, tokens
     if field == "token_ids":
-        n, max_len = len(req.token_ids), tok.limits.max_model_len
-        if n >= max_len:  # before reading them: the count alone is over
-            raise InvalidArgument("token_ids", f"{n} tokens; the model's maximum length is "
-                                               f"{max_len}, which must leave room for at "
-                                               "least one new token")
         vocab = tok.limits.vocab_size
         for i, t in enumerate(req.token_ids):
             if not 0 <= t < vocab:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pdserve.deploy.cli import build_parser
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
-from pdserve.protocol import InvalidField
+from pdserve.protocol import InvalidField, ModelLimits
 from pdserve.router.intake import Intake, IntakeFull
 from pdserve.router.limits import MIB, InputLimits
 from pdserve.router.server import _Undecodable, deserialize_generate_request
@@ -34,6 +34,7 @@ def tok(smollm2_dir):
 
 SMALL = InputLimits(max_prompt_bytes=10, max_messages=3, max_message_bytes=12, max_stop=2,
                     max_stop_bytes=4, max_stop_token_ids=2)
+MODEL = ModelLimits(vocab_size=100, max_model_len=5, eos_token_ids=(0,))
 
 
 def _req(**kw) -> pb.GenerateRequest:
@@ -58,23 +59,18 @@ def _req(**kw) -> pb.GenerateRequest:
     (_req(prompt="p", stop=["€€"]), "sampling.stop[0]", "4 bytes"),
     (_req(prompt="p", stop_token_ids=[1, 2, 3]), "sampling.stop_token_ids", "at most 2"),
     (_req(prompt="p", request_id="r" * 257), "request_id", "256"),
+    (_req(token_ids=[-1] * 5), "token_ids", "maximum length is 5"),  # counted, not read
 ])
 def test_over_a_limit_names_the_field_and_the_limit(req, field, limit):
     with pytest.raises(InvalidField) as err:
-        check_sizes(req, SMALL)
+        check_sizes(req, SMALL, MODEL)
     assert err.value.field == field and limit in err.value.problem
 
 
 def test_at_the_limits_passes():
-    check_sizes(_req(prompt="é" * 5, stop=["€", "ab"], stop_token_ids=[1, 2]), SMALL)
-    check_sizes(_req(messages=["é" * 3, "abcdef"]), SMALL)
-
-
-def test_token_ids_are_bounded_by_the_model_before_they_are_read(tok):
-    n = tok.limits.max_model_len
-    with pytest.raises(InvalidField) as err:
-        validate(_req(token_ids=[-1] * n), tok)  # refused on the count, not on the first id
-    assert err.value.field == "token_ids" and str(n) in err.value.problem
+    check_sizes(_req(prompt="é" * 5, stop=["€", "ab"], stop_token_ids=[1, 2]), SMALL, MODEL)
+    check_sizes(_req(messages=["é" * 3, "abcdef"]), SMALL, MODEL)
+    check_sizes(_req(token_ids=[-1] * 4), SMALL, MODEL)
 
 
 def test_limits_are_positive_integers():
