@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: router (gRPC), prefill and decode workers",
@@ -62,6 +64,7 @@ def add_serve(sub) -> None:
                    help="plain local processes instead of Ray (one machine only)")
     p.add_argument("--pin-cores", action="store_true",
                    help="with --no-ray: one core per worker")
+    add_input_limit_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -81,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        router=RouterConfig(
                            disaggregation_threshold=args.disaggregation_threshold,
                            default_ttft_slo_s=args.default_ttft_slo,
-                           lease_s=args.kv_lease))
+                           lease_s=args.kv_lease,
+                           input_limits=input_limits(args)))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"

@@ -56,6 +56,7 @@ from pdserve.protocol import (
 from pdserve.router.admission import Backlog, estimate_wait_s, refusal
 from pdserve.router.final import final_response
 from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.limits import InputLimits
 from pdserve.router.policy import (
     choose_decode,
     choose_prefill,
@@ -92,6 +93,8 @@ class RouterConfig:
     # admission bound on the time to first token for a request with no TTFT SLO of its own
     # (router.admission); 0 admits whatever the queued work
     default_ttft_slo_s: float = 30.0
+    # what one request may make the router read and tokenize (router.limits)
+    input_limits: InputLimits = InputLimits()
 
 
 class RequestError(Exception):

@@ -1,8 +1,11 @@
 """The gRPC server: `pdserve.v1.PdServe`, the standard health service and reflection.
 
-Requests are deserialized leniently: a string field holding invalid UTF-8 (which protobuf
-refuses to parse) is found by parsing again with a twin message whose strings are bytes, so
-the client gets INVALID_ARGUMENT naming the field rather than a bare INTERNAL error.
+A request's bytes are parsed on the event loop (protobuf's C parser: milliseconds for the
+largest message gRPC lets in, `InputLimits.max_request_bytes`); everything else the front
+door does runs off it (router.intake). Bytes protobuf refuses (invalid UTF-8 in a string,
+malformed encoding) are not an error of the transport: they are diagnosed off the loop too
+(router.wire), so the client gets INVALID_ARGUMENT naming the field rather than a bare
+INTERNAL error.
 """
 
 from __future__ import annotations
@@ -11,35 +14,45 @@ import logging
 import time
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.router.intake import Intake, IntakeFull
 from pdserve.router.router import RequestError, Router
-from pdserve.router.validate import InvalidArgument, validate
+from pdserve.router.validate import InvalidArgument
+from pdserve.router.wire import diagnose
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["PdServe"].full_name
 
 
-class _BadRequest:
-    def __init__(self, error: InvalidArgument):
-        self.error = error
+class _Undecodable:
+    """Bytes that protobuf refused, kept for diagnosis off the event loop."""
+
+    def __init__(self, data: bytes):
+        self.data = data
 
 
 class PdServeService:
     def __init__(self, router: Router):
         self.router = router
+        self.intake = Intake(router.tokenizer, router.config.input_limits)
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
-        if isinstance(request, _BadRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
         try:
-            valid = validate(request, self.router.tokenizer)
+            if isinstance(request, _Undecodable):
+                raise await self.intake.run(diagnose, request.data, size=len(request.data))
+            valid = await self.intake.validate(request)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except IntakeFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Exception:  # noqa: BLE001 - a bug of ours: logged, its text stays inside
+            log.exception("validating a request failed")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                "the router failed to read the request (see its log)")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
         try:
@@ -51,60 +64,24 @@ class PdServeService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
 
     async def GetClusterStatus(self, request, context):  # noqa: N802
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: is not a "
+                                "serialized pdserve.v1.GetClusterStatusRequest")
         return self.router.status()
-
-
-def _lenient_twin():
-    """GenerateRequest with every string field turned into bytes."""
-    proto = descriptor_pb2.FileDescriptorProto()
-    pb.DESCRIPTOR.CopyToProto(proto)
-    proto.name = "pdserve/v1/lenient.proto"
-    proto.package = "pdserve.v1.lenient"
-    proto.ClearField("service")
-    for message in proto.message_type:
-        for f in message.field:
-            if f.type == f.TYPE_STRING:
-                f.type = f.TYPE_BYTES
-            if f.type_name.startswith(".pdserve.v1."):
-                f.type_name = ".pdserve.v1.lenient." + f.type_name.removeprefix(".pdserve.v1.")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("pdserve.v1.lenient.GenerateRequest"))
-
-
-_Lenient = _lenient_twin()
-
-
-def _bad_utf8_field(message, path: str = "") -> str | None:
-    for f, value in message.ListFields():
-        name = f"{path}{f.name}"
-        values = value if f.is_repeated else [value]
-        for i, v in enumerate(values):
-            where = f"{name}[{i}]" if f.is_repeated else name
-            if isinstance(v, bytes):
-                try:
-                    v.decode("utf-8")
-                except UnicodeDecodeError:
-                    return where
-            elif hasattr(v, "ListFields"):
-                found = _bad_utf8_field(v, where + ".")
-                if found:
-                    return found
-    return None
 
 
 def deserialize_generate_request(data: bytes):
     try:
         return pb.GenerateRequest.FromString(data)
-    except DecodeError as e:
-        try:
-            field = _bad_utf8_field(_Lenient.FromString(data))
-        except DecodeError:
-            field = None
-        if field is None:
-            return _BadRequest(InvalidArgument("request", f"not a GenerateRequest: {e}"))
-        return _BadRequest(InvalidArgument(field, "is not valid UTF-8"))
+    except DecodeError:
+        return _Undecodable(data)
+
+
+def _deserialize_status_request(data: bytes):
+    try:
+        return pb.GetClusterStatusRequest.FromString(data)
+    except DecodeError:
+        return _Undecodable(data)
 
 
 def add_service(server: grpc.aio.Server, router: Router) -> None:
@@ -115,7 +92,7 @@ def add_service(server: grpc.aio.Server, router: Router) -> None:
             response_serializer=pb.GenerateResponse.SerializeToString),
         "GetClusterStatus": grpc.unary_unary_rpc_method_handler(
             service.GetClusterStatus,
-            request_deserializer=pb.GetClusterStatusRequest.FromString,
+            request_deserializer=_deserialize_status_request,
             response_serializer=pb.ClusterStatus.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -124,7 +101,8 @@ def add_service(server: grpc.aio.Server, router: Router) -> None:
 async def start_server(router: Router, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server,
                                                                              int]:
     """Serve PdServe, health and reflection on `address`; (server, bound port)."""
-    server = grpc.aio.server()
+    limit = router.config.input_limits.max_request_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     add_service(server, router)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
