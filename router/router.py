@@ -288,6 +288,10 @@ class Router:
     def _admit(self, req: ValidRequest, disagg: bool) -> None:
         """Refuse the request now (RESOURCE_EXHAUSTED) if the prefill work queued ahead of it
         would delay its first token past its TTFT SLO (router.admission)."""
+        holders = self.view.of_role(*((WorkerRole.DECODE,) if disagg else
+                                      (WorkerRole.COLOCATED, WorkerRole.DECODE)))
+        if holders:  # a prompt that can never fit is a bad request, not an overload
+            _check_fits(holders, len(req.prompt_token_ids))
         budget = (req.slo_ttft_ms / 1000 if req.slo_ttft_ms else
                   self.config.default_ttft_slo_s)
         roles = ((WorkerRole.PREFILL,) if disagg
