@@ -57,8 +57,9 @@ class HeartbeatConfig:
 
     @property
     def max_backoff_s(self) -> float:
-        # well inside the TTL, so a worker is back in the registry soon after Redis is
-        return max(self.interval_s, self.ttl_s / 2)
+        # A worker is back in the registry soon after Redis is: within the TTL, and well
+        # within the grace a router's view gives workers to re-register (router.view).
+        return max(self.interval_s, min(self.ttl_s / 2, 2.0))
 
 
 class Heartbeat:

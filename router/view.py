@@ -69,8 +69,9 @@ class Gone:
 class ClusterView:
     def __init__(self, redis, connect: HandleFactory, rejoin_grace_s: float = 10.0):
         """`rejoin_grace_s`: after the registry comes back (or is replaced by an empty
-        one), how long a worker may take to re-register before the view drops it; longer
-        than the workers' heartbeat retry period."""
+        one), how long a worker may take to re-register before the view drops it; well
+        above the workers' heartbeat retry period (at most 2 s unless their beat interval
+        is longer: deploy.heartbeat)."""
         self.redis = redis
         self._connect = connect
         self.rejoin_grace_s = rejoin_grace_s
