@@ -5,8 +5,10 @@ It runs in the worker's own process (a Ray actor, or a `deploy.local` child), so
 says that the worker is alive, never that some other process (a busy router) was on time.
 
 Life of a heartbeat:
-1. STARTING  `Heartbeat(...)` publishes once (raising if it cannot: the worker is not
-             announced as up before it is registered), then starts its thread.
+1. STARTING  `Heartbeat(...)` publishes once, so a worker is registered before it is
+             announced as up, then starts its thread. A broken worker raises; a Redis that
+             does not answer (a worker restarted during an outage) does not: the thread
+             registers it once Redis is back (FAILING).
 2. BEATING   each beat drains the worker's prefix-cache deltas into `cached` (the set of
              every block hash its cache holds), then publishes the record and the deltas.
 3. FAILING   a beat failed (Redis gone, hung or restarting; or the worker broken): the
@@ -81,7 +83,12 @@ class Heartbeat:
         self._removed: set[int] = set()
         self._resync = False
         self.failures = 0  # consecutive failed beats
-        self.beat()  # registered before anyone is told the worker is up
+        try:
+            self.beat()  # registered before anyone is told the worker is up
+        except RegistryErrors as e:
+            self.failures = 1
+            log.warning("%s is not registered yet, retrying every <= %.1f s: %s", worker_id,
+                        config.max_backoff_s, e)
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{worker_id}",
                                         daemon=True)
         self._thread.start()

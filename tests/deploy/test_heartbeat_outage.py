@@ -130,3 +130,21 @@ def test_a_hung_redis_costs_bounded_beats_and_the_index_catches_up(server):
     finally:
         hb.stop()
         client.close()
+
+
+def test_a_worker_started_while_redis_is_away_registers_when_it_answers(server):
+    port = server.port
+    server.kill()
+    worker = CacheWorker()
+    worker.cache(7)
+    hb = Heartbeat(HeartbeatConfig(server.url, **CONFIG), worker, "w0", WorkerRole.DECODE)
+    try:
+        assert hb.is_alive and hb.failures >= 1
+        server = RedisServer(port=port)
+        client = redis.Redis.from_url(server.url)
+        wait_for(lambda: record(client, "w0"), 10, "the worker to register")
+        wait_for(lambda: indexed(client, "w0", range(10)) == {7}, 10, "its cache indexed")
+        client.close()
+    finally:
+        hb.stop()
+        server.stop()
