@@ -127,8 +127,9 @@ class ClusterView:
             self._grace_until = now + self.rejoin_grace_s
         if registry_id != self._registry_id:
             if self._read_once:
-                log.warning("the registry was reset (a new Redis?); workers have %.1f s to "
-                            "re-register", self.rejoin_grace_s)
+                if self._registry_id is not None:  # (None -> an id: the first writer)
+                    log.warning("the registry was reset (a new Redis?); workers have %.1f s "
+                                "to re-register", self.rejoin_grace_s)
                 self._grace_until = now + self.rejoin_grace_s
             self._registry_id = registry_id
         self._read_once = True
