@@ -1,10 +1,15 @@
-"""`pdserve generate` and `pdserve status`: the gRPC API from the terminal (rpc.client)."""
+"""`pdserve generate` and `pdserve status`: the gRPC API from the terminal (rpc.client).
+
+Every command is bounded in time: a router that does not answer ends it with the gRPC
+status (DEADLINE_EXCEEDED, UNAVAILABLE) on stderr and exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 
 import grpc
 
@@ -34,6 +39,10 @@ def add_generate(sub) -> None:
 def add_status(sub) -> None:
     p = sub.add_parser("status", help="workers, nodes, load and KV use of a running server")
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (%(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the router (%(default)s)")
+    p.add_argument("--stale-after", type=float, default=5.0,
+                   help="flag heartbeats older than this many seconds (%(default)s)")
     p.set_defaults(func=cmd_status)
 
 
@@ -69,14 +78,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with PdServeClient(args.target) as client:
-            status = await client.cluster_status(timeout=10)
+            status = await client.cluster_status(timeout=args.timeout)
+        now = time.time()
         print(f"router {status.router_id}: {len(status.workers)} workers")
         print(f"{'worker':14} {'role':10} {'node':16} {'running':>7} {'waiting':>7} "
-              f"{'queued pf':>9} {'in flight':>9} {'KV used':>8}")
+              f"{'queued pf':>9} {'in flight':>9} {'KV used':>8} {'beat age':>9}")
         for w in status.workers:
             print(f"{w.worker_id:14} {w.role:10} {w.node[:16]:16} {w.running:>7} "
                   f"{w.waiting:>7} {w.queued_prefill_tokens:>9} {w.in_flight:>9} "
-                  f"{100 * w.kv_usage:>7.1f}%")
+                  f"{100 * w.kv_usage:>7.1f}% {now - w.last_heartbeat:>8.1f}s")
+        # The router answers from its last view of the registry; when every heartbeat it
+        # holds is old, that view is stale (most likely it cannot read Redis).
+        ages = [now - w.last_heartbeat for w in status.workers]
+        if ages and min(ages) > args.stale_after:
+            print(f"warning: the newest heartbeat is {min(ages):.0f} s old: the router "
+                  "cannot read the registry (Redis) and serves on its last view",
+                  file=sys.stderr)
         return 0
 
     return _rpc(run)

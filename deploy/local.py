@@ -8,13 +8,17 @@ ZMQ between processes, the token stream) without a Ray cluster.
 Life of a worker process:
 1. STARTING  `WorkerProcess(config, cpus)` starts a child (spawn context). The child
              pins itself to `cpus` and sets torch's threads to match (DESIGN §5), builds the
-             worker (loading the model), starts a manager server on loopback and reports
-             its address, or the error that stopped it (raised here as WorkerStartError).
+             worker (loading the model), given a `heartbeat` registers it and starts its
+             heartbeat there (deploy.heartbeat: the worker's own process vouches that it
+             lives, whatever the parent is busy with), starts a manager server on loopback
+             and reports its address, or the error that stopped it (raised here as
+             WorkerStartError).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
-3. STOPPED   `stop()` closes the worker (its jobs end, its sockets close) and the process
-             exits; `kill()` is SIGKILL, as a crash would be. Calls then raise
-             ConnectionError or EOFError.
+3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs
+             end, its sockets close) and the process exits; `kill()` is SIGKILL, as a
+             crash would be (the entry then expires). Calls then raise ConnectionError or
+             EOFError.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import traceback
 from multiprocessing.managers import BaseManager
 
 from pdserve.decode_worker import ColocatedWorker, DecodeWorker
+from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.prefill_worker import PrefillWorker
 from pdserve.protocol import WorkerRole
 from pdserve.worker import Worker, WorkerConfig
@@ -59,15 +64,17 @@ _Manager.register("worker")
 
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, cpus: tuple[int, ...] | None = None,
-                 num_threads: int | None = None, start_timeout_s: float = 300.0):
+                 num_threads: int | None = None, start_timeout_s: float = 300.0,
+                 heartbeat: HeartbeatConfig | None = None):
         """`cpus`: cores to pin the process to (torch then uses that many threads);
-        `num_threads`: torch threads when not pinned (default: torch's own choice)."""
+        `num_threads`: torch threads when not pinned (default: torch's own choice);
+        `heartbeat`: where the worker registers itself (none: it is not registered)."""
         self.role = role = config.role
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
         self.process = ctx.Process(
-            target=_serve, args=(config, cpus, num_threads, child_conn, authkey),
+            target=_serve, args=(config, cpus, num_threads, heartbeat, child_conn, authkey),
             name=f"pdserve-{role.value}", daemon=True)
         self.process.start()
         child_conn.close()
@@ -102,8 +109,10 @@ class WorkerProcess:
         self.process.join()
 
 
-def _serve(config: WorkerConfig, cpus, num_threads, conn, authkey: bytes) -> None:
-    """Child process: build the worker and serve its methods until SIGTERM."""
+def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig | None, conn,
+           authkey: bytes) -> None:
+    """Child process: build the worker (and its heartbeat) and serve its methods until
+    SIGTERM."""
     try:
         import torch
 
@@ -113,6 +122,8 @@ def _serve(config: WorkerConfig, cpus, num_threads, conn, authkey: bytes) -> Non
         if num_threads:
             torch.set_num_threads(num_threads)
         worker = build_worker(config)
+        beat = (Heartbeat(heartbeat, worker, config.worker_id, config.role)
+                if heartbeat is not None else None)
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))
         return
@@ -124,6 +135,8 @@ def _serve(config: WorkerConfig, cpus, num_threads, conn, authkey: bytes) -> Non
     server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
 
     def shutdown(signum, frame):
+        if beat is not None:
+            beat.stop()
         worker.close()
         os._exit(0)
 

@@ -2,12 +2,12 @@
 given), each worker in its own process with its heartbeat, and the router's gRPC server.
 
 Life of a cluster:
-1. `LocalCluster(spec)` starts Redis, the worker processes (concurrently), their
-   heartbeats, then the router (deploy.router_thread), and returns once the gRPC server
-   listens on `address`.
+1. `LocalCluster(spec)` starts Redis, the worker processes (concurrently, each with its
+   heartbeat inside it), then the router (deploy.router_thread), and returns once the
+   gRPC server listens on `address`.
 2. `kill_worker(id)` kills a worker process as a crash would (its heartbeat then stops
    and its registry entry expires); `add_router()` starts another router on the same Redis.
-3. `close()` stops routers, heartbeats (unregistering), workers and Redis, in that order.
+3. `close()` stops routers, workers (each unregisters itself) and Redis, in that order.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.deploy.handles import handle_for
-from pdserve.deploy.heartbeat import Heartbeat
+from pdserve.deploy.heartbeat import HeartbeatConfig
 from pdserve.deploy.local import WorkerProcess
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RoutedCluster, RouterThread
@@ -32,7 +32,6 @@ class LocalCluster(RoutedCluster):
         self._redis = None if redis_url else RedisServer()
         self.redis_url = redis_url or self._redis.url
         self.procs: dict[str, WorkerProcess] = {}
-        self.heartbeats: dict[str, Heartbeat] = {}
         self.routers: list[RouterThread] = []
         try:
             self._start_workers()
@@ -48,12 +47,11 @@ class LocalCluster(RoutedCluster):
 
         def start(i: int, worker_id: str, role: WorkerRole):
             cpus = (cores[i % len(cores)],) if self.spec.pin_cores else None
-            proc = WorkerProcess(self.spec.worker_config(worker_id, role), cpus=cpus,
-                                 num_threads=self.spec.threads_per_worker)
-            self.procs[worker_id] = proc
-            self.heartbeats[worker_id] = Heartbeat(
-                self.redis_url, proc.worker, worker_id, role, node, self.spec.block_size,
-                self.spec.heartbeat_s, self.spec.heartbeat_ttl_s)
+            heartbeat = HeartbeatConfig(self.redis_url, node, self.spec.block_size,
+                                        self.spec.heartbeat_s, self.spec.heartbeat_ttl_s)
+            self.procs[worker_id] = WorkerProcess(
+                self.spec.worker_config(worker_id, role), cpus=cpus,
+                num_threads=self.spec.threads_per_worker, heartbeat=heartbeat)
 
         with ThreadPoolExecutor(max(1, len(roles))) as pool:
             for f in [pool.submit(start, i, wid, role) for i, (wid, role) in enumerate(roles)]:
@@ -71,9 +69,6 @@ class LocalCluster(RoutedCluster):
 
     def close(self) -> None:
         self._close_routers()
-        for hb in self.heartbeats.values():
-            hb.stop()
-        self.heartbeats.clear()
         for proc in self.procs.values():
             proc.stop()
         self.procs.clear()

@@ -17,7 +17,7 @@ import os
 import ray
 from ray.exceptions import RayActorError
 
-from pdserve.deploy.heartbeat import Heartbeat
+from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.local import build_worker
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
@@ -33,9 +33,10 @@ class WorkerHost:
         # resolves (converts) the model here; KV is received at an address other nodes reach
         config = spec.worker_config(worker_id, role, kv_host=ray.util.get_node_ip_address())
         self.worker = build_worker(config)
-        self.heartbeat = Heartbeat(redis_url, self.worker, worker_id, role,
-                                   ray.get_runtime_context().get_node_id(), spec.block_size,
-                                   spec.heartbeat_s, spec.heartbeat_ttl_s)
+        self.heartbeat = Heartbeat(
+            HeartbeatConfig(redis_url, ray.get_runtime_context().get_node_id(),
+                            spec.block_size, spec.heartbeat_s, spec.heartbeat_ttl_s),
+            self.worker, worker_id, role)
 
     def ready(self) -> tuple[str, int]:
         """(Ray node id, process id) once the worker is up."""

