@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from pdserve.protocol import FinishReason, TokenChunk
 from pdserve.router.validate import ValidRequest
@@ -11,10 +12,19 @@ from pdserve.rpc import pdserve_pb2 as pb
 _REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
+@dataclass(frozen=True)
+class Retries:
+    """What it took to serve a request: dispatches, migrations, time in failed dispatches."""
+
+    attempts: int = 1
+    migrations: int = 0
+    retry_s: float = 0.0
+
+
 def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
                    completion_tokens: int, worker: TokenChunk, arrival: float,
                    dispatched: float, first_token: float, decode_worker: str,
-                   prefill_worker: str) -> pb.GenerateResponse:
+                   prefill_worker: str, retries: Retries = Retries()) -> pb.GenerateResponse:
     """The last message of a request's stream: finish reason, usage, and the timing
     breakdown from the router's own stamps and the decode worker's, all Unix seconds in one
     clock. `worker` is the latest chunk that came with the decode worker's stamps (which
@@ -37,6 +47,7 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
     t.decode_queue_ms = ms(t.kv_received, t.decode_admitted)
     t.first_token_ms = ms(arrival, first_token)
     t.decode_ms = ms(first_token, t.finished)
+    t.retry_ms = retries.retry_s * 1e3
     slo = pb.Slo()
     if req.slo_ttft_ms is not None:
         slo.ttft_ms = req.slo_ttft_ms
@@ -48,4 +59,5 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
     return pb.GenerateResponse(final=pb.FinalResponse(
         request_id=request_id, finish_reason=_REASONS[finish], usage=usage, timing=t,
         disaggregated=bool(prefill_worker), prefill_worker=prefill_worker,
-        decode_worker=decode_worker, slo=slo))
+        decode_worker=decode_worker, slo=slo, attempts=retries.attempts,
+        migrations=retries.migrations))

@@ -18,16 +18,21 @@ Life of a request:
                A stop string ends the request here (only the decode job is aborted).
 5. FINISHED    the last chunk (stop, length) gives the final message with usage and
                timing; it never waits for the prefill worker.
-   FAILED      the prefill failed before the hand-off, the KV never arrived, or a worker
-               died (the handle raised WorkerGone, or its registry entry expired):
-               UNAVAILABLE.
+   RETRIED     a worker failed it: the prefill failed before the hand-off, the KV never
+               arrived, the decode job ended in an error, or a worker died (the handle
+               raised WorkerGone, or its registry entry expired). What the attempt held
+               is aborted and the request goes back to 2 under a new transfer id,
+               preferring other workers: whole, if no token streamed yet (at most
+               `max_attempts` dispatches), else as a migration (prompt + tokens so far,
+               the rest of `max_tokens`; at most `migration_limit`), the stream going on.
+   FAILED      past those bounds, or no live worker of a needed role: UNAVAILABLE.
    CANCELLED   the client went away or its deadline passed: the caller cancels the task.
                The orders carry the deadline too, so each worker drops the job by itself
                when it passes (before its prefill runs, if it has not), whether or not the
                router's abort reaches it.
-On every exit but FINISHED the router aborts the job, concurrently on both workers (on
-the decode worker only once the hand-off happened), so every block is freed on both
-sides; the slots are given back in all cases.
+On every exit of an attempt but FINISHED the router aborts its job, concurrently on both
+workers (on the decode worker only once the hand-off happened), so every block is freed
+on both sides; the slots are given back in all cases.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.protocol import (
     DecodeOrder,
@@ -54,7 +59,7 @@ from pdserve.protocol import (
     block_hashes,
 )
 from pdserve.router.admission import Backlog, estimate_wait_s, refusal
-from pdserve.router.final import final_response
+from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.limits import InputLimits
 from pdserve.router.policy import (
@@ -95,14 +100,41 @@ class RouterConfig:
     default_ttft_slo_s: float = 30.0
     # what one request may make the router read and tokenize (router.limits)
     input_limits: InputLimits = InputLimits()
+    max_attempts: int = 3  # dispatches of a request that a worker fails before any token
+    migration_limit: int = 3  # moves to another worker after tokens streamed (Dynamo's)
 
 
 class RequestError(Exception):
-    """Ends a request with a gRPC status; `code` is a grpc.StatusCode name."""
+    """Ends a request with a gRPC status; `code` is a grpc.StatusCode name. `retryable`:
+    a worker failed the request (another may serve it); `worker_ids`: the workers at
+    fault, when known."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retryable: bool = False,
+                 worker_ids: tuple[str, ...] = ()):
         super().__init__(message)
         self.code = code
+        self.retryable = retryable
+        self.worker_ids = worker_ids
+
+
+@dataclass
+class _Attempt:
+    """What the final message needs of the dispatch that served a request."""
+
+    dispatched: float
+    decode_id: str
+    prefill_id: str
+    worker: TokenChunk  # the latest chunk with the decode worker's stamps
+
+
+def _continuation(req: ValidRequest, out_ids: list[int]) -> ValidRequest:
+    """The request to dispatch after `out_ids` were streamed: prompt and tokens so far as
+    the prompt, and only the tokens still allowed to come."""
+    if not out_ids:
+        return req
+    sampling = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(out_ids))
+    return replace(req, prompt_token_ids=req.prompt_token_ids + tuple(out_ids),
+                   sampling=sampling)
 
 
 def overloaded(message: str) -> RequestError:
@@ -111,6 +143,11 @@ def overloaded(message: str) -> RequestError:
 
 def unavailable(message: str) -> RequestError:
     return RequestError("UNAVAILABLE", message)
+
+
+def worker_failed(message: str, *worker_ids: str) -> RequestError:
+    """A worker failed the request: UNAVAILABLE, and another worker may serve it."""
+    return RequestError("UNAVAILABLE", message, retryable=True, worker_ids=worker_ids)
 
 
 class Router:
@@ -152,50 +189,92 @@ class Router:
     async def generate(self, req: ValidRequest,
                        deadline: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """The request's chunks, then its final message. `deadline` (time.time(), None for
-        none) is the client's: it goes into the orders, so workers drop the job by itself."""
+        none) is the client's: it goes into the orders, so workers drop the job by itself.
+
+        A worker that fails the request (it died, hung, or lost the KV transfer) does not
+        fail it: before the first token the request is dispatched again, up to
+        `max_attempts` dispatches in all; after tokens have streamed it migrates: prompt
+        and tokens so far go to another worker as a new prompt (prefilled anew), the
+        stream goes on, up to `migration_limit` times. Either is counted in the final
+        message (`attempts`, `migrations`, `timing.retry_ms`)."""
         arrival = time.time()
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
-        tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
-        n = len(req.prompt_token_ids)
-        disagg = should_disaggregate(req.hint, n, self.config.disaggregation_threshold,
-                                     bool(self.view.of_role(WorkerRole.PREFILL)))
+        disagg = self._disaggregates(req)
         self._admit(req, disagg)
+        detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
+        out_ids: list[int] = []
+        first_token = 0.0
+        attempts = migrations = 0
+        retry_s = 0.0
+        avoid: set[str] = set()  # workers that failed this request, while others remain
+        while True:
+            attempts += 1
+            started = time.time()
+            run = self._attempt(request_id, _continuation(req, out_ids), deadline, avoid)
+            try:
+                async with contextlib.aclosing(run) as chunks:
+                    async for chunk, attempt in chunks:
+                        out_ids += chunk.token_ids
+                        delta = detok.add(chunk.token_ids)
+                        text = delta.text
+                        if not delta.stopped and chunk.finish is not None:
+                            text += detok.finish().text
+                        if chunk.token_ids or text:
+                            first_token = first_token or time.time()
+                            yield pb.GenerateResponse(chunk=pb.TokenChunk(
+                                token_ids=list(chunk.token_ids), text=text))
+                        if delta.stopped or chunk.finish is not None:
+                            finish = FinishReason.STOP if delta.stopped else chunk.finish
+                            yield final_response(
+                                request_id, req, finish, len(out_ids), attempt.worker,
+                                arrival, attempt.dispatched, first_token,
+                                attempt.decode_id, attempt.prefill_id,
+                                Retries(attempts, migrations, retry_s))
+                            return
+            except RequestError as e:
+                if not e.retryable:
+                    raise
+                if out_ids and migrations >= self.config.migration_limit:
+                    raise unavailable(f"{e} (after {migrations} migrations)") from e
+                if not out_ids and attempts >= self.config.max_attempts:
+                    raise unavailable(f"{e} (after {attempts} attempts)") from e
+                migrations += bool(out_ids)
+                retry_s += time.time() - started
+                avoid.update(e.worker_ids)
+                log.warning("request %s: %s; %s", request_id, e,
+                            "migrating" if out_ids else "dispatching again")
+
+    def _disaggregates(self, req: ValidRequest) -> bool:
+        return should_disaggregate(req.hint, len(req.prompt_token_ids),
+                                   self.config.disaggregation_threshold,
+                                   bool(self.view.of_role(WorkerRole.PREFILL)))
+
+    async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
+                       avoid: set[str]) -> AsyncIterator[tuple[TokenChunk, _Attempt]]:
+        """One dispatch of the request under a fresh transfer id: its token chunks, each with
+        what the final message needs of this attempt. Whatever way it ends short of the
+        decode job's own last chunk, both workers' jobs are aborted (blocks freed) and the
+        slots are given back."""
+        tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
         queue = self.stream.open(tid)
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
         try:
-            decode, prefill, dispatched = await self._dispatch(req, tid, disagg, queue,
-                                                               deadline)
-            prefill_id = prefill.worker_id if prefill else ""
-            detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
-            out_ids: list[int] = []
-            first_token = 0.0
-            worker = TokenChunk(tid, ())  # the latest chunk with the worker's stamps
-            chunks = contextlib.aclosing(self._chunks(queue, decode, prefill))
-            async with chunks as stream:
+            decode, prefill, dispatched = await self._dispatch(
+                req, tid, self._disaggregates(req), queue, deadline, avoid)
+            attempt = _Attempt(dispatched, decode.worker_id,
+                               prefill.worker_id if prefill else "", TokenChunk(tid, ()))
+            async with contextlib.aclosing(self._chunks(queue, decode, prefill)) as stream:
                 async for chunk in stream:
                     self._prefill_ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
                         prefill = None
                         await self.view.notify()
-                    out_ids += chunk.token_ids
-                    worker = chunk if chunk.stamps is not None else worker
-                    delta = detok.add(chunk.token_ids)
-                    text = delta.text
-                    if not delta.stopped and chunk.finish is not None:
-                        text += detok.finish().text
-                    if chunk.token_ids or text:
-                        first_token = first_token or time.time()
-                        yield pb.GenerateResponse(chunk=pb.TokenChunk(
-                            token_ids=list(chunk.token_ids), text=text))
-                    if delta.stopped or chunk.finish is not None:
-                        finished = chunk.finish is not None
-                        finish = FinishReason.STOP if delta.stopped else chunk.finish
-                        yield final_response(request_id, req, finish, len(out_ids), worker,
-                                             arrival, dispatched, first_token,
-                                             decode.worker_id, prefill_id)
-                        return
+                    if chunk.stamps is not None:
+                        attempt.worker = chunk
+                    finished = chunk.finish is not None
+                    yield chunk, attempt
         finally:
             self._prefill_ended(tid)
             self.stream.close_queue(tid)
@@ -208,7 +287,8 @@ class Router:
             await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
-                        deadline: float | None) -> tuple[LiveWorker, LiveWorker | None, float]:
+                        deadline: float | None,
+                        avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
         when the orders went out. If it fails or is cancelled midway, what it started is
@@ -216,7 +296,7 @@ class Router:
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
                             self.config.lease_s, deadline)
         while True:
-            decode, prefill = await self._wait_for_workers(req, disagg)
+            decode, prefill = await self._wait_for_workers(req, disagg, avoid)
             decode.in_flight[tid] = queue
             dispatched = time.time()
             try:
@@ -248,12 +328,14 @@ class Router:
             return await call
         except WorkerGone as e:
             self.view.drop(worker.worker_id)
-            raise unavailable(f"worker {worker.worker_id} is gone: {e}") from e
+            raise worker_failed(f"worker {worker.worker_id} is gone: {e}",
+                                worker.worker_id) from e
 
-    async def _wait_for_workers(self, req: ValidRequest,
-                                disagg: bool) -> tuple[LiveWorker, LiveWorker | None]:
+    async def _wait_for_workers(self, req: ValidRequest, disagg: bool,
+                                avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None]:
         """The router queue: until a decode (or colocated) worker has a slot and the
-        prompt's blocks, and, when disaggregated, a prefill worker has a slot."""
+        prompt's blocks, and, when disaggregated, a prefill worker has a slot. Workers in
+        `avoid` (they failed this request) are passed over while others are listed."""
         if self._queued >= self.config.max_queue:
             raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
                              "waiting for a worker)")
@@ -264,14 +346,14 @@ class Router:
             while True:
                 decode_roles = ((WorkerRole.DECODE,) if disagg
                                 else (WorkerRole.COLOCATED, WorkerRole.DECODE))
-                decodes = self.view.of_role(*decode_roles)
+                decodes = _preferring(self.view.of_role(*decode_roles), avoid)
                 if not decodes:
                     names = " or ".join(r.value for r in decode_roles)
                     raise unavailable(f"no live {names} worker")
                 _check_fits(decodes, len(req.prompt_token_ids))
                 prefill = None
                 if disagg:
-                    prefills = self.view.of_role(WorkerRole.PREFILL)
+                    prefills = _preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
                     if not prefills:
                         raise unavailable("no live prefill worker")
                     prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
@@ -344,14 +426,14 @@ class Router:
             item = await queue.get()
             if isinstance(item, Gone):
                 if item.worker_id == decode.worker_id or not handed_off:
-                    raise unavailable(f"worker {item.worker_id} is gone")
+                    raise worker_failed(f"worker {item.worker_id} is gone", item.worker_id)
             elif isinstance(item, PrefillOutcome):
                 if item.status is not PrefillStatus.DONE and not handed_off:
-                    raise unavailable(f"prefill on {prefill.worker_id} failed: "
-                                      f"{item.reason}")
+                    raise worker_failed(f"prefill on {prefill.worker_id} failed: "
+                                        f"{item.reason}", prefill.worker_id)
             elif item.finish in (FinishReason.ERROR, FinishReason.ABORT):
-                raise unavailable(f"decode worker {decode.worker_id} ended the request: "
-                                  f"{item.error or item.finish.value}")
+                raise worker_failed(f"decode worker {decode.worker_id} ended the request: "
+                                    f"{item.error or item.finish.value}", decode.worker_id)
             else:
                 handed_off = True
                 yield item
@@ -371,6 +453,11 @@ class Router:
 
     def status(self) -> pb.ClusterStatus:
         return self.view.status(self.config.router_id)
+
+
+def _preferring(workers: list[LiveWorker], avoid: set[str]) -> list[LiveWorker]:
+    """The workers not in `avoid`, or all of them when none is left."""
+    return [w for w in workers if w.worker_id not in avoid] or workers
 
 
 def _check_fits(workers: list[LiveWorker], num_prompt_tokens: int) -> None:

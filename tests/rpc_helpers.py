@@ -48,21 +48,26 @@ def wait_cluster_idle(cluster, timeout: float = 15.0) -> None:
 class LongRequest:
     """A long disaggregated request streaming in a thread; `victim` is the decode worker
     that holds it (from the router's status) once its tokens flow; `outcome` its gRPC code
-    once it ended."""
+    once it ended, with the token ids, text and final message it got."""
 
-    def __init__(self, stub):
+    PROMPT = "Count to a thousand:"
+
+    def __init__(self, stub, max_tokens: int = 2000):
         import threading
 
-        req = greedy_request("Count to a thousand:", 2000,
-                             disaggregation=pb.DISAGGREGATION_ALWAYS)
+        req = greedy_request(self.PROMPT, max_tokens, disaggregation=pb.DISAGGREGATION_ALWAYS)
         req.sampling.ignore_eos = True
-        self.outcome: dict = {}
+        self.outcome: dict = {"ids": [], "text": "", "final": None}
         streaming = threading.Event()
 
         def run():
             try:
                 for response in stub.Generate(req, timeout=120):
-                    if response.HasField("chunk") and response.chunk.token_ids:
+                    if response.HasField("final"):
+                        self.outcome["final"] = response.final
+                    elif response.chunk.token_ids:
+                        self.outcome["ids"] += response.chunk.token_ids
+                        self.outcome["text"] += response.chunk.text
                         streaming.set()
                 self.outcome["code"] = grpc.StatusCode.OK
             except grpc.RpcError as e:
@@ -72,7 +77,7 @@ class LongRequest:
 
         self.thread = threading.Thread(target=run)
         self.thread.start()
-        assert streaming.wait(60) and not self.outcome, self.outcome  # decoding now
+        assert streaming.wait(60) and "code" not in self.outcome, self.outcome  # decoding
         status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
         busy = [w.worker_id for w in status.workers if w.role == "decode" and w.in_flight]
         assert len(busy) == 1, status
