@@ -96,9 +96,11 @@ class Supervisor:
         self._lock = threading.Lock()
         self._restarts: dict[str, int] = {}
         self._down: set[str] = set()
+        self._starting: set[str] = set()  # a restart in progress: close() waits for it
+        self._worker_ids = tuple(worker_ids)
         self._threads = [threading.Thread(target=self._watch, args=(worker_id,),
                                           name=f"supervise-{worker_id}", daemon=True)
-                         for worker_id in worker_ids]
+                         for worker_id in self._worker_ids]
         for thread in self._threads:
             thread.start()
 
@@ -112,12 +114,15 @@ class Supervisor:
         with self._lock:
             return worker_id in self._down
 
-    def close(self, timeout_s: float = 330.0) -> None:
-        """Stop watching; a restart in progress finishes first (a model load; a watcher
-        blocked on a hung worker is left behind after `timeout_s`)."""
+    def close(self, start_timeout_s: float = 330.0) -> None:
+        """Stop watching. A restart in progress finishes first (up to `start_timeout_s`: a
+        model load), so that its process is the cluster's to stop; a watcher blocked on a
+        hung worker's answer is left behind, and acts on nothing once it returns."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout_s)
+        for thread, worker_id in zip(self._threads, self._worker_ids, strict=True):
+            with self._lock:
+                starting = worker_id in self._starting
+            thread.join(start_timeout_s if starting else self.policy.probe_s + 5.0)
 
     def _watch(self, worker_id: str) -> None:
         budget = RestartBudget(self.policy)
@@ -142,11 +147,15 @@ class Supervisor:
         while not self._stop.is_set():
             if not budget.take():
                 p = self.policy
-                log.critical("worker %s stays DOWN: it failed more than %d times within "
-                             "%.0fs", worker_id, p.max_restarts, p.window_s)
+                log.critical("worker %s stays DOWN: its %d restarts within %.0fs are spent",
+                             worker_id, p.max_restarts, p.window_s)
                 with self._lock:
                     self._down.add(worker_id)
                 return False
+            with self._lock:
+                if self._stop.is_set():  # close() no longer waits for a start
+                    return False
+                self._starting.add(worker_id)
             try:
                 self._members.start(worker_id)
             except Exception as e:  # noqa: BLE001 - a failed start counts, and is retried
@@ -154,6 +163,9 @@ class Supervisor:
                 self._members.end(worker_id)
                 self._stop.wait(self.policy.backoff_s)
                 continue
+            finally:
+                with self._lock:
+                    self._starting.discard(worker_id)
             with self._lock:
                 self._restarts[worker_id] = n = self._restarts.get(worker_id, 0) + 1
             log.warning("worker %s restarted (restart %d; at most %d within %.0fs)",
@@ -172,6 +184,6 @@ class Supervisor:
                 error = proc.worker.load().error
             except Exception:  # noqa: BLE001 - it is exiting: the sentinel tells next turn
                 continue
-            if error:
+            if error and not self._stop.is_set():
                 return f"its engine loop broke: {error}"
         return None
