@@ -11,8 +11,9 @@ Life of a worker process:
              worker (loading the model), given a `heartbeat` registers it and starts its
              heartbeat there (deploy.heartbeat: the worker's own process vouches that it
              lives, whatever the parent is busy with), starts a manager server on loopback
-             and reports its address, or the error that stopped it (raised here as
-             WorkerStartError).
+             and reports its address and the incarnation it registered (`started`: its
+             registry record's, None unregistered), or the error that stopped it (raised
+             here as WorkerStartError).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
 3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs
@@ -98,7 +99,8 @@ class WorkerProcess:
         if status != "ready":
             self.process.join(10)
             raise WorkerStartError(f"{role.value} worker failed to start: {detail}")
-        self._manager = _Manager(address=detail, authkey=authkey)
+        address, self.started = detail
+        self._manager = _Manager(address=address, authkey=authkey)
         self._manager.connect()
         self.worker = self._manager.worker()
 
@@ -164,6 +166,6 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
         os._exit(0)
 
     signal.signal(signal.SIGTERM, shutdown)
-    conn.send(("ready", server.address))
+    conn.send(("ready", (server.address, beat.started if beat is not None else None)))
     conn.close()
     server.serve_forever()

@@ -105,6 +105,11 @@ class LocalCluster(RoutedCluster):
         proc = self.procs.get(record.worker_id)
         if proc is None:
             raise ValueError(f"worker {record.worker_id} is not part of this cluster")
+        # A restarted worker registers from its process before the supervisor holds that
+        # process: a handle made then would reach the old one. The view tries again.
+        if record.started != proc.started:
+            raise ValueError(f"worker {record.worker_id}: the process of the incarnation "
+                             f"started at {record.started:.3f} is not running here (yet)")
         return handle_for(record, proc.worker)
 
     def kill_worker(self, worker_id: str) -> None:
