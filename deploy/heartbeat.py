@@ -94,6 +94,11 @@ class Heartbeat:
         self._thread.start()
 
     @property
+    def started(self) -> float:
+        """When this incarnation of the worker started: its registry record's `started`."""
+        return self._started
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -11,14 +11,16 @@ Life of a worker process:
              worker (loading the model), given a `heartbeat` registers it and starts its
              heartbeat there (deploy.heartbeat: the worker's own process vouches that it
              lives, whatever the parent is busy with), starts a manager server on loopback
-             and reports its address, or the error that stopped it (raised here as
-             WorkerStartError).
+             and reports its address and the incarnation it registered (`started`: its
+             registry record's, None unregistered), or the error that stopped it (raised
+             here as WorkerStartError).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
 3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs
              end, its sockets close) and the process exits; `kill()` is SIGKILL, as a
              crash would be (the entry then expires). Calls then raise ConnectionError or
-             EOFError.
+             EOFError. Both may be called from any thread (a test and the supervisor at
+             once): only one of them reaps the process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing.managers import BaseManager
 
 from pdserve.decode_worker import ColocatedWorker, DecodeWorker
@@ -65,17 +69,24 @@ _Manager.register("worker")
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, cpus: tuple[int, ...] | None = None,
                  num_threads: int | None = None, start_timeout_s: float = 300.0,
-                 heartbeat: HeartbeatConfig | None = None):
+                 heartbeat: HeartbeatConfig | None = None,
+                 build: Callable[[WorkerConfig], Worker] = build_worker):
         """`cpus`: cores to pin the process to (torch then uses that many threads);
         `num_threads`: torch threads when not pinned (default: torch's own choice);
-        `heartbeat`: where the worker registers itself (none: it is not registered)."""
+        `heartbeat`: where the worker registers itself (none: it is not registered);
+        `build`: makes the worker in the child from `config` (a module-level function: the
+        child imports it by name)."""
         self.role = role = config.role
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
         self.process = ctx.Process(
-            target=_serve, args=(config, cpus, num_threads, heartbeat, child_conn, authkey),
+            target=_serve, args=(config, cpus, num_threads, heartbeat, child_conn, authkey,
+                                 build),
             name=f"pdserve-{role.value}", daemon=True)
+        # one thread at a time waits for the process: a second waitpid would find it gone
+        # and take it for alive (multiprocessing.Process is not thread-safe)
+        self._reaping = threading.RLock()
         self.process.start()
         child_conn.close()
         if not conn.poll(start_timeout_s):
@@ -88,7 +99,8 @@ class WorkerProcess:
         if status != "ready":
             self.process.join(10)
             raise WorkerStartError(f"{role.value} worker failed to start: {detail}")
-        self._manager = _Manager(address=detail, authkey=authkey)
+        address, self.started = detail
+        self._manager = _Manager(address=address, authkey=authkey)
         self._manager.connect()
         self.worker = self._manager.worker()
 
@@ -96,21 +108,34 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def is_alive(self) -> bool:
+        with self._reaping:
+            return self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        """The process's exit code (negative: the signal that ended it); None while it
+        runs."""
+        with self._reaping:
+            return self.process.exitcode
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Close the worker and end the process (killed if it does not exit in time)."""
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGTERM)
-            self.process.join(timeout_s)
-        self.kill()
+        with self._reaping:
+            if self.process.is_alive():
+                os.kill(self.process.pid, signal.SIGTERM)
+                self.process.join(timeout_s)
+            self.kill()
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
+        with self._reaping:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join()
 
 
 def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig | None, conn,
-           authkey: bytes) -> None:
+           authkey: bytes, build: Callable[[WorkerConfig], Worker]) -> None:
     """Child process: build the worker (and its heartbeat) and serve its methods until
     SIGTERM."""
     try:
@@ -121,7 +146,7 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
             num_threads = len(cpus)
         if num_threads:
             torch.set_num_threads(num_threads)
-        worker = build_worker(config)
+        worker = build(config)
         beat = (Heartbeat(heartbeat, worker, config.worker_id, config.role)
                 if heartbeat is not None else None)
     except BaseException:  # noqa: BLE001 - the parent reports it
@@ -141,6 +166,6 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
         os._exit(0)
 
     signal.signal(signal.SIGTERM, shutdown)
-    conn.send(("ready", server.address))
+    conn.send(("ready", (server.address, beat.started if beat is not None else None)))
     conn.close()
     server.serve_forever()

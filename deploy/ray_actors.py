@@ -7,12 +7,17 @@ are thread-safe (and none waits for a step or a job).
 
 Restarts: actors are created with `max_restarts`; a restarted actor builds a fresh worker
 (new KV endpoint, empty cache) and registers a new incarnation under the same id, which
-routers treat as the old worker gone and a new one come.
+routers treat as the old worker gone and a new one come. A worker whose engine loop broke
+(which never recovers) ends its actor's process (`exit_when_broken`), so Ray restarts it
+as it would after a crash, rather than leaving a worker that only refuses work.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -23,6 +28,20 @@ from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
 
 NAMESPACE = "pdserve"
+log = logging.getLogger(__name__)
+
+
+def exit_when_broken(worker, stop: threading.Event, period_s: float,
+                     exit: Callable[[int], object] = os._exit) -> None:
+    """Ask `worker.load()` every `period_s` until `stop` is set; once its engine loop broke,
+    `exit(1)`: the process ends as in a crash (os._exit: no cleanup that could hang)."""
+    while not stop.wait(period_s):
+        error = worker.load().error
+        if error:
+            log.critical("worker %s: engine loop broke (%s); ending the actor's process so "
+                         "Ray restarts it", worker.worker_id, error)
+            exit(1)
+            return
 
 
 class WorkerHost:
@@ -37,6 +56,10 @@ class WorkerHost:
             HeartbeatConfig(redis_url, ray.get_runtime_context().get_node_id(),
                             spec.block_size, spec.heartbeat_s, spec.heartbeat_ttl_s),
             self.worker, worker_id, role)
+        self._closing = threading.Event()
+        threading.Thread(target=exit_when_broken,
+                         args=(self.worker, self._closing, spec.heartbeat_s),
+                         name=f"watch-{worker_id}", daemon=True).start()
 
     def ready(self) -> tuple[str, int]:
         """(Ray node id, process id) once the worker is up."""
@@ -58,6 +81,7 @@ class WorkerHost:
         return self.worker.load()
 
     def close(self) -> None:
+        self._closing.set()
         self.heartbeat.stop()
         self.worker.close()
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable
 from dataclasses import replace
 
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.models import resolve_model
+from pdserve.protocol import WorkerRole
 from pdserve.router.registry import RegistryErrors, async_client
 from pdserve.router.router import Router, RouterConfig
 from pdserve.router.server import start_server
@@ -26,11 +28,12 @@ class RouterThread:
     """A Router and its gRPC server on their own asyncio loop in a thread."""
 
     def __init__(self, config: RouterConfig, model_dir, redis_url: str, connect,
-                 address: str = "127.0.0.1:0"):
+                 address: str = "127.0.0.1:0", roles: Iterable[WorkerRole] = ()):
+        """`roles`: the deployment's worker roles, each with its own health status."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._args = (config, model_dir, redis_url, connect, address)
+        self._args = (config, model_dir, redis_url, connect, address, tuple(roles))
         self._thread = threading.Thread(target=self._run, name=config.router_id, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -49,7 +52,7 @@ class RouterThread:
         self._loop.run_forever()
 
     async def _start(self) -> None:
-        config, model_dir, redis_url, connect, address = self._args
+        config, model_dir, redis_url, connect, address, roles = self._args
         self._redis = async_client(redis_url)
         try:
             await self._redis.ping()
@@ -58,7 +61,7 @@ class RouterThread:
             raise RuntimeError(f"Redis at {redis_url} does not answer: {e}") from e
         self.router = Router(config, RouterTokenizer(model_dir), self._redis, connect)
         await self.router.start()
-        self._server, self.port = await start_server(self.router, address)
+        self._server, self.port = await start_server(self.router, address, roles)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
 
@@ -95,8 +98,9 @@ class RoutedCluster:
     def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
         """Another router (id `router-<n>`) on the cluster's Redis, and its gRPC server."""
         config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
+        roles = dict.fromkeys(role for _, role in self.spec.roles())
         router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
-                              self.connect, address)
+                              self.connect, address, roles)
         self.routers.append(router)
         return router
 

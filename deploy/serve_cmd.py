@@ -59,7 +59,11 @@ def add_serve(sub) -> None:
     p.add_argument("--pack", action="store_true",
                    help="keep each pool on one node (default: spread over nodes)")
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="restarts of a dead worker actor (%(default)s)")
+                   help="restarts of a worker whose process died or whose engine loop "
+                        "broke; past it the worker stays down (%(default)s)")
+    p.add_argument("--restart-window", type=float, default=600.0, metavar="SECONDS",
+                   help="with --no-ray: --max-restarts counts the restarts within this "
+                        "window (Ray counts them over the actor's life) (%(default)s)")
     p.add_argument("--no-ray", action="store_true",
                    help="plain local processes instead of Ray (one machine only)")
     p.add_argument("--pin-cores", action="store_true",
@@ -71,6 +75,7 @@ def add_serve(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.local_cluster import LocalCluster
     from pdserve.deploy.spec import ClusterSpec
+    from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
     from pdserve.router.router import RouterConfig
 
@@ -95,7 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     address = f"{args.host}:{args.port}"
     if args.no_ray:
-        cluster = LocalCluster(spec, redis_url=args.redis_url, address=address)
+        restarts = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+        cluster = LocalCluster(spec, redis_url=args.redis_url, address=address,
+                               restarts=restarts)
     else:
         from pdserve.deploy.ray_cluster import ClusterStartError, Placement, RayCluster
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.protocol import WorkerRole
+from pdserve.router.health import HealthReporter
 from pdserve.router.intake import Intake, IntakeFull
 from pdserve.router.router import RequestError, Router
 from pdserve.router.validate import InvalidArgument
@@ -98,9 +101,11 @@ def add_service(server: grpc.aio.Server, router: Router) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-async def start_server(router: Router, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server,
-                                                                             int]:
-    """Serve PdServe, health and reflection on `address`; (server, bound port)."""
+async def start_server(router: Router, address: str = "127.0.0.1:0",
+                       roles: Iterable[WorkerRole] = ()) -> tuple[grpc.aio.Server, int]:
+    """Serve PdServe, health and reflection on `address`; (server, bound port). Health
+    follows the router's view (router.health); `roles`: the deployment's worker roles,
+    each reported under its own health name too."""
     limit = router.config.input_limits.max_request_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     add_service(server, router)
@@ -109,8 +114,10 @@ async def start_server(router: Router, address: str = "127.0.0.1:0") -> tuple[gr
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
+    reporter = HealthReporter(health_servicer, router.view, SERVICE, roles,
+                              router.config.refresh_s)
+    await reporter.update()  # before a client can ask
     port = server.add_insecure_port(address)
     await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reporter.start(server)
     return server, port
