@@ -244,10 +244,13 @@ class Router:
                 log.warning("request %s: %s; %s", request_id, e,
                             "migrating" if out_ids else "dispatching again")
 
-    def _disaggregates(self, req: ValidRequest) -> bool:
+    def _disaggregates(self, req: ValidRequest, avoid: set[str] = frozenset()) -> bool:
+        """By the hint and the threshold, if a prefill worker is listed that did not fail
+        this request already (else the decode worker prefills it)."""
+        prefills = [w for w in self.view.of_role(WorkerRole.PREFILL)
+                    if w.worker_id not in avoid]
         return should_disaggregate(req.hint, len(req.prompt_token_ids),
-                                   self.config.disaggregation_threshold,
-                                   bool(self.view.of_role(WorkerRole.PREFILL)))
+                                   self.config.disaggregation_threshold, bool(prefills))
 
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
                        avoid: set[str]) -> AsyncIterator[tuple[TokenChunk, _Attempt]]:
@@ -261,7 +264,7 @@ class Router:
         finished = False  # the decode job ended by itself: nothing left to abort
         try:
             decode, prefill, dispatched = await self._dispatch(
-                req, tid, self._disaggregates(req), queue, deadline, avoid)
+                req, tid, self._disaggregates(req, avoid), queue, deadline, avoid)
             attempt = _Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
             async with contextlib.aclosing(self._chunks(queue, decode, prefill)) as stream:

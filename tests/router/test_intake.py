@@ -140,7 +140,8 @@ def test_the_event_loop_keeps_beating_while_a_large_input_is_tokenized(tok, kind
     took, gap, outcome = _beating_while(intake, req)
     assert isinstance(outcome, InvalidField) and "maximum length" in outcome.problem
     assert took > 0.2, took  # measured something
-    assert gap < took / 4, (gap, took)
+    # on the loop the longest gap would be all of `took`; a loaded machine stretches gaps
+    assert gap < took / 2, (gap, took)
 
 
 def test_a_full_large_lane_refuses_and_small_requests_pass_it(tok):
