@@ -16,7 +16,7 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from pdserve.deploy.handles import handle_for
+from pdserve.deploy.handles import ThreadCalls, handle_for
 from pdserve.deploy.heartbeat import Heartbeat
 from pdserve.deploy.local import WorkerProcess
 from pdserve.deploy.redis_server import RedisServer
@@ -63,7 +63,8 @@ class LocalCluster(RoutedCluster):
         proc = self.procs.get(record.worker_id)
         if proc is None:
             raise ValueError(f"worker {record.worker_id} is not part of this cluster")
-        return handle_for(record, proc.worker)
+        return handle_for(record, proc.worker,
+                          ThreadCalls(self.spec.worker_call_timeout_s, name=record.worker_id))
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL, as a crash: nothing is unregistered, the heartbeat simply stops."""
