@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 
+# binds where the first line of its stdin says, prints the endpoint, drains forever
 _SINK = """
 import sys, zmq
 sock = zmq.Context.instance().socket(zmq.PULL)
-sock.bind(sys.argv[1])
+sock.bind(sys.stdin.readline().strip())
 print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
 while True:
     sock.recv()
@@ -19,12 +20,20 @@ while True:
 
 
 class RouterProcess:
-    """Bound at `bind` (by default a free port; or the port a dead one had) until `kill()`,
-    which is SIGKILL."""
+    """Bound at `bind` (a free port by default) until `kill()`, which is SIGKILL. With
+    `bind` None the process starts and waits: `bind_at` then binds at once (e.g. the port
+    of a router just killed, within a grace period)."""
 
-    def __init__(self, bind: str = "tcp://127.0.0.1:*"):
-        self.proc = subprocess.Popen([sys.executable, "-c", _SINK, bind],
+    def __init__(self, bind: str | None = "tcp://127.0.0.1:*"):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SINK], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        self.endpoint = ""
+        if bind is not None:
+            self.bind_at(bind)
+
+    def bind_at(self, address: str) -> None:
+        self.proc.stdin.write(address + "\n")
+        self.proc.stdin.flush()
         self.endpoint = self.proc.stdout.readline().strip()
         assert self.endpoint.startswith("tcp://"), (self.endpoint, self.proc.poll())
 
@@ -32,4 +41,5 @@ class RouterProcess:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        self.proc.stdin.close()
         self.proc.stdout.close()

@@ -130,13 +130,13 @@ def test_a_dead_routers_jobs_end_in_every_state_and_a_live_routers_finish(
 
 
 def test_a_router_back_within_the_grace_period_loses_nothing(collector, prefill, decode):
-    router = RouterProcess()
+    router, spare = RouterProcess(), RouterProcess(bind=None)
     try:
         start(router.endpoint, prefill, decode, "c-decoding", SHORT,
               greedy(6000, ignore_eos=True))
         wait_state(decode, "c-decoding", DecodeState.DECODING)
         router.kill()
-        router = RouterProcess(router.endpoint)  # the same port again, well within grace
+        spare.bind_at(router.endpoint)  # the same port again, well within the grace period
         back = time.monotonic()
         # the worker reconnects: the job outlives the grace period counted from the death
         wait_for(lambda: time.monotonic() - back > GRACE_S * 2
@@ -146,3 +146,4 @@ def test_a_router_back_within_the_grace_period_loses_nothing(collector, prefill,
         decode.abort("c-decoding")
         prefill.abort("c-decoding")
         router.kill()
+        spare.kill()
