@@ -122,7 +122,6 @@ class JobTable(LoopHandler):
                         "its %d jobs", endpoint, self.publisher.grace_s, len(by_router[endpoint]))
             for tid in by_router[endpoint]:
                 self.abort(tid, f"the router's stream {endpoint} is gone")
-            self.publisher.forget(endpoint)
 
 
 class Worker:

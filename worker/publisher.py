@@ -18,9 +18,11 @@ live jobs name):
                 reconnecting; a handshake makes it WATCHED again (a router that answers
                 again within the grace period loses nothing).
 3. GONE         DOWN for `grace_s`: `unreachable` returns it while jobs name it, and the job
-                table ends those jobs (freeing all they hold: worker.base, Orphans) and calls
-                `forget`, which closes its socket and drops what was queued for it. An
-                endpoint no job names is forgotten once GONE, unasked.
+                table ends those jobs (freeing all they hold: worker.base, Orphans). Their
+                final messages stay queued on its socket for `retain_s` more, and reach
+                the router if it is reached again (a partition that heals: its requests
+                then fail at once instead of waiting for tokens); then the socket closes
+                (`forget`), as it does for any endpoint no job names by then.
 Bound: a router process that exits or is killed is GONE `grace_s` after its socket closed;
 one that is frozen or cut off, at most HEARTBEAT_IVL_S + HEARTBEAT_TIMEOUT_S later. Time
 is measured from when this thread read the event, so a worker that was itself stalled (a
@@ -58,9 +60,11 @@ class _Link:
 
 
 class StreamPublisher:
-    def __init__(self, worker_id: str, grace_s: float = 5.0, max_queued: int = 100_000):
+    def __init__(self, worker_id: str, grace_s: float = 5.0, retain_s: float = 60.0,
+                 max_queued: int = 100_000):
         self.worker_id = worker_id
         self.grace_s = grace_s
+        self.retain_s = retain_s
         self._ctx = zmq.Context.instance()
         self._max_queued = max_queued
         self._links: dict[str, _Link] = {}
@@ -92,18 +96,21 @@ class StreamPublisher:
 
     def unreachable(self, endpoints: Collection[str]) -> list[str]:
         """Of `endpoints` (those the live jobs name; each is watched from now on), the ones
-        GONE: not connected for `grace_s`. Endpoints no job names are forgotten once GONE."""
+        GONE: not connected for `grace_s`. An endpoint no job names is forgotten once it has
+        been down for `grace_s + retain_s`."""
         for endpoint in endpoints:
             self._link(endpoint)
         now = time.monotonic()
         gone = []
         for endpoint, link in list(self._links.items()):
             self._read_events(link, now)
-            if link.down_since is None or now - link.down_since < self.grace_s:
+            if link.down_since is None:
                 continue
+            down_s = now - link.down_since
             if endpoint in endpoints:
-                gone.append(endpoint)
-            else:
+                if down_s >= self.grace_s:
+                    gone.append(endpoint)
+            elif down_s >= self.grace_s + self.retain_s:
                 self.forget(endpoint)
         return gone
 

@@ -1,11 +1,9 @@
 """The stream publisher's watch over router endpoints (worker.publisher), on real sockets:
 a live endpoint is never GONE; one nobody listens on, or whose router process died, is GONE
 after the grace period; a malformed one at once; endpoints no job names are closed once
-GONE."""
+down for the grace and retention periods."""
 
 from __future__ import annotations
-
-import time
 
 from helpers import wait_for
 from stream_sink import RouterProcess
@@ -17,7 +15,7 @@ from pdserve.worker.publisher import StreamPublisher
 def test_the_publisher_judges_endpoints_by_their_connection():
     live = StreamCollector()
     dying = RouterProcess()
-    publisher = StreamPublisher("w", grace_s=0.5)
+    publisher = StreamPublisher("w", grace_s=0.5, retain_s=0.5)
     nobody = "tcp://127.0.0.1:1"
     try:
         names = {live.endpoint, dying.endpoint, nobody, "not an endpoint"}
@@ -31,11 +29,12 @@ def test_the_publisher_judges_endpoints_by_their_connection():
         dying.kill()
         gone = wait_for(lambda: publisher.unreachable(names), 30, "the dead router")
         assert gone == [dying.endpoint]
-        # unnamed now: forgotten by itself; a live one is never reported
-        since = time.monotonic()
-        wait_for(lambda: publisher.unreachable({live.endpoint}) or
-                 time.monotonic() - since > 2.0, 30, "two grace periods")
+        # named no more: kept for the retention period, then forgotten by itself; a live
+        # endpoint is never reported
         assert publisher.unreachable({live.endpoint}) == []
+        assert dying.endpoint in publisher.watched
+        wait_for(lambda: not publisher.unreachable({live.endpoint})
+                 and dying.endpoint not in publisher.watched, 30, "the retention period")
         assert publisher.watched == {live.endpoint}
     finally:
         publisher.close()
