@@ -69,6 +69,9 @@ class DecodeJobs(JobTable):
         self._end(entry, FinishReason.ABORT, reason)
         self.publisher.flush()
 
+    def router_endpoint(self, entry: _Job) -> str:
+        return entry.order.stream_endpoint
+
     # -- LoopHandler -----------------------------------------------------------------------
 
     def before_step(self, batch: ScheduledBatch):
@@ -86,7 +89,7 @@ class DecodeJobs(JobTable):
         self.publisher.flush()
 
     def tick(self) -> None:
-        self.end_expired()
+        self.sweep()
         if self.receiver is not None:
             for entry in [e for e in self.jobs.values() if e.state in _AWAITING_KV]:
                 self._poll_transfer(entry)

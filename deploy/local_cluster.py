@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from pdserve.deploy.handles import handle_for
+from pdserve.deploy.handles import ThreadCalls, handle_for
 from pdserve.deploy.heartbeat import HeartbeatConfig
 from pdserve.deploy.local import WorkerProcess, build_worker
 from pdserve.deploy.redis_server import RedisServer
@@ -110,7 +110,8 @@ class LocalCluster(RoutedCluster):
         if record.started != proc.started:
             raise ValueError(f"worker {record.worker_id}: the process of the incarnation "
                              f"started at {record.started:.3f} is not running here (yet)")
-        return handle_for(record, proc.worker)
+        return handle_for(record, proc.worker,
+                          ThreadCalls(self.spec.worker_call_timeout_s, name=record.worker_id))
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL, as a crash: nothing is unregistered, the heartbeat simply stops (the

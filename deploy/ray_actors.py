@@ -14,6 +14,7 @@ as it would after a crash, rather than leaving a worker that only refuses work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import ray
 from ray.exceptions import RayActorError
 
+from pdserve.deploy.handles import DEFAULT_CALL_TIMEOUT_S, CallTimeout
 from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.local import build_worker
 from pdserve.deploy.spec import ClusterSpec
@@ -90,9 +92,20 @@ WorkerActor = ray.remote(WorkerHost)
 
 
 class RayCalls:
-    """Calls an actor's method remotely (for deploy.handles.DecodeHandle/PrefillHandle)."""
+    """Calls an actor's method remotely (for deploy.handles.WorkerHandle), waiting at most
+    `timeout_s` for the answer (CallTimeout; deploy.handles, Timeouts). The actor call is
+    submitted either way: a timed-out one may still run when the actor answers again, so
+    `withdraw` changes nothing here (an abort always reaches the actor)."""
 
     gone: tuple[type[BaseException], ...] = (RayActorError,)
 
-    async def __call__(self, method, arg):
-        return await method.remote(arg)
+    def __init__(self, timeout_s: float = DEFAULT_CALL_TIMEOUT_S):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+
+    async def __call__(self, method, arg, withdraw: bool = True):
+        try:
+            return await asyncio.wait_for(method.remote(arg), self.timeout_s)
+        except TimeoutError:
+            raise CallTimeout(f"no answer within {self.timeout_s:g}s") from None

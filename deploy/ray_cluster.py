@@ -152,7 +152,7 @@ class RayCluster(RoutedCluster):
 
     def connect(self, record: WorkerRecord):
         return handle_for(record, ray.get_actor(record.worker_id, namespace=NAMESPACE),
-                          RayCalls())
+                          RayCalls(self.spec.worker_call_timeout_s))
 
     def close(self) -> None:
         self._close_routers()

@@ -45,6 +45,20 @@ def add_serve(sub) -> None:
                    help="a decode reservation ends after this long with no KV and no "
                         "keep-alive from its prefill worker; time in the prefill queue does "
                         "not count (%(default)s)")
+    p.add_argument("--worker-call-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a router call to a worker (reserve, submit, generate, abort) with no "
+                        "answer in this time finds the worker gone: the request fails with "
+                        "UNAVAILABLE and the worker leaves the router's view until its "
+                        "heartbeat comes again (%(default)s)")
+    p.add_argument("--heartbeat-ttl", type=float, default=3.0, metavar="SECONDS",
+                   help="a worker whose heartbeat stops (dead or hung) leaves the routers' "
+                        "views after this long, and the requests it holds fail with "
+                        "UNAVAILABLE; it rejoins when its heartbeat comes again "
+                        "(%(default)s)")
+    p.add_argument("--router-stream-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="a worker ends the jobs of a router whose token stream has been "
+                        "unreachable this long (the router died), freeing their blocks "
+                        "(%(default)s)")
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch threads (and Ray CPUs) per worker (%(default)s)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -86,6 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        transport=TransportKind(args.transport),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,
+                       worker_call_timeout_s=args.worker_call_timeout,
+                       heartbeat_ttl_s=args.heartbeat_ttl,
+                       router_stream_grace_s=args.router_stream_grace,
                        router=RouterConfig(
                            disaggregation_threshold=args.disaggregation_threshold,
                            default_ttft_slo_s=args.default_ttft_slo,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.deploy.handles import DEFAULT_CALL_TIMEOUT_S
 from pdserve.engine import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.config import default_device
 from pdserve.kvtransfer.transports import TransportKind
@@ -33,7 +34,13 @@ class ClusterSpec:
     ack_timeout_s: float = 10.0
     keepalive_s: float = 1.0  # a prefill job renews its decode lease this often
     heartbeat_s: float = 0.5
-    heartbeat_ttl_s: float = 3.0
+    heartbeat_ttl_s: float = 3.0  # a worker silent this long leaves the routers' views
+    # a router call to a worker (reserve, submit, generate, abort) that gets no answer in
+    # this time finds the worker gone (deploy.handles, Timeouts)
+    worker_call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    # a worker ends the jobs of a router whose token stream has been unreachable this long
+    # (worker.publisher)
+    router_stream_grace_s: float = 5.0
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -41,6 +48,11 @@ class ClusterSpec:
             raise ValueError("worker counts must be >= 0")
         if self.decode + self.colocated == 0:
             raise ValueError("at least one decode or colocated worker is needed")
+        for name, value in (("worker_call_timeout_s", self.worker_call_timeout_s),
+                            ("router_stream_grace_s", self.router_stream_grace_s),
+                            ("heartbeat_ttl_s", self.heartbeat_ttl_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
     def roles(self) -> list[tuple[str, WorkerRole]]:
         """(worker id, role) of every worker, prefill first."""
@@ -61,4 +73,5 @@ class ClusterSpec:
                                       max_num_seqs=self.max_num_seqs),
             device=device)
         return WorkerConfig(role, engine, worker_id, self.transport, kv_host,
-                            self.handshake_timeout_s, self.ack_timeout_s, self.keepalive_s)
+                            self.handshake_timeout_s, self.ack_timeout_s, self.keepalive_s,
+                            self.router_stream_grace_s)

@@ -80,6 +80,9 @@ class PrefillJobs(JobTable):
         self._settle(entry, PrefillStatus.ABORTED, reason)
         self.publisher.flush()
 
+    def router_endpoint(self, entry: _Job) -> str:
+        return entry.order.notify_endpoint
+
     # -- LoopHandler -----------------------------------------------------------------------
 
     def before_step(self, batch: ScheduledBatch):
@@ -133,7 +136,7 @@ class PrefillJobs(JobTable):
             self._set(entry, PrefillState.TRANSFERRING)
 
     def tick(self) -> None:
-        self.end_expired()
+        self.sweep()
         for tid, entry in list(self.jobs.items()):
             result = self.sender.poll(tid)
             if result.status is TransferStatus.DONE:

@@ -9,9 +9,11 @@ Contract:
 - `submit` returns once the prefill worker queued the job; its outcome comes later, on the
   router's stream endpoint (the order's `notify_endpoint`).
 - No call waits for an engine step or stays open for a job's life.
-- `abort` is idempotent and never raises for an unknown id or a dead worker.
+- `abort` is idempotent and never raises for an unknown id, a dead or a hung worker.
 - Any other call raises WorkerGone when the worker cannot be reached (dead process, lost
-  actor, closed worker).
+  actor, closed worker) or does not answer within the call timeout (a hung worker; the
+  `--worker-call-timeout` flag, deploy.handles).
+- Every call returns or raises within the call timeout.
 Tokens and outcomes never come back through a handle: workers push them to the router's
 stream endpoint.
 """

@@ -16,11 +16,22 @@ Life of a worker:
              table) ends the same way, and `load().error` says why; later calls raise
              RuntimeError. A job whose own computation fails ends alone, with an error
              chunk (decode, colocated) or a FAILED outcome (prefill) naming the cause.
+
+Lost jobs end by themselves (`JobTable.sweep`, every loop turn), freeing all they hold,
+whether or not the router is there to abort them:
+- Deadlines: a job whose order's deadline passed (its client gave up).
+- Orphans: a job whose router is gone, its token stream unreachable for
+  `config.stream_grace_s` (worker.publisher: bounds). Jobs of other routers go on.
+- Tombstones: an abort is final for its transfer id. An order that reaches the loop after
+  its abort (a router's call that timed out on a worker that hung, applied when it resumed,
+  after the abort sent later on another connection) is ended as soon as it is added, for
+  TOMBSTONE_S after the abort.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -30,6 +41,11 @@ from pdserve.protocol import WorkerRole
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.loop import EngineLoop, LoadReport, LoopHandler
 from pdserve.worker.publisher import StreamPublisher
+
+log = logging.getLogger(__name__)
+TOMBSTONE_S = 60.0  # how long an abort of an unknown transfer id ends a late order for it
+_MAX_TOMBSTONES = 100_000
+_ORPHAN_CHECK_S = 0.1  # how often the routers' streams are checked
 
 
 class JobTable(LoopHandler):
@@ -42,10 +58,34 @@ class JobTable(LoopHandler):
         self.publisher = publisher
         self.jobs: dict = {}
         self.states: dict[str, enum.Enum] = {}
+        self._tombstones: dict[str, float] = {}  # transfer id -> monotonic time, oldest first
+        self._next_orphan_check = 0.0
 
     @abstractmethod
     def abort(self, transfer_id: str, reason: str) -> None:
         """End a live job, freeing everything it holds; unknown ids are ignored."""
+
+    @abstractmethod
+    def router_endpoint(self, entry) -> str:
+        """The stream endpoint of the router that ordered the job `entry` (from its order)."""
+
+    def abort_ordered(self, transfer_id: str, reason: str) -> None:
+        """The router's abort: end the job, or, if it is not here (yet), end its order when it
+        comes (Tombstones)."""
+        if transfer_id in self.jobs:
+            self.abort(transfer_id, reason)
+            return
+        self._tombstones.pop(transfer_id, None)
+        self._tombstones[transfer_id] = time.monotonic()
+        if len(self._tombstones) > _MAX_TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]
+
+    def sweep(self) -> None:
+        """End every lost job (the module's Deadlines, Orphans, Tombstones). The job tables
+        call it at the start of each `tick`, before the step."""
+        self.end_expired()
+        self._end_aborted_before_arrival()
+        self._end_orphans()
 
     def end_expired(self) -> None:
         """Abort every job whose order's deadline passed: its client has given up. Called
@@ -59,6 +99,30 @@ class JobTable(LoopHandler):
     def num_jobs(self) -> int:
         return len(self.states)
 
+    def _end_aborted_before_arrival(self) -> None:
+        if not self._tombstones:
+            return
+        cutoff = time.monotonic() - TOMBSTONE_S
+        while self._tombstones and next(iter(self._tombstones.values())) < cutoff:
+            del self._tombstones[next(iter(self._tombstones))]
+        for tid in self._tombstones.keys() & self.jobs.keys():
+            del self._tombstones[tid]
+            self.abort(tid, "aborted by the router before the order arrived")
+
+    def _end_orphans(self) -> None:
+        now = time.monotonic()
+        if now < self._next_orphan_check:
+            return
+        self._next_orphan_check = now + _ORPHAN_CHECK_S
+        by_router: dict[str, list[str]] = {}
+        for tid, entry in self.jobs.items():
+            by_router.setdefault(self.router_endpoint(entry), []).append(tid)
+        for endpoint in self.publisher.unreachable(by_router.keys()):
+            log.warning("the router at %s is gone (its stream unreachable for %gs): ending "
+                        "its %d jobs", endpoint, self.publisher.grace_s, len(by_router[endpoint]))
+            for tid in by_router[endpoint]:
+                self.abort(tid, f"the router's stream {endpoint} is gone")
+
 
 class Worker:
     role: WorkerRole
@@ -70,7 +134,8 @@ class Worker:
                              f"{config.role.value}")
         self.config = config
         self.engine = Engine(config.engine)
-        self._jobs = make_jobs(self.engine, StreamPublisher(config.worker_id))
+        self._jobs = make_jobs(self.engine,
+                               StreamPublisher(config.worker_id, config.stream_grace_s))
         self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
 
     @property
@@ -82,9 +147,11 @@ class Worker:
         return ""
 
     def abort(self, transfer_id: str) -> None:
-        """End a job in any live state, freeing all it holds; idempotent, unknown ids are
-        ignored. Does not wait: the job's end reaches the router like any other."""
-        self._loop.post(lambda: self._jobs.abort(transfer_id, "aborted by the router"))
+        """End a job in any live state, freeing all it holds; idempotent. An unknown id is
+        remembered for a while: an order for it that comes later is ended at once (the
+        module's Tombstones). Does not wait: the job's end reaches the router like any
+        other."""
+        self._loop.post(lambda: self._jobs.abort_ordered(transfer_id, "aborted by the router"))
 
     def job_state(self, transfer_id: str) -> enum.Enum | None:
         """The live job's state, or None once it ended (or was never seen)."""

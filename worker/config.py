@@ -25,6 +25,8 @@ class WorkerConfig:
     handshake_timeout_s: float = 5.0  # prefill: a decode worker that never answers is gone
     ack_timeout_s: float = 10.0  # prefill: after the first token, a receiver that never acks
     keepalive_s: float = 1.0  # prefill: how often a waiting job renews its reservation's lease
+    # a router whose token stream is unreachable this long is gone: its jobs end (publisher)
+    stream_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         want = ENGINE_MODES[self.role]
@@ -33,6 +35,8 @@ class WorkerConfig:
                              f"got {self.engine.scheduler.mode.value}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        if not self.stream_grace_s > 0:
+            raise ValueError(f"stream_grace_s must be > 0, got {self.stream_grace_s}")
 
     @property
     def kv_spec(self) -> KVSpec:
