@@ -86,9 +86,11 @@ class PdServeBackend(Backend):
             req.slo.ttft_ms, req.slo.tpot_ms = self._slo.ttft_ms, self._slo.tpot_ms
         result = RequestResult(prompt_len=len(sample.prompt))
         clock = _StreamClock(result)
+        final_seen = False
         try:
             async for response in self._stub.Generate(req, timeout=self._timeout):
                 if response.HasField("final"):
+                    final_seen = True
                     f = response.final
                     result.output_len = f.usage.completion_tokens
                     result.stages = {s: getattr(f.timing, s) for s in STAGES}
@@ -100,6 +102,8 @@ class PdServeBackend(Backend):
                     clock.chunk()
             clock.end()
             result.success = result.output_len > 0
+            if not final_seen:  # an OK status with no final message breaks the API
+                clock.fail("NO_FINAL", "the stream ended without a final message", False)
         except Exception as e:  # noqa: BLE001 - grpc errors and anything else: a failure
             rpc = isinstance(e, self._rpc_error)
             code = e.code().name if rpc else type(e).__name__

