@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the SLOs are calibrated on the first (default: %(default)s)")
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                     help="request rates as multiples of the measured capacity")
-    ap.add_argument("--num-prompts", type=int, default=64, help="measured requests per run")
+    ap.add_argument("--num-prompts", type=int, default=32, help="measured requests per run")
     ap.add_argument("--capacity-prompts", type=int, default=32,
                     help="requests of the closed-loop capacity measurement")
     ap.add_argument("--capacity-concurrency", type=int, default=8)
