@@ -80,9 +80,16 @@ async def stream(backend: Backend, tally: Tally, stop_at: float, make: random.Ra
             await asyncio.sleep(args.retry_after * make.uniform(0.5, 1.5))
 
 
-async def sample_rss(server: Server, tally: Tally, t0: float) -> dict:
-    """One sample: seconds since the load began, RSS (MB) per process, counts so far."""
-    workers = [(w.worker_id, w.role, w.kv_endpoint) for w in await cluster_status(server.target)]
+async def sample_rss(server: Server, tally: Tally, t0: float,
+                     workers: list[tuple[str, str, str]]) -> dict:
+    """One sample: seconds since the load began, RSS (MB) per process, counts so far.
+    `workers` (id, role, KV endpoint) names the worker processes; it is refreshed from the
+    router when it answers in time, and kept as it was when a busy router does not."""
+    try:
+        workers[:] = [(w.worker_id, w.role, w.kv_endpoint)
+                      for w in await cluster_status(server.target)]
+    except Exception:  # noqa: BLE001 - grpc errors: the last known names still hold
+        pass
     names = name_processes(server.proc.pid, workers)
     return {"t": time.monotonic() - t0,
             "rss_mb": {n: b / MB for n, b in sorted(rss_of(names).items())},
@@ -103,11 +110,12 @@ async def soak(server: Server, args) -> dict:
     backend = server.backend(timeout_s=args.hang_after + 60)  # our bound fires first
     tally = Tally()
     samples: list[dict] = []
+    workers: list[tuple[str, str, str]] = []
     try:
         for s in random_dataset(2, args.input_len, args.output_len, seed=-1):
             await backend.send(s)
         t0 = time.monotonic()
-        samples.append(await sample_rss(server, tally, t0))
+        samples.append(await sample_rss(server, tally, t0, workers))
         stop_at = t0 + args.duration
         seeds = random.Random(args.seed)
         tasks = [asyncio.ensure_future(stream(backend, tally, stop_at,
@@ -117,7 +125,7 @@ async def soak(server: Server, args) -> dict:
                    unit="s", file=sys.stderr)
         while (now := time.monotonic()) < stop_at:
             await asyncio.sleep(min(args.sample_every, stop_at - now))
-            samples.append(await sample_rss(server, tally, t0))
+            samples.append(await sample_rss(server, tally, t0, workers))
             bar.n = min(int(samples[-1]["t"]), int(args.duration))
             total = sum(samples[-1]["rss_mb"].values())
             bar.set_postfix({k: samples[-1][k] for k in ("ok", "refused", "failed", "hung")}
@@ -130,7 +138,7 @@ async def soak(server: Server, args) -> dict:
     finally:
         await backend.close()
     idle = await wait_idle(server.target, args.idle_timeout)
-    after = await sample_rss(server, tally, t0)
+    after = await sample_rss(server, tally, t0, workers)
     load_s = end["t"]
     summary = summarize(tally.results, load_s + drained_s)
     for key in ("ttfts", "tpots", "output_lens", "input_lens", "errors"):
