@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
 .PHONY: setup model serve test lint proto bench-engine bench-offline bench-decode bench-kv bench-ttft \
-	clean
+	bench-overload bench-soak clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,16 @@ bench-kv: model
 
 bench-ttft: model
 	$(PY) -m pdserve.bench.ttft --json bench/results/ttft.json --plot bench/results/ttft.png
+
+# overload at the door: mooncake and azure-conv replayed at 0.5x / 1x / 2x each deployment's
+# measured capacity, 1P1D and 2 colocated (~1 hour on a quiet 2-core machine)
+bench-overload: model
+	$(PY) -m pdserve.bench.overload --num-prompts 32 --out bench/results/overload
+
+# 1,000 concurrent streams of short requests through one router for 10 minutes: the RSS of
+# every process, leaked KV blocks, hung streams
+bench-soak: model
+	$(PY) -m pdserve.bench.soak --streams 1000 --duration 600 --out bench/results/soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache

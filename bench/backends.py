@@ -2,7 +2,9 @@
 completions endpoint with SSE streaming (vLLM, SGLang, ...), behind one interface.
 
 Both send token-id prompts with a forced output length (ignore_eos, greedy) and time the
-stream on the client exactly as vLLM's benchmark does (bench.metrics).
+stream on the client exactly as vLLM's benchmark does (bench.metrics). A request turned away
+at the door before any token (gRPC RESOURCE_EXHAUSTED, HTTP 429) is marked `refused`, with
+the time to the refusal in `latency`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 
-from pdserve.bench.metrics import STAGES, RequestResult
+from pdserve.bench.metrics import STAGES, RequestResult, Slo
 from pdserve.bench.workload import Sample
 
 
@@ -34,6 +36,13 @@ class _StreamClock:
     def end(self) -> None:
         self.result.latency = self.last - self.start
 
+    def fail(self, code: str, error: str, refused: bool) -> None:
+        """The stream ended with an error; a refusal counts only before any token."""
+        r = self.result
+        r.latency = time.perf_counter() - self.start
+        r.code, r.error = code, error
+        r.refused = refused and r.ttft == 0.0
+
 
 class Backend(ABC):
     name: str
@@ -50,17 +59,22 @@ class Backend(ABC):
 class PdServeBackend(Backend):
     name = "pdserve"
 
-    def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0):
+    def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0,
+                 slo: Slo | None = None):
+        """`slo`, when given, goes with every request (GenerateRequest.slo): the router's
+        admission then judges each request against it instead of its default."""
         import grpc
 
         from pdserve.rpc import pdserve_pb2 as pb
         from pdserve.rpc import pdserve_pb2_grpc
 
         self._pb = pb
+        self._rpc_error = grpc.aio.AioRpcError
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pdserve_pb2_grpc.PdServeStub(self._channel)
         self._hint = pb.Disaggregation.Value(f"DISAGGREGATION_{disaggregation.upper()}")
         self._timeout = timeout_s
+        self._slo = slo
 
     async def send(self, sample: Sample) -> RequestResult:
         pb = self._pb
@@ -68,11 +82,15 @@ class PdServeBackend(Backend):
         req.sampling.max_tokens = sample.output_len
         req.sampling.temperature = 0.0
         req.sampling.ignore_eos = True
+        if self._slo is not None:
+            req.slo.ttft_ms, req.slo.tpot_ms = self._slo.ttft_ms, self._slo.tpot_ms
         result = RequestResult(prompt_len=len(sample.prompt))
         clock = _StreamClock(result)
+        final_seen = False
         try:
             async for response in self._stub.Generate(req, timeout=self._timeout):
                 if response.HasField("final"):
+                    final_seen = True
                     f = response.final
                     result.output_len = f.usage.completion_tokens
                     result.stages = {s: getattr(f.timing, s) for s in STAGES}
@@ -84,9 +102,13 @@ class PdServeBackend(Backend):
                     clock.chunk()
             clock.end()
             result.success = result.output_len > 0
+            if not final_seen:  # an OK status with no final message breaks the API
+                clock.fail("NO_FINAL", "the stream ended without a final message", False)
         except Exception as e:  # noqa: BLE001 - grpc errors and anything else: a failure
-            details = e.details() if hasattr(e, "details") else str(e)
-            result.error = f"{type(e).__name__}: {details}"
+            rpc = isinstance(e, self._rpc_error)
+            code = e.code().name if rpc else type(e).__name__
+            details = e.details() if rpc else str(e)
+            clock.fail(code, f"{code}: {details}", code == "RESOURCE_EXHAUSTED")
         return result
 
     async def close(self) -> None:
@@ -118,7 +140,9 @@ class OpenAIBackend(Backend):
         try:
             async with self._session.post(self._url, json=body) as resp:
                 if resp.status != 200:
-                    result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                    code = f"HTTP {resp.status}"
+                    clock.fail(code, f"{code}: {(await resp.text())[:200]}",
+                               resp.status == 429)
                     return result
                 async for raw in resp.content:
                     line = raw.decode().strip()
@@ -136,7 +160,7 @@ class OpenAIBackend(Backend):
             clock.end()
             result.success = result.output_len > 0 and result.ttft > 0
         except Exception as e:  # noqa: BLE001
-            result.error = f"{type(e).__name__}: {e}"
+            clock.fail(type(e).__name__, f"{type(e).__name__}: {e}", False)
         return result
 
     async def close(self) -> None:

@@ -3,8 +3,13 @@
 Per request (client side): TTFT = send -> first chunk with output; ITL = gaps between
 successive chunks; E2EL = send -> last chunk; TPOT = (E2EL - TTFT) / (output tokens - 1).
 A run's summary uses vLLM's key names (`request_throughput`, `mean_ttft_ms`, `p99_tpot_ms`,
-...). Our own keys are prefixed `slo_` (attainment over ALL issued requests: a failure is a
-miss) and `disagg_` (server-side stages). Goodput (DistServe) is the highest request rate
+...). A request that did not complete is either *refused* (turned away at the door before
+any work: RESOURCE_EXHAUSTED from pdserve's admission or queue bound, HTTP 429) or *failed*
+(anything else, including an error after admission); `completed + failed + refused =
+num_prompts`, and `*_refusal_ms` is send -> the refusal, in vLLM's statistic shapes. Our own
+keys are prefixed `slo_` (attainment over ALL issued requests: a failure or a refusal is a
+miss; `slo_admitted_attainment` over the requests not refused) and `disagg_` (server-side
+stages). Goodput (DistServe) is the highest request rate
 whose attainment stays at or above the target, linearly interpolated between measured
 rates, divided by the number of workers.
 """
@@ -29,11 +34,13 @@ class RequestResult:
     error: str = ""
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between chunks
-    latency: float = 0.0  # E2EL, seconds
+    latency: float = 0.0  # E2EL, seconds; for a failure or refusal, send -> the error
     output_len: int = 0
     stages: dict[str, float] = field(default_factory=dict)  # ms, from the server
     disaggregated: bool = False
     kv_window_s: float = 0.0  # prefill start -> all KV at the decode worker
+    refused: bool = False  # turned away at admission, before any token (never a success)
+    code: str = ""  # the failure's status: a gRPC code name or "HTTP <n>"
 
     @property
     def tpot(self) -> float | None:
@@ -72,12 +79,14 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
               kv_bytes_per_token: int = 0) -> dict:
     """One run's result dict (vLLM's keys plus `slo_*` and `disagg_*`)."""
     ok = [r for r in results if r.success]
+    refused = [r for r in results if r.refused and not r.success]
     tpots = [r.tpot for r in ok if r.tpot is not None]
     out: dict = {
         "duration": duration_s,
         "num_prompts": len(results),
         "completed": len(ok),
-        "failed": len(results) - len(ok),
+        "failed": len(results) - len(ok) - len(refused),
+        "refused": len(refused),
         "total_input_tokens": sum(r.prompt_len for r in ok),
         "total_output_tokens": sum(r.output_len for r in ok),
         "request_throughput": len(ok) / duration_s if duration_s else 0.0,
@@ -89,6 +98,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     out.update(_stats("tpot", [t * 1e3 for t in tpots], percentiles))
     out.update(_stats("itl", [g * 1e3 for r in ok for g in r.itl], percentiles))
     out.update(_stats("e2el", [r.latency * 1e3 for r in ok], percentiles))
+    out.update(_stats("refusal", [r.latency * 1e3 for r in refused], percentiles))
     if slo is not None:
         n = max(len(results), 1)
         good = sum(slo.met(r) for r in results)
@@ -96,6 +106,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
             "request_goodput": good / duration_s if duration_s else 0.0,
             "slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms,
             "slo_attainment": good / n,
+            # of the requests let in: what admission promises to keep
+            "slo_admitted_attainment": good / max(len(results) - len(refused), 1),
             "slo_ttft_attainment": sum(slo.ttft_met(r) for r in results) / n,
             "slo_tpot_attainment": sum(slo.tpot_met(r) for r in results) / n,
         })

@@ -80,6 +80,7 @@ def print_summary(result: dict, title: str = "Serving Benchmark Result") -> None
     print(f"{line}\n{title:^60}\n{line}")
     rows = [("Successful requests:", result["completed"]),
             ("Failed requests:", result["failed"]),
+            ("Refused requests:", result["refused"]),
             ("Benchmark duration (s):", f"{result['duration']:.2f}"),
             ("Total input tokens:", result["total_input_tokens"]),
             ("Total generated tokens:", result["total_output_tokens"]),
@@ -88,11 +89,16 @@ def print_summary(result: dict, title: str = "Serving Benchmark Result") -> None
     if "slo_attainment" in result:
         rows += [("Request goodput (req/s):", f"{result['request_goodput']:.3f}"),
                  (f"SLO attainment (TTFT {result['slo_ttft_ms']:.0f} ms, "
-                  f"TPOT {result['slo_tpot_ms']:.0f} ms):", f"{result['slo_attainment']:.1%}")]
+                  f"TPOT {result['slo_tpot_ms']:.0f} ms):", f"{result['slo_attainment']:.1%}"),
+                 ("SLO attainment of admitted requests:",
+                  f"{result['slo_admitted_attainment']:.1%}")]
     for label, value in rows:
         print(f"{label:<48}{value:>12}")
-    for metric, name in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token"),
-                         ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    metrics = [("ttft", "Time to First Token"), ("tpot", "Time per Output Token"),
+               ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")]
+    if result["refused"]:
+        metrics.append(("refusal", "Refusal Latency"))
+    for metric, name in metrics:
         print(f"{'-' * 20}{name:^20}{'-' * 20}")
         for key in sorted(k for k in result
                           if k.endswith(f"_{metric}_ms") and not k.startswith("slo_")):
@@ -156,6 +162,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--slo-ttft-ms", type=float, default=None,
                     help="with --slo-tpot-ms: SLO attainment and goodput")
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
+    ap.add_argument("--send-slo", action="store_true",
+                    help="pdserve: send the SLO with every request, so the router's admission "
+                         "judges each request by it (default: the server's --default-ttft-slo)")
     ap.add_argument("--percentiles", type=float, nargs="+", default=[50, 90, 99])
     ap.add_argument("--kv-bytes-per-token", type=int, default=2 * 30 * 3 * 64 * 4,
                     help="for the KV bytes moved (default: SmolLM2 fp32)")
@@ -165,8 +174,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def make_backend(args) -> Backend:
     if args.backend == "pdserve":
-        return PdServeBackend(args.target, args.disaggregation)
+        slo = _slo(args) if args.send_slo else None
+        if args.send_slo and slo is None:
+            raise SystemExit("--send-slo needs --slo-ttft-ms and --slo-tpot-ms")
+        return PdServeBackend(args.target, args.disaggregation, slo=slo)
     return OpenAIBackend(args.base_url, args.model)
+
+
+def _slo(args) -> Slo | None:
+    if args.slo_ttft_ms is None or args.slo_tpot_ms is None:
+        return None
+    return Slo(args.slo_ttft_ms, args.slo_tpot_ms)
 
 
 async def bench(args) -> dict:
@@ -181,8 +199,7 @@ async def bench(args) -> dict:
         workers = await _workers(args) if args.backend == "pdserve" else {}
     finally:
         await backend.close()
-    slo = (Slo(args.slo_ttft_ms, args.slo_tpot_ms)
-           if args.slo_ttft_ms is not None and args.slo_tpot_ms is not None else None)
+    slo = _slo(args)
     result = summarize(results, duration, slo, args.percentiles, args.kv_bytes_per_token)
     result.update({"backend": args.backend, "dataset": args.dataset, "label": args.label,
                    "request_rate": args.request_rate, "burstiness": args.burstiness,

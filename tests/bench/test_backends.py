@@ -1,5 +1,5 @@
 """The OpenAI-compatible backend against a small SSE server shaped like vLLM's: timing per
-chunk, tokens from the usage report, HTTP errors as failures."""
+chunk, tokens from the usage report, HTTP errors as failures, 429 as a refusal."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pdserve.bench.workload import Sample
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    if body["max_tokens"] == 429:
+        return web.json_response({"error": "overloaded"}, status=429)
     if body["max_tokens"] > 100:
         return web.json_response({"error": "max_tokens too large"}, status=400)
     assert body["stream"] and body["ignore_eos"] and body["prompt"] == [5, 6, 7]
@@ -45,8 +47,10 @@ async def _run(samples):
 
 
 def test_openai_backend_times_chunks_and_counts_usage_tokens():
-    good, bad = asyncio.run(_run([Sample((5, 6, 7), 5), Sample((5, 6, 7), 500)]))
+    good, bad, busy = asyncio.run(_run([Sample((5, 6, 7), 5), Sample((5, 6, 7), 500),
+                                        Sample((5, 6, 7), 429)]))
     assert good.success and good.output_len == 5 and len(good.itl) == 4
     assert 0.015 < good.ttft < 1.0 and all(0.01 < g < 1.0 for g in good.itl)
     assert good.tpot is not None and good.latency >= good.ttft
-    assert not bad.success and bad.error.startswith("HTTP 400")
+    assert not bad.success and bad.error.startswith("HTTP 400") and not bad.refused
+    assert not busy.success and busy.refused and busy.code == "HTTP 429" and busy.latency > 0
