@@ -13,7 +13,7 @@ import importlib.util
 import sys
 import time
 
-from pdserve.deploy.bench_cmd import add_bench, is_sweep, run_bench
+from pdserve.deploy.bench_cmd import add_bench, is_experiment, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
 from pdserve.deploy.serve_cmd import add_serve
 
@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every later argument is the benchmark's own
         rest = argv[1:]
-        # a sweep starts servers; its --help needs none
-        if is_sweep(rest) and not {"-h", "--help"} & set(rest) \
+        # an experiment starts servers; its --help needs none
+        if is_experiment(rest) and not {"-h", "--help"} & set(rest) \
                 and (missing := missing_server_modules()):
-            return _missing_extra("bench sweep", missing)
+            return _missing_extra(f"bench {rest[0]}", missing)
         return run_bench(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
