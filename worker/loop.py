@@ -95,7 +95,7 @@ class EngineLoop:
         self._prefix_lock = threading.Lock()
         self._prefix_events: tuple[set[int], set[int]] | None = None  # None: nobody asked
         self._rate = PrefillRate()
-        self._step_prefill_tokens = self._step_tokens = 0
+        self._step_prefill_tokens = 0
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -166,12 +166,14 @@ class EngineLoop:
         self._apply_calls(block_s=0.0)
         self.handler.tick()
         if self.engine.has_work():
+            backlog = self._report.engine.num_queued_prefill_tokens > 0
             started = time.perf_counter()
             outputs = self.engine.step(self._before_step)
-            self._rate.observe(self._step_prefill_tokens, self._step_tokens,
-                               time.perf_counter() - started)
+            self._rate.observe(self._step_prefill_tokens, time.perf_counter() - started,
+                               backlog)
             self.handler.after_step(outputs)
         else:
+            self._rate.flush()
             self._report = self._snapshot()
             self._apply_calls(block_s=self.handler.idle_wait())
             return
@@ -224,7 +226,6 @@ class EngineLoop:
 
     def _before_step(self, batch: ScheduledBatch):
         self._step_prefill_tokens = prefill_tokens(batch)
-        self._step_tokens = sum(item.num_new_tokens for item in batch.requests)
         return self.handler.before_step(batch)
 
     def _snapshot(self) -> LoadReport:

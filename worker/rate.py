@@ -1,13 +1,18 @@
 """How fast a worker prefills, measured on its own steps: what admission control divides
-queued prefill tokens by to tell how long a new prompt would wait for its first token."""
+queued prefill tokens by to tell how long a new prompt would wait for its first token.
+
+The rate is prompt tokens over the wall time of every step taken while prompt tokens were
+waiting, decode-only steps included: on a colocated worker those steps delay the queued
+prompts as much as prefill steps do, so leaving them out would promise TTFTs the worker
+cannot keep. Time with no prompt waiting says nothing and is not counted.
+"""
 
 from __future__ import annotations
 
 from pdserve.engine.scheduler import ScheduledBatch
 
-# A step with fewer prompt tokens than this is mostly per-step overhead (a decode step):
-# it says little about the prefill rate and would drag the estimate down.
-MIN_PREFILL_TOKENS = 16
+WINDOW_S = 0.2  # busy time per sample: long enough to hold several steps
+MIN_PREFILL_TOKENS = 16  # a sample with fewer prompt tokens is mostly per-step overhead
 
 
 def prefill_tokens(batch: ScheduledBatch) -> int:
@@ -21,18 +26,32 @@ def prefill_tokens(batch: ScheduledBatch) -> int:
 
 
 class PrefillRate:
-    """An exponential moving average of prompt tokens per second of step time, over the
-    steps that prefill at least MIN_PREFILL_TOKENS tokens; 0.0 until the first one."""
+    """An exponential moving average of prompt tokens per second of busy time (see the
+    module), sampled every WINDOW_S of it, when the backlog drains and when the engine
+    idles; 0.0 until the first sample."""
 
-    def __init__(self, weight: float = 0.2):
+    def __init__(self, weight: float = 0.3):
         self.weight = weight
         self.tokens_per_s = 0.0
+        self._tokens = 0
+        self._seconds = 0.0
 
-    def observe(self, num_prefill_tokens: int, num_tokens: int, seconds: float) -> None:
-        """A step of `num_tokens` tokens, `num_prefill_tokens` of them prompt tokens, took
-        `seconds`; the step's rate counts all its tokens, since all of them took its time."""
-        if num_prefill_tokens < MIN_PREFILL_TOKENS or seconds <= 0:
+    def observe(self, num_prefill_tokens: int, seconds: float, backlog: bool) -> None:
+        """A step computed `num_prefill_tokens` prompt tokens in `seconds`; `backlog`: prompt
+        tokens were waiting when it began."""
+        if backlog or num_prefill_tokens:
+            self._tokens += num_prefill_tokens
+            self._seconds += seconds
+            if self._seconds < WINDOW_S:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Take the sample gathered so far (the backlog drained, or the engine went idle)."""
+        tokens, seconds = self._tokens, self._seconds
+        self._tokens, self._seconds = 0, 0.0
+        if tokens < MIN_PREFILL_TOKENS or seconds <= 0:
             return
-        rate = num_tokens / seconds
+        rate = tokens / seconds
         w = self.weight if self.tokens_per_s else 1.0
         self.tokens_per_s += w * (rate - self.tokens_per_s)
