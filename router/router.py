@@ -58,7 +58,7 @@ from pdserve.protocol import (
     WorkerRole,
     block_hashes,
 )
-from pdserve.router.admission import Backlog, estimate_wait_s, refusal
+from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.limits import InputLimits
@@ -160,6 +160,7 @@ class Router:
         self.stream = StreamReader(config.stream_host)
         self._queued = 0
         self._queued_tokens = 0  # prompt tokens of the requests in the router queue
+        self._slots = SlotRate()
         # per worker, this router's requests whose prefill there has not ended: tid -> tokens
         self._prefilling: dict[str, dict[str, int]] = {}
         self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
@@ -287,6 +288,8 @@ class Router:
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
                 await asyncio.shield(self._abort(tid, decode, prefill))
+            if decode is not None:
+                self._slots.released(self._queued > 0)
             await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
@@ -387,6 +390,8 @@ class Router:
                             w.record.prefill_tokens_per_s)
                     for w in self.view.of_role(*roles)]
         wait = estimate_wait_s(backlogs, len(req.prompt_token_ids), self._queued_tokens)
+        if wait is not None:
+            wait += slot_wait_s(self._queued, self._slots.per_s())
         if (why := refusal(wait, budget)) is not None:
             raise overloaded(why)
 

@@ -91,3 +91,37 @@ def test_a_burst_counts_what_this_router_sent_since_the_last_report():
             await router.stream.close()
 
     asyncio.run(main())
+
+
+def test_slots_that_free_slowly_add_the_router_queues_wait():
+    from pdserve.router.admission import SlotRate, slot_wait_s
+
+    slots = SlotRate(window_s=10.0, min_samples=4)
+    for t in range(3):
+        slots.released(queue_waiting=True, now=100.0 + t)
+    slots.released(queue_waiting=False, now=103.0)  # nobody waited: says nothing
+    assert slots.per_s(now=103.0) is None  # three samples: too few to tell
+    slots.released(queue_waiting=True, now=104.0)
+    assert slots.per_s(now=104.0) == pytest.approx(4 / 4.0)  # 4 releases over 4 s
+    assert slot_wait_s(10, slots.per_s(now=104.0)) == pytest.approx(10.0)
+    assert slots.per_s(now=200.0) is None  # the window moved past them
+    assert slot_wait_s(0, 1.0) == 0.0 and slot_wait_s(5, None) == 0.0
+
+
+def test_the_router_adds_the_slot_wait_to_the_prefill_estimate():
+    async def main():
+        p = _worker("p", WorkerRole.PREFILL, queued=0, rate=1000.0)
+        router = _router(3.0, p)
+        try:
+            router._admit(_request(100), disagg=True)  # 0.1 s of prefill, no queue
+            router._queued = 20  # twenty requests wait for a slot; slots free at 5/s
+            for t in range(5):
+                router._slots.released(True, now=time.monotonic() - 1.0 + t * 0.2)
+            with pytest.raises(RequestError) as e:
+                router._admit(_request(100), disagg=True)  # 0.1 s + 20 / ~5 per s
+            assert "first token" in str(e.value)
+        finally:
+            router._queued = 0
+            await router.stream.close()
+
+    asyncio.run(main())
