@@ -45,6 +45,12 @@ def add_serve(sub) -> None:
                    help="a decode reservation ends after this long with no KV and no "
                         "keep-alive from its prefill worker; time in the prefill queue does "
                         "not count (%(default)s)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="dispatches of a request whose worker fails it before its first "
+                        "token, the first included (%(default)s)")
+    p.add_argument("--migration-limit", type=int, default=3,
+                   help="times a request whose worker fails it after tokens streamed moves "
+                        "to another worker, the stream going on; 0 fails it (%(default)s)")
     p.add_argument("--worker-call-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="a router call to a worker (reserve, submit, generate, abort) with no "
                         "answer in this time finds the worker gone: the request fails with "
@@ -107,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            disaggregation_threshold=args.disaggregation_threshold,
                            default_ttft_slo_s=args.default_ttft_slo,
                            lease_s=args.kv_lease,
+                           max_attempts=args.max_attempts,
+                           migration_limit=args.migration_limit,
                            input_limits=input_limits(args)))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated

@@ -103,6 +103,12 @@ class RouterConfig:
     max_attempts: int = 3  # dispatches of a request that a worker fails before any token
     migration_limit: int = 3  # moves to another worker after tokens streamed (Dynamo's)
 
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+
 
 class RequestError(Exception):
     """Ends a request with a gRPC status; `code` is a grpc.StatusCode name. `retryable`:
