@@ -38,6 +38,7 @@ on both sides; the slots are given back in all cases.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import itertools
@@ -166,6 +167,10 @@ class Router:
         self.stream = StreamReader(config.stream_host)
         self._queued = 0
         self._queued_tokens = 0  # prompt tokens of the requests in the router queue
+        # the router queue's lines, disaggregated and local: tickets in arrival order
+        self._lines: dict[bool, collections.deque[object]] = {
+            True: collections.deque(), False: collections.deque()}
+        self._notifies: set[asyncio.Task] = set()
         self._slots = SlotRate()
         # per worker, this router's requests whose prefill there has not ended: tid -> tokens
         self._prefilling: dict[str, dict[str, int]] = {}
@@ -347,15 +352,25 @@ class Router:
                                 avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None]:
         """The router queue: until a decode (or colocated) worker has a slot and the
         prompt's blocks, and, when disaggregated, a prefill worker has a slot. Workers in
-        `avoid` (they failed this request) are passed over while others are listed."""
+        `avoid` (they failed this request) are passed over while others are listed.
+
+        First come, first served within each line (disaggregated, local): only the head of
+        a line picks workers. Without it every waiter raced for each freed slot, and an
+        unlucky one could wait without bound behind later arrivals."""
         if self._queued >= self.config.max_queue:
             raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
                              "waiting for a worker)")
         n = len(req.prompt_token_ids)
+        line = self._lines[disagg]
+        ticket = object()
+        line.append(ticket)
         self._queued += 1
         self._queued_tokens += n
         try:
             while True:
+                if line[0] is not ticket:
+                    await self.view.wait_for_change(self.config.refresh_s)
+                    continue
                 decode_roles = ((WorkerRole.DECODE,) if disagg
                                 else (WorkerRole.COLOCATED, WorkerRole.DECODE))
                 decodes = _preferring(self.view.of_role(*decode_roles), avoid)
@@ -376,6 +391,14 @@ class Router:
         finally:
             self._queued -= 1
             self._queued_tokens -= n
+            head = line[0] is ticket
+            line.remove(ticket)
+            if head and line:
+                # the next in line looks now, not at a refresh; from a task, so it looks
+                # after the caller took the slot just picked (no await before that)
+                task = asyncio.get_running_loop().create_task(self.view.notify())
+                self._notifies.add(task)
+                task.add_done_callback(self._notifies.discard)
 
     # -- admission -----------------------------------------------------------------------------
 

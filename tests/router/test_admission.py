@@ -125,3 +125,38 @@ def test_the_router_adds_the_slot_wait_to_the_prefill_estimate():
             await router.stream.close()
 
     asyncio.run(main())
+
+
+def test_the_router_queue_serves_its_waiters_in_arrival_order():
+    """One slot frees at a time: each goes to the oldest waiter, not to whoever wakes first."""
+    from pdserve.router.view import LiveWorker
+
+    async def main():
+        d = _worker("d", WorkerRole.DECODE, 0, 0.0)
+        router = _router(0.0, d)
+        router.config = RouterConfig(max_in_flight_per_worker=1, default_ttft_slo_s=0.0,
+                                     refresh_s=30.0)  # no timed look: only notifies wake
+        served: list[int] = []
+        d.in_flight["busy"] = asyncio.Queue()  # the only slot is taken
+
+        async def waiter(i: int):
+            decode, _ = await router._wait_for_workers(_request(10), False, set())
+            assert isinstance(decode, LiveWorker)
+            served.append(i)
+            decode.in_flight[f"t{i}"] = asyncio.Queue()  # holds the slot, as dispatch does
+
+        try:
+            tasks = []
+            for i in range(5):
+                tasks.append(asyncio.create_task(waiter(i)))
+                await asyncio.sleep(0)  # arrive in order
+            for i, _ in enumerate(tasks):
+                freed = "busy" if i == 0 else f"t{i - 1}"
+                d.in_flight.pop(freed)
+                await router.view.notify()
+                await asyncio.wait_for(asyncio.shield(tasks[i]), 5)
+            assert served == [0, 1, 2, 3, 4]
+        finally:
+            await router.stream.close()
+
+    asyncio.run(main())
