@@ -15,7 +15,7 @@ colocated, each started through `pdserve serve --no-ray --pin-cores`):
    lengths, shared prefixes and arrival pattern) with the gaps rescaled so the mean rate is
    m x capacity; every request carries the SLO (GenerateRequest.slo), so admission judges it
    by that; then the cluster must go idle with every KV block free (bench.cluster).
-The targets (issue 14): 0 failed after admission, >= 90% SLO attainment of admitted
+The targets: 0 failed after admission, >= 90% SLO attainment of admitted
 requests at 2x, refusals answered in < 50 ms (p99).
 
     python -m pdserve.bench.overload --out bench/results/overload
@@ -185,7 +185,7 @@ async def run_deployment(server: Server, r: Replay, args, slo: Slo | None,
 
 
 def verdicts(runs: list[dict]) -> dict:
-    """Each target of issue 14 over `runs`: met or not, with the worst figure."""
+    """Each robustness target over `runs`: met or not, with the worst figure."""
     top = max((r["multiplier"] for r in runs), default=0)
     at_top = [r["slo_admitted_attainment"] for r in runs if r["multiplier"] == top]
     refusal = [r["p99_refusal_ms"] for r in runs if r["refused"]]

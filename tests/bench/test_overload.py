@@ -1,6 +1,6 @@
 """The overload replay's arithmetic: a trace window rescaled to a target rate, capacity from
 a closed loop's steady window, calibration requests of typical lengths, the verdicts against
-issue 14's targets, and the plot (from a synthetic result, no server)."""
+the robustness targets, and the plot (from a synthetic result, no server)."""
 
 from __future__ import annotations
 
