@@ -23,6 +23,11 @@ class WorkerLoad:
     in_flight: int = 0
 
 
+class Policy(enum.Enum):
+    LOAD = "load"  # least loaded, prefix-aware
+    ROUND_ROBIN = "round_robin"
+
+
 class Hint(enum.Enum):
     AUTO = 0
     ALWAYS = 1

@@ -38,15 +38,12 @@ on both sides; the slots are given back in all cases.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import enum
-import itertools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdserve.protocol import (
     DecodeOrder,
@@ -57,19 +54,21 @@ from pdserve.protocol import (
     PrefillStatus,
     TokenChunk,
     WorkerRole,
-    block_hashes,
 )
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
+from pdserve.router.errors import (
+    RequestError,
+    check_fits,
+    overloaded,
+    unavailable,
+    worker_failed,
+)
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.limits import InputLimits
-from pdserve.router.policy import (
-    choose_decode,
-    choose_prefill,
-    round_robin,
-    should_disaggregate,
-)
-from pdserve.router.registry import prefix_hits
+from pdserve.router.policy import Policy, should_disaggregate
+from pdserve.router.queue import RouterQueue
+from pdserve.router.retry import Attempt, continuation
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
@@ -77,11 +76,6 @@ from pdserve.router.view import ClusterView, Gone, HandleFactory, LiveWorker
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-class Policy(enum.Enum):
-    LOAD = "load"  # least loaded, prefix-aware (router.policy)
-    ROUND_ROBIN = "round_robin"
 
 
 @dataclass(frozen=True)
@@ -111,52 +105,6 @@ class RouterConfig:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
 
 
-class RequestError(Exception):
-    """Ends a request with a gRPC status; `code` is a grpc.StatusCode name. `retryable`:
-    a worker failed the request (another may serve it); `worker_ids`: the workers at
-    fault, when known."""
-
-    def __init__(self, code: str, message: str, retryable: bool = False,
-                 worker_ids: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.code = code
-        self.retryable = retryable
-        self.worker_ids = worker_ids
-
-
-@dataclass
-class _Attempt:
-    """What the final message needs of the dispatch that served a request."""
-
-    dispatched: float
-    decode_id: str
-    prefill_id: str
-    worker: TokenChunk  # the latest chunk with the decode worker's stamps
-
-
-def _continuation(req: ValidRequest, out_ids: list[int]) -> ValidRequest:
-    """The request to dispatch after `out_ids` were streamed: prompt and tokens so far as
-    the prompt, and only the tokens still allowed to come."""
-    if not out_ids:
-        return req
-    sampling = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(out_ids))
-    return replace(req, prompt_token_ids=req.prompt_token_ids + tuple(out_ids),
-                   sampling=sampling)
-
-
-def overloaded(message: str) -> RequestError:
-    return RequestError("RESOURCE_EXHAUSTED", message)
-
-
-def unavailable(message: str) -> RequestError:
-    return RequestError("UNAVAILABLE", message)
-
-
-def worker_failed(message: str, *worker_ids: str) -> RequestError:
-    """A worker failed the request: UNAVAILABLE, and another worker may serve it."""
-    return RequestError("UNAVAILABLE", message, retryable=True, worker_ids=worker_ids)
-
-
 class Router:
     def __init__(self, config: RouterConfig, tokenizer: RouterTokenizer, redis,
                  connect: HandleFactory):
@@ -165,17 +113,11 @@ class Router:
         self.redis = redis
         self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host)
-        self._queued = 0
-        self._queued_tokens = 0  # prompt tokens of the requests in the router queue
-        # the router queue's lines, disaggregated and local: tickets in arrival order
-        self._lines: dict[bool, collections.deque[object]] = {
-            True: collections.deque(), False: collections.deque()}
-        self._notifies: set[asyncio.Task] = set()
+        self.queue = RouterQueue(config, self.view, redis)
         self._slots = SlotRate()
         # per worker, this router's requests whose prefill there has not ended: tid -> tokens
         self._prefilling: dict[str, dict[str, int]] = {}
         self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
-        self._turn = itertools.count()
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -222,7 +164,7 @@ class Router:
         while True:
             attempts += 1
             started = time.time()
-            run = self._attempt(request_id, _continuation(req, out_ids), deadline, avoid)
+            run = self._attempt(request_id, continuation(req, out_ids), deadline, avoid)
             try:
                 async with contextlib.aclosing(run) as chunks:
                     async for chunk, attempt in chunks:
@@ -265,7 +207,7 @@ class Router:
                                    self.config.disaggregation_threshold, bool(prefills))
 
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
-                       avoid: set[str]) -> AsyncIterator[tuple[TokenChunk, _Attempt]]:
+                       avoid: set[str]) -> AsyncIterator[tuple[TokenChunk, Attempt]]:
         """One dispatch of the request under a fresh transfer id: its token chunks, each with
         what the final message needs of this attempt. Whatever way it ends short of the
         decode job's own last chunk, both workers' jobs are aborted (blocks freed) and the
@@ -277,7 +219,7 @@ class Router:
         try:
             decode, prefill, dispatched = await self._dispatch(
                 req, tid, self._disaggregates(req, avoid), queue, deadline, avoid)
-            attempt = _Attempt(dispatched, decode.worker_id,
+            attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
             async with contextlib.aclosing(self._chunks(queue, decode, prefill)) as stream:
                 async for chunk in stream:
@@ -300,7 +242,7 @@ class Router:
                 # shielded: a cancelled request still frees what it holds on both workers
                 await asyncio.shield(self._abort(tid, decode, prefill))
             if decode is not None:
-                self._slots.released(self._queued > 0)
+                self._slots.released(self.queue.queued > 0)
             await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
@@ -313,7 +255,7 @@ class Router:
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
                             self.config.lease_s, deadline)
         while True:
-            decode, prefill = await self._wait_for_workers(req, disagg, avoid)
+            decode, prefill = await self.queue.wait(req, disagg, avoid)
             decode.in_flight[tid] = queue
             dispatched = time.time()
             try:
@@ -348,58 +290,6 @@ class Router:
             raise worker_failed(f"worker {worker.worker_id} is gone: {e}",
                                 worker.worker_id) from e
 
-    async def _wait_for_workers(self, req: ValidRequest, disagg: bool,
-                                avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None]:
-        """The router queue: until a decode (or colocated) worker has a slot and the
-        prompt's blocks, and, when disaggregated, a prefill worker has a slot. Workers in
-        `avoid` (they failed this request) are passed over while others are listed.
-
-        First come, first served within each line (disaggregated, local): only the head of
-        a line picks workers. Without it every waiter raced for each freed slot, and an
-        unlucky one could wait without bound behind later arrivals."""
-        if self._queued >= self.config.max_queue:
-            raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
-                             "waiting for a worker)")
-        n = len(req.prompt_token_ids)
-        line = self._lines[disagg]
-        ticket = object()
-        line.append(ticket)
-        self._queued += 1
-        self._queued_tokens += n
-        try:
-            while True:
-                if line[0] is not ticket:
-                    await self.view.wait_for_change(self.config.refresh_s)
-                    continue
-                decode_roles = ((WorkerRole.DECODE,) if disagg
-                                else (WorkerRole.COLOCATED, WorkerRole.DECODE))
-                decodes = _preferring(self.view.of_role(*decode_roles), avoid)
-                if not decodes:
-                    names = " or ".join(r.value for r in decode_roles)
-                    raise unavailable(f"no live {names} worker")
-                _check_fits(decodes, len(req.prompt_token_ids))
-                prefill = None
-                if disagg:
-                    prefills = _preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
-                    if not prefills:
-                        raise unavailable("no live prefill worker")
-                    prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
-                decode = self._pick_decode(decodes, len(req.prompt_token_ids))
-                if decode is not None and (prefill is not None or not disagg):
-                    return decode, prefill
-                await self.view.wait_for_change(self.config.refresh_s)  # a slot, blocks
-        finally:
-            self._queued -= 1
-            self._queued_tokens -= n
-            head = line[0] is ticket
-            line.remove(ticket)
-            if head and line:
-                # the next in line looks now, not at a refresh; from a task, so it looks
-                # after the caller took the slot just picked (no await before that)
-                task = asyncio.get_running_loop().create_task(self.view.notify())
-                self._notifies.add(task)
-                task.add_done_callback(self._notifies.discard)
-
     # -- admission -----------------------------------------------------------------------------
 
     def _admit(self, req: ValidRequest, disagg: bool) -> None:
@@ -408,7 +298,7 @@ class Router:
         holders = self.view.of_role(*((WorkerRole.DECODE,) if disagg else
                                       (WorkerRole.COLOCATED, WorkerRole.DECODE)))
         if holders:  # a prompt that can never fit is a bad request, not an overload
-            _check_fits(holders, len(req.prompt_token_ids))
+            check_fits(holders, len(req.prompt_token_ids))
         budget = (req.slo_ttft_ms / 1000 if req.slo_ttft_ms else
                   self.config.default_ttft_slo_s)
         roles = ((WorkerRole.PREFILL,) if disagg
@@ -418,9 +308,9 @@ class Router:
                                 sum(self._prefilling.get(w.worker_id, {}).values())),
                             w.record.prefill_tokens_per_s)
                     for w in self.view.of_role(*roles)]
-        wait = estimate_wait_s(backlogs, len(req.prompt_token_ids), self._queued_tokens)
+        wait = estimate_wait_s(backlogs, len(req.prompt_token_ids), self.queue.queued_tokens)
         if wait is not None:
-            wait += slot_wait_s(self._queued, self._slots.per_s())
+            wait += slot_wait_s(self.queue.queued, self._slots.per_s())
         if (why := refusal(wait, budget)) is not None:
             raise overloaded(why)
 
@@ -432,26 +322,6 @@ class Router:
         """The request's prefill is over (its first token came) or will not happen."""
         if (worker_id := self._prefill_at.pop(tid, None)) is not None:
             self._prefilling[worker_id].pop(tid, None)
-
-    def _pick_decode(self, workers: list[LiveWorker], n: int) -> LiveWorker | None:
-        loads = {w.worker_id: w for w in workers}
-        limit = self.config.max_in_flight_per_worker
-        if self.config.policy is Policy.ROUND_ROBIN:
-            chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
-        else:
-            chosen = choose_decode([w.load() for w in workers], n, limit)
-        return loads[chosen.worker_id] if chosen else None
-
-    async def _pick_prefill(self, workers: list[LiveWorker], tokens) -> LiveWorker | None:
-        loads = {w.worker_id: w for w in workers}
-        limit = self.config.max_in_flight_per_worker
-        if self.config.policy is Policy.ROUND_ROBIN:
-            chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
-        else:
-            block_size = workers[0].record.block_size
-            hits = await prefix_hits(self.redis, block_hashes(tokens, block_size))
-            chosen = choose_prefill([w.load() for w in workers], len(tokens), hits, limit)
-        return loads[chosen.worker_id] if chosen else None
 
     async def _chunks(self, queue: asyncio.Queue, decode: LiveWorker,
                       prefill: LiveWorker | None) -> AsyncIterator[TokenChunk]:
@@ -490,16 +360,3 @@ class Router:
 
     def status(self) -> pb.ClusterStatus:
         return self.view.status(self.config.router_id)
-
-
-def _preferring(workers: list[LiveWorker], avoid: set[str]) -> list[LiveWorker]:
-    """The workers not in `avoid`, or all of them when none is left."""
-    return [w for w in workers if w.worker_id not in avoid] or workers
-
-
-def _check_fits(workers: list[LiveWorker], num_prompt_tokens: int) -> None:
-    """A prompt no worker could ever hold is refused now instead of waiting forever."""
-    capacity = max(w.record.total_blocks * w.record.block_size for w in workers)
-    if num_prompt_tokens + 1 > capacity:
-        raise RequestError("INVALID_ARGUMENT", f"prompt: {num_prompt_tokens} tokens need more "
-                                               f"KV than any worker holds ({capacity} tokens)")

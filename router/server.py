@@ -20,9 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.protocol import WorkerRole
+from pdserve.router.errors import RequestError
 from pdserve.router.health import HealthReporter
 from pdserve.router.intake import Intake, IntakeFull
-from pdserve.router.router import RequestError, Router
+from pdserve.router.router import Router
 from pdserve.router.validate import InvalidArgument
 from pdserve.router.wire import diagnose
 from pdserve.rpc import pdserve_pb2 as pb

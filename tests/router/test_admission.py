@@ -10,8 +10,9 @@ import pytest
 
 from pdserve.protocol import SamplingParams, WorkerRecord, WorkerRole
 from pdserve.router.admission import Backlog, estimate_wait_s, refusal
+from pdserve.router.errors import RequestError
 from pdserve.router.policy import Hint
-from pdserve.router.router import RequestError, Router, RouterConfig
+from pdserve.router.router import Router, RouterConfig
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import LiveWorker
 
@@ -114,14 +115,14 @@ def test_the_router_adds_the_slot_wait_to_the_prefill_estimate():
         router = _router(3.0, p)
         try:
             router._admit(_request(100), disagg=True)  # 0.1 s of prefill, no queue
-            router._queued = 20  # twenty requests wait for a slot; slots free at 5/s
+            router.queue.queued = 20  # twenty requests wait for a slot; slots free at 5/s
             for t in range(5):
                 router._slots.released(True, now=time.monotonic() - 1.0 + t * 0.2)
             with pytest.raises(RequestError) as e:
                 router._admit(_request(100), disagg=True)  # 0.1 s + 20 / ~5 per s
             assert "first token" in str(e.value)
         finally:
-            router._queued = 0
+            router.queue.queued = 0
             await router.stream.close()
 
     asyncio.run(main())
@@ -133,14 +134,15 @@ def test_the_router_queue_serves_its_waiters_in_arrival_order():
 
     async def main():
         d = _worker("d", WorkerRole.DECODE, 0, 0.0)
-        router = _router(0.0, d)
-        router.config = RouterConfig(max_in_flight_per_worker=1, default_ttft_slo_s=0.0,
-                                     refresh_s=30.0)  # no timed look: only notifies wake
+        router = Router(RouterConfig(max_in_flight_per_worker=1, default_ttft_slo_s=0.0,
+                                     refresh_s=30.0),  # no timed look: only notifies wake
+                        None, None, lambda record: None)
+        router.view.workers = {d.worker_id: d}
         served: list[int] = []
         d.in_flight["busy"] = asyncio.Queue()  # the only slot is taken
 
         async def waiter(i: int):
-            decode, _ = await router._wait_for_workers(_request(10), False, set())
+            decode, _ = await router.queue.wait(_request(10), False, set())
             assert isinstance(decode, LiveWorker)
             served.append(i)
             decode.in_flight[f"t{i}"] = asyncio.Queue()  # holds the slot, as dispatch does

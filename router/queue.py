@@ -1,0 +1,112 @@
+"""The router queue: requests wait here until a worker of each role they need has a slot
+(at most `max_in_flight_per_worker` of this router's requests each) and, for decode, the
+prompt's blocks; then the routing policy picks the workers.
+
+Life of a waiter: it takes a ticket at the back of its line (disaggregated, or prefilled
+locally), waits until it is at the head, then until the policy finds workers; leaving,
+by success or not, it lets the next in line look at once. `queued` and `queued_tokens`
+count the waiters and their prompt tokens (admission reads them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+
+from pdserve.protocol import WorkerRole, block_hashes
+from pdserve.router.errors import check_fits, overloaded, unavailable
+from pdserve.router.policy import Policy, choose_decode, choose_prefill, round_robin
+from pdserve.router.registry import prefix_hits
+from pdserve.router.validate import ValidRequest
+from pdserve.router.view import ClusterView, LiveWorker
+
+
+class RouterQueue:
+    def __init__(self, config, view: ClusterView, redis):
+        """`config` is the router's RouterConfig (limits, policy, refresh period)."""
+        self.config, self.view, self.redis = config, view, redis
+        self.queued = 0
+        self.queued_tokens = 0
+        # the lines, disaggregated and local: tickets in arrival order
+        self._lines: dict[bool, collections.deque[object]] = {
+            True: collections.deque(), False: collections.deque()}
+        self._notifies: set[asyncio.Task] = set()
+        self._turn = itertools.count()
+
+    async def wait(self, req: ValidRequest, disagg: bool,
+                                avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None]:
+        """Until a decode (or colocated) worker has a slot and the
+        prompt's blocks, and, when disaggregated, a prefill worker has a slot. Workers in
+        `avoid` (they failed this request) are passed over while others are listed.
+
+        First come, first served within each line (disaggregated, local): only the head of
+        a line picks workers. Without it every waiter raced for each freed slot, and an
+        unlucky one could wait without bound behind later arrivals."""
+        if self.queued >= self.config.max_queue:
+            raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
+                             "waiting for a worker)")
+        n = len(req.prompt_token_ids)
+        line = self._lines[disagg]
+        ticket = object()
+        line.append(ticket)
+        self.queued += 1
+        self.queued_tokens += n
+        try:
+            while True:
+                if line[0] is not ticket:
+                    await self.view.wait_for_change(self.config.refresh_s)
+                    continue
+                decode_roles = ((WorkerRole.DECODE,) if disagg
+                                else (WorkerRole.COLOCATED, WorkerRole.DECODE))
+                decodes = preferring(self.view.of_role(*decode_roles), avoid)
+                if not decodes:
+                    names = " or ".join(r.value for r in decode_roles)
+                    raise unavailable(f"no live {names} worker")
+                check_fits(decodes, len(req.prompt_token_ids))
+                prefill = None
+                if disagg:
+                    prefills = preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
+                    if not prefills:
+                        raise unavailable("no live prefill worker")
+                    prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
+                decode = self._pick_decode(decodes, len(req.prompt_token_ids))
+                if decode is not None and (prefill is not None or not disagg):
+                    return decode, prefill
+                await self.view.wait_for_change(self.config.refresh_s)  # a slot, blocks
+        finally:
+            self.queued -= 1
+            self.queued_tokens -= n
+            head = line[0] is ticket
+            line.remove(ticket)
+            if head and line:
+                # the next in line looks now, not at a refresh; from a task, so it looks
+                # after the caller took the slot just picked (no await before that)
+                task = asyncio.get_running_loop().create_task(self.view.notify())
+                self._notifies.add(task)
+                task.add_done_callback(self._notifies.discard)
+
+    def _pick_decode(self, workers: list[LiveWorker], n: int) -> LiveWorker | None:
+        loads = {w.worker_id: w for w in workers}
+        limit = self.config.max_in_flight_per_worker
+        if self.config.policy is Policy.ROUND_ROBIN:
+            chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
+        else:
+            chosen = choose_decode([w.load() for w in workers], n, limit)
+        return loads[chosen.worker_id] if chosen else None
+
+    async def _pick_prefill(self, workers: list[LiveWorker], tokens) -> LiveWorker | None:
+        loads = {w.worker_id: w for w in workers}
+        limit = self.config.max_in_flight_per_worker
+        if self.config.policy is Policy.ROUND_ROBIN:
+            chosen = round_robin([w.load() for w in workers], next(self._turn), limit)
+        else:
+            block_size = workers[0].record.block_size
+            hits = await prefix_hits(self.redis, block_hashes(tokens, block_size))
+            chosen = choose_prefill([w.load() for w in workers], len(tokens), hits, limit)
+        return loads[chosen.worker_id] if chosen else None
+
+
+def preferring(workers: list[LiveWorker], avoid: set[str]) -> list[LiveWorker]:
+    """The workers not in `avoid`, or all of them when none is left."""
+    return [w for w in workers if w.worker_id not in avoid] or workers
