@@ -7,7 +7,8 @@ Life of a request:
                admitted request is never failed for waiting.
 2. QUEUED      it waits until a worker of each role it needs has a free slot (at most
                `max_in_flight_per_worker` requests per worker from this router) and, for
-               decode, the blocks. No live worker of a needed role: UNAVAILABLE.
+               decode, the blocks, first come, first served (router.queue). No live
+               worker of a needed role: UNAVAILABLE.
 3. DISPATCHED  the router opens the request's stream queue, then either reserves on a
                decode worker and submits the prefill job naming its KV endpoint
                (disaggregated), or has the decode/colocated worker prefill locally. No call
