@@ -40,6 +40,7 @@ class _Job:
 
 
 class DecodeJobs(JobTable):
+    LEASED = frozenset(_AWAITING_KV)
     """`receiver` is None on a colocated worker, which prefills every job itself."""
 
     def __init__(self, engine: Engine, receiver: KVReceiver | None, publisher: StreamPublisher):

@@ -82,11 +82,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         now = time.time()
         print(f"router {status.router_id}: {len(status.workers)} workers")
         print(f"{'worker':14} {'role':10} {'node':16} {'running':>7} {'waiting':>7} "
-              f"{'queued pf':>9} {'in flight':>9} {'KV used':>8} {'beat age':>9}")
+              f"{'queued pf':>9} {'in flight':>9} {'leases':>6} {'KV used':>8} {'beat age':>9}")
         for w in status.workers:
             print(f"{w.worker_id:14} {w.role:10} {w.node[:16]:16} {w.running:>7} "
                   f"{w.waiting:>7} {w.queued_prefill_tokens:>9} {w.in_flight:>9} "
-                  f"{100 * w.kv_usage:>7.1f}% {now - w.last_heartbeat:>8.1f}s")
+                  f"{w.leases:>6} {100 * w.kv_usage:>7.1f}% {now - w.last_heartbeat:>8.1f}s")
         # The router answers from its last view of the registry; when every heartbeat it
         # holds is old, that view is stale (most likely it cannot read Redis).
         ages = [now - w.last_heartbeat for w in status.workers]

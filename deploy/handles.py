@@ -80,8 +80,8 @@ class WorkerHandle:
     async def generate(self, order: DecodeOrder) -> None:
         await self._call(self.target.generate, order)
 
-    async def submit(self, order: PrefillOrder) -> None:
-        await self._call(self.target.submit, order)
+    async def submit(self, order: PrefillOrder) -> bool:
+        return await self._call(self.target.submit, order)
 
     async def abort(self, transfer_id: str) -> None:
         try:

@@ -67,8 +67,8 @@ class WorkerHost:
         """(Ray node id, process id) once the worker is up."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def submit(self, order: PrefillOrder) -> None:
-        self.worker.submit(order)
+    def submit(self, order: PrefillOrder) -> bool:
+        return self.worker.submit(order)
 
     def reserve(self, order: DecodeOrder) -> str:
         return self.worker.reserve(order)

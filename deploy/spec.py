@@ -72,6 +72,9 @@ class ClusterSpec:
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_num_seqs=self.max_num_seqs),
             device=device)
+        # a held KV waits for the router's re-send as long as a reservation waits for KV
         return WorkerConfig(role, engine, worker_id, self.transport, kv_host,
-                            self.handshake_timeout_s, self.ack_timeout_s, self.keepalive_s,
-                            self.router_stream_grace_s)
+                            handshake_timeout_s=self.handshake_timeout_s,
+                            ack_timeout_s=self.ack_timeout_s, keepalive_s=self.keepalive_s,
+                            hold_s=self.router.lease_s,
+                            stream_grace_s=self.router_stream_grace_s)

@@ -8,7 +8,8 @@ Life of a request (DESIGN §2, §4):
 2. `step()` = schedule -> run the model -> sample -> update. Each call returns the tokens
    produced this step, one `RequestOutput` per request that sampled.
 3. A request leaves when it finishes (its last `RequestOutput` has `finished=True`) or is
-   aborted. Either way its blocks are back in the block manager before the call returns.
+   aborted. Either way its blocks are back in the block manager before the call returns,
+   but for a prefill-only request added with `hold_kv`: it keeps them until `abort`.
 
 Failures: a request whose own computation fails ends alone, in the step's outputs, with
 `finish_reason` ERROR, no token, and `error` naming the cause ("sampling failed: the logits
@@ -98,12 +99,28 @@ class Engine:
         return self.runner.kv_cache
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+        hold_kv: bool = False,
     ) -> None:
-        """Queue a request. Raises ValueError for bad input; nothing is allocated then."""
+        """Queue a request. Raises ValueError for bad input; nothing is allocated then.
+
+        `hold_kv` (prefill-only): once its first token is out, the request keeps its blocks
+        (`kv_block_ids` names them) until `abort`, instead of freeing them in that step."""
         request = self._new_request(request_id, prompt_token_ids, params)
+        if hold_kv and self.mode is not EngineMode.PREFILL_ONLY:
+            raise ValueError(f"hold_kv needs a prefill-only engine, this one is {self.mode.value}")
+        request.hold_kv = hold_kv
         with self._lock:
             self.scheduler.add(request)
+
+    def kv_block_ids(self, request_id: str) -> list[int]:
+        """The blocks that hold a live (or held) request's KV, in token order. Raises
+        ValueError for an unknown id."""
+        with self._lock:
+            request = self.scheduler.requests.get(request_id)
+            if request is None:
+                raise ValueError(f"no request {request_id!r}")
+            return list(request.block_ids)
 
     def reserve(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams

@@ -48,6 +48,10 @@ class PagedKVCache:
         return self.layout.block_size
 
     @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
     def num_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 

@@ -19,6 +19,9 @@ class RequestStatus(enum.Enum):
     RESERVED = "reserved"  # decode-only: blocks held, prompt KV arriving from outside
     FINISHED_STOPPED = "stopped"  # EOS or a stop token
     FINISHED_LENGTH = "length"  # max_tokens or the model's maximum length
+    # prefill-only, a request added with `hold_kv`: first token sampled, its blocks kept
+    # (for the KV sender) until the caller aborts it
+    HELD = "held"
     FINISHED_PREFILLED = "prefilled"  # prefill-only: first token sampled, KV handed off
     FINISHED_ABORTED = "aborted"
     FINISHED_ERROR = "error"  # its own computation failed (NaN logits, an exception)
@@ -71,6 +74,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    hold_kv: bool = False  # prefill-only: keep the blocks after the first token (HELD)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,9 @@ Life of a request in the scheduler:
               first token). Its blocks are freed in the same step; computed full blocks stay
               in the prefix cache until evicted. `fail` ends a request whose computation
               failed the same way, with an error instead of a token.
+   (HELD)     prefill-only, added with `hold_kv`: after the first token its output says
+              finished, but it keeps its blocks (nothing schedules it) until `abort`: a
+              prefill worker re-sends that KV if its first receiver fails.
 
 Each step schedules running requests first (decodes cost one token each, so they are never
 starved by a long prompt, as in Sarathi-Serve), then admits waiting ones while the token
@@ -91,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.reserved: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_prefix_query_tokens = 0
@@ -148,6 +152,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.RESERVED:
             del self.reserved[request_id]
+        elif request.status is RequestStatus.HELD:
+            del self.held[request_id]
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         return True
 
@@ -293,7 +299,11 @@ class Scheduler:
     def _append_token(self, request: Request, token_id: int) -> RequestOutput:
         request.output_token_ids.append(token_id)
         status = self._stop_status(request, token_id)
-        if status is not None:
+        if status is RequestStatus.FINISHED_PREFILLED and request.hold_kv:
+            self.running.remove(request)
+            request.status = RequestStatus.HELD
+            self.held[request.request_id] = request
+        elif status is not None:
             self.running.remove(request)
             self._finish(request, status)
         return RequestOutput(

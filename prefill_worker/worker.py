@@ -12,15 +12,20 @@ Life of a job, keyed by the router's `transfer_id`:
                  layer L+1 computes. Tokens served by the prefix cache are sent from the
                  cache with the first chunk; a range already sent is never sent again
                  (preemption recomputes).
-4. TRANSFERRING  the step that computes the last prompt token samples the first token; the
-                 engine frees the job's blocks at once (full ones stay in its prefix cache)
-                 and `sender.finish` carries the first token and a hand-off note (prefix
-                 hits, prefill stamps) to the decode worker.
-5. DONE          the receiver acknowledged every layer: the outcome (status, stamps) goes to
-                 the router; the transfer is released.
-   FAILED        the order was refused, or the sender reports FAILED in any state (receiver
-                 gone, handshake refused, no ack within `ack_timeout_s`): the engine drops
-                 the job, the outcome says why.
+4. TRANSFERRING  the step that computes the last prompt token samples the first token, and
+                 `sender.finish` carries it and a hand-off note (prefix hits, prefill
+                 stamps) to the decode worker. The job keeps its blocks until the ack.
+5. DONE          the receiver acknowledged every layer: the engine frees the blocks (full
+                 ones stay in its prefix cache), the outcome (status, stamps) goes to the
+                 router; the transfer is released.
+   HELD          the sender reports FAILED once the prefill began (receiver gone, handshake
+                 refused, no ack within `ack_timeout_s`, the reservation ended): the job
+                 keeps its KV, computing on if midway, and reports HELD. An order with
+                 `resend_of` naming it moves it to a new transfer (back to 3 or 4; nothing
+                 is computed again); else it ends `hold_s` after its prefill did, or on abort.
+   FAILED        the order was refused, the engine failed its computation, or the transfer
+                 failed while it was still QUEUED: the engine drops the job, the outcome says
+                 why.
    ABORTED       `abort(transfer_id)` before the end: the engine drops the job and the
                  receiver is told.
 In every end state the job holds no engine block and no open transfer.
@@ -49,17 +54,20 @@ class PrefillWorker(Worker):
                                  handshake_timeout_s=config.handshake_timeout_s,
                                  ack_timeout_s=config.ack_timeout_s,
                                  keepalive_s=config.keepalive_s)
-            return PrefillJobs(engine, sender, publisher)
+            return PrefillJobs(engine, sender, publisher, config.hold_s)
 
         super().__init__(config, make_jobs)
 
-    def submit(self, order: PrefillOrder) -> None:
+    def submit(self, order: PrefillOrder) -> bool:
         """Queue a prefill job and return; its PrefillOutcome reaches `order.notify_endpoint`
-        once it ends. Raises ValueError for an order this engine could never run and
+        once it ends. True when the order resumes the live job `order.resend_of` (its KV
+        goes to the order's endpoint without being computed again), False when the prompt
+        is computed. Raises ValueError for an order this engine could never run and
         RuntimeError once the worker is closed; nothing is held then."""
         self.engine.validate(order.prompt_token_ids, order.sampling)
         received = time.time()
         sender, tid = self._jobs.sender, order.transfer_id
+        resume = bool(order.resend_of) and self._jobs.claim(order)
         # Begun here, not on the loop thread: a step in progress may take longer than the
         # decode side's lease, and the keep-alives that hold it start with the transfer.
         try:
@@ -68,8 +76,11 @@ class PrefillWorker(Worker):
         except ValueError:  # the id is live here already: the job table reports the refusal
             begun = False
         try:
-            self._apply(lambda: self._jobs.add(order, received, begun))
+            self._apply(lambda: self._jobs.add(order, received, begun, resume))
         except BaseException:
             if begun:
                 sender.release(tid)
+            if resume:
+                self._jobs.unclaim(order.resend_of)
             raise
+        return resume and begun

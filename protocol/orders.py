@@ -12,6 +12,14 @@ its sender every second. `lease_s` of silence ends it (blocks freed), so a job t
 behind long prefills keeps its reservation, and a prefill worker that died or hangs frees
 it. Deadlines: an order carries the request's `deadline` (epoch seconds, None for none);
 a worker ends a job whose deadline passed, before its prefill runs if it has not yet.
+
+Re-sends: a prefill job keeps its KV blocks until the decode side acknowledges every layer.
+When its transfer fails after the prefill started (the decode worker died, hung or lost
+the reservation), it reports HELD and goes on holding the KV (finishing the prefill if it
+was midway) for the worker's `hold_s`. A PrefillOrder with `resend_of` naming that job
+moves it to the new transfer: the KV computed so far goes to the new decode worker from
+the blocks, the rest as it is computed, and nothing is computed twice. The router that
+does not re-send aborts the held job; a held job no order claims ends when `hold_s` pass.
 """
 
 from __future__ import annotations
@@ -75,11 +83,16 @@ class PrefillOrder:
     kv_endpoint: str
     notify_endpoint: str
     deadline: float | None = None  # time.time() after which the job is dropped
+    # the transfer id of a job of this prompt that the worker holds (see Re-sends): its KV
+    # goes to `kv_endpoint` under `transfer_id`, without computing it again
+    resend_of: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", _check_ids(
             self.transfer_id, self.prompt_token_ids, kv_endpoint=self.kv_endpoint,
             notify_endpoint=self.notify_endpoint))
+        if self.resend_of == self.transfer_id:
+            raise ValueError("resend_of must name another transfer id")
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -87,8 +100,11 @@ class PrefillOrder:
 
 class PrefillStatus(enum.Enum):
     DONE = "done"  # the decode worker holds every layer and the first token
-    FAILED = "failed"  # bad order, or the transfer failed (receiver gone, refused, timed out)
+    FAILED = "failed"  # bad order, its computation failed, or its transfer failed while queued
     ABORTED = "aborted"  # the router aborted it, or its deadline passed
+    # the transfer failed (receiver gone, refused, timed out) once the prefill had started:
+    # the job keeps its KV for a re-send (see Re-sends)
+    HELD = "held"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ class WorkerRecord:
     heartbeat: float  # Unix seconds
     started: float  # Unix seconds: a restarted worker (same id) is a new incarnation
     prefill_tokens_per_s: float = 0.0  # measured on its steps; 0.0: not measured yet
+    # jobs holding KV under a lease: reservations waiting for KV (decode), KV waiting for
+    # its ack or a re-send (prefill)
+    leases: int = 0
+    decode_step_s: float = 0.0  # a decode-only step's time, measured; 0.0: not yet
 
     def without_room(self) -> WorkerRecord:
         """This record, seen as full (until the worker's next heartbeat says otherwise)."""

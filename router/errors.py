@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pdserve.router.retry import Held
 from pdserve.router.view import LiveWorker
 
 
@@ -14,11 +15,12 @@ class RequestError(Exception):
     fault, when known."""
 
     def __init__(self, code: str, message: str, retryable: bool = False,
-                 worker_ids: tuple[str, ...] = ()):
+                 worker_ids: tuple[str, ...] = (), held: Held | None = None):
         super().__init__(message)
         self.code = code
         self.retryable = retryable
         self.worker_ids = worker_ids
+        self.held = held  # the failed attempt's prefill job keeps its KV for a re-send
 
 
 def overloaded(message: str) -> RequestError:
@@ -29,9 +31,10 @@ def unavailable(message: str) -> RequestError:
     return RequestError("UNAVAILABLE", message)
 
 
-def worker_failed(message: str, *worker_ids: str) -> RequestError:
+def worker_failed(message: str, *worker_ids: str, held: Held | None = None) -> RequestError:
     """A worker failed the request: UNAVAILABLE, and another worker may serve it."""
-    return RequestError("UNAVAILABLE", message, retryable=True, worker_ids=worker_ids)
+    return RequestError("UNAVAILABLE", message, retryable=True, worker_ids=worker_ids,
+                        held=held)
 
 
 def check_fits(workers: Sequence[LiveWorker], num_prompt_tokens: int) -> None:

@@ -14,11 +14,13 @@ _REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FI
 
 @dataclass(frozen=True)
 class Retries:
-    """What it took to serve a request: dispatches, migrations, time in failed dispatches."""
+    """What it took to serve a request: dispatches, migrations, time in failed dispatches,
+    KV re-sends."""
 
     attempts: int = 1
     migrations: int = 0
     retry_s: float = 0.0
+    kv_resends: int = 0  # dispatches served by a prefill job's held KV, not a new prefill
 
 
 def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
@@ -60,4 +62,4 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
         request_id=request_id, finish_reason=_REASONS[finish], usage=usage, timing=t,
         disaggregated=bool(prefill_worker), prefill_worker=prefill_worker,
         decode_worker=decode_worker, slo=slo, attempts=retries.attempts,
-        migrations=retries.migrations))
+        migrations=retries.migrations, kv_resends=retries.kv_resends))

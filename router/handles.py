@@ -7,7 +7,9 @@ Contract:
   nothing is held) or ValueError (a bad order: nothing is held).
 - `generate` starts a local prefill + decode on a decode or colocated worker.
 - `submit` returns once the prefill worker queued the job; its outcome comes later, on the
-  router's stream endpoint (the order's `notify_endpoint`).
+  router's stream endpoint (the order's `notify_endpoint`). It returns True when the order
+  re-sends the KV of the held job its `resend_of` names (nothing is computed again), False
+  when the prompt is computed.
 - No call waits for an engine step or stays open for a job's life.
 - `abort` is idempotent and never raises for an unknown id, a dead or a hung worker.
 - Any other call raises WorkerGone when the worker cannot be reached (dead process, lost
@@ -42,6 +44,6 @@ class DecodeHandle(Protocol):
 
 
 class PrefillHandle(Protocol):
-    async def submit(self, order: PrefillOrder) -> None: ...
+    async def submit(self, order: PrefillOrder) -> bool: ...
 
     async def abort(self, transfer_id: str) -> None: ...

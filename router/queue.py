@@ -34,22 +34,29 @@ class RouterQueue:
         self._notifies: set[asyncio.Task] = set()
         self._turn = itertools.count()
 
-    async def wait(self, req: ValidRequest, disagg: bool,
-                                avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None]:
+    async def wait(self, req: ValidRequest, disagg: bool, avoid: set[str],
+                   prefer_prefill: str | None = None,
+                   retry: bool = False) -> tuple[LiveWorker, LiveWorker | None]:
         """Until a decode (or colocated) worker has a slot and the
         prompt's blocks, and, when disaggregated, a prefill worker has a slot. Workers in
-        `avoid` (they failed this request) are passed over while others are listed.
+        `avoid` (they failed this request) are passed over while others are listed; the
+        prefill worker `prefer_prefill` (it holds the prompt's KV) is the only one
+        considered while it is listed.
 
         First come, first served within each line (disaggregated, local): only the head of
         a line picks workers. Without it every waiter raced for each freed slot, and an
-        unlucky one could wait without bound behind later arrivals."""
-        if self.queued >= self.config.max_queue:
+        unlucky one could wait without bound behind later arrivals. A `retry` (admitted
+        before, failed by a worker) goes to the head of its line: it has waited its turn."""
+        if self.queued >= self.config.max_queue and not retry:
             raise overloaded(f"the router queue is full ({self.config.max_queue} requests "
                              "waiting for a worker)")
         n = len(req.prompt_token_ids)
         line = self._lines[disagg]
         ticket = object()
-        line.append(ticket)
+        if retry:
+            line.appendleft(ticket)
+        else:
+            line.append(ticket)
         self.queued += 1
         self.queued_tokens += n
         try:
@@ -69,6 +76,8 @@ class RouterQueue:
                     prefills = preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
                     if not prefills:
                         raise unavailable("no live prefill worker")
+                    prefills = [w for w in prefills
+                                if w.worker_id == prefer_prefill] or prefills
                     prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
                 decode = self._pick_decode(decodes, len(req.prompt_token_ids))
                 if decode is not None and (prefill is not None or not disagg):

@@ -8,6 +8,15 @@ from pdserve.protocol import TokenChunk
 from pdserve.router.validate import ValidRequest
 
 
+@dataclass(frozen=True)
+class Held:
+    """A prefill job that keeps its KV after its decode worker failed (protocol.orders,
+    Re-sends): the next dispatch re-sends it from `prefill_id` instead of computing it."""
+
+    prefill_id: str
+    transfer_id: str
+
+
 @dataclass
 class Attempt:
     """What the final message needs of the dispatch that served a request."""

@@ -2,9 +2,11 @@
 
 Life of a request:
 1. ADMITTED    `generate` admits it or refuses it at once with RESOURCE_EXHAUSTED: when
-               the router queue is full, or when the prefill work queued ahead of it
-               would delay its first token past its TTFT SLO (router.admission). An
-               admitted request is never failed for waiting.
+               the router queue is full, when the prefill work queued ahead of it would
+               delay its first token past its TTFT SLO (router.admission), or when its
+               prefill, where it would decode, would stall the requests decoding there
+               past their TPOT SLO on every worker (router.interference). An admitted
+               request is never failed for waiting.
 2. QUEUED      it waits until a worker of each role it needs has a free slot (at most
                `max_in_flight_per_worker` requests per worker from this router) and, for
                decode, the blocks, first come, first served (router.queue). No live
@@ -22,10 +24,14 @@ Life of a request:
    RETRIED     a worker failed it: the prefill failed before the hand-off, the KV never
                arrived, the decode job ended in an error, or a worker died (the handle
                raised WorkerGone, or its registry entry expired). What the attempt held
-               is aborted and the request goes back to 2 under a new transfer id,
-               preferring other workers: whole, if no token streamed yet (at most
-               `max_attempts` dispatches), else as a migration (prompt + tokens so far,
-               the rest of `max_tokens`; at most `migration_limit`), the stream going on.
+               is aborted and the request goes back to 2, at the head of its line, under
+               a new transfer id, preferring other workers: whole, if no token streamed
+               yet (at most `max_attempts` dispatches), else as a migration (prompt +
+               tokens so far, the rest of `max_tokens`; at most `migration_limit`), the
+               stream going on. When the decode side failed before the hand-off, the
+               prefill job is not aborted: it holds the KV (HELD), and the next dispatch
+               reserves on another decode worker and has the same prefill worker re-send
+               it there (protocol.orders, Re-sends) instead of computing it again.
    FAILED      past those bounds, or no live worker of a needed role: UNAVAILABLE.
    CANCELLED   the client went away or its deadline passed: the caller cancels the task.
                The orders carry the deadline too, so each worker drops the job by itself
@@ -66,10 +72,11 @@ from pdserve.router.errors import (
 )
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.interference import InterferenceBook, slack_s, stall_s
 from pdserve.router.limits import InputLimits
 from pdserve.router.policy import Policy, should_disaggregate
 from pdserve.router.queue import RouterQueue
-from pdserve.router.retry import Attempt, continuation
+from pdserve.router.retry import Attempt, Held, continuation
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
@@ -116,6 +123,7 @@ class Router:
         self.stream = StreamReader(config.stream_host)
         self.queue = RouterQueue(config, self.view, redis)
         self._slots = SlotRate()
+        self._interference = InterferenceBook()
         # per worker, this router's requests whose prefill there has not ended: tid -> tokens
         self._prefilling: dict[str, dict[str, int]] = {}
         self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
@@ -155,17 +163,23 @@ class Router:
         arrival = time.time()
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         disagg = self._disaggregates(req)
-        self._admit(req, disagg)
+        unfit = self._admit(req, disagg)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
         out_ids: list[int] = []
         first_token = 0.0
         attempts = migrations = 0
         retry_s = 0.0
-        avoid: set[str] = set()  # workers that failed this request, while others remain
+        # workers that failed this request, or where its prefill would stall others past
+        # their TPOT SLO: passed over while others remain
+        avoid: set[str] = unfit
+        held: Held | None = None  # the last attempt's prefill job, keeping its KV
+        resends: list[Held] = []  # the attempts that re-sent a held KV
         while True:
             attempts += 1
             started = time.time()
-            run = self._attempt(request_id, continuation(req, out_ids), deadline, avoid)
+            run = self._attempt(request_id, continuation(req, out_ids), deadline, avoid,
+                                held, resends, retry=attempts > 1)
+            held = None  # the attempt re-sends it or aborts it
             try:
                 async with contextlib.aclosing(run) as chunks:
                     async for chunk, attempt in chunks:
@@ -184,15 +198,18 @@ class Router:
                                 request_id, req, finish, len(out_ids), attempt.worker,
                                 arrival, attempt.dispatched, first_token,
                                 attempt.decode_id, attempt.prefill_id,
-                                Retries(attempts, migrations, retry_s))
+                                Retries(attempts, migrations, retry_s, len(resends)))
                             return
             except RequestError as e:
                 if not e.retryable:
                     raise
-                if out_ids and migrations >= self.config.migration_limit:
-                    raise unavailable(f"{e} (after {migrations} migrations)") from e
-                if not out_ids and attempts >= self.config.max_attempts:
-                    raise unavailable(f"{e} (after {attempts} attempts)") from e
+                if (out_ids and migrations >= self.config.migration_limit
+                        or not out_ids and attempts >= self.config.max_attempts):
+                    await self._drop_held(e.held)
+                    done = (f"after {migrations} migrations" if out_ids
+                            else f"after {attempts} attempts")
+                    raise unavailable(f"{e} ({done})") from e
+                held = e.held
                 migrations += bool(out_ids)
                 retry_s += time.time() - started
                 avoid.update(e.worker_ids)
@@ -208,21 +225,32 @@ class Router:
                                    self.config.disaggregation_threshold, bool(prefills))
 
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
-                       avoid: set[str]) -> AsyncIterator[tuple[TokenChunk, Attempt]]:
+                       avoid: set[str], held: Held | None, resends: list[Held],
+                       retry: bool) -> AsyncIterator[tuple[TokenChunk, Attempt]]:
         """One dispatch of the request under a fresh transfer id: its token chunks, each with
         what the final message needs of this attempt. Whatever way it ends short of the
         decode job's own last chunk, both workers' jobs are aborted (blocks freed) and the
-        slots are given back."""
+        slots are given back; but a prefill job left holding its KV after the decode side
+        failed (the RequestError's `held`) is kept for the next attempt to re-send. `held`
+        (the last attempt's) is re-sent or aborted by this one; a re-send goes on
+        `resends`."""
         tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
         queue = self.stream.open(tid)
         decode = prefill = None
         finished = False  # the decode job ended by itself: nothing left to abort
+        keep_prefill = False  # the prefill job holds the KV for the next attempt
         try:
             decode, prefill, dispatched = await self._dispatch(
-                req, tid, self._disaggregates(req, avoid), queue, deadline, avoid)
+                req, tid, self._disaggregates(req, avoid), queue, deadline, avoid, held,
+                resends, retry)
+            self._interference.joined(
+                decode.worker_id, tid,
+                stall_s(decode.record, len(req.prompt_token_ids)) if prefill is None else 0.0,
+                slack_s(decode.record, req.slo_tpot_ms, req.sampling.max_tokens))
             attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
-            async with contextlib.aclosing(self._chunks(queue, decode, prefill)) as stream:
+            chunks = self._chunks(queue, decode, prefill, tid)
+            async with contextlib.aclosing(chunks) as stream:
                 async for chunk in stream:
                     self._prefill_ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
@@ -233,54 +261,73 @@ class Router:
                         attempt.worker = chunk
                     finished = chunk.finish is not None
                     yield chunk, attempt
+        except RequestError as e:
+            keep_prefill = e.held is not None
+            raise
         finally:
             self._prefill_ended(tid)
+            if decode is not None:
+                self._interference.left(decode.worker_id, tid)
             self.stream.close_queue(tid)
             for w in (decode, prefill):
                 if w is not None:
                     w.in_flight.pop(tid, None)
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
-                await asyncio.shield(self._abort(tid, decode, prefill))
+                await asyncio.shield(self._abort(tid, decode,
+                                                 None if keep_prefill else prefill))
             if decode is not None:
                 self._slots.released(self.queue.queued > 0)
             await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
-                        deadline: float | None,
-                        avoid: set[str]) -> tuple[LiveWorker, LiveWorker | None, float]:
+                        deadline: float | None, avoid: set[str], held: Held | None,
+                        resends: list[Held],
+                        retry: bool) -> tuple[LiveWorker, LiveWorker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
         when the orders went out. If it fails or is cancelled midway, what it started is
-        aborted before it raises."""
+        aborted before it raises. A `held` prefill job is re-sent when its worker is the
+        one picked (the queue prefers it), else aborted."""
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
                             self.config.lease_s, deadline)
-        while True:
-            decode, prefill = await self.queue.wait(req, disagg, avoid)
-            decode.in_flight[tid] = queue
-            dispatched = time.time()
-            try:
-                if prefill is None:
-                    self._prefill_started(decode, tid, len(req.prompt_token_ids))
-                    await self._call(decode, decode.handle.generate(order))
-                    return decode, None, dispatched
-                endpoint = await self._call(decode, decode.handle.reserve(order))
-                prefill.in_flight[tid] = queue
-                self._prefill_started(prefill, tid, len(req.prompt_token_ids))
-                await self._call(prefill, prefill.handle.submit(PrefillOrder(
-                    tid, req.prompt_token_ids, req.sampling, endpoint, self.stream.endpoint,
-                    deadline)))
-                return decode, prefill, dispatched
-            except NoRoom:  # its heartbeat was stale: wait for room like any other request
-                self._prefill_ended(tid)
-                decode.in_flight.pop(tid, None)
-                decode.record = decode.record.without_room()
-            except BaseException:
-                for w in (decode, prefill):
-                    if w is not None:
-                        w.in_flight.pop(tid, None)
-                await asyncio.shield(self._abort(tid, decode, prefill))
-                raise
+        try:
+            while True:
+                decode, prefill = await self.queue.wait(
+                    req, disagg, avoid, prefer_prefill=held.prefill_id if held else None,
+                    retry=retry)
+                decode.in_flight[tid] = queue
+                dispatched = time.time()
+                try:
+                    if prefill is None:
+                        self._prefill_started(decode, tid, len(req.prompt_token_ids))
+                        await self._call(decode, decode.handle.generate(order))
+                        return decode, None, dispatched
+                    endpoint = await self._call(decode, decode.handle.reserve(order))
+                    prefill.in_flight[tid] = queue
+                    resend = held if held and held.prefill_id == prefill.worker_id else None
+                    self._prefill_started(prefill, tid, len(req.prompt_token_ids))
+                    if resend is not None:
+                        held = None  # the order below re-sends it or the worker ended it
+                    if await self._call(prefill, prefill.handle.submit(PrefillOrder(
+                            tid, req.prompt_token_ids, req.sampling, endpoint,
+                            self.stream.endpoint, deadline,
+                            resend_of=resend.transfer_id if resend else ""))):
+                        resends.append(resend)
+                    return decode, prefill, dispatched
+                except NoRoom:  # its heartbeat was stale: wait for room like the others
+                    self._prefill_ended(tid)
+                    decode.in_flight.pop(tid, None)
+                    decode.record = decode.record.without_room()
+                except BaseException:
+                    for w in (decode, prefill):
+                        if w is not None:
+                            w.in_flight.pop(tid, None)
+                    await asyncio.shield(self._abort(tid, decode, prefill))
+                    raise
+        finally:
+            if held is not None:  # another worker (or none) prefills it: free what it holds
+                await asyncio.shield(self._drop_held(held))
 
     async def _call(self, worker: LiveWorker, call):
         """A handle call; a worker that cannot be reached leaves the view (UNAVAILABLE)."""
@@ -293,9 +340,11 @@ class Router:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def _admit(self, req: ValidRequest, disagg: bool) -> None:
+    def _admit(self, req: ValidRequest, disagg: bool) -> set[str]:
         """Refuse the request now (RESOURCE_EXHAUSTED) if the prefill work queued ahead of it
-        would delay its first token past its TTFT SLO (router.admission)."""
+        would delay its first token past its TTFT SLO (router.admission), or if, prefilled
+        locally, it would stall the decodes of every worker past their TPOT SLO
+        (router.interference). Returns the workers where that stall does not fit."""
         holders = self.view.of_role(*((WorkerRole.DECODE,) if disagg else
                                       (WorkerRole.COLOCATED, WorkerRole.DECODE)))
         if holders:  # a prompt that can never fit is a bad request, not an overload
@@ -314,6 +363,18 @@ class Router:
             wait += slot_wait_s(self.queue.queued, self._slots.per_s())
         if (why := refusal(wait, budget)) is not None:
             raise overloaded(why)
+        if disagg:
+            return set()
+        n = len(req.prompt_token_ids)
+        unfit = {w.worker_id for w in holders
+                 if not self._interference.fits(w.worker_id, stall_s(w.record, n))}
+        if holders and len(unfit) == len(holders):
+            protected = sum(self._interference.protected(w) for w in unfit)
+            raise overloaded(
+                f"refused at admission: prefilling this prompt ({n} tokens) where it would "
+                f"decode would stall {protected} decoding requests past their TPOT SLO on "
+                "every worker; retry later")
+        return unfit
 
     def _prefill_started(self, worker: LiveWorker, tid: str, num_tokens: int) -> None:
         self._prefilling.setdefault(worker.worker_id, {})[tid] = num_tokens
@@ -325,28 +386,47 @@ class Router:
             self._prefilling[worker_id].pop(tid, None)
 
     async def _chunks(self, queue: asyncio.Queue, decode: LiveWorker,
-                      prefill: LiveWorker | None) -> AsyncIterator[TokenChunk]:
+                      prefill: LiveWorker | None, tid: str) -> AsyncIterator[TokenChunk]:
         """The request's token chunks until the last one. Raises UNAVAILABLE when the prefill
         fails before the hand-off (its outcome, or its worker's death), the decode job ends
-        in an error, or the decode worker dies, so the caller aborts what is left."""
+        in an error, or the decode worker dies, so the caller aborts what is left. A decode
+        side that fails before the hand-off leaves the prefill job holding its KV (HELD):
+        the error names it (`held`) for the next attempt to re-send."""
         handed_off = prefill is None
+
+        def decode_failed(why: str):
+            held = None if handed_off else Held(prefill.worker_id, tid)
+            return worker_failed(why, decode.worker_id, held=held)
+
         while True:
             item = await queue.get()
             if isinstance(item, Gone):
-                if item.worker_id == decode.worker_id or not handed_off:
+                if item.worker_id == decode.worker_id:
+                    raise decode_failed(f"worker {item.worker_id} is gone")
+                if not handed_off:
                     raise worker_failed(f"worker {item.worker_id} is gone", item.worker_id)
             elif isinstance(item, PrefillOutcome):
-                if item.status is not PrefillStatus.DONE and not handed_off:
-                    raise worker_failed(f"prefill on {prefill.worker_id} failed: "
-                                        f"{item.reason}", prefill.worker_id)
+                if handed_off or item.status is PrefillStatus.DONE:
+                    continue
+                if item.status is PrefillStatus.HELD:
+                    raise decode_failed(f"the KV transfer to {decode.worker_id} failed: "
+                                        f"{item.reason}")
+                raise worker_failed(f"prefill on {prefill.worker_id} failed: "
+                                    f"{item.reason}", prefill.worker_id)
             elif item.finish in (FinishReason.ERROR, FinishReason.ABORT):
-                raise worker_failed(f"decode worker {decode.worker_id} ended the request: "
-                                    f"{item.error or item.finish.value}", decode.worker_id)
+                raise decode_failed(f"decode worker {decode.worker_id} ended the request: "
+                                    f"{item.error or item.finish.value}")
             else:
                 handed_off = True
                 yield item
                 if item.finish is not None:
                     return
+
+    async def _drop_held(self, held: Held | None) -> None:
+        """Abort a held prefill job that no attempt re-sends."""
+        worker = self.view.workers.get(held.prefill_id) if held else None
+        if worker is not None:
+            await self._abort(held.transfer_id, None, worker)
 
     async def _abort(self, tid: str, decode: LiveWorker | None,
                      prefill: LiveWorker | None) -> None:

@@ -168,5 +168,6 @@ class ClusterView:
                 worker_id=r.worker_id, role=r.role.value, node=r.node, kv_endpoint=r.kv_endpoint,
                 total_blocks=r.total_blocks, free_blocks=r.free_blocks, running=r.running,
                 waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
-                in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used))
+                in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used,
+                leases=r.leases))
         return pb.ClusterStatus(workers=workers, router_id=router_id)

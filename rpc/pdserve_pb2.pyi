@@ -134,7 +134,7 @@ class Timing(_message.Message):
     def __init__(self, arrival: _Optional[float] = ..., dispatched: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., kv_received: _Optional[float] = ..., decode_admitted: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ..., router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., retry_ms: _Optional[float] = ...) -> None: ...
 
 class FinalResponse(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage", "timing", "disaggregated", "prefill_worker", "decode_worker", "slo", "attempts", "migrations")
+    __slots__ = ("request_id", "finish_reason", "usage", "timing", "disaggregated", "prefill_worker", "decode_worker", "slo", "attempts", "migrations", "kv_resends")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class FinalResponse(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_RESENDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     usage: Usage
@@ -155,7 +156,8 @@ class FinalResponse(_message.Message):
     slo: Slo
     attempts: int
     migrations: int
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., attempts: _Optional[int] = ..., migrations: _Optional[int] = ...) -> None: ...
+    kv_resends: int
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., attempts: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_resends: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "final")
@@ -170,7 +172,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "node", "kv_endpoint", "total_blocks", "free_blocks", "running", "waiting", "queued_prefill_tokens", "in_flight", "last_heartbeat", "kv_usage")
+    __slots__ = ("worker_id", "role", "node", "kv_endpoint", "total_blocks", "free_blocks", "running", "waiting", "queued_prefill_tokens", "in_flight", "last_heartbeat", "kv_usage", "leases")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +185,7 @@ class WorkerStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     node: str
@@ -195,7 +198,8 @@ class WorkerStatus(_message.Message):
     in_flight: int
     last_heartbeat: float
     kv_usage: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+    leases: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., kv_usage: _Optional[float] = ..., leases: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("workers", "router_id")

@@ -53,6 +53,8 @@ class JobTable(LoopHandler):
     Every method runs on the loop thread; `states` is the copy of each live job's state
     that other threads read."""
 
+    LEASED: frozenset[enum.Enum] = frozenset()  # the states that hold KV under a lease
+
     def __init__(self, engine: Engine, publisher: StreamPublisher):
         self.engine = engine
         self.publisher = publisher
@@ -98,6 +100,9 @@ class JobTable(LoopHandler):
 
     def num_jobs(self) -> int:
         return len(self.states)
+
+    def num_leases(self) -> int:
+        return sum(1 for state in self.states.values() if state in self.LEASED)
 
     def _end_aborted_before_arrival(self) -> None:
         if not self._tombstones:

@@ -25,6 +25,9 @@ class WorkerConfig:
     handshake_timeout_s: float = 5.0  # prefill: a decode worker that never answers is gone
     ack_timeout_s: float = 10.0  # prefill: after the first token, a receiver that never acks
     keepalive_s: float = 1.0  # prefill: how often a waiting job renews its reservation's lease
+    # prefill: how long a job whose transfer failed keeps its KV for a re-send order
+    # (protocol.orders, Re-sends), counted from the end of its prefill
+    hold_s: float = 10.0
     # a router whose token stream is unreachable this long is gone: its jobs end (publisher)
     stream_grace_s: float = 5.0
 
@@ -35,6 +38,8 @@ class WorkerConfig:
                              f"got {self.engine.scheduler.mode.value}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        if not self.hold_s > 0:
+            raise ValueError(f"hold_s must be > 0, got {self.hold_s}")
         if not self.stream_grace_s > 0:
             raise ValueError(f"stream_grace_s must be > 0, got {self.stream_grace_s}")
 

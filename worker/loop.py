@@ -37,7 +37,7 @@ from typing import TypeVar
 
 from pdserve.engine import Engine, EngineStats, RequestOutput, ScheduledBatch
 from pdserve.engine.model.llama import LayerKVHook
-from pdserve.worker.rate import PrefillRate, prefill_tokens
+from pdserve.worker.rate import DecodeStepTime, PrefillRate, prefill_tokens
 
 T = TypeVar("T")
 
@@ -51,6 +51,8 @@ class LoadReport:
     time: float  # time.time() of the snapshot
     error: str = ""  # why the loop stopped, when it broke
     prefill_tokens_per_s: float = 0.0  # measured on its steps (worker.rate); 0.0: none yet
+    num_leases: int = 0  # jobs holding KV under a lease (LoopHandler.num_leases)
+    decode_step_s: float = 0.0  # decode-only step time (worker.rate); 0.0: none yet
 
     @property
     def is_idle(self) -> bool:
@@ -79,6 +81,11 @@ class LoopHandler:
     def num_jobs(self) -> int:
         return 0
 
+    def num_leases(self) -> int:
+        """Jobs whose KV is held under a lease (a reservation waiting for KV, a prefill's KV
+        waiting for its ack or a re-send)."""
+        return 0
+
     def close(self) -> None:
         """The loop is ending: release sockets and fail what is in flight."""
 
@@ -95,6 +102,8 @@ class EngineLoop:
         self._prefix_lock = threading.Lock()
         self._prefix_events: tuple[set[int], set[int]] | None = None  # None: nobody asked
         self._rate = PrefillRate()
+        self._decode_step = DecodeStepTime()
+        self._step_size = 0  # requests in the step that runs
         self._step_prefill_tokens = 0
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -169,8 +178,9 @@ class EngineLoop:
             backlog = self._report.engine.num_queued_prefill_tokens > 0
             started = time.perf_counter()
             outputs = self.engine.step(self._before_step)
-            self._rate.observe(self._step_prefill_tokens, time.perf_counter() - started,
-                               backlog)
+            seconds = time.perf_counter() - started
+            self._rate.observe(self._step_prefill_tokens, seconds, backlog)
+            self._decode_step.observe(self._step_prefill_tokens, self._step_size, seconds)
             self.handler.after_step(outputs)
         else:
             self._rate.flush()
@@ -226,9 +236,11 @@ class EngineLoop:
 
     def _before_step(self, batch: ScheduledBatch):
         self._step_prefill_tokens = prefill_tokens(batch)
+        self._step_size = len(batch.requests)
         return self.handler.before_step(batch)
 
     def _snapshot(self) -> LoadReport:
         self._gather_prefix_events()
         return LoadReport(self.engine.stats(), self.handler.num_jobs(), time.time(),
-                          self._error, self._rate.tokens_per_s)
+                          self._error, self._rate.tokens_per_s, self.handler.num_leases(),
+                          self._decode_step.seconds)

@@ -1,5 +1,7 @@
 """How fast a worker prefills, measured on its own steps: what admission control divides
-queued prefill tokens by to tell how long a new prompt would wait for its first token.
+queued prefill tokens by to tell how long a new prompt would wait for its first token;
+and how long its decode-only steps take, the time per output token with no prompt in the
+way (admission weighs what a prompt prefilled there would add to it).
 
 The rate is prompt tokens over the wall time of every step taken while prompt tokens were
 waiting, decode-only steps included: on a colocated worker those steps delay the queued
@@ -55,3 +57,18 @@ class PrefillRate:
         rate = tokens / seconds
         w = self.weight if self.tokens_per_s else 1.0
         self.tokens_per_s += w * (rate - self.tokens_per_s)
+
+
+class DecodeStepTime:
+    """An exponential moving average of the wall time of steps that computed no prompt
+    token (only decodes); 0.0 until the first."""
+
+    def __init__(self, weight: float = 0.1):
+        self.weight = weight
+        self.seconds = 0.0
+
+    def observe(self, num_prefill_tokens: int, num_decodes: int, seconds: float) -> None:
+        if num_prefill_tokens or not num_decodes:
+            return
+        w = self.weight if self.seconds else 1.0
+        self.seconds += w * (seconds - self.seconds)

@@ -1,7 +1,8 @@
 """A worker that dies before the first token does not fail the request: the router
-dispatches it again (prefill anew) and the client gets the output an undisturbed run gives,
-with the retry counted in the final message. Real processes, SmolLM2, 1 prefill + 2
-decode workers."""
+dispatches it again (re-sending the KV the prefill worker holds when the decode worker
+died, prefilling anew when the prefill worker did) and the client gets the output an
+undisturbed run gives, with the retry counted in the final message. Real processes,
+SmolLM2, 1 prefill + 2 decode workers."""
 
 from __future__ import annotations
 
@@ -64,11 +65,16 @@ def busy_worker(stub, role: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"no {role} worker took the request")
 
 
-def test_a_decode_worker_dead_before_the_first_token_costs_one_more_dispatch(cluster, want):
+def test_a_decode_worker_dead_mid_transfer_gets_the_kv_resent_without_recompute(
+        cluster, want):
+    """Killed while the prefill streams its KV: the prefill job keeps the KV, and the second
+    dispatch reserves on the other decode worker and re-sends it there; the prompt is
+    computed once (the prefill began before the second dispatch)."""
     stub = stub_for(cluster.address)
     outcome, thread = in_background(stub, greedy_request(
         PROMPT, 8, disaggregation=pb.DISAGGREGATION_ALWAYS))
-    victim = busy_worker(stub, "decode")  # reserved; the prefill computes and sends
+    victim = busy_worker(stub, "decode")
+    busy_worker(stub, "prefill")  # reserved, and the prefill computes and sends
     cluster.kill_worker(victim)
     thread.join(120)
     assert outcome["code"] == grpc.StatusCode.OK, outcome
@@ -76,6 +82,8 @@ def test_a_decode_worker_dead_before_the_first_token_costs_one_more_dispatch(clu
     final = outcome["final"]
     assert final.attempts == 2 and final.migrations == 0 and final.timing.retry_ms > 0
     assert final.decode_worker != victim and final.prefill_worker == "prefill-0"
+    assert final.kv_resends == 1
+    assert final.timing.prefill_start < final.timing.dispatched  # not computed again
     wait_cluster_idle(cluster)
 
 

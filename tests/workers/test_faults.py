@@ -1,5 +1,6 @@
 """Kills and aborts across worker processes: every job ends in bounded time and every
-worker, prefill and decode, is left with all blocks free and no job.
+worker, prefill and decode, is left with all blocks free and no job; a prefill job whose
+decode worker died keeps its KV for a re-send.
 
 The prefill worker here runs one token per step and one sequence at a time, so a 400-token
 prompt takes four hundred steps: long enough to act while it is in a given state.
@@ -16,14 +17,15 @@ import time
 
 import pytest
 from driver import reserve, run_disaggregated, submit
-from helpers import greedy
+from helpers import greedy, wait_for
 from worker_driver import wait_idle, wait_state
 from worker_procs import spawn, stop_all, worker_config
 
 from pdserve.decode_worker import DecodeState
 from pdserve.engine import LLM
 from pdserve.prefill_worker import PrefillState
-from pdserve.protocol import DecodeOrder, FinishReason, PrefillStatus, WorkerRole
+from pdserve.protocol import DecodeOrder, FinishReason, PrefillOrder, PrefillStatus, WorkerRole
+from pdserve.router.router import RouterConfig
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)
@@ -35,8 +37,9 @@ def uncached_long(seed: int) -> tuple[int, ...]:
 
 
 def slow_prefill_config(model_dir, worker_id):
+    # a held KV waits 3 s for its re-send (hold_s follows the router's lease)
     return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=1,
-                         max_num_seqs=1, ack_timeout_s=5.0)
+                         max_num_seqs=1, ack_timeout_s=5.0, router=RouterConfig(lease_s=3.0))
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +92,42 @@ def stopped(proc):
             os.kill(proc.pid, signal.SIGCONT)
 
 
-def test_decode_worker_killed_mid_transfer(tiny_llama_dir, collector, prefill, decode,
-                                           short_expected):
+@pytest.fixture(scope="module")
+def long_expected(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), block_size=4).generate([list(LONG)], greedy(4))[0].token_ids
+
+
+def resend(collector, prefill, decode, old: str, new: str, prompt=LONG, params=None) -> bool:
+    """Reserve on `decode` under `new` and order the prefill worker to re-send `old`'s KV
+    there; whether it took the held job."""
+    params = params or greedy(4)
+    endpoint = reserve(collector, decode, new, prompt, params)
+    return prefill.submit(PrefillOrder(new, tuple(prompt), params, endpoint,
+                                       collector.endpoint, resend_of=old))
+
+
+def test_decode_worker_killed_mid_transfer_the_kv_is_resent_without_recompute(
+        tiny_llama_dir, collector, prefill, decode, long_expected, short_expected):
+    """The decode worker dies while the layers stream: the prefill job reports HELD, goes on
+    computing, and a re-send order moves it to another decode worker, which gets every
+    layer (the ones sent before the death again, from the blocks) and decodes the output
+    an undisturbed run gives. The prefill ran once."""
     (victim,) = spawn([worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-victim")])
     try:
         start(collector, prefill, victim.worker, "kill-d")
         wait_state(victim.worker, "kill-d", DecodeState.RECEIVING)
         victim.kill()
-        outcome = collector.wait_outcome("kill-d", timeout=30)
-        assert outcome.status is PrefillStatus.FAILED
-        assert "disconnected" in outcome.reason  # the dropped connection, not a timeout
+        held = collector.wait_outcome("kill-d", timeout=30)
+        assert held.status is PrefillStatus.HELD
+        assert "disconnected" in held.reason  # the dropped connection, not a timeout
     finally:
         victim.kill()
+    assert resend(collector, prefill, decode.worker, "kill-d", "kill-d-2")
+    streamed = collector.wait_final("kill-d-2", timeout=60)
+    assert streamed.final.error == "" and streamed.token_ids == long_expected
+    done = collector.wait_outcome("kill-d-2")
+    assert done.status is PrefillStatus.DONE
+    assert done.stamps.prefill_start == held.stamps.prefill_start  # computed once
     wait_idle(prefill)
     # the prefill worker carries on with other decode workers
     out = run_disaggregated(collector, prefill, decode.worker, "after-kill-d", SHORT, greedy(6))
@@ -108,19 +135,57 @@ def test_decode_worker_killed_mid_transfer(tiny_llama_dir, collector, prefill, d
 
 
 def test_decode_worker_killed_while_the_prefill_waits_for_its_ack(tiny_llama_dir, collector,
-                                                                 prefill):
+                                                                 prefill, decode, long_expected):
+    """Killed once every layer went out: the job holds its whole KV, and the re-send goes
+    out from the blocks at once."""
     (victim,) = spawn([worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-victim-2")])
+    prompt = uncached_long(3)
     try:
-        start(collector, prefill, victim.worker, "kill-d-ack")
+        start(collector, prefill, victim.worker, "kill-d-ack", prompt)
         wait_state(victim.worker, "kill-d-ack", DecodeState.RECEIVING)
         with stopped(victim):
             wait_state(prefill, "kill-d-ack", PrefillState.TRANSFERRING)
             victim.kill()
-        outcome = collector.wait_outcome("kill-d-ack", timeout=30)
-        assert outcome.status is PrefillStatus.FAILED
-        assert "disconnected" in outcome.reason or "acknowledgement" in outcome.reason
+        held = collector.wait_outcome("kill-d-ack", timeout=30)
+        assert held.status is PrefillStatus.HELD
+        assert "disconnected" in held.reason or "acknowledgement" in held.reason
+        assert held.stamps.prefill_end > 0  # the prefill had ended
     finally:
         victim.kill()
+    want = LLM(str(tiny_llama_dir), block_size=4).generate([list(prompt)],
+                                                          greedy(4))[0].token_ids
+    assert resend(collector, prefill, decode.worker, "kill-d-ack", "kill-d-ack-2", prompt)
+    streamed = collector.wait_final("kill-d-ack-2", timeout=60)
+    assert streamed.final.error == "" and streamed.token_ids == want
+    assert collector.wait_outcome("kill-d-ack-2").stamps.prefill_end == held.stamps.prefill_end
+
+
+def test_a_held_job_no_order_claims_ends_by_itself(tiny_llama_dir, collector, prefill):
+    """No re-send comes (the router died, or served the request elsewhere): the held KV is
+    freed `hold_s` after the prefill ended (the autouse check sees every block free)."""
+    (victim,) = spawn([worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-victim-3")])
+    try:
+        start(collector, prefill, victim.worker, "unclaimed", uncached_long(4))
+        wait_state(victim.worker, "unclaimed", DecodeState.RECEIVING)
+        with stopped(victim):
+            wait_state(prefill, "unclaimed", PrefillState.TRANSFERRING)
+            victim.kill()
+        assert collector.wait_outcome("unclaimed", timeout=30).status is PrefillStatus.HELD
+    finally:
+        victim.kill()
+    assert prefill.job_state("unclaimed") is PrefillState.HELD
+    wait_for(lambda: prefill.load().num_leases == 1, 5, "the held KV in the load report")
+    wait_idle(prefill)  # within hold_s
+
+
+def test_a_resend_of_a_job_not_held_computes_the_prompt(collector, prefill, decode,
+                                                         short_expected):
+    """`resend_of` is a request, not a promise: naming a job that is not here (it ended, or
+    another order took it) queues the prompt as a new job."""
+    assert not resend(collector, prefill, decode.worker, "never-was", "fresh", SHORT,
+                      greedy(6))
+    assert collector.wait_final("fresh", timeout=60).token_ids == short_expected
+    assert collector.wait_outcome("fresh").status is PrefillStatus.DONE
 
 
 def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):

@@ -1,11 +1,12 @@
-"""The prefill rate admission divides by (worker.rate): prompt tokens over the busy time of
-every step taken while prompts waited, decode-only steps included."""
+"""The rates admission reads (worker.rate): the prefill rate, prompt tokens over the busy
+time of every step taken while prompts waited, decode-only steps included; and the time of
+a decode-only step."""
 
 from __future__ import annotations
 
 import pytest
 
-from pdserve.worker.rate import WINDOW_S, PrefillRate
+from pdserve.worker.rate import WINDOW_S, DecodeStepTime, PrefillRate
 
 
 def test_decode_steps_taken_while_prompts_wait_count_against_the_rate():
@@ -31,3 +32,13 @@ def test_the_average_moves_toward_new_samples():
     rate.observe(1000, 1.0, backlog=True)
     rate.observe(500, 1.0, backlog=True)
     assert rate.tokens_per_s == pytest.approx(750.0)
+
+
+def test_the_decode_step_time_counts_only_steps_without_prompt_tokens():
+    step = DecodeStepTime(weight=0.5)
+    step.observe(num_prefill_tokens=100, num_decodes=3, seconds=1.0)  # a prompt in the way
+    step.observe(num_prefill_tokens=0, num_decodes=0, seconds=1.0)  # nothing decoded
+    assert step.seconds == 0.0
+    step.observe(0, 4, 0.04)
+    step.observe(0, 4, 0.08)
+    assert step.seconds == pytest.approx(0.06)
