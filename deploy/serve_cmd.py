@@ -44,7 +44,8 @@ def add_serve(sub) -> None:
     p.add_argument("--kv-lease", type=float, default=10.0, metavar="SECONDS",
                    help="a decode reservation ends after this long with no KV and no "
                         "keep-alive from its prefill worker; time in the prefill queue does "
-                        "not count (%(default)s)")
+                        "not count. A prefill job whose decode side failed keeps its KV "
+                        "this long for a re-send to another decode worker (%(default)s)")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="dispatches of a request whose worker fails it before its first "
                         "token, the first included (%(default)s)")

@@ -3,10 +3,10 @@
 Life of a request:
 1. ADMITTED    `generate` admits it or refuses it at once with RESOURCE_EXHAUSTED: when
                the router queue is full, when the prefill work queued ahead of it would
-               delay its first token past its TTFT SLO (router.admission), or when its
-               prefill, where it would decode, would stall the requests decoding there
-               past their TPOT SLO on every worker (router.interference). An admitted
-               request is never failed for waiting.
+               delay its first token past its TTFT SLO, or when its prefill, where it
+               would decode, would stall the requests decoding there past their TPOT SLO
+               on every worker (router.door). An admitted request is never failed for
+               waiting.
 2. QUEUED      it waits until a worker of each role it needs has a free slot (at most
                `max_in_flight_per_worker` requests per worker from this router) and, for
                decode, the blocks, first come, first served (router.queue). No live
@@ -57,33 +57,35 @@ from pdserve.protocol import (
     FinishReason,
     IncrementalDetokenizer,
     PrefillOrder,
-    PrefillOutcome,
-    PrefillStatus,
     TokenChunk,
     WorkerRole,
 )
-from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
+from pdserve.router.chunks import token_chunks
+from pdserve.router.door import Door
 from pdserve.router.errors import (
     RequestError,
-    check_fits,
-    overloaded,
     unavailable,
     worker_failed,
 )
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
-from pdserve.router.interference import InterferenceBook, slack_s, stall_s
+from pdserve.router.interference import slack_s, stall_s
 from pdserve.router.limits import InputLimits
+from pdserve.router.observe import RequestObserver, RequestOutcome, RequestRecord, notify
 from pdserve.router.policy import Policy, should_disaggregate
 from pdserve.router.queue import RouterQueue
 from pdserve.router.retry import Attempt, Held, continuation
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
-from pdserve.router.view import ClusterView, Gone, HandleFactory, LiveWorker
+from pdserve.router.view import ClusterView, HandleFactory, LiveWorker
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+_OUTCOMES = {"RESOURCE_EXHAUSTED": RequestOutcome.REFUSED,
+             "INVALID_ARGUMENT": RequestOutcome.INVALID}
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,8 @@ class Router:
         self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host)
         self.queue = RouterQueue(config, self.view, redis)
-        self._slots = SlotRate()
-        self._interference = InterferenceBook()
-        # per worker, this router's requests whose prefill there has not ended: tid -> tokens
-        self._prefilling: dict[str, dict[str, int]] = {}
-        self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
+        self.door = Door(config, self.view, self.queue)
+        self.observers: list[RequestObserver] = []  # told of each request's end (observe)
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -162,8 +161,36 @@ class Router:
         message (`attempts`, `migrations`, `timing.retry_ms`)."""
         arrival = time.time()
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        token_times: list[tuple[float, int]] = []
+        ended: list[pb.FinalResponse] = []
+        outcome, code, error = RequestOutcome.CANCELLED, "CANCELLED", ""
+        try:
+            async for response in self._generate(req, deadline, request_id, arrival):
+                if response.HasField("chunk") and response.chunk.token_ids:
+                    token_times.append((time.time(), len(response.chunk.token_ids)))
+                elif response.HasField("final"):
+                    ended.append(response.final)
+                    outcome, code = RequestOutcome.FINISHED, ""
+                yield response
+        except RequestError as e:
+            outcome, code, error = _OUTCOMES.get(e.code, RequestOutcome.FAILED), e.code, str(e)
+            raise
+        except ValueError as e:  # a worker refused the job
+            outcome, code, error = RequestOutcome.INVALID, "INVALID_ARGUMENT", str(e)
+            raise
+        except Exception as e:
+            outcome, code, error = RequestOutcome.FAILED, "INTERNAL", str(e)
+            raise
+        finally:
+            notify(self.observers, RequestRecord(
+                request_id, outcome, arrival, time.time(), len(req.prompt_token_ids),
+                sum(n for _, n in token_times), tuple(token_times),
+                ended[0] if ended else None, code, error))
+
+    async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
+                        arrival: float) -> AsyncIterator[pb.GenerateResponse]:
         disagg = self._disaggregates(req)
-        unfit = self._admit(req, disagg)
+        unfit = self.door.admit(req, disagg)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
         out_ids: list[int] = []
         first_token = 0.0
@@ -243,16 +270,16 @@ class Router:
             decode, prefill, dispatched = await self._dispatch(
                 req, tid, self._disaggregates(req, avoid), queue, deadline, avoid, held,
                 resends, retry)
-            self._interference.joined(
+            self.door.interference.joined(
                 decode.worker_id, tid,
                 stall_s(decode.record, len(req.prompt_token_ids)) if prefill is None else 0.0,
                 slack_s(decode.record, req.slo_tpot_ms, req.sampling.max_tokens))
             attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
-            chunks = self._chunks(queue, decode, prefill, tid)
+            chunks = token_chunks(queue, decode, prefill, tid)
             async with contextlib.aclosing(chunks) as stream:
                 async for chunk in stream:
-                    self._prefill_ended(tid)
+                    self.door.prefill_ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
                         prefill = None
@@ -265,9 +292,9 @@ class Router:
             keep_prefill = e.held is not None
             raise
         finally:
-            self._prefill_ended(tid)
+            self.door.prefill_ended(tid)
             if decode is not None:
-                self._interference.left(decode.worker_id, tid)
+                self.door.interference.left(decode.worker_id, tid)
             self.stream.close_queue(tid)
             for w in (decode, prefill):
                 if w is not None:
@@ -277,7 +304,7 @@ class Router:
                 await asyncio.shield(self._abort(tid, decode,
                                                  None if keep_prefill else prefill))
             if decode is not None:
-                self._slots.released(self.queue.queued > 0)
+                self.door.slots.released(self.queue.queued > 0)
             await self.view.notify()
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
@@ -300,13 +327,13 @@ class Router:
                 dispatched = time.time()
                 try:
                     if prefill is None:
-                        self._prefill_started(decode, tid, len(req.prompt_token_ids))
+                        self.door.prefill_started(decode.worker_id, tid, len(req.prompt_token_ids))
                         await self._call(decode, decode.handle.generate(order))
                         return decode, None, dispatched
                     endpoint = await self._call(decode, decode.handle.reserve(order))
                     prefill.in_flight[tid] = queue
                     resend = held if held and held.prefill_id == prefill.worker_id else None
-                    self._prefill_started(prefill, tid, len(req.prompt_token_ids))
+                    self.door.prefill_started(prefill.worker_id, tid, len(req.prompt_token_ids))
                     if resend is not None:
                         held = None  # the order below re-sends it or the worker ended it
                     if await self._call(prefill, prefill.handle.submit(PrefillOrder(
@@ -316,7 +343,7 @@ class Router:
                         resends.append(resend)
                     return decode, prefill, dispatched
                 except NoRoom:  # its heartbeat was stale: wait for room like the others
-                    self._prefill_ended(tid)
+                    self.door.prefill_ended(tid)
                     decode.in_flight.pop(tid, None)
                     decode.record = decode.record.without_room()
                 except BaseException:
@@ -337,90 +364,6 @@ class Router:
             self.view.drop(worker.worker_id)
             raise worker_failed(f"worker {worker.worker_id} is gone: {e}",
                                 worker.worker_id) from e
-
-    # -- admission -----------------------------------------------------------------------------
-
-    def _admit(self, req: ValidRequest, disagg: bool) -> set[str]:
-        """Refuse the request now (RESOURCE_EXHAUSTED) if the prefill work queued ahead of it
-        would delay its first token past its TTFT SLO (router.admission), or if, prefilled
-        locally, it would stall the decodes of every worker past their TPOT SLO
-        (router.interference). Returns the workers where that stall does not fit."""
-        holders = self.view.of_role(*((WorkerRole.DECODE,) if disagg else
-                                      (WorkerRole.COLOCATED, WorkerRole.DECODE)))
-        if holders:  # a prompt that can never fit is a bad request, not an overload
-            check_fits(holders, len(req.prompt_token_ids))
-        budget = (req.slo_ttft_ms / 1000 if req.slo_ttft_ms else
-                  self.config.default_ttft_slo_s)
-        roles = ((WorkerRole.PREFILL,) if disagg
-                 else (WorkerRole.COLOCATED, WorkerRole.DECODE))
-        backlogs = [Backlog(w.worker_id,
-                            max(w.record.queued_prefill_tokens,
-                                sum(self._prefilling.get(w.worker_id, {}).values())),
-                            w.record.prefill_tokens_per_s)
-                    for w in self.view.of_role(*roles)]
-        wait = estimate_wait_s(backlogs, len(req.prompt_token_ids), self.queue.queued_tokens)
-        if wait is not None:
-            wait += slot_wait_s(self.queue.queued, self._slots.per_s())
-        if (why := refusal(wait, budget)) is not None:
-            raise overloaded(why)
-        if disagg:
-            return set()
-        n = len(req.prompt_token_ids)
-        unfit = {w.worker_id for w in holders
-                 if not self._interference.fits(w.worker_id, stall_s(w.record, n))}
-        if holders and len(unfit) == len(holders):
-            protected = sum(self._interference.protected(w) for w in unfit)
-            raise overloaded(
-                f"refused at admission: prefilling this prompt ({n} tokens) where it would "
-                f"decode would stall {protected} decoding requests past their TPOT SLO on "
-                "every worker; retry later")
-        return unfit
-
-    def _prefill_started(self, worker: LiveWorker, tid: str, num_tokens: int) -> None:
-        self._prefilling.setdefault(worker.worker_id, {})[tid] = num_tokens
-        self._prefill_at[tid] = worker.worker_id
-
-    def _prefill_ended(self, tid: str) -> None:
-        """The request's prefill is over (its first token came) or will not happen."""
-        if (worker_id := self._prefill_at.pop(tid, None)) is not None:
-            self._prefilling[worker_id].pop(tid, None)
-
-    async def _chunks(self, queue: asyncio.Queue, decode: LiveWorker,
-                      prefill: LiveWorker | None, tid: str) -> AsyncIterator[TokenChunk]:
-        """The request's token chunks until the last one. Raises UNAVAILABLE when the prefill
-        fails before the hand-off (its outcome, or its worker's death), the decode job ends
-        in an error, or the decode worker dies, so the caller aborts what is left. A decode
-        side that fails before the hand-off leaves the prefill job holding its KV (HELD):
-        the error names it (`held`) for the next attempt to re-send."""
-        handed_off = prefill is None
-
-        def decode_failed(why: str):
-            held = None if handed_off else Held(prefill.worker_id, tid)
-            return worker_failed(why, decode.worker_id, held=held)
-
-        while True:
-            item = await queue.get()
-            if isinstance(item, Gone):
-                if item.worker_id == decode.worker_id:
-                    raise decode_failed(f"worker {item.worker_id} is gone")
-                if not handed_off:
-                    raise worker_failed(f"worker {item.worker_id} is gone", item.worker_id)
-            elif isinstance(item, PrefillOutcome):
-                if handed_off or item.status is PrefillStatus.DONE:
-                    continue
-                if item.status is PrefillStatus.HELD:
-                    raise decode_failed(f"the KV transfer to {decode.worker_id} failed: "
-                                        f"{item.reason}")
-                raise worker_failed(f"prefill on {prefill.worker_id} failed: "
-                                    f"{item.reason}", prefill.worker_id)
-            elif item.finish in (FinishReason.ERROR, FinishReason.ABORT):
-                raise decode_failed(f"decode worker {decode.worker_id} ended the request: "
-                                    f"{item.error or item.finish.value}")
-            else:
-                handed_off = True
-                yield item
-                if item.finish is not None:
-                    return
 
     async def _drop_held(self, held: Held | None) -> None:
         """Abort a held prefill job that no attempt re-sends."""

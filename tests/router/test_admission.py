@@ -60,14 +60,14 @@ def test_the_router_refuses_by_the_requests_slo_or_its_default():
         p = _worker("p", WorkerRole.PREFILL, queued=4000, rate=1000.0)  # 4 s queued
         router = _router(30.0, p, _worker("d", WorkerRole.DECODE, 0, 0.0))
         try:
-            router._admit(_request(1000), disagg=True)  # ~5 s < the 30 s default
+            router.door.admit(_request(1000), disagg=True)  # ~5 s < the 30 s default
             with pytest.raises(RequestError) as e:
-                router._admit(_request(1000, slo_ttft_ms=2000), disagg=True)
+                router.door.admit(_request(1000, slo_ttft_ms=2000), disagg=True)
             assert e.value.code == "RESOURCE_EXHAUSTED" and "refused at admission" in str(e.value)
             # not disaggregated: the decode worker prefills, and it has measured nothing yet
-            router._admit(_request(1000, slo_ttft_ms=1), disagg=False)
+            router.door.admit(_request(1000, slo_ttft_ms=1), disagg=False)
             off = _router(0.0, p)
-            off._admit(_request(100_000), disagg=True)  # admission by queued work is off
+            off.door.admit(_request(100_000), disagg=True)  # admission by queued work is off
             await off.stream.close()
         finally:
             await router.stream.close()
@@ -82,12 +82,12 @@ def test_a_burst_counts_what_this_router_sent_since_the_last_report():
         router = _router(3.0, p)
         try:
             for i in range(2):  # 2 x 1000 tokens dispatched, none reported yet
-                router._prefill_started(p, f"t{i}", 1000)
-            router._admit(_request(900), disagg=True)  # (2000 + 900) / 1000 = 2.9 s
+                router.door.prefill_started(p.worker_id, f"t{i}", 1000)
+            router.door.admit(_request(900), disagg=True)  # (2000 + 900) / 1000 = 2.9 s
             with pytest.raises(RequestError):
-                router._admit(_request(1100), disagg=True)  # 3.1 s
-            router._prefill_ended("t0")  # its first token came: no longer ahead of anyone
-            router._admit(_request(1100), disagg=True)
+                router.door.admit(_request(1100), disagg=True)  # 3.1 s
+            router.door.prefill_ended("t0")  # its first token came: no longer ahead of anyone
+            router.door.admit(_request(1100), disagg=True)
         finally:
             await router.stream.close()
 
@@ -114,12 +114,12 @@ def test_the_router_adds_the_slot_wait_to_the_prefill_estimate():
         p = _worker("p", WorkerRole.PREFILL, queued=0, rate=1000.0)
         router = _router(3.0, p)
         try:
-            router._admit(_request(100), disagg=True)  # 0.1 s of prefill, no queue
+            router.door.admit(_request(100), disagg=True)  # 0.1 s of prefill, no queue
             router.queue.queued = 20  # twenty requests wait for a slot; slots free at 5/s
             for t in range(5):
-                router._slots.released(True, now=time.monotonic() - 1.0 + t * 0.2)
+                router.door.slots.released(True, now=time.monotonic() - 1.0 + t * 0.2)
             with pytest.raises(RequestError) as e:
-                router._admit(_request(100), disagg=True)  # 0.1 s + 20 / ~5 per s
+                router.door.admit(_request(100), disagg=True)  # 0.1 s + 20 / ~5 per s
             assert "first token" in str(e.value)
         finally:
             router.queue.queued = 0

@@ -61,14 +61,14 @@ def test_the_router_refuses_a_prompt_that_fits_on_no_worker_and_avoids_where_it_
         router = Router(RouterConfig(default_ttft_slo_s=0), None, None, lambda record: None)
         router.view.workers = {"a": a, "b": b}
         try:
-            router._interference.joined("a", "t1", 0.0, slack_s(a.record, 150.0, 11))  # 1 s
-            assert router._admit(_request(1500, 150.0), disagg=False) == {"a"}  # 1.5 s stall
-            assert router._admit(_request(500, 150.0), disagg=False) == set()
-            router._interference.joined("b", "t2", 0.0, 0.2)
+            router.door.interference.joined("a", "t1", 0.0, slack_s(a.record, 150.0, 11))  # 1 s
+            assert router.door.admit(_request(1500, 150.0), disagg=False) == {"a"}  # 1.5 s stall
+            assert router.door.admit(_request(500, 150.0), disagg=False) == set()
+            router.door.interference.joined("b", "t2", 0.0, 0.2)
             with pytest.raises(RequestError) as e:
-                router._admit(_request(1500, None), disagg=False)
+                router.door.admit(_request(1500, None), disagg=False)
             assert e.value.code == "RESOURCE_EXHAUSTED" and "TPOT SLO" in str(e.value)
-            assert router._admit(_request(1500, None), disagg=True) == set()  # stalls no one
+            assert router.door.admit(_request(1500, None), disagg=True) == set()  # stalls no one
         finally:
             await router.stream.close()
 

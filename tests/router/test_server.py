@@ -7,11 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from helpers import wait_for
 from rpc_helpers import Recorded, collect, greedy_request, stub_for, wait_cluster_idle
 
 from pdserve.deploy.local_cluster import LocalCluster
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.engine import SamplingParams
+from pdserve.router.observe import RequestOutcome
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc.client import PdServeClient
@@ -217,6 +219,39 @@ def test_overload_answers_resource_exhausted_and_the_rest_complete(cluster, stub
     rejected = [o for o in outcomes if o == grpc.StatusCode.RESOURCE_EXHAUSTED]
     done = [o for o in outcomes if o == pb.FINISH_REASON_LENGTH]
     assert rejected and done and len(rejected) + len(done) == 24, outcomes
+
+
+class Observed:
+    """A router observer that keeps every record (router.observe)."""
+
+    def __init__(self):
+        self.records = []
+
+    def request_ended(self, record):
+        self.records.append(record)
+
+
+def test_observers_hear_of_every_request_once_with_how_it_ended(cluster, stub):
+    observed = Observed()
+    router = cluster.routers[0].router
+    router.observers.append(observed)
+    try:
+        text, ids, final = collect(stub, greedy_request(PROMPTS[0], 6, disaggregation=1))
+        call = stub.Generate(greedy_request(PROMPTS[1], 400, disaggregation=1), timeout=60)
+        next(call)
+        next(call)
+        call.cancel()
+        wait_cluster_idle(cluster)
+        wait_for(lambda: len(observed.records) == 2, 10, "both ends observed")
+    finally:
+        router.observers.remove(observed)
+    done, cancelled = observed.records
+    assert done.outcome is RequestOutcome.FINISHED and done.final == final
+    assert done.completion_tokens == len(ids) == sum(n for _, n in done.token_times)
+    assert done.prompt_tokens == final.usage.prompt_tokens and done.code == ""
+    assert done.arrival <= done.token_times[0][0] <= done.ended
+    assert cancelled.outcome is RequestOutcome.CANCELLED and cancelled.final is None
+    assert cancelled.completion_tokens >= 1
 
 
 def test_cluster_status_lists_every_worker(stub):

@@ -1,0 +1,58 @@
+"""What the router tells its observers (metrics, traces, request logs) about each request
+that reached it, once, when it ends: how it ended, its token counts, when each batch of
+tokens reached the router, and, when it finished, its final message (usage, the timing
+breakdown from the workers' stamps, SLO, the workers that served it, retries).
+
+Contract: `Router.generate` calls `request_ended` exactly once per request it was handed,
+on the router's event loop, after the last message was yielded or the error raised. An
+observer must not block or raise (an exception is logged and the others still run).
+Requests refused before they reach the router (bad input, a full intake) are the front
+end's to report (`RequestOutcome.INVALID` / `REFUSED`, with no final message).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.rpc import pdserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class RequestOutcome(enum.Enum):
+    FINISHED = "finished"  # the final message went out (stop or length)
+    REFUSED = "refused"  # RESOURCE_EXHAUSTED at admission: nothing was dispatched
+    INVALID = "invalid"  # INVALID_ARGUMENT: bad input, or a worker refused the job
+    FAILED = "failed"  # UNAVAILABLE (no worker, retries spent) or another error status
+    CANCELLED = "cancelled"  # the client went away or its deadline passed
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    request_id: str
+    outcome: RequestOutcome
+    arrival: float  # time.time() the router got it
+    ended: float
+    prompt_tokens: int
+    completion_tokens: int
+    # (time.time(), tokens) per chunk with tokens, as the router received them
+    token_times: tuple[tuple[float, int], ...] = ()
+    final: pb.FinalResponse | None = None  # FINISHED only
+    code: str = ""  # the gRPC status code name, when not FINISHED
+    error: str = ""  # its message
+
+
+class RequestObserver(Protocol):
+    def request_ended(self, record: RequestRecord) -> None: ...
+
+
+def notify(observers: Sequence[RequestObserver], record: RequestRecord) -> None:
+    for observer in observers:
+        try:
+            observer.request_ended(record)
+        except Exception:  # noqa: BLE001 - an observer's bug must not end the request
+            log.exception("request observer %r failed", observer)
