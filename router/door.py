@@ -59,7 +59,7 @@ class Door:
         if disagg:
             return set()
         unfit = {w.worker_id for w in holders
-                 if not self.interference.fits(w.worker_id, stall_s(w.record, n))}
+                 if not self.interference.fits(w.record, stall_s(w.record, n))}
         if holders and len(unfit) == len(holders):
             protected = sum(self.interference.protected(w) for w in unfit)
             raise overloaded(

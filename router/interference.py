@@ -2,22 +2,26 @@
 (a colocated worker, or a decode worker's local prefill).
 
 A prompt of n tokens prefilled on a worker stalls every request decoding there for about
-n / (the worker's measured prefill rate) seconds. A request with a TPOT SLO can absorb a
-total stall of (TPOT SLO - the worker's decode-only step time) x (max_tokens - 1) over
-its output and still meet it: its slack. This book charges each local prefill's stall to
-the slack of every request on its worker when the prefill is dispatched; a prompt whose
-stall exceeds what is left of any of them does not fit there. Admission refuses it at
-once (RESOURCE_EXHAUSTED) when it fits on no worker, and the queue passes over the
-workers where it does not fit while others are listed. Requests without a TPOT SLO, or on
-a worker that has not measured its rates yet, have no slack to protect; their prefills
-are charged to the others all the same. Disaggregated prompts stall nothing here (their
-prefill runs elsewhere).
+n / (the worker's measured prefill rate) seconds. A request with a TPOT SLO T and
+`max_tokens` m, on a worker whose decode-only steps take s now, meets its SLO while
+s + (the stalls charged to it) / (m - 1) <= T. This book charges each local prefill's
+stall to every request on its worker when the prefill is dispatched; a prompt does not
+fit on a worker when its stall would push a request there that still meets its SLO past
+it (one already past it, at today's step time, cannot be saved and holds nothing up).
+Admission refuses the prompt at once (RESOURCE_EXHAUSTED) when it fits on no worker, and
+the queue passes over the workers where it does not fit while others are listed. The
+step time is the worker's current one, so a batch that grew leaves less room for stalls.
+Requests without a TPOT SLO, and workers that have not measured their rates yet, have
+nothing to protect; their prefills are charged to the others all the same.
+Disaggregated prompts stall nothing here (their prefill runs elsewhere).
 
 Stalls are charged at dispatch, to the requests then on the worker; a request's own TTFT
 is admission's other bound (router.admission).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from pdserve.protocol import WorkerRecord
 
@@ -29,44 +33,61 @@ def stall_s(record: WorkerRecord, prompt_tokens: int) -> float:
     return prompt_tokens / rate if rate > 0 else 0.0
 
 
-def slack_s(record: WorkerRecord, tpot_slo_ms: float | None, max_tokens: int) -> float | None:
-    """The stall a request decoding on the worker can absorb within its TPOT SLO; None
-    when there is nothing to protect (no TPOT SLO, no measured step time)."""
-    step = record.decode_step_s
-    if not tpot_slo_ms or step <= 0:
+@dataclass
+class Decoding:
+    """A request with a TPOT SLO on a worker, and the stalls charged to it so far."""
+
+    tpot_s: float
+    tokens: int  # max_tokens - 1: the gaps its TPOT averages over
+    charged_s: float = 0.0
+
+    def tpot_with(self, step_s: float, stall: float) -> float:
+        return step_s + (self.charged_s + stall) / self.tokens
+
+    def meets(self, step_s: float, stall: float = 0.0) -> bool:
+        return self.tpot_with(step_s, stall) <= self.tpot_s + 1e-9  # at the SLO is within it
+
+
+def decoding(tpot_slo_ms: float | None, max_tokens: int) -> Decoding | None:
+    """What the book keeps of a request; None when it has no TPOT to protect."""
+    if not tpot_slo_ms or max_tokens < 2:
         return None
-    return max(0.0, tpot_slo_ms / 1000 - step) * max(0, max_tokens - 1)
+    return Decoding(tpot_slo_ms / 1000, max_tokens - 1)
 
 
 class InterferenceBook:
-    """What is left of the slack of each request decoding on each worker (this router's
-    own requests). Runs on the router's event loop only."""
+    """The requests with a TPOT SLO that this router has on each worker, and what was
+    charged to each. Runs on the router's event loop only."""
 
     def __init__(self) -> None:
-        self._left: dict[str, dict[str, float]] = {}  # worker id -> transfer id -> seconds
+        self._on: dict[str, dict[str, Decoding]] = {}  # worker id -> transfer id -> request
 
-    def fits(self, worker_id: str, stall: float) -> bool:
-        return all(left >= stall for left in self._left.get(worker_id, {}).values())
+    def fits(self, record: WorkerRecord, stall: float) -> bool:
+        step = record.decode_step_s
+        if stall <= 0 or step <= 0:
+            return True
+        return all(d.meets(step, stall) for d in self._on.get(record.worker_id, {}).values()
+                   if d.meets(step))
 
     def protected(self, worker_id: str) -> int:
-        """Requests on the worker with a slack to protect."""
-        return len(self._left.get(worker_id, {}))
+        """Requests on the worker with a TPOT SLO."""
+        return len(self._on.get(worker_id, {}))
 
     def joined(self, worker_id: str, transfer_id: str, stall: float,
-               slack: float | None) -> None:
+               request: Decoding | None) -> None:
         """`transfer_id` was dispatched to the worker; its prefill there (if local) stalls
-        the requests already on it by `stall`. `slack`: its own, None for none."""
-        on_worker = self._left.setdefault(worker_id, {})
+        the requests already on it by `stall`. `request`: its own SLO, None for none."""
+        on_worker = self._on.setdefault(worker_id, {})
         if stall > 0:
-            for tid in on_worker:
-                on_worker[tid] -= stall
-        if slack is not None:
-            on_worker[transfer_id] = slack
+            for d in on_worker.values():
+                d.charged_s += stall
+        if request is not None:
+            on_worker[transfer_id] = request
 
     def left(self, worker_id: str, transfer_id: str) -> None:
         """The request left the worker (idempotent)."""
-        on_worker = self._left.get(worker_id)
+        on_worker = self._on.get(worker_id)
         if on_worker is not None:
             on_worker.pop(transfer_id, None)
             if not on_worker:
-                del self._left[worker_id]
+                del self._on[worker_id]

@@ -69,7 +69,7 @@ from pdserve.router.errors import (
 )
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
-from pdserve.router.interference import slack_s, stall_s
+from pdserve.router.interference import decoding, stall_s
 from pdserve.router.limits import InputLimits
 from pdserve.router.observe import RequestObserver, RequestOutcome, RequestRecord, notify
 from pdserve.router.policy import Policy, should_disaggregate
@@ -273,7 +273,7 @@ class Router:
             self.door.interference.joined(
                 decode.worker_id, tid,
                 stall_s(decode.record, len(req.prompt_token_ids)) if prefill is None else 0.0,
-                slack_s(decode.record, req.slo_tpot_ms, req.sampling.max_tokens))
+                decoding(req.slo_tpot_ms, req.sampling.max_tokens))
             attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
             chunks = token_chunks(queue, decode, prefill, tid)
