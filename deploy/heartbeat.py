@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.protocol import WorkerRecord, WorkerRole
 from pdserve.router.registry import (
@@ -51,7 +51,7 @@ class HeartbeatConfig:
     """Where and how often a worker beats; picklable, so a parent can hand it to the
     process the worker runs in."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold the password
     node: str
     block_size: int
     interval_s: float = 0.5

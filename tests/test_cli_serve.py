@@ -45,8 +45,12 @@ def test_serve_answers_and_leaves_nothing_after_sigterm():
         status = subprocess.run([*cli, "status", "--target", address], capture_output=True,
                                 text=True, timeout=60)
         assert "prefill-0" in status.stdout and "decode-0" in status.stdout
+        password = _redis_password(children)
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0
+        # the embedded Redis's password is nowhere a user or a log would see it
+        seen = server.stderr.read() + out.stdout + out.stderr + status.stdout
+        assert "Redis redis://127.0.0.1:" in seen and password not in seen
         deadline = time.monotonic() + 10
         while (alive := [p for p in children if _alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -54,6 +58,23 @@ def test_serve_answers_and_leaves_nothing_after_sigterm():
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def _redis_password(pids) -> str:
+    """From the config file of the redis-server among `pids`; never on its command line."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        if "redis-server" in argv[0]:  # it runs in its data folder, beside its config
+            with open(f"/proc/{pid}/cwd/redis.conf") as f:
+                (line,) = [x for x in f if x.startswith("requirepass ")]
+            password = line.split()[1].strip('"')
+            assert len(password) >= 32 and password not in " ".join(argv)
+            return password
+    raise AssertionError("no redis-server among the children")
 
 
 def _alive(pid: int) -> bool:

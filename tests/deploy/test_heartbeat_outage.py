@@ -88,7 +88,8 @@ def test_a_new_redis_gets_the_record_and_every_cached_block_back(server):
         wait_for(lambda: hb.failures >= 3, 10, "beats to fail")
         assert hb.is_alive
 
-        server = RedisServer(port=port)  # brand new and empty, on the same address
+        # brand new and empty, on the same address (with the same password)
+        server = RedisServer(port=port, password=server.password)
         client = redis.Redis.from_url(server.url)
         wait_for(lambda: record(client, "w0"), 10, "the worker to register again")
         wait_for(lambda: indexed(client, "w0", range(10)) == {1, 3, 4}, 10,
@@ -140,7 +141,7 @@ def test_a_worker_started_while_redis_is_away_registers_when_it_answers(server):
     hb = Heartbeat(HeartbeatConfig(server.url, **CONFIG), worker, "w0", WorkerRole.DECODE)
     try:
         assert hb.is_alive and hb.failures >= 1
-        server = RedisServer(port=port)
+        server = RedisServer(port=port, password=server.password)
         client = redis.Redis.from_url(server.url)
         wait_for(lambda: record(client, "w0"), 10, "the worker to register")
         wait_for(lambda: indexed(client, "w0", range(10)) == {7}, 10, "its cache indexed")

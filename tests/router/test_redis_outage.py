@@ -152,7 +152,8 @@ def test_a_dead_redis_and_an_empty_new_one_cost_no_request_and_no_worker(
     out, err = capsys.readouterr()
     assert all(w in out for w in WORKERS) and "cannot read the registry" in err
 
-    box.server = RedisServer(port=port)  # brand new and empty, on the same address
+    # brand new and empty, on the same address (with the same password)
+    box.server = RedisServer(port=port, password=box.server.password)
     wait_for(lambda: set(records(box)) == WORKERS, 15, "the workers to register again")
     wait_for(lambda: index_of(box, hashes) == before, 15, "the prefix index to be re-published")
     wait_for(lambda: router.router.view.unreachable_since is None, 10, "the router to read again")

@@ -66,7 +66,7 @@ def test_the_view_rides_out_a_dead_redis_and_an_empty_new_one(server):
             assert await prefix_hits(client, [1, 2]) == {}
             assert time.monotonic() - started < 10
 
-            new = RedisServer(port=port)
+            new = RedisServer(port=port, password=server.password)
             try:
                 await view.refresh()  # readable, empty: the workers are re-registering
                 assert view.unreachable_since is None
