@@ -14,6 +14,7 @@ import time
 import grpc
 
 from pdserve.rpc.client import PdServeClient
+from pdserve.rpc.credentials import add_credential_flags, credentials_from_args
 
 
 def add_generate(sub) -> None:
@@ -23,6 +24,7 @@ def add_generate(sub) -> None:
                                    "breakdown go to stderr.")
     p.add_argument("prompt")
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (%(default)s)")
+    add_credential_flags(p)
     p.add_argument("--chat", action="store_true",
                    help="send PROMPT as a user chat message (the model's chat template)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -39,6 +41,7 @@ def add_generate(sub) -> None:
 def add_status(sub) -> None:
     p = sub.add_parser("status", help="workers, nodes, load and KV use of a running server")
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (%(default)s)")
+    add_credential_flags(p)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for the router (%(default)s)")
     p.add_argument("--stale-after", type=float, default=5.0,
@@ -50,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
 
     async def run() -> int:
-        async with PdServeClient(args.target) as client:
+        async with _client(args) as client:
             final = None
             async for piece in client.generate(
                     prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -77,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def run() -> int:
-        async with PdServeClient(args.target) as client:
+        async with _client(args) as client:
             status = await client.cluster_status(timeout=args.timeout)
         now = time.time()
         print(f"router {status.router_id}: {len(status.workers)} workers")
@@ -99,9 +102,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _rpc(run)
 
 
+def _client(args: argparse.Namespace) -> PdServeClient:
+    return PdServeClient.with_credentials(args.target, credentials_from_args(args))
+
+
 def _rpc(run) -> int:
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as e:
         print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:  # the credential flags
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2

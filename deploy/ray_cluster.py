@@ -106,7 +106,7 @@ class RayCluster(RoutedCluster):
         self.redis_url = redis_url or self._redis.url
 
     def _start_actors(self, placement: Placement, max_restarts: int, progress: bool) -> None:
-        spec = self.spec
+        spec = self.spec.for_workers()
         roles = spec.roles()
         strategies = self._strategies(roles, placement)
         for worker_id, role in roles:

@@ -9,6 +9,7 @@ import threading
 import time
 
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
+from pdserve.deploy.security_flags import add_security_flags, api_security, exposure_refusal
 
 
 def add_serve(sub) -> None:
@@ -90,6 +91,7 @@ def add_serve(sub) -> None:
     p.add_argument("--pin-cores", action="store_true",
                    help="with --no-ray: one core per worker")
     add_input_limit_flags(p)
+    add_security_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -101,6 +103,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.kvtransfer.transports import TransportKind
     from pdserve.router.router import RouterConfig
 
+    try:
+        security = api_security(args)
+    except (OSError, ValueError) as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
+    if (why := exposure_refusal(args.host, security, args.insecure)) is not None:
+        print(f"pdserve serve: refusing to start: {why}", file=sys.stderr)
+        return 2
     spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
                        colocated=args.colocated, block_size=args.block_size,
                        num_blocks=args.num_blocks,
@@ -117,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            lease_s=args.kv_lease,
                            max_attempts=args.max_attempts,
                            migration_limit=args.migration_limit,
-                           input_limits=input_limits(args)))
+                           input_limits=input_limits(args), security=security))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"

@@ -3,7 +3,7 @@ function that turns it into each worker's configuration (engine included)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.deploy.handles import DEFAULT_CALL_TIMEOUT_S
 from pdserve.engine import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -12,6 +12,7 @@ from pdserve.kvtransfer.transports import TransportKind
 from pdserve.models import DEFAULT_MODEL, resolve_model
 from pdserve.protocol import WorkerRole
 from pdserve.router.router import RouterConfig
+from pdserve.router.security import ApiSecurity
 from pdserve.worker import ENGINE_MODES, WorkerConfig
 
 
@@ -53,6 +54,11 @@ class ClusterSpec:
                             ("heartbeat_ttl_s", self.heartbeat_ttl_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+
+    def for_workers(self) -> ClusterSpec:
+        """This spec without what only the router needs to keep secret (its API keys and
+        TLS key): what is handed to worker processes and actors."""
+        return replace(self, router=replace(self.router, security=ApiSecurity()))
 
     def roles(self) -> list[tuple[str, WorkerRole]]:
         """(worker id, role) of every worker, prefill first."""

@@ -75,6 +75,7 @@ from pdserve.router.observe import RequestObserver, RequestOutcome, RequestRecor
 from pdserve.router.policy import Policy, should_disaggregate
 from pdserve.router.queue import RouterQueue
 from pdserve.router.retry import Attempt, Held, continuation
+from pdserve.router.security import ApiSecurity
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.validate import ValidRequest
@@ -107,6 +108,7 @@ class RouterConfig:
     input_limits: InputLimits = InputLimits()
     max_attempts: int = 3  # dispatches of a request that a worker fails before any token
     migration_limit: int = 3  # moves to another worker after tokens streamed (Dynamo's)
+    security: ApiSecurity = ApiSecurity()  # API keys and TLS of the public APIs
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -24,6 +24,7 @@ from pdserve.router.errors import RequestError
 from pdserve.router.health import HealthReporter
 from pdserve.router.intake import Intake, IntakeFull
 from pdserve.router.router import Router
+from pdserve.router.security import ApiSecurity
 from pdserve.router.validate import InvalidArgument
 from pdserve.router.wire import diagnose
 from pdserve.rpc import pdserve_pb2 as pb
@@ -102,13 +103,44 @@ def add_service(server: grpc.aio.Server, router: Router) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
+class KeyCheck(grpc.aio.ServerInterceptor):
+    """Every call but the open services' needs an accepted API key (router.security)."""
+
+    def __init__(self, security: ApiSecurity):
+        self.security = security
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or self.security.check(details.method,
+                                                  details.invocation_metadata or ()):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers UNAUTHENTICATED and nothing more."""
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler,
+             "unary_stream": grpc.unary_stream_rpc_method_handler,
+             "stream_unary": grpc.stream_unary_rpc_method_handler,
+             "stream_stream": grpc.stream_stream_rpc_method_handler}
+    kind = next(k for k in kinds if getattr(handler, k) is not None)
+    return kinds[kind](refuse, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
 async def start_server(router: Router, address: str = "127.0.0.1:0",
                        roles: Iterable[WorkerRole] = ()) -> tuple[grpc.aio.Server, int]:
     """Serve PdServe, health and reflection on `address`; (server, bound port). Health
     follows the router's view (router.health); `roles`: the deployment's worker roles,
-    each reported under its own health name too."""
+    each reported under its own health name too. API keys and TLS follow
+    `router.config.security` (router.security)."""
     limit = router.config.input_limits.max_request_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    security = router.config.security
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)],
+                             interceptors=[KeyCheck(security)] if security.needs_key else [])
     add_service(server, router)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -118,7 +150,14 @@ async def start_server(router: Router, address: str = "127.0.0.1:0",
     reporter = HealthReporter(health_servicer, router.view, SERVICE, roles,
                               router.config.refresh_s)
     await reporter.update()  # before a client can ask
-    port = server.add_insecure_port(address)
+    if security.tls:
+        credentials = grpc.ssl_server_credentials(
+            [(security.tls_private_key, security.tls_cert_chain)],
+            root_certificates=security.client_ca or None,
+            require_client_auth=bool(security.client_ca))
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     reporter.start(server)
     return server, port

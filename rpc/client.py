@@ -6,6 +6,10 @@
         print(piece.final.finish_reason)
 
 Errors arrive as `grpc.aio.AioRpcError` with the server's status code and message.
+
+A server with API keys wants `api_key` (sent as `authorization: Bearer <key>` on every
+call); one with TLS wants `tls_ca` (the PEM of the CA that signed its certificate, or
+empty bytes for the system's roots), and with mutual TLS also `tls_cert` / `tls_key`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import grpc
-
 from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc import pdserve_pb2_grpc
+from pdserve.rpc.credentials import Credentials
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,18 @@ class Piece:
 
 
 class PdServeClient:
-    def __init__(self, target: str):
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, *, api_key: str | None = None,
+                 tls_ca: bytes | None = None, tls_cert: bytes | None = None,
+                 tls_key: bytes | None = None):
+        credentials = Credentials(api_key, tls_ca, tls_cert, tls_key)
+        self._channel = credentials.channel(target)
         self._stub = pdserve_pb2_grpc.PdServeStub(self._channel)
+        self._metadata = credentials.metadata
+
+    @classmethod
+    def with_credentials(cls, target: str, credentials: Credentials) -> PdServeClient:
+        return cls(target, api_key=credentials.api_key, tls_ca=credentials.tls_ca,
+                   tls_cert=credentials.tls_cert, tls_key=credentials.tls_key)
 
     async def __aenter__(self) -> PdServeClient:
         return self
@@ -72,11 +84,13 @@ class PdServeClient:
             request.slo.ttft_ms = ttft_ms
         if tpot_ms is not None:
             request.slo.tpot_ms = tpot_ms
-        async for response in self._stub.Generate(request, timeout=timeout):
+        async for response in self._stub.Generate(request, timeout=timeout,
+                                                  metadata=self._metadata):
             if response.HasField("final"):
                 yield Piece(final=response.final)
             else:
                 yield Piece(response.chunk.text, tuple(response.chunk.token_ids))
 
     async def cluster_status(self, timeout: float | None = None) -> pb.ClusterStatus:
-        return await self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=timeout)
+        return await self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=timeout,
+                                                 metadata=self._metadata)
