@@ -60,17 +60,21 @@ class PdServeBackend(Backend):
     name = "pdserve"
 
     def __init__(self, target: str, disaggregation: str = "auto", timeout_s: float = 600.0,
-                 slo: Slo | None = None):
+                 slo: Slo | None = None, credentials=None):
         """`slo`, when given, goes with every request (GenerateRequest.slo): the router's
-        admission then judges each request against it instead of its default."""
+        admission then judges each request against it instead of its default.
+        `credentials`: an rpc.credentials.Credentials (API key, TLS), None for none."""
         import grpc
 
         from pdserve.rpc import pdserve_pb2 as pb
         from pdserve.rpc import pdserve_pb2_grpc
+        from pdserve.rpc.credentials import Credentials
 
+        credentials = credentials or Credentials()
         self._pb = pb
         self._rpc_error = grpc.aio.AioRpcError
-        self._channel = grpc.aio.insecure_channel(target)
+        self._metadata = credentials.metadata
+        self._channel = credentials.channel(target)
         self._stub = pdserve_pb2_grpc.PdServeStub(self._channel)
         self._hint = pb.Disaggregation.Value(f"DISAGGREGATION_{disaggregation.upper()}")
         self._timeout = timeout_s
@@ -88,7 +92,8 @@ class PdServeBackend(Backend):
         clock = _StreamClock(result)
         final_seen = False
         try:
-            async for response in self._stub.Generate(req, timeout=self._timeout):
+            async for response in self._stub.Generate(req, timeout=self._timeout,
+                                                      metadata=self._metadata):
                 if response.HasField("final"):
                     final_seen = True
                     f = response.final

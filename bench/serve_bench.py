@@ -37,6 +37,7 @@ from pdserve.bench.workload import (
     trace_dataset,
     warmup_samples,
 )
+from pdserve.rpc.credentials import add_credential_flags, credentials_from_args
 
 
 async def run_load(backend: Backend, samples: list[Sample], rate: float,
@@ -133,6 +134,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", choices=["pdserve", "openai"], default="pdserve",
                     help="pdserve's gRPC API or an OpenAI-compatible HTTP server")
     ap.add_argument("--target", default="127.0.0.1:50051", help="pdserve gRPC HOST:PORT")
+    add_credential_flags(ap)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="openai backend URL")
     ap.add_argument("--model", default="smollm2", help="openai backend model name")
     ap.add_argument("--disaggregation", choices=["auto", "always", "never"], default="auto")
@@ -177,7 +179,8 @@ def make_backend(args) -> Backend:
         slo = _slo(args) if args.send_slo else None
         if args.send_slo and slo is None:
             raise SystemExit("--send-slo needs --slo-ttft-ms and --slo-tpot-ms")
-        return PdServeBackend(args.target, args.disaggregation, slo=slo)
+        return PdServeBackend(args.target, args.disaggregation, slo=slo,
+                              credentials=credentials_from_args(args))
     return OpenAIBackend(args.base_url, args.model)
 
 
