@@ -13,10 +13,10 @@ import sys
 
 import grpc
 import pytest
-from certs import make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from pdserve.bench.certs import make_pki
 from pdserve.deploy.client_cmds import cmd_status
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RouterThread

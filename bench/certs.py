@@ -1,5 +1,6 @@
-"""Certificates made for a test: a CA, a server certificate for 127.0.0.1 and localhost,
-and a client certificate, all PEM bytes (the `cryptography` package)."""
+"""Certificates made for a run (the TLS tests, bench.client_tls): a CA, a server
+certificate for 127.0.0.1 and localhost, a client certificate it signed, and a CA it did
+not; all PEM bytes, made with the `cryptography` package (a dev dependency)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Pem:
 
 
 @dataclass(frozen=True)
-class TestPki:
+class Pki:
     ca: Pem
     server: Pem
     client: Pem
@@ -58,7 +59,7 @@ def _ca(name: str) -> tuple[Pem, x509.Name, ec.EllipticCurvePrivateKey]:
     return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)), subject, key
 
 
-def make_pki() -> TestPki:
+def make_pki() -> Pki:
     ca, ca_name, ca_key = _ca("pdserve test CA")
     server_key, client_key = _key(), _key()
     server = _cert("pdserve router", server_key, ca_name, ca_key,
@@ -67,5 +68,5 @@ def make_pki() -> TestPki:
     client = _cert("pdserve client", client_key, ca_name, ca_key)
     other, _, _ = _ca("someone else's CA")
     pem = serialization.Encoding.PEM
-    return TestPki(ca, Pem(server.public_bytes(pem), _pem_key(server_key)),
+    return Pki(ca, Pem(server.public_bytes(pem), _pem_key(server_key)),
                    Pem(client.public_bytes(pem), _pem_key(client_key)), other)
