@@ -9,6 +9,7 @@ import threading
 import time
 
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
+from pdserve.deploy.trace_flags import add_trace_flags, apply_trace_flags
 
 
 def add_serve(sub) -> None:
@@ -90,6 +91,7 @@ def add_serve(sub) -> None:
     p.add_argument("--pin-cores", action="store_true",
                    help="with --no-ray: one core per worker")
     add_input_limit_flags(p)
+    add_trace_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -116,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            lease_s=args.kv_lease,
                            max_attempts=args.max_attempts,
                            migration_limit=args.migration_limit,
-                           input_limits=input_limits(args)))
+                           input_limits=input_limits(args), **apply_trace_flags(args)))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"
