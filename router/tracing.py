@@ -67,7 +67,8 @@ class _Trace:
                               trace_flags=_SAMPLED)
         self.spans.append(ReadableSpan(
             name, context, parent, self.resource,
-            {k: v for k, v in attributes.items() if v is not None}, kind=kind,
+            {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()
+             if v is not None}, kind=kind,
             status=status or Status(StatusCode.UNSET), start_time=_ns(start),
             end_time=_ns(max(start, end)), instrumentation_scope=SCOPE))
         return context
@@ -96,8 +97,8 @@ def request_spans(record: RequestRecord, resource: Resource) -> list[ReadableSpa
     ok = record.outcome is RequestOutcome.FINISHED
     root = spans.add("request", record.arrival, record.ended, parent, attributes,
                      span_id=trace.span_id, kind=SpanKind.SERVER,
-                     status=None if ok else Status(StatusCode.ERROR,
-                                                   f"{record.code}: {record.error}"))
+                     status=None if ok else Status(StatusCode.ERROR, ": ".join(
+                         part for part in (record.code, record.error) if part)))
     for i, dispatch in enumerate(record.dispatches):
         _dispatch_spans(spans, root, i + 1, dispatch)
     return spans.spans
