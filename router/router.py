@@ -72,13 +72,7 @@ from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.interference import slack_s, stall_s
 from pdserve.router.limits import InputLimits
-from pdserve.router.observe import (
-    Dispatch,
-    RequestObserver,
-    RequestOutcome,
-    RequestRecord,
-    notify,
-)
+from pdserve.router.observe import Dispatch, RequestObserver, RequestOutcome, RequestRecord, notify
 from pdserve.router.policy import Policy, should_disaggregate
 from pdserve.router.queue import RouterQueue
 from pdserve.router.retry import Attempt, Held, continuation
