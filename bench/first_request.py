@@ -1,11 +1,14 @@
 """The first request to a fresh server against the later ones: start `pdserve serve --no-ray`
-(1 prefill + 1 decode worker, every prompt disaggregated, one core per worker), send
+(the benchmarks' 1P1D deployment, bench.server: every prompt disaggregated, one core per
+worker), send
 `--requests` prompts one at a time, each of `--input-len` random token ids that share no
 prefix (no prefix-cache hit can make a later one faster), and report each one's TTFT and
 prefill compute time from its final message, and the first's over the last's.
 
     python -m pdserve.bench.first_request [--requests 10] [--runs 3] [--json PATH]
-        [--serve-python PY]   # the pdserve of another environment (e.g. another checkout)
+
+The server runs under this interpreter; to measure another checkout of pdserve, run this
+file with that checkout's interpreter (`/other/.venv/bin/python bench/first_request.py`).
 """
 
 from __future__ import annotations
@@ -13,27 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
 import statistics
-import subprocess
 import sys
 
 import grpc
 
+from pdserve.bench.server import DEPLOYMENTS, Server
 from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc import pdserve_pb2_grpc
 
 
-def one_run(python: str, model: str, requests: int, input_len: int, seed: int) -> list[dict]:
-    server = subprocess.Popen(
-        [python, "-m", "pdserve", "serve", "--no-ray", "--pin-cores", "--model", model,
-         "--port", "0", "--disaggregation-threshold", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def one_run(model: str, port: int, requests: int, input_len: int, seed: int) -> list[dict]:
+    server = Server(DEPLOYMENTS["1p1d"], model, port, None, log_name="first-request")
     try:
-        address = server.stdout.readline().strip()
-        if not address:
-            raise RuntimeError("pdserve serve did not start")
-        stub = pdserve_pb2_grpc.PdServeStub(grpc.insecure_channel(address))
+        stub = pdserve_pb2_grpc.PdServeStub(grpc.insecure_channel(server.target))
         rng = random.Random(seed)
         firsts = rng.sample(range(1000, 40000), requests)  # distinct first tokens: no prefix
         out = []
@@ -47,11 +43,7 @@ def one_run(python: str, model: str, requests: int, input_len: int, seed: int) -
                         "prefill_compute_ms": final.timing.prefill_compute_ms})
         return out
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 def main() -> int:
@@ -61,13 +53,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--input-len", type=int, default=42)
     ap.add_argument("--runs", type=int, default=1, help="fresh servers, one after another")
-    ap.add_argument("--serve-python", default=sys.executable,
-                    help="the interpreter whose pdserve serves (default: this one)")
+    ap.add_argument("--port", type=int, default=50071)
     ap.add_argument("--json", default=None, help="write the per-request figures here")
     args = ap.parse_args()
-    runs = [one_run(args.serve_python, args.model, args.requests, args.input_len, seed)
+    runs = [one_run(args.model, args.port, args.requests, args.input_len, seed)
             for seed in range(args.runs)]
-    result = {"serve_python": args.serve_python, "input_len": args.input_len, "runs": runs}
+    result = {"python": sys.executable, "input_len": args.input_len, "runs": runs}
     for key in ("ttft_ms", "prefill_compute_ms"):
         first = statistics.median(run[0][key] for run in runs)
         last = statistics.median(run[-1][key] for run in runs)
