@@ -11,10 +11,9 @@ Life of a worker process:
              worker (loading the model, warming it up), given a `heartbeat` registers it
              and starts its heartbeat there (deploy.heartbeat: the worker's own process
              vouches that it lives, whatever the parent is busy with), starts a manager
-             server on loopback
-             and reports its address and the incarnation it registered (`started`: its
-             registry record's, None unregistered), or the error that stopped it (raised
-             here as WorkerStartError).
+             server on loopback and reports its address and the incarnation it registered
+             (`started`: its registry record's, None unregistered), or the error that
+             stopped it (raised here as WorkerStartError).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
 3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs
