@@ -39,8 +39,11 @@ def one_run(model: str, port: int, requests: int, input_len: int, seed: int) -> 
             req.sampling.max_tokens, req.sampling.temperature = 8, 0.0
             req.sampling.ignore_eos = True
             final = [r.final for r in stub.Generate(req, timeout=120) if r.HasField("final")][0]
-            out.append({"ttft_ms": final.timing.first_token_ms,
-                        "prefill_compute_ms": final.timing.prefill_compute_ms})
+            t = final.timing
+            out.append({"ttft_ms": t.first_token_ms, "router_queue_ms": t.router_queue_ms,
+                        "prefill_queue_ms": t.prefill_queue_ms,
+                        "prefill_compute_ms": t.prefill_compute_ms,
+                        "kv_transfer_ms": t.kv_transfer_ms, "decode_queue_ms": t.decode_queue_ms})
         return out
     finally:
         server.stop()
@@ -58,7 +61,7 @@ def main() -> int:
     args = ap.parse_args()
     runs = [one_run(args.model, args.port, args.requests, args.input_len, seed)
             for seed in range(args.runs)]
-    result = {"python": sys.executable, "input_len": args.input_len, "runs": runs}
+    result = {"input_len": args.input_len, "runs": runs}
     for key in ("ttft_ms", "prefill_compute_ms"):
         first = statistics.median(run[0][key] for run in runs)
         last = statistics.median(run[-1][key] for run in runs)
