@@ -8,12 +8,12 @@ ZMQ between processes, the token stream) without a Ray cluster.
 Life of a worker process:
 1. STARTING  `WorkerProcess(config, cpus)` starts a child (spawn context). The child
              pins itself to `cpus` and sets torch's threads to match (DESIGN §5), builds the
-             worker (loading the model), given a `heartbeat` registers it and starts its
-             heartbeat there (deploy.heartbeat: the worker's own process vouches that it
-             lives, whatever the parent is busy with), starts a manager server on loopback
-             and reports its address and the incarnation it registered (`started`: its
-             registry record's, None unregistered), or the error that stopped it (raised
-             here as WorkerStartError).
+             worker (loading the model, warming it up), given a `heartbeat` registers it
+             and starts its heartbeat there (deploy.heartbeat: the worker's own process
+             vouches that it lives, whatever the parent is busy with), starts a manager
+             server on loopback and reports its address and the incarnation it registered
+             (`started`: its registry record's, None unregistered), or the error that
+             stopped it (raised here as WorkerStartError).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
 3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs

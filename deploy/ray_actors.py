@@ -1,7 +1,8 @@
 """Workers as Ray actors, and how the router's handles call them.
 
 An actor's process is the worker's process: `WorkerHost` builds the worker (loading the
-model) and its registry heartbeat there, on the node Ray placed it. Calls are explicit
+model and warming it up) and then its registry heartbeat there, on the node Ray placed it,
+so a worker is routable only once warm. Calls are explicit
 delegating methods; the actor is threaded (`max_concurrency`) because the workers' methods
 are thread-safe (and none waits for a step or a job).
 

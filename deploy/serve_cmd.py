@@ -10,6 +10,7 @@ import time
 
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
 from pdserve.deploy.security_flags import add_security_flags, api_security, exposure_refusal
+from pdserve.deploy.trace_flags import add_trace_flags, apply_trace_flags
 
 
 def add_serve(sub) -> None:
@@ -92,6 +93,7 @@ def add_serve(sub) -> None:
                    help="with --no-ray: one core per worker")
     add_input_limit_flags(p)
     add_security_flags(p)
+    add_trace_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -127,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            lease_s=args.kv_lease,
                            max_attempts=args.max_attempts,
                            migration_limit=args.migration_limit,
-                           input_limits=input_limits(args), security=security))
+                           input_limits=input_limits(args), security=security,
+                           **apply_trace_flags(args)))
     stop = threading.Event()
     n = args.prefill + args.decode + args.colocated
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"

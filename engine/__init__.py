@@ -10,7 +10,7 @@ from pdserve.engine.config import (
     ModelConfig,
     SchedulerConfig,
 )
-from pdserve.engine.engine import Engine, EngineStats, StepKVHook
+from pdserve.engine.engine import Engine, EngineStats, StepKVHook, WarmUp
 from pdserve.engine.llm import LLM, CompletionOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
@@ -38,5 +38,6 @@ __all__ = [
     "ScheduledRequest",
     "SchedulerConfig",
     "StepKVHook",
+    "WarmUp",
     "resolve_model",
 ]

@@ -20,6 +20,14 @@ forward (or from the step's KV hook) fails every request of that batch, since no
 KV for the step can be trusted. Either way the engine serves on; only a fault in its own
 bookkeeping (scheduler, block manager) propagates out of `step`.
 
+Warm-up: `warm_up()`, on a fresh engine before it serves, runs a few requests through every
+path its mode serves, so the first real request does not pay the process's one-time costs
+(first use of each forward-pass kernel and of the decode kernels' small-row paths, the
+allocator's first pages, lazy initialisation in torch and the sampler). It leaves no trace
+a router or a test could see: every block free, the prefix cache empty and no prefix event
+recorded (the cluster's prefix index never hears of its blocks), the load counters at zero,
+the shared sampling generator untouched.
+
 Threading: one thread drives the engine (`step`, `add_request`, `abort`,
 `admit_prefilled`, `stats`). `reserve` and `validate` may also be called from any other
 thread, so a decode worker answers a reservation without waiting for the step in progress:
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +60,17 @@ from pdserve.protocol import SamplingParams
 StepKVHook = Callable[[ScheduledBatch], LayerKVHook | None]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What a warm-up pass ran: its requests' prompt length, and the engine steps that
+    prefilled and that decoded."""
+
+    prompt_tokens: int
+    prefill_steps: int
+    decode_steps: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,43 @@ class Engine:
         if output.finished:
             self.sampler.forget(request_id)
         return output
+
+    def warm_up(self, prompt_tokens: int = 64, decode_steps: int = 4) -> WarmUp:
+        """See Warm-up. Two requests of `prompt_tokens` (a greedy one and a seeded sampled
+        one, so both sampler paths run) prefill together, then decode together for
+        `decode_steps` steps (none in prefill-only mode). Raises RuntimeError if the engine
+        already served or holds anything, or if the pass left a block behind."""
+        stats = self.stats()
+        if (stats.num_free_blocks != stats.num_total_blocks or self.has_work()
+                or stats.num_prefix_query_tokens):
+            raise RuntimeError("warm_up needs a fresh engine")
+        started = time.perf_counter()
+        vocab = self.config.model.vocab_size
+        n = max(1, min(prompt_tokens, self.config.model.max_model_len - decode_steps - 2,
+                       self.block_manager.num_blocks * self.block_manager.block_size // 2
+                       - decode_steps - 1))
+        prompt = [(7919 * i + 1) % vocab for i in range(n)]
+        common = dict(max_tokens=decode_steps + 1, ignore_eos=True)
+        self.add_request("warm-up-greedy", prompt, SamplingParams(temperature=0.0, **common))
+        self.add_request("warm-up-sampled", prompt, SamplingParams(
+            temperature=0.8, top_k=20, top_p=0.9, seed=0, **common))
+        prefills: list[bool] = []  # per step: whether it computed prompt tokens
+
+        def note(batch: ScheduledBatch) -> None:
+            prefills.append(any(i.start < i.request.num_prompt_tokens for i in batch.requests))
+
+        while self.has_work():
+            self.step(note)
+        with self._lock:
+            self.block_manager.reset_prefix_cache()
+            s = self.scheduler
+            s.num_preemptions = s.num_prefix_query_tokens = s.num_prefix_hit_tokens = 0
+            stats = self._stats()
+        if stats.num_free_blocks != stats.num_total_blocks:
+            raise RuntimeError(f"warm-up left {stats.num_total_blocks - stats.num_free_blocks} "
+                               "blocks in use")
+        return WarmUp(n, sum(prefills), len(prefills) - sum(prefills),
+                      time.perf_counter() - started)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request in any state, freeing its blocks. Idempotent (False if unknown)."""

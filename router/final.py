@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pdserve.protocol import FinishReason, TokenChunk
+from pdserve.protocol import DecodeStamps, FinishReason, TokenChunk
 from pdserve.router.validate import ValidRequest
 from pdserve.rpc import pdserve_pb2 as pb
 
@@ -23,21 +23,16 @@ class Retries:
     kv_resends: int = 0  # dispatches served by a prefill job's held KV, not a new prefill
 
 
-def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
-                   completion_tokens: int, worker: TokenChunk, arrival: float,
-                   dispatched: float, first_token: float, decode_worker: str,
-                   prefill_worker: str, retries: Retries = Retries()) -> pb.GenerateResponse:
-    """The last message of a request's stream: finish reason, usage, and the timing
-    breakdown from the router's own stamps and the decode worker's, all Unix seconds in one
-    clock. `worker` is the latest chunk that came with the decode worker's stamps (which
-    hold the prefill worker's too) and prefix-cache hits: the job's final chunk, or its
-    first when a stop string ended the request earlier."""
-    s = worker.stamps
+def timing(arrival: float, dispatched: float, first_token: float, finished: float,
+           stamps: DecodeStamps | None, retry_s: float = 0.0) -> pb.Timing:
+    """The timing breakdown of a dispatch from the router's stamps and the decode worker's
+    (`stamps`, which hold the prefill worker's too): every stage's Unix time (0.0 where it
+    never happened) and its length in ms (0.0 where either end is unknown)."""
     t = pb.Timing(arrival=arrival, dispatched=dispatched, first_token=first_token,
-                  finished=time.time())
-    if s is not None:
-        t.prefill_start, t.prefill_end = s.prefill_start, s.prefill_end
-        t.kv_received, t.decode_admitted = s.kv_received, s.decode_admitted
+                  finished=finished)
+    if stamps is not None:
+        t.prefill_start, t.prefill_end = stamps.prefill_start, stamps.prefill_end
+        t.kv_received, t.decode_admitted = stamps.kv_received, stamps.decode_admitted
 
     def ms(a: float, b: float) -> float:
         return max(0.0, (b - a) * 1e3) if a and b else 0.0
@@ -49,7 +44,20 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
     t.decode_queue_ms = ms(t.kv_received, t.decode_admitted)
     t.first_token_ms = ms(arrival, first_token)
     t.decode_ms = ms(first_token, t.finished)
-    t.retry_ms = retries.retry_s * 1e3
+    t.retry_ms = retry_s * 1e3
+    return t
+
+
+def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
+                   completion_tokens: int, worker: TokenChunk, arrival: float,
+                   dispatched: float, first_token: float, decode_worker: str,
+                   prefill_worker: str, retries: Retries = Retries()) -> pb.GenerateResponse:
+    """The last message of a request's stream: finish reason, usage, and the timing
+    breakdown from the router's own stamps and the decode worker's, all Unix seconds in one
+    clock. `worker` is the latest chunk that came with the decode worker's stamps (which
+    hold the prefill worker's too) and prefix-cache hits: the job's final chunk, or its
+    first when a stop string ended the request earlier."""
+    t = timing(arrival, dispatched, first_token, time.time(), worker.stamps, retries.retry_s)
     slo = pb.Slo()
     if req.slo_ttft_ms is not None:
         slo.ttft_ms = req.slo_ttft_ms

@@ -8,6 +8,10 @@ on the router's event loop, after the last message was yielded or the error rais
 observer must not block or raise (an exception is logged and the others still run).
 Requests refused before they reach the router (bad input, a full intake) are the front
 end's to report (`RequestOutcome.INVALID` / `REFUSED`, with no final message).
+
+Every dispatch of the request (a retry or a migration adds one) is in `dispatches`, in
+order, with the workers' stamps of the stages it reached, whatever the outcome: a request
+that failed or was cancelled still shows where its time went.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pdserve.protocol import DecodeStamps
+from pdserve.router.tracecontext import TraceContext
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,24 @@ class RequestOutcome(enum.Enum):
     INVALID = "invalid"  # INVALID_ARGUMENT: bad input, or a worker refused the job
     FAILED = "failed"  # UNAVAILABLE (no worker, retries spent) or another error status
     CANCELLED = "cancelled"  # the client went away or its deadline passed
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One dispatch of a request: its transfer id, when it began waiting for workers
+    (`started`), when its orders went out (`dispatched`, 0.0 if they never did) and when it
+    ended, the workers it went to ("" where none was picked; no prefill worker when the
+    decode worker prefilled it), the decode worker's stamps as of its latest chunk (prefill
+    worker's stages included), and why it failed ("" unless it did)."""
+
+    transfer_id: str
+    started: float
+    dispatched: float
+    ended: float
+    decode_worker: str = ""
+    prefill_worker: str = ""
+    stamps: DecodeStamps | None = None
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,8 @@ class RequestRecord:
     final: pb.FinalResponse | None = None  # FINISHED only
     code: str = ""  # the gRPC status code name, when not FINISHED
     error: str = ""  # its message
+    trace: TraceContext | None = None  # its place in a distributed trace (tracecontext)
+    dispatches: tuple[Dispatch, ...] = ()
 
 
 class RequestObserver(Protocol):

@@ -60,6 +60,7 @@ from pdserve.protocol import (
     TokenChunk,
     WorkerRole,
 )
+from pdserve.router import telemetry
 from pdserve.router.chunks import token_chunks
 from pdserve.router.door import Door
 from pdserve.router.errors import (
@@ -71,13 +72,14 @@ from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.interference import decoding, stall_s
 from pdserve.router.limits import InputLimits
-from pdserve.router.observe import RequestObserver, RequestOutcome, RequestRecord, notify
+from pdserve.router.observe import Dispatch, RequestObserver, RequestOutcome, RequestRecord, notify
 from pdserve.router.policy import Policy, should_disaggregate
 from pdserve.router.queue import RouterQueue
 from pdserve.router.retry import Attempt, Held, continuation
 from pdserve.router.security import ApiSecurity
 from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
+from pdserve.router.tracecontext import TraceContext
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import ClusterView, HandleFactory, LiveWorker
 from pdserve.rpc import pdserve_pb2 as pb
@@ -109,6 +111,7 @@ class RouterConfig:
     max_attempts: int = 3  # dispatches of a request that a worker fails before any token
     migration_limit: int = 3  # moves to another worker after tokens streamed (Dynamo's)
     security: ApiSecurity = ApiSecurity()  # API keys and TLS of the public APIs
+    otlp_endpoint: str = ""  # OTLP/gRPC collector for request traces; "" exports none
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -127,7 +130,9 @@ class Router:
         self.stream = StreamReader(config.stream_host)
         self.queue = RouterQueue(config, self.view, redis)
         self.door = Door(config, self.view, self.queue)
-        self.observers: list[RequestObserver] = []  # told of each request's end (observe)
+        # told of each request's end (observe): the request log, the tracer (telemetry)
+        self.observers: list[RequestObserver] = telemetry.default_observers(
+            config.otlp_endpoint, config.router_id)
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -139,6 +144,7 @@ class Router:
         if self._refresher is not None:
             self._refresher.cancel()
         await self.stream.close()
+        telemetry.close(self.observers)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -150,10 +156,13 @@ class Router:
 
     # -- a request ---------------------------------------------------------------------------
 
-    async def generate(self, req: ValidRequest,
-                       deadline: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, req: ValidRequest, deadline: float | None = None,
+                       trace: TraceContext | None = None
+                       ) -> AsyncIterator[pb.GenerateResponse]:
         """The request's chunks, then its final message. `deadline` (time.time(), None for
         none) is the client's: it goes into the orders, so workers drop the job by itself.
+        `trace`: its place in the client's trace (router.tracecontext; None: a trace of
+        its own), for the observers.
 
         A worker that fails the request (it died, hung, or lost the KV transfer) does not
         fail it: before the first token the request is dispatched again, up to
@@ -165,9 +174,11 @@ class Router:
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         token_times: list[tuple[float, int]] = []
         ended: list[pb.FinalResponse] = []
+        dispatches: list[Dispatch] = []
         outcome, code, error = RequestOutcome.CANCELLED, "CANCELLED", ""
         try:
-            async for response in self._generate(req, deadline, request_id, arrival):
+            async for response in self._generate(req, deadline, request_id, arrival,
+                                                 dispatches):
                 if response.HasField("chunk") and response.chunk.token_ids:
                     token_times.append((time.time(), len(response.chunk.token_ids)))
                 elif response.HasField("final"):
@@ -187,10 +198,12 @@ class Router:
             notify(self.observers, RequestRecord(
                 request_id, outcome, arrival, time.time(), len(req.prompt_token_ids),
                 sum(n for _, n in token_times), tuple(token_times),
-                ended[0] if ended else None, code, error))
+                ended[0] if ended else None, code, error, trace or TraceContext.start(),
+                tuple(dispatches)))
 
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
-                        arrival: float) -> AsyncIterator[pb.GenerateResponse]:
+                        arrival: float, dispatches: list[Dispatch]
+                        ) -> AsyncIterator[pb.GenerateResponse]:
         disagg = self._disaggregates(req)
         unfit = self.door.admit(req, disagg)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
@@ -207,7 +220,7 @@ class Router:
             attempts += 1
             started = time.time()
             run = self._attempt(request_id, continuation(req, out_ids), deadline, avoid,
-                                held, resends, retry=attempts > 1)
+                                held, resends, dispatches, retry=attempts > 1)
             held = None  # the attempt re-sends it or aborts it
             try:
                 async with contextlib.aclosing(run) as chunks:
@@ -255,6 +268,7 @@ class Router:
 
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
                        avoid: set[str], held: Held | None, resends: list[Held],
+                       dispatches: list[Dispatch],
                        retry: bool) -> AsyncIterator[tuple[TokenChunk, Attempt]]:
         """One dispatch of the request under a fresh transfer id: its token chunks, each with
         what the final message needs of this attempt. Whatever way it ends short of the
@@ -262,10 +276,12 @@ class Router:
         slots are given back; but a prefill job left holding its KV after the decode side
         failed (the RequestError's `held`) is kept for the next attempt to re-send. `held`
         (the last attempt's) is re-sent or aborted by this one; a re-send goes on
-        `resends`."""
+        `resends`. How it went is appended to `dispatches` when it ends."""
         tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
         queue = self.stream.open(tid)
         decode = prefill = None
+        attempt: Attempt | None = None
+        started, error = time.time(), ""
         finished = False  # the decode job ended by itself: nothing left to abort
         keep_prefill = False  # the prefill job holds the KV for the next attempt
         try:
@@ -292,8 +308,16 @@ class Router:
                     yield chunk, attempt
         except RequestError as e:
             keep_prefill = e.held is not None
+            error = f"{e.code}: {e}"
+            raise
+        except ValueError as e:  # a worker refused the job
+            error = f"INVALID_ARGUMENT: {e}"
             raise
         finally:
+            dispatches.append(Dispatch(
+                tid, started, attempt.dispatched if attempt else 0.0, time.time(),
+                attempt.decode_id if attempt else "", attempt.prefill_id if attempt else "",
+                attempt.worker.stamps if attempt else None, error))
             self.door.prefill_ended(tid)
             if decode is not None:
                 self.door.interference.left(decode.worker_id, tid)

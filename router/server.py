@@ -6,6 +6,10 @@ door does runs off it (router.intake). Bytes protobuf refuses (invalid UTF-8 in 
 malformed encoding) are not an error of the transport: they are diagnosed off the loop too
 (router.wire), so the client gets INVALID_ARGUMENT naming the field rather than a bare
 INTERNAL error.
+
+Traces: a client's W3C `traceparent` (invocation metadata) puts the request's spans in the
+client's trace (router.tracing); every request the router takes answers with the
+`traceparent` of its request span in the trailing metadata, so a client can find its trace.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pdserve.router.health import HealthReporter
 from pdserve.router.intake import Intake, IntakeFull
 from pdserve.router.router import Router
 from pdserve.router.security import ApiSecurity
+from pdserve.router.tracecontext import TRACEPARENT, TraceContext
 from pdserve.router.validate import InvalidArgument
 from pdserve.router.wire import diagnose
 from pdserve.rpc import pdserve_pb2 as pb
@@ -60,8 +65,10 @@ class PdServeService:
                                 "the router failed to read the request (see its log)")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
+        trace = TraceContext.from_metadata(context.invocation_metadata())
+        context.set_trailing_metadata(((TRACEPARENT, trace.traceparent()),))
         try:
-            async for response in self.router.generate(valid, deadline):
+            async for response in self.router.generate(valid, deadline, trace):
                 yield response
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))

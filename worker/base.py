@@ -3,8 +3,11 @@ from its own thread with the worker's job table, the stream publisher to the rou
 the face the router's handles call.
 
 Life of a worker:
-1. STARTING  the engine loads the model; the role builds its job table (with its KV sender
-             or receiver) on the engine; the loop thread starts.
+1. STARTING  the engine loads the model and runs its warm-up pass (engine.Engine, Warm-up:
+             every block free and the prefix cache empty after it; `warmup` says what it
+             ran); the role builds its job table (with its KV sender or receiver) on the
+             engine; the loop thread starts. Whoever registers the worker does so once the
+             constructor returned, so a worker is routable only when warm.
 2. SERVING   orders arrive from any thread. Each is checked in the caller's thread (a bad
              order raises ValueError and leaves nothing behind) and handed to the loop,
              which applies it between two steps: no call waits for a step, and no call
@@ -36,7 +39,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable
 
-from pdserve.engine import Engine
+from pdserve.engine import Engine, WarmUp
 from pdserve.protocol import WorkerRole
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.loop import EngineLoop, LoadReport, LoopHandler
@@ -139,6 +142,10 @@ class Worker:
                              f"{config.role.value}")
         self.config = config
         self.engine = Engine(config.engine)
+        self.warmup: WarmUp = self.engine.warm_up()
+        log.info("worker %s warmed up in %.2fs (%d prefill and %d decode steps)",
+                 config.worker_id, self.warmup.seconds, self.warmup.prefill_steps,
+                 self.warmup.decode_steps)
         self._jobs = make_jobs(self.engine,
                                StreamPublisher(config.worker_id, config.stream_grace_s))
         self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
