@@ -44,6 +44,12 @@ class RequestRecord:
     final: pb.FinalResponse | None = None  # FINISHED only
     code: str = ""  # the gRPC status code name, when not FINISHED
     error: str = ""  # its message
+    # the request's SLO (None where it set none), whether or not it finished
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    # why each dispatch that a worker failed ended (the request was retried or migrated,
+    # or, for the last one, failed)
+    failures: tuple[str, ...] = ()
 
 
 class RequestObserver(Protocol):

@@ -69,6 +69,7 @@ from pdserve.router.errors import (
 )
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.intake import Intake
 from pdserve.router.interference import slack_s, stall_s
 from pdserve.router.limits import InputLimits
 from pdserve.router.observe import RequestObserver, RequestOutcome, RequestRecord, notify
@@ -126,6 +127,8 @@ class Router:
         self.queue = RouterQueue(config, self.view, redis)
         self.door = Door(config, self.view, self.queue)
         self.observers: list[RequestObserver] = []  # told of each request's end (observe)
+        # validates requests for every front end (gRPC, HTTP): one bound on their work
+        self.intake = Intake(tokenizer, config.input_limits)
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -163,9 +166,11 @@ class Router:
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         token_times: list[tuple[float, int]] = []
         ended: list[pb.FinalResponse] = []
+        failures: list[str] = []
         outcome, code, error = RequestOutcome.CANCELLED, "CANCELLED", ""
         try:
-            async for response in self._generate(req, deadline, request_id, arrival):
+            async for response in self._generate(req, deadline, request_id, arrival,
+                                                 failures):
                 if response.HasField("chunk") and response.chunk.token_ids:
                     token_times.append((time.time(), len(response.chunk.token_ids)))
                 elif response.HasField("final"):
@@ -185,10 +190,13 @@ class Router:
             notify(self.observers, RequestRecord(
                 request_id, outcome, arrival, time.time(), len(req.prompt_token_ids),
                 sum(n for _, n in token_times), tuple(token_times),
-                ended[0] if ended else None, code, error))
+                ended[0] if ended else None, code, error, req.slo_ttft_ms, req.slo_tpot_ms,
+                tuple(failures)))
 
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
-                        arrival: float) -> AsyncIterator[pb.GenerateResponse]:
+                        arrival: float,
+                        failures: list[str]) -> AsyncIterator[pb.GenerateResponse]:
+        """`failures` gets the message of each dispatch a worker failed."""
         disagg = self._disaggregates(req)
         unfit = self.door.admit(req, disagg)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
@@ -230,6 +238,7 @@ class Router:
             except RequestError as e:
                 if not e.retryable:
                     raise
+                failures.append(str(e))
                 if (out_ids and migrations >= self.config.migration_limit
                         or not out_ids and attempts >= self.config.max_attempts):
                     await self._drop_held(e.held)
