@@ -181,13 +181,22 @@ def build_app(router: Router, metrics: RouterMetrics, model_name: str) -> FastAP
 
 
 def _first_error(e: ValidationError) -> ApiError:
-    """A 400 naming the first field pydantic refused, as JSON spells it."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
+    """A 400 naming the first field pydantic refused, as JSON spells it (without the tags
+    pydantic puts in a location for the member of a union it tried: `str`, `list[int]`).
+    Of a union's errors, the deepest: `[1, "x"]` for a prompt is a bad `prompt[1]`."""
+    errors = e.errors()
+    err = max((x for x in errors if x["loc"][:1] == errors[0]["loc"][:1]),
+              key=lambda x: len(x["loc"]))
     field = ""
-    for part in loc:
-        field += f"[{part}]" if part.isdigit() else (f".{part}" if field else part)
+    for part in err["loc"]:
+        if isinstance(part, int):
+            field += f"[{part}]"
+        elif part not in _UNION_TAGS and not any(c in part for c in "[-"):
+            field += f".{part}" if field else part
     return invalid(field or "body", err["msg"])
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _api_error(e: Exception, field: str) -> ApiError:

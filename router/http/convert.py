@@ -53,6 +53,9 @@ def chat_request(body: ChatCompletionRequest, request_id: str,
                 if part.type != "text":
                     raise Unsupported(f"messages[{i}].content[{j}].type",
                                       f"{part.type!r} parts are not supported (text only)")
+                for name in part.model_extra or {}:
+                    raise Unsupported(f"messages[{i}].content[{j}].{name}",
+                                      "not supported by pdserve")
             content = "".join(part.text for part in content)
         req.messages.add(role=_ROLES.get(m.role, m.role), content=content or "")
     if body.max_tokens is not None and body.max_completion_tokens is not None:

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
@@ -46,18 +46,16 @@ async def unless_disconnected(request: Request, work: Awaitable):
     return await _first(work, request.receive)
 
 
-class EventStream(Response):
+class EventStream(StreamingResponse):
     """A server-sent event stream whose generator is cancelled and closed when the client
     disconnects."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, events: AsyncIterator[bytes]):
-        super().__init__(headers={"Cache-Control": "no-cache"})
-        self.events = events
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with contextlib.aclosing(self.events) as events:
+        async with contextlib.aclosing(self.body_iterator) as events:
             await _first(self._stream(events, send), receive)
 
     async def _stream(self, events: AsyncIterator[bytes], send: Send) -> None:

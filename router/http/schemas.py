@@ -96,7 +96,9 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A part of a message's content; only text is served (router.http.convert)."""
+
+    model_config = ConfigDict(extra="allow")
     type: str
     text: str = ""
 
