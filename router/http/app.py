@@ -2,9 +2,9 @@
 
 A request's life here:
 1. READ       the body, up to the router's request size limit (413 past it), as JSON.
-2. PARSED     into the endpoint's schema (router.http.schemas): a field of the wrong type,
-              or one asking for what pdserve does not serve, is a 400 naming it; a model
-              other than the one served is a 404.
+2. PARSED     into the endpoint's schema (router.http.schemas), off the event loop in the
+              router's Intake: a field of the wrong type, or one asking for what pdserve
+              does not serve, is a 400 naming it; a model other than the one served, 404.
 3. VALIDATED  as a gRPC `GenerateRequest` (router.http.convert) by the same Intake as the
               gRPC server's (router.intake): 400 naming the field, 429 when the intake is
               full. What ends here is reported to the router's observers (router.observe).
@@ -112,18 +112,10 @@ class OpenAIApi:
             if len(raw) > self.max_body_bytes:
                 raise ApiError("INVALID_ARGUMENT", f"the request body exceeds "
                                f"{self.max_body_bytes} bytes", status=PAYLOAD_TOO_LARGE)
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise invalid("body", f"is not JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise invalid("body", "must be a JSON object")
-        schema = CompletionRequest if endpoint is Endpoint.COMPLETIONS \
-            else ChatCompletionRequest
-        try:
-            body = schema.model_validate(data)
-        except ValidationError as e:
-            raise _first_error(e) from e
+        try:  # off the event loop, as the gRPC server's validation (router.intake)
+            body = await self.intake.run(_decode, bytes(raw), endpoint, size=len(raw))
+        except IntakeFull as e:
+            raise ApiError("RESOURCE_EXHAUSTED", str(e)) from e
         if body.model is not None and body.model != self.model.name:
             raise ApiError("NOT_FOUND", f"The model `{body.model}` does not exist; this "
                            f"server serves `{self.model.name}`", param="model",
@@ -178,6 +170,21 @@ def build_app(router: Router, metrics: RouterMetrics, model_name: str) -> FastAP
     app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/metrics", api.prometheus, methods=["GET"])
     return app
+
+
+def _decode(raw: bytes, endpoint: Endpoint) -> CompletionRequest | ChatCompletionRequest:
+    """The endpoint's request from its JSON body; raises ApiError."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise invalid("body", f"is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise invalid("body", "must be a JSON object")
+    schema = CompletionRequest if endpoint is Endpoint.COMPLETIONS else ChatCompletionRequest
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e) from e
 
 
 def _first_error(e: ValidationError) -> ApiError:
