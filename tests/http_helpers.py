@@ -44,10 +44,17 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def open_stream(address: str, path: str, body: dict) -> tuple[http.client.HTTPConnection,
-                                                               http.client.HTTPResponse]:
-    """A streamed POST left open: the connection and its response, to read lines from."""
+def send(address: str, path: str, body: dict) -> http.client.HTTPConnection:
+    """A POST sent, its answer not read: the connection."""
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    return conn
+
+
+def open_stream(address: str, path: str, body: dict) -> tuple[http.client.HTTPConnection,
+                                                               http.client.HTTPResponse]:
+    """A streamed POST left open: the connection and its response (headers read; a stream
+    answers them with its first token), to read lines from."""
+    conn = send(address, path, body)
     return conn, conn.getresponse()

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 from helpers import wait_for
-from http_helpers import get, open_stream, post, scrape, value
+from http_helpers import get, open_stream, post, scrape, send, value
 from rpc_helpers import wait_cluster_idle
 
 from pdserve.deploy.local_cluster import LocalCluster
@@ -32,10 +32,11 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def cluster():
-    # two requests per worker: a third waits in a queue of one, a fourth is refused
+    # two requests per worker: two more wait in a queue of two (every request passes
+    # through it, so two arriving at once both fit), a fifth is refused
     spec = ClusterSpec(model=MODEL, prefill=1, decode=1, num_blocks=256,
                        router=RouterConfig(disaggregation_threshold=4,
-                                           max_in_flight_per_worker=2, max_queue=1))
+                                           max_in_flight_per_worker=2, max_queue=2))
     c = LocalCluster(spec, http=HttpConfig(port=0))
     yield c
     c.close()
@@ -236,11 +237,10 @@ def test_overload_is_429_and_a_queued_client_that_leaves_is_dropped(cluster, url
             conn, response = open_stream(cluster.http_address, "/v1/completions", _long())
             _read_until_text(response)
             streams.append(conn)
-        host, port = cluster.http_address.rsplit(":", 1)
-        queued = open_stream(cluster.http_address, "/v1/completions", _long())[0]
-        streams.append(queued)  # no answer before a slot frees: it waits in the queue
-        wait_for(lambda: value(scrape(url), "pdserve:num_requests_waiting") == 1, 30,
-                 "the third request in the router queue")
+        for _ in range(2):  # no answer before a slot frees: they wait in the queue
+            streams.append(send(cluster.http_address, "/v1/completions", _long()))
+        wait_for(lambda: value(scrape(url), "pdserve:num_requests_waiting") == 2, 30,
+                 "two requests in the router queue")
         assert value(scrape(url), "pdserve:num_requests_running") == 2
         status, reply = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         assert status == 429 and reply["error"]["type"] == "rate_limit_error", reply
