@@ -16,6 +16,10 @@ from abc import ABC, abstractmethod
 from pdserve.bench.metrics import STAGES, RequestResult, Slo
 from pdserve.bench.workload import Sample
 
+# what a result keeps of the server's timing: the stages, and the router's own TTFT (the
+# client's minus it is what the API and the network add)
+TIMINGS = (*STAGES, "first_token_ms")
+
 
 class _StreamClock:
     """Client-side timing of one stream, as vLLM's benchmark takes it: TTFT at the first
@@ -93,7 +97,7 @@ class PdServeBackend(Backend):
                     final_seen = True
                     f = response.final
                     result.output_len = f.usage.completion_tokens
-                    result.stages = {s: getattr(f.timing, s) for s in STAGES}
+                    result.stages = {s: getattr(f.timing, s) for s in TIMINGS}
                     result.disaggregated = f.disaggregated
                     if f.disaggregated and f.timing.kv_received:
                         result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
@@ -177,7 +181,7 @@ class OpenAIBackend(Backend):
 def _stages(result: RequestResult, extension: dict) -> None:
     """What pdserve's `pdserve` extension field says of the request's stages."""
     timing = extension.get("timing", {})
-    result.stages = {s: timing.get(s, 0.0) for s in STAGES}
+    result.stages = {s: timing.get(s, 0.0) for s in TIMINGS}
     result.disaggregated = bool(extension.get("disaggregated"))
     if result.disaggregated and timing.get("kv_received"):
         result.kv_window_s = timing["kv_received"] - timing.get("prefill_start", 0.0)
