@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 model: setup
 	$(VENV)/bin/pdserve convert $(MODEL)
 
-# 1 prefill + 1 decode worker on Ray, the gRPC router, one request through `pdserve generate`
+# 1 prefill + 1 decode worker on Ray, the router, one request through `pdserve generate` (gRPC)
+# and one through the OpenAI-compatible HTTP API
 serve: model
 	$(PY) -m pdserve.deploy.demo --model $(MODEL) --prompt "$(PROMPT)"
 

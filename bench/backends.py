@@ -16,6 +16,10 @@ from abc import ABC, abstractmethod
 from pdserve.bench.metrics import STAGES, RequestResult, Slo
 from pdserve.bench.workload import Sample
 
+# what a result keeps of the server's timing: the stages, and the router's own TTFT (the
+# client's minus it is what the API and the network add)
+TIMINGS = (*STAGES, "first_token_ms")
+
 
 class _StreamClock:
     """Client-side timing of one stream, as vLLM's benchmark takes it: TTFT at the first
@@ -98,7 +102,7 @@ class PdServeBackend(Backend):
                     final_seen = True
                     f = response.final
                     result.output_len = f.usage.completion_tokens
-                    result.stages = {s: getattr(f.timing, s) for s in STAGES}
+                    result.stages = {s: getattr(f.timing, s) for s in TIMINGS}
                     result.disaggregated = f.disaggregated
                     if f.disaggregated and f.timing.kv_received:
                         result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
@@ -121,14 +125,18 @@ class PdServeBackend(Backend):
 
 
 class OpenAIBackend(Backend):
-    """POST /v1/completions with `stream: true`; tokens counted from the usage report."""
+    """POST /v1/completions with `stream: true`; tokens counted from the usage report.
+    Against pdserve's HTTP API, `extra_body` may carry its own fields (`disaggregation`,
+    `slo`), and the stage timings come back in the last event's `pdserve` field."""
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0):
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0,
+                 extra_body: dict | None = None):
         self._url = base_url.rstrip("/") + "/v1/completions"
         self._model = model
         self._timeout_s = timeout_s
+        self._extra = dict(extra_body or {})
         self._session = None
 
     async def send(self, sample: Sample) -> RequestResult:
@@ -139,7 +147,7 @@ class OpenAIBackend(Backend):
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         body = {"model": self._model, "prompt": list(sample.prompt),
                 "max_tokens": sample.output_len, "temperature": 0.0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True}, **self._extra}
         result = RequestResult(prompt_len=len(sample.prompt))
         clock = _StreamClock(result)
         try:
@@ -159,6 +167,8 @@ class OpenAIBackend(Backend):
                     event = json.loads(data)
                     if event.get("usage"):
                         result.output_len = event["usage"]["completion_tokens"]
+                    if event.get("pdserve"):
+                        _stages(result, event["pdserve"])
                     choices = event.get("choices") or []
                     if choices and choices[0].get("text"):
                         clock.chunk()
@@ -171,3 +181,12 @@ class OpenAIBackend(Backend):
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _stages(result: RequestResult, extension: dict) -> None:
+    """What pdserve's `pdserve` extension field says of the request's stages."""
+    timing = extension.get("timing", {})
+    result.stages = {s: timing.get(s, 0.0) for s in TIMINGS}
+    result.disaggregated = bool(extension.get("disaggregated"))
+    if result.disaggregated and timing.get("kv_received"):
+        result.kv_window_s = timing["kv_received"] - timing.get("prefill_start", 0.0)

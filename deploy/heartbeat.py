@@ -127,7 +127,8 @@ class Heartbeat:
                 self.worker_id, self.role, self.config.node, self._kv_endpoint,
                 self.config.block_size, e.num_total_blocks, e.num_free_blocks, e.num_running,
                 e.num_waiting, e.num_queued_prefill_tokens, time.time(), self._started,
-                load.prefill_tokens_per_s, load.num_leases, load.decode_step_s),
+                load.prefill_tokens_per_s, load.num_leases, load.decode_step_s,
+                e.num_prefix_query_tokens, e.num_prefix_hit_tokens),
                 self.config.ttl_s)
             if fresh or self._resync:
                 index_prefixes(self._client, self.worker_id, self.cached, self._removed)

@@ -5,7 +5,8 @@ router's gRPC server.
 Life of a cluster:
 1. `LocalCluster(spec)` starts Redis, the worker processes (concurrently, each with its
    heartbeat inside it), the supervisor (deploy.supervisor), then the router
-   (deploy.router_thread), and returns once the gRPC server listens on `address`.
+   (deploy.router_thread), and returns once the gRPC server listens on `address` (and
+   the HTTP server, given `http`).
 2. A worker process that dies or whose engine loop breaks is ended and unregistered by the
    supervisor, and started again under the same id, as a new incarnation, within
    `restarts` (the default restarts nothing: the worker stays down). The router's
@@ -31,6 +32,7 @@ from pdserve.deploy.router_thread import RoutedCluster, RouterThread
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.deploy.supervisor import RestartPolicy, Supervisor
 from pdserve.protocol import WorkerRecord
+from pdserve.router.http import HttpConfig
 from pdserve.router.registry import RegistryErrors, sync_client, unpublish
 from pdserve.worker import Worker, WorkerConfig
 
@@ -41,9 +43,11 @@ NO_RESTARTS = RestartPolicy(max_restarts=0)
 class LocalCluster(RoutedCluster):
     def __init__(self, spec: ClusterSpec, redis_url: str | None = None,
                  address: str = "127.0.0.1:0", restarts: RestartPolicy = NO_RESTARTS,
-                 build: Callable[[WorkerConfig], Worker] = build_worker):
+                 build: Callable[[WorkerConfig], Worker] = build_worker,
+                 http: HttpConfig | None = None):
         """`restarts`: how often a failed worker is started again; `build`: makes each
-        worker in its process (deploy.local.WorkerProcess)."""
+        worker in its process (deploy.local.WorkerProcess); `http`: the router's
+        OpenAI-compatible HTTP server, None for none."""
         self.spec = spec
         self._redis = None if redis_url else RedisServer()
         self.redis_url = redis_url or self._redis.url
@@ -59,7 +63,7 @@ class LocalCluster(RoutedCluster):
         try:
             self._start_workers()
             self.supervisor = Supervisor(self, self._placed, restarts)
-            self.add_router(address)
+            self.add_router(address, http)
         except BaseException:
             self.close()
             raise

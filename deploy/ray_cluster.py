@@ -5,7 +5,8 @@ Life of a cluster:
 1. `RayCluster(spec, placement)` joins Ray at `ray_address` (or starts a local instance),
    starts the embedded Redis unless a URL is given, creates one named actor per worker
    (`pdserve` namespace) where `placement` says, waits until each has loaded its model and
-   registered, then starts the router; `address` is its gRPC endpoint.
+   registered, then starts the router; `address` is its gRPC endpoint, `http` its
+   HTTP server's configuration (None for none).
 2. A dead actor is restarted by Ray (up to `max_restarts`) and registers a new
    incarnation; the router fails the old one's requests and routes to the new one.
 3. `close()` stops the router, kills the actors, removes placement groups, stops Redis
@@ -29,6 +30,7 @@ from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RoutedCluster, RouterThread
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import WorkerRecord, WorkerRole
+from pdserve.router.http import HttpConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class RayCluster(RoutedCluster):
     def __init__(self, spec: ClusterSpec, placement: Placement = Placement(),
                  ray_address: str | None = None, redis_url: str | None = None,
                  address: str = "127.0.0.1:0", max_restarts: int = 3,
-                 progress: bool = False):
+                 progress: bool = False, http: HttpConfig | None = None):
         self.spec = spec
         self._started_ray = False
         self._redis: RedisServer | None = None
@@ -71,7 +73,7 @@ class RayCluster(RoutedCluster):
             self._step("Redis", lambda: self._start_redis(redis_url))
             self._step("workers", lambda: self._start_actors(placement, max_restarts,
                                                              progress))
-            self._step("router", lambda: self.add_router(address))
+            self._step("router", lambda: self.add_router(address, http))
         except BaseException:
             self.close()
             raise

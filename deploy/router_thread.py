@@ -3,9 +3,9 @@
 
 Life: `RouterThread(...)` starts the loop, connects to Redis (which must answer now; later
 outages the router rides out on its last view), starts the router (its registry view and
-token-stream reader) and the gRPC server, and returns once it listens on `address` (or
-raises why it could not); `close()` stops the server, the router and the Redis client,
-then the loop.
+token-stream reader), the gRPC server and, given `http`, the HTTP server on the same loop
+(router.http), and returns once they listen (or raises why they could not); `close()` stops
+the servers, the router and the Redis client, then the loop.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pdserve.deploy.redis_server import public_url
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.models import resolve_model
 from pdserve.protocol import WorkerRole
+from pdserve.router.http import HttpConfig, HttpServer
 from pdserve.router.registry import RegistryErrors, async_client
 from pdserve.router.router import Router, RouterConfig
 from pdserve.router.server import start_server
@@ -29,12 +30,15 @@ class RouterThread:
     """A Router and its gRPC server on their own asyncio loop in a thread."""
 
     def __init__(self, config: RouterConfig, model_dir, redis_url: str, connect,
-                 address: str = "127.0.0.1:0", roles: Iterable[WorkerRole] = ()):
-        """`roles`: the deployment's worker roles, each with its own health status."""
+                 address: str = "127.0.0.1:0", roles: Iterable[WorkerRole] = (),
+                 http: HttpConfig | None = None):
+        """`roles`: the deployment's worker roles, each with its own health status;
+        `http`: the OpenAI-compatible HTTP server's, None for none."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._args = (config, model_dir, redis_url, connect, address, tuple(roles))
+        self.http: HttpServer | None = None
+        self._args = (config, model_dir, redis_url, connect, address, tuple(roles), http)
         self._thread = threading.Thread(target=self._run, name=config.router_id, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -53,7 +57,7 @@ class RouterThread:
         self._loop.run_forever()
 
     async def _start(self) -> None:
-        config, model_dir, redis_url, connect, address, roles = self._args
+        config, model_dir, redis_url, connect, address, roles, http = self._args
         self._redis = async_client(redis_url)
         try:
             await self._redis.ping()
@@ -65,6 +69,9 @@ class RouterThread:
         self._server, self.port = await start_server(self.router, address, roles)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
+        if http is not None:
+            self.http = await HttpServer.start(self.router, http)
+            self.http_address = f"{http.host}:{self.http.port}"
 
     def call(self, coro):
         """Run a coroutine on the router's loop; its result."""
@@ -72,6 +79,8 @@ class RouterThread:
 
     def close(self) -> None:
         async def stop():
+            if self.http is not None:
+                await self.http.stop()
             await self._server.stop(grace=1.0)
             await self.router.close()
             await self._redis.aclose()
@@ -96,12 +105,22 @@ class RoutedCluster:
     def address(self) -> str:
         return self.routers[0].address
 
-    def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
-        """Another router (id `router-<n>`) on the cluster's Redis, and its gRPC server."""
+    @property
+    def http_address(self) -> str:
+        """The first router's HTTP server (host:port); it must have one."""
+        return self.routers[0].http_address
+
+    def add_router(self, address: str = "127.0.0.1:0",
+                   http: HttpConfig | None = None) -> RouterThread:
+        """Another router (id `router-<n>`) on the cluster's Redis, its gRPC server and,
+        given `http`, its HTTP server (serving the cluster's model under its name unless
+        `http` names it)."""
         config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
         roles = dict.fromkeys(role for _, role in self.spec.roles())
+        if http is not None and not http.model_name:
+            http = replace(http, model_name=self.spec.model)
         router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
-                              self.connect, address, roles)
+                              self.connect, address, roles, http)
         self.routers.append(router)
         return router
 

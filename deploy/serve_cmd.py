@@ -27,6 +27,12 @@ def add_serve(sub) -> None:
                    help="colocated workers, prefill and decode in one (%(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (%(default)s)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API and /metrics on --host; 0 picks one "
+                        "(%(default)s)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument("--served-model-name", default=None,
+                   help="the `model` HTTP clients name (default: --model)")
     p.add_argument("--transport", choices=["zmq", "torch"], default="zmq",
                    help="KV transfer: zmq (TCP) or torch (gloo on CPU, NCCL on GPU)")
     p.add_argument("--redis-url", default=None,
@@ -103,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.spec import ClusterSpec
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
+    from pdserve.router.http import HttpConfig
     from pdserve.router.router import RouterConfig
 
     try:
@@ -139,10 +146,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     t0 = time.monotonic()
     address = f"{args.host}:{args.port}"
+    http = None if args.no_http else HttpConfig(args.host, args.http_port,
+                                                args.served_model_name or args.model)
     if args.no_ray:
         restarts = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         cluster = LocalCluster(spec, redis_url=args.redis_url, address=address,
-                               restarts=restarts)
+                               restarts=restarts, http=http)
     else:
         from pdserve.deploy.ray_cluster import ClusterStartError, Placement, RayCluster
 
@@ -150,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             cluster = RayCluster(spec, placement, ray_address=args.ray_address,
                                  redis_url=args.redis_url, address=address,
-                                 max_restarts=args.max_restarts, progress=True)
+                                 max_restarts=args.max_restarts, progress=True, http=http)
         except ClusterStartError as e:
             print(f"pdserve serve: {e}", file=sys.stderr)
             return 1
@@ -158,9 +167,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(f"pdserve: ready in {time.monotonic() - t0:.1f}s; gRPC on {cluster.address} "
-              f"(Redis {public_url(cluster.redis_url)})", file=sys.stderr)
-        print(cluster.address, flush=True)
+        served = "" if http is None else f", HTTP on http://{cluster.http_address}"
+        print(f"pdserve: ready in {time.monotonic() - t0:.1f}s; gRPC on {cluster.address}"
+              f"{served} (Redis {public_url(cluster.redis_url)})", file=sys.stderr)
+        print(cluster.address, flush=True)  # stdout: the gRPC address, then the HTTP URL
+        if http is not None:
+            print(f"http://{cluster.http_address}", flush=True)
         stop.wait()
         print("pdserve: shutting down", file=sys.stderr)
     finally:

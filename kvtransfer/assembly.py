@@ -51,7 +51,8 @@ class Assembly:
 
     @property
     def result(self) -> TransferResult:
-        return TransferResult(self.status, self.first_token_id, self.reason, self.note)
+        return TransferResult(self.status, self.first_token_id, self.reason, self.note,
+                              self.num_bytes)
 
     def fail(self, reason: str) -> None:
         if not self.status.is_terminal:

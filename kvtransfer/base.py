@@ -51,6 +51,7 @@ class TransferResult:
     first_token_id: int | None = None  # set once DONE
     reason: str = ""  # why, when FAILED
     note: bytes = b""  # the sender's opaque hand-off note; set on the receiver's DONE result
+    num_bytes: int = 0  # KV payload bytes the receiver took for this transfer so far
 
 
 @dataclass(frozen=True)

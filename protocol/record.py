@@ -26,6 +26,9 @@ class WorkerRecord:
     # its ack or a re-send (prefill)
     leases: int = 0
     decode_step_s: float = 0.0  # a decode-only step's time, measured; 0.0: not yet
+    # prompt tokens looked up in its prefix cache, and those found, since it started
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
     def without_room(self) -> WorkerRecord:
         """This record, seen as full (until the worker's next heartbeat says otherwise)."""

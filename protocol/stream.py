@@ -7,7 +7,8 @@ one message per engine step and endpoint. A message is the msgpack array
 - TOKENS (decode and colocated workers): items are TokenChunks, every token the step
   produced for that router's jobs. A job's first chunk carries its stamps so far and how
   many prompt tokens a prefix cache served (so a request that a stop string ends early
-  still has them); its last chunk, the only one with a `finish`, carries them complete;
+  still has them) and the KV bytes it received from a prefill worker; its last chunk, the
+  only one with a `finish`, carries them complete;
 - PREFILL (prefill workers): items are PrefillOutcomes, one per job that ended.
 `decode` rejects anything else with a ValueError, so a router and a worker that speak
 different versions fail loudly instead of misreading.
@@ -23,7 +24,7 @@ import msgpack
 from pdserve.protocol.orders import FinishReason, PrefillOutcome
 from pdserve.protocol.stamps import DecodeStamps
 
-STREAM_VERSION = 2
+STREAM_VERSION = 3
 
 
 class MessageKind(enum.IntEnum):
@@ -39,18 +40,23 @@ class TokenChunk:
     error: str = ""  # why, when the finish is ERROR or ABORT
     stamps: DecodeStamps | None = None  # with the first and the final chunk
     num_cached_tokens: int = 0  # with the first and the final chunk
+    # KV payload bytes received from the prefill worker (0 for a local prefill); with the
+    # first and the final chunk
+    kv_bytes: int = 0
 
     def to_wire(self) -> list:
         return [self.transfer_id, list(self.token_ids),
                 self.finish.value if self.finish else None, self.error,
-                self.stamps.to_wire() if self.stamps else None, self.num_cached_tokens]
+                self.stamps.to_wire() if self.stamps else None, self.num_cached_tokens,
+                self.kv_bytes]
 
     @classmethod
     def from_wire(cls, item) -> TokenChunk:
-        tid, tokens, finish, error, stamps, cached = item
+        tid, tokens, finish, error, stamps, cached, kv_bytes = item
         return cls(str(tid), tuple(int(t) for t in tokens),
                    FinishReason(finish) if finish is not None else None, str(error),
-                   DecodeStamps.from_wire(stamps) if stamps is not None else None, int(cached))
+                   DecodeStamps.from_wire(stamps) if stamps is not None else None, int(cached),
+                   int(kv_bytes))
 
 
 @dataclass(frozen=True)

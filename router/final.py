@@ -70,4 +70,5 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
         request_id=request_id, finish_reason=_REASONS[finish], usage=usage, timing=t,
         disaggregated=bool(prefill_worker), prefill_worker=prefill_worker,
         decode_worker=decode_worker, slo=slo, attempts=retries.attempts,
-        migrations=retries.migrations, kv_resends=retries.kv_resends))
+        migrations=retries.migrations, kv_resends=retries.kv_resends,
+        kv_transfer_bytes=worker.kv_bytes))

@@ -70,6 +70,9 @@ class RequestRecord:
     error: str = ""  # its message
     trace: TraceContext | None = None  # its place in a distributed trace (tracecontext)
     dispatches: tuple[Dispatch, ...] = ()
+    # the request's SLO (None where it set none), whether or not it finished
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
 
 
 class RequestObserver(Protocol):

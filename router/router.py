@@ -70,6 +70,7 @@ from pdserve.router.errors import (
 )
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.intake import Intake
 from pdserve.router.interference import decoding, stall_s
 from pdserve.router.limits import InputLimits
 from pdserve.router.observe import Dispatch, RequestObserver, RequestOutcome, RequestRecord, notify
@@ -133,6 +134,8 @@ class Router:
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
+        # validates requests for every front end (gRPC, HTTP): one bound on their work
+        self.intake = Intake(tokenizer, config.input_limits)
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -199,7 +202,7 @@ class Router:
                 request_id, outcome, arrival, time.time(), len(req.prompt_token_ids),
                 sum(n for _, n in token_times), tuple(token_times),
                 ended[0] if ended else None, code, error, trace or TraceContext.start(),
-                tuple(dispatches)))
+                tuple(dispatches), req.slo_ttft_ms, req.slo_tpot_ms))
 
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
                         arrival: float, dispatches: list[Dispatch]

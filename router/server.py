@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from pdserve.protocol import WorkerRole
 from pdserve.router.errors import RequestError
 from pdserve.router.health import HealthReporter
-from pdserve.router.intake import Intake, IntakeFull
+from pdserve.router.intake import IntakeFull
 from pdserve.router.router import Router
 from pdserve.router.security import ApiSecurity
 from pdserve.router.tracecontext import TRACEPARENT, TraceContext
@@ -48,7 +48,7 @@ class _Undecodable:
 class PdServeService:
     def __init__(self, router: Router):
         self.router = router
-        self.intake = Intake(router.tokenizer, router.config.input_limits)
+        self.intake = router.intake
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         try:

@@ -134,7 +134,7 @@ class Timing(_message.Message):
     def __init__(self, arrival: _Optional[float] = ..., dispatched: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., kv_received: _Optional[float] = ..., decode_admitted: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ..., router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., retry_ms: _Optional[float] = ...) -> None: ...
 
 class FinalResponse(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage", "timing", "disaggregated", "prefill_worker", "decode_worker", "slo", "attempts", "migrations", "kv_resends")
+    __slots__ = ("request_id", "finish_reason", "usage", "timing", "disaggregated", "prefill_worker", "decode_worker", "slo", "attempts", "migrations", "kv_resends", "kv_transfer_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class FinalResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     KV_RESENDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     usage: Usage
@@ -157,7 +158,8 @@ class FinalResponse(_message.Message):
     attempts: int
     migrations: int
     kv_resends: int
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., attempts: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_resends: _Optional[int] = ...) -> None: ...
+    kv_transfer_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., attempts: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_resends: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "final")

@@ -1,13 +1,15 @@
 """`pdserve serve` as users run it: a subprocess that prints its address, answers
-`pdserve generate` and `pdserve status`, and leaves no process behind after SIGTERM."""
+`pdserve generate`, `pdserve status` and HTTP, and leaves no process behind after SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -30,7 +32,8 @@ def _children(pid: int) -> set[int]:
 
 def test_serve_answers_and_leaves_nothing_after_sigterm():
     cli = [sys.executable, "-m", "pdserve"]
-    server = subprocess.Popen([*cli, "serve", "--port", "0"], stdout=subprocess.PIPE,
+    server = subprocess.Popen([*cli, "serve", "--port", "0", "--http-port", "0"],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().strip()
@@ -45,6 +48,14 @@ def test_serve_answers_and_leaves_nothing_after_sigterm():
         status = subprocess.run([*cli, "status", "--target", address], capture_output=True,
                                 text=True, timeout=60)
         assert "prefill-0" in status.stdout and "decode-0" in status.stdout
+        url = server.stdout.readline().strip()  # the HTTP API, on a port it picked
+        body = json.dumps({"model": "smollm2-135m", "prompt": "The capital of France is",
+                           "max_tokens": 8}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.load(response)
+        assert reply["choices"][0]["text"] and reply["usage"]["completion_tokens"] == 8
         password = _redis_password(children)
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0

@@ -27,3 +27,14 @@ def test_kuberay_manifest_marks_prefill_and_decode_groups():
     for name in ("prefill", "decode"):
         resources = json.loads(json.loads(groups[name]["rayStartParams"]["resources"]))
         assert resources[name] >= 1
+
+
+def test_kuberay_head_exposes_grpc_http_and_its_scrape_target():
+    manifest = yaml.safe_load((CONFIGS / "kuberay.yaml").read_text())
+    head = manifest["spec"]["headGroupSpec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert ports["grpc"] == 50051 and ports["http"] == 8000
+    assert head["metadata"]["annotations"]["prometheus.io/port"] == str(ports["http"])
+    scrape = yaml.safe_load((CONFIGS.parent / "prometheus.yml").read_text())
+    assert any(t.endswith(":8000") for job in scrape["scrape_configs"]
+               for static in job.get("static_configs", []) for t in static["targets"])

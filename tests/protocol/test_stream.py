@@ -25,7 +25,7 @@ def test_a_token_batch_round_trips():
                           finished=4.0)
     batch = TokenBatch("decode-0", 123.5, (
         TokenChunk("a", (1, 2)),
-        TokenChunk("b", (7,), FinishReason.LENGTH, "", stamps, 32),
+        TokenChunk("b", (7,), FinishReason.LENGTH, "", stamps, 32, 4096),
         TokenChunk("c", (), FinishReason.ERROR, "KV transfer failed: deadline", stamps),
     ))
     assert decode(encode(batch)) == batch
@@ -41,7 +41,7 @@ def test_a_prefill_report_round_trips():
 
 @pytest.mark.parametrize("raw, match", [
     ([STREAM_VERSION + 1, MessageKind.TOKENS, "w", 1.0, []], "version"),
-    ([STREAM_VERSION, MessageKind.TOKENS, "w", 1.0, [["a", [1], "sideways", "", None, 0]]],
+    ([STREAM_VERSION, MessageKind.TOKENS, "w", 1.0, [["a", [1], "sideways", "", None, 0, 0]]],
      "malformed"),
     ([STREAM_VERSION, MessageKind.PREFILL, "w", 1.0, [["a", "maybe", "", 0, []]]], "malformed"),
     ([STREAM_VERSION, 7, "w", 1.0, []], "malformed"),
