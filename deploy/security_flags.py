@@ -1,5 +1,6 @@
-"""`pdserve serve` flags for who may call the router (router.security), and the rule that
-a server listening beyond loopback needs API keys and TLS unless told `--insecure`."""
+"""`pdserve serve` flags for who may call the router's gRPC and HTTP APIs (router.security),
+and the rule that a server listening beyond loopback needs API keys and TLS unless told
+`--insecure`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
                    help="mutual TLS: clients must present a certificate this CA signed")
     g.add_argument("--public-reflection", action="store_true",
                    help="gRPC reflection answers without an API key")
+    g.add_argument("--public-metrics", action="store_true",
+                   help="the HTTP server's /metrics answers without an API key (for a "
+                        "Prometheus that sends none)")
     g.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without API keys or TLS")
 
@@ -46,7 +50,8 @@ def api_security(args: argparse.Namespace) -> ApiSecurity:
     return ApiSecurity.from_keys(keys, tls_cert_chain=read(args.tls_cert),
                                  tls_private_key=read(args.tls_key),
                                  client_ca=read(args.tls_client_ca),
-                                 public_reflection=args.public_reflection)
+                                 public_reflection=args.public_reflection,
+                                 public_metrics=args.public_metrics)
 
 
 def exposure_refusal(host: str, security: ApiSecurity, insecure: bool) -> str | None:

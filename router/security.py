@@ -5,7 +5,8 @@ OpenAI clients send it). The router keeps only the SHA-256 digest of each key it
 and compares the presented key's digest with every one of them in constant time, so
 neither the answer nor its timing says which keys exist; a missing or wrong key gets
 UNAUTHENTICATED (HTTP 401) with no more detail. Health is always open (orchestrators probe
-it without credentials); reflection is open only with `public_reflection`.
+it without credentials); reflection and the HTTP server's /metrics are open only with
+`public_reflection` and `public_metrics`.
 
 TLS. `tls` holds the server's certificate chain and key (PEM), and `client_ca` the CA
 whose certificates clients must present (mutual TLS): a client without one is refused in
@@ -38,6 +39,7 @@ class ApiSecurity:
     tls_private_key: bytes = field(default=b"", repr=False)
     client_ca: bytes = field(default=b"", repr=False)  # PEM; set: mutual TLS
     public_reflection: bool = False
+    public_metrics: bool = False  # the HTTP server's /metrics answers without a key
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert_chain) != bool(self.tls_private_key):

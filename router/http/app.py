@@ -169,6 +169,16 @@ def build_app(router: Router, metrics: RouterMetrics, model_name: str) -> FastAP
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/metrics", api.prometheus, methods=["GET"])
+    security = router.config.security
+    if security.needs_key:
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            path = request.url.path
+            if (path == "/health" or (path == "/metrics" and security.public_metrics)
+                    or security.accepts(request.headers.get("authorization"))):
+                return await call_next(request)
+            return ApiError("UNAUTHENTICATED", "missing or invalid API key",
+                            body_code="invalid_api_key").response()
     return app
 
 

@@ -23,6 +23,7 @@ STATUSES = {
     "DEADLINE_EXCEEDED": HttpStatus(504, "timeout_error"),
     "CANCELLED": HttpStatus(499, "cancelled_error"),
     "INTERNAL": HttpStatus(500, "internal_error"),
+    "UNAUTHENTICATED": HttpStatus(401, "invalid_request_error"),
 }
 PAYLOAD_TOO_LARGE = HttpStatus(413, "invalid_request_error")
 

@@ -10,7 +10,11 @@ open streams `grace_s` to finish, and waits for it.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
+import ssl
+import tempfile
 from dataclasses import dataclass
 
 import uvicorn
@@ -18,6 +22,7 @@ import uvicorn
 from pdserve.router.http.app import build_app
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.router import Router
+from pdserve.router.security import ApiSecurity
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,28 @@ class HttpConfig:
     port: int = 8000  # 0 picks a free one
     model_name: str = ""  # what clients pass as `model`; "" takes the cluster's model
     grace_s: float = 1.0  # open streams get this long to finish when the server stops
+
+
+def _tls(security: ApiSecurity) -> tuple[dict, str]:
+    """uvicorn's TLS settings for `security` (router.security): it reads PEM files, so the
+    certificate, key and client CA are written to a folder only this user can read, and
+    removed as soon as uvicorn loaded them (the SSL context keeps them)."""
+    if not security.tls:
+        return {}, ""
+    folder = tempfile.mkdtemp(prefix="pdserve-tls-")  # 0700
+    paths = {}
+    files = (("cert.pem", security.tls_cert_chain), ("key.pem", security.tls_private_key),
+             ("client-ca.pem", security.client_ca))
+    for name, data in files:
+        if data:
+            paths[name] = os.path.join(folder, name)
+            fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    settings = {"ssl_certfile": paths["cert.pem"], "ssl_keyfile": paths["key.pem"]}
+    if "client-ca.pem" in paths:
+        settings |= {"ssl_ca_certs": paths["client-ca.pem"], "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return settings, folder
 
 
 class HttpServer:
@@ -51,10 +78,16 @@ class HttpServer:
         except OSError as e:
             sock.close()
             raise OSError(f"HTTP server on {config.host}:{config.port}: {e}") from e
-        server = uvicorn.Server(uvicorn.Config(
-            app, log_config=None, log_level="warning", lifespan="off", access_log=False,
-            timeout_graceful_shutdown=config.grace_s))
-        return cls(server, sock, metrics)
+        tls, folder = _tls(router.config.security)
+        try:
+            settings = uvicorn.Config(
+                app, log_config=None, log_level="warning", lifespan="off", access_log=False,
+                timeout_graceful_shutdown=config.grace_s, **tls)
+            settings.load()  # reads the TLS files into its SSL context
+        finally:
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+        return cls(uvicorn.Server(settings), sock, metrics)
 
     async def stop(self) -> None:
         self._server.should_exit = True

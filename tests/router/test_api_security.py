@@ -1,5 +1,6 @@
-"""Who may call the router: API keys, TLS and mutual TLS on the gRPC API, health open to
-all, reflection behind the key unless made public, no secret in any repr or log; and
+"""Who may call the router: API keys, TLS and mutual TLS on the gRPC and HTTP APIs, health
+open to all, reflection and metrics behind the key unless made public, no secret in any
+repr or log; and
 `pdserve serve` refusing a non-loopback address without them. A router with no worker
 (calls that pass the door end UNAVAILABLE), real Redis, certificates made here."""
 
@@ -7,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -22,6 +27,7 @@ from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RouterThread
 from pdserve.deploy.security_flags import exposure_refusal, is_loopback
 from pdserve.models import DEFAULT_MODEL, resolve_model
+from pdserve.router.http import HttpConfig
 from pdserve.router.router import RouterConfig
 from pdserve.router.security import ApiSecurity, read_keys
 from pdserve.rpc import pdserve_pb2 as pb
@@ -47,7 +53,23 @@ def pki():
 
 def router(redis_server, security: ApiSecurity) -> RouterThread:
     return RouterThread(RouterConfig(security=security), resolve_model(DEFAULT_MODEL),
-                        redis_server.url, connect=lambda record: None)
+                        redis_server.url, connect=lambda record: None,
+                        http=HttpConfig(port=0, model_name="smollm2-135m"))
+
+
+def http_get(url: str, key: str | None = None, context=None) -> tuple[int, dict | str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=10, context=context) as reply:
+            body = reply.read().decode()
+            status = reply.status
+    except urllib.error.HTTPError as e:
+        body, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +112,26 @@ def test_a_call_without_the_key_or_with_a_wrong_one_is_unauthenticated(keyed):
         assert code == grpc.StatusCode.UNAVAILABLE  # through the door; no worker behind it
 
 
+def test_the_http_api_wants_the_same_keys_and_answers_401_in_openais_shape(keyed,
+                                                                          redis_server):
+    base = f"http://{keyed.http_address}"
+    for key in (None, "sk-wrong"):
+        status_, body = http_get(f"{base}/v1/models", key)
+        assert status_ == 401
+        assert body["error"]["code"] == "invalid_api_key"
+        assert body["error"]["message"] == "missing or invalid API key"
+        assert http_get(f"{base}/metrics", key)[0] == 401
+    assert http_get(f"{base}/v1/models", KEY)[0] == 200
+    assert http_get(f"{base}/metrics", OTHER_KEY)[0] == 200
+    assert http_get(f"{base}/health")[0] in (200, 503)  # open: no worker is listed
+    public = router(redis_server, ApiSecurity.from_keys([KEY], public_metrics=True))
+    try:
+        assert http_get(f"http://{public.http_address}/metrics")[0] == 200
+        assert http_get(f"http://{public.http_address}/v1/models")[0] == 401
+    finally:
+        public.close()
+
+
 def test_malformed_authorization_is_refused_too(keyed):
     channel = grpc.insecure_channel(keyed.address)
     call = channel.unary_unary(STATUS, pb.GetClusterStatusRequest.SerializeToString,
@@ -129,7 +171,14 @@ def test_health_stays_open_and_reflection_follows_its_flag(keyed, redis_server):
     channel.close()
 
 
-def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(redis_server, pki):
+def write_pair(folder, pem) -> tuple[str, str]:
+    (folder / "client.pem").write_bytes(pem.cert)
+    (folder / "client.key").write_bytes(pem.key)
+    return str(folder / "client.pem"), str(folder / "client.key")
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(redis_server, pki,
+                                                                     tmp_path):
     security = ApiSecurity.from_keys([KEY], tls_cert_chain=pki.server.cert,
                                      tls_private_key=pki.server.key, client_ca=pki.ca.cert)
     r = router(redis_server, security)
@@ -143,6 +192,15 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(redis_serve
             assert code_of(lambda b=bad: status(r.address, b))[0] == grpc.StatusCode.UNAVAILABLE
         no_key = Credentials(None, pki.ca.cert, pki.client.cert, pki.client.key)
         assert code_of(lambda: status(r.address, no_key))[0] == grpc.StatusCode.UNAUTHENTICATED
+        # the HTTP API: TLS with the client's certificate, and none without it
+        url = f"https://{r.http_address}/v1/models"
+        context = ssl.create_default_context(cadata=pki.ca.cert.decode())
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            http_get(url, KEY, context)
+        context.load_cert_chain(*write_pair(tmp_path, pki.client))
+        assert http_get(url, KEY, context)[0] == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to TLS
+            http_get(f"http://{r.http_address}/v1/models", KEY)
     finally:
         r.close()
 
