@@ -97,7 +97,8 @@ class RoutedCluster:
 
     def add_router(self, address: str = "127.0.0.1:0") -> RouterThread:
         """Another router (id `router-<n>`) on the cluster's Redis, and its gRPC server."""
-        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
+        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}",
+                         curve=self.spec.curve_keys)
         roles = dict.fromkeys(role for _, role in self.spec.roles())
         router = RouterThread(config, resolve_model(self.spec.model), self.redis_url,
                               self.connect, address, roles)

@@ -27,6 +27,10 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one")
     p.add_argument("--transport", choices=["zmq", "torch"], default="zmq",
                    help="KV transfer: zmq (TCP) or torch (gloo on CPU, NCCL on GPU)")
+    p.add_argument("--curve", choices=["auto", "on", "off"], default="auto",
+                   help="authenticate and encrypt the data plane (KV transfer, token stream) "
+                        "with keys made for this cluster; auto: whenever it binds beyond "
+                        "loopback (%(default)s)")
     p.add_argument("--redis-url", default=None,
                    help="an external Redis (default: start the embedded one)")
     p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
@@ -95,7 +99,7 @@ def add_serve(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.local_cluster import LocalCluster
-    from pdserve.deploy.spec import ClusterSpec
+    from pdserve.deploy.spec import ClusterSpec, CurveMode
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
     from pdserve.router.router import RouterConfig
@@ -104,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        colocated=args.colocated, block_size=args.block_size,
                        num_blocks=args.num_blocks,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       transport=TransportKind(args.transport),
+                       transport=TransportKind(args.transport), curve=CurveMode(args.curve),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,
                        worker_call_timeout_s=args.worker_call_timeout,

@@ -140,7 +140,8 @@ class Worker:
         self.config = config
         self.engine = Engine(config.engine)
         self._jobs = make_jobs(self.engine,
-                               StreamPublisher(config.worker_id, config.stream_grace_s))
+                               StreamPublisher(config.worker_id, config.stream_grace_s,
+                                               curve=config.curve))
         self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
 
     @property
