@@ -16,7 +16,7 @@ subjected to ZAP at all.
 
 Life of a gate: `CurveGate(keys)` starts the ZAP handler thread and binds it *before* any
 server socket exists (a CURVE server with no ZAP handler would admit any client that
-knows the server's public key; `ZAP_ENFORCE_DOMAIN` makes such a socket refuse instead);
+knows the server's public key unless a ZAP domain is set and enforced, as here);
 `server(kind)` makes server sockets in the gate's context; `close()`, once its sockets are
 closed, stops the handler and terminates the context.
 """
@@ -28,6 +28,8 @@ from typing import Protocol
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+
+ZAP_DOMAIN = "pdserve"  # the one domain of every server socket and of its gate
 
 
 class CurveKeyring(Protocol):
@@ -46,6 +48,9 @@ def secure_server(sock: zmq.Socket, keys: CurveKeyring) -> None:
     sock.curve_secretkey = keys.server_secret
     sock.curve_publickey = keys.server_public
     sock.curve_server = True
+    # Fail closed: with a ZAP domain and ZAP_ENFORCE_DOMAIN, a handshake is refused when no
+    # handler answers; without a domain libzmq would admit any CURVE client unasked.
+    sock.zap_domain = ZAP_DOMAIN.encode()
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
@@ -77,7 +82,7 @@ class CurveGate:
         # own thread, so handshakes are admitted while the owner's thread or loop is busy.
         self._auth = ThreadAuthenticator(self.context)
         self._auth.start()
-        self._auth.configure_curve_callback("*", _AllowOne(keys.client_public))
+        self._auth.configure_curve_callback(ZAP_DOMAIN, _AllowOne(keys.client_public))
 
     def server(self, kind: int) -> zmq.Socket:
         sock = self.context.socket(kind)

@@ -32,6 +32,7 @@ from pdserve.protocol.stream import decode
 
 log = logging.getLogger(__name__)
 _ITEM_KINDS = (TokenChunk, PrefillOutcome)  # a transfer's tokens and its prefill outcome
+_ZAP_DOMAIN = "pdserve"  # the stream socket's; the ZAP handler answers for it alone
 
 
 class _ClusterClients:
@@ -57,11 +58,13 @@ class StreamReader:
             self._ctx = zmq.asyncio.Context()
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve_callback("*", _ClusterClients(curve))
+            self._auth.configure_curve_callback(_ZAP_DOMAIN, _ClusterClients(curve))
             self._sock = self._ctx.socket(zmq.ROUTER)
             self._sock.curve_secretkey = curve.server_secret
             self._sock.curve_publickey = curve.server_public
             self._sock.curve_server = True
+            # fail closed: with a domain enforced, no ZAP answer means no admission
+            self._sock.zap_domain = _ZAP_DOMAIN.encode()
             self._sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
