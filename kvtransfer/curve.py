@@ -92,4 +92,4 @@ class CurveGate:
     def close(self) -> None:
         """Stop the ZAP handler and end the context; every socket of it must be closed."""
         self._auth.stop()
-        self.context.term()
+        self.context.destroy(linger=0)  # a ZAP reply still queued must not hold it open

@@ -100,7 +100,7 @@ class StreamReader:
         self._sock.close()
         if self._auth is not None:
             self._auth.stop()
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # a ZAP reply still queued must not hold it open
 
     async def _run(self) -> None:
         while True:

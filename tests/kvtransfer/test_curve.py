@@ -32,13 +32,13 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture
-def p_cache():
-    torch.manual_seed(0)
-    return caches(32, 4, fill=True)
-
-
-def _assert_received(receiver, p_cache, p_blocks, d_blocks, n):
+def _complete(sender, receiver, p_cache, p_blocks, d_blocks, n, layers=None):
+    """Send `layers` (all by default) and finish; the transfer must end DONE on both sides
+    with exactly the sender's KV in `d_blocks`."""
+    send_layers(sender, "t", p_cache, p_blocks, n, layers)
+    sender.finish("t", 7)
+    assert wait_for(lambda: sender.poll("t")).first_token_id == 7
+    assert receiver.poll("t").status is TransferStatus.DONE
     for layer in range(SPEC.num_layers):
         for src, dst in zip(p_cache, (receiver.k_cache, receiver.v_cache), strict=True):
             assert torch.equal(gather_tokens(dst[layer], d_blocks, 0, n),
@@ -64,11 +64,7 @@ def test_an_outsider_never_gets_past_the_handshake(kind, p_cache, how):
             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         assert receiver.poll("t").status is TransferStatus.PENDING
         sender.begin("t", receiver.endpoint, n)
-        send_layers(sender, "t", p_cache, p_blocks, n)
-        sender.finish("t", 7)
-        assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
-        assert receiver.poll("t").status is TransferStatus.DONE
-        _assert_received(receiver, p_cache, p_blocks, d_blocks, n)
+        _complete(sender, receiver, p_cache, p_blocks, d_blocks, n)
     finally:
         outsider.close()
         sender.close()
@@ -113,11 +109,7 @@ def test_a_peer_with_the_keys_cannot_touch_another_connections_transfer(kind, p_
         for _ in range(4):
             assert decode(intruder.recv()).reason == FOREIGN_TRANSFER
         assert receiver.poll("t").status is TransferStatus.TRANSFERRING
-        send_layers(sender, "t", p_cache, p_blocks, n, layers=range(1, SPEC.num_layers))
-        sender.finish("t", 7)
-        assert wait_for(lambda: sender.poll("t")).first_token_id == 7
-        assert receiver.poll("t").status is TransferStatus.DONE
-        _assert_received(receiver, p_cache, p_blocks, d_blocks, n)
+        _complete(sender, receiver, p_cache, p_blocks, d_blocks, n, range(1, SPEC.num_layers))
     finally:
         intruder.close()
         sender.close()
