@@ -7,11 +7,13 @@ acknowledgement included), for zmq-tcp, zmq-ipc and torch (gloo over TCP, contro
 Baselines, same bytes, same run: a raw ZMQ send of one frame (copy=False) to a second
 process that answers with one byte, and a torch tensor copy; with `--baseline PATH`, the
 same transfers through the kvtransfer of an older checkout at PATH (one whose parts import
-as top-level packages, `kvtransfer.transports`), side by side. Both processes run with the
-malloc settings of an engine process (engine.host_memory), as the workers do.
+as top-level packages, `kvtransfer.transports`), side by side; with `--curve`, the same
+transfers with the cluster's CURVE keys (authenticated, encrypted control plane and inline
+payload; kvtransfer.curve) beside those without. Both processes run with the malloc
+settings of an engine process (engine.host_memory), as the workers do.
 
-    .venv/bin/python -m pdserve.bench.kvtransfer [--repeats 20] [--json PATH] [--baseline PATH]
-        [--sizes 128K 1M 8M 64M]
+    .venv/bin/python -m pdserve.bench.kvtransfer [--repeats 20] [--json PATH]
+        [--baseline PATH | --curve] [--sizes 128K 1M 8M 64M]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import zmq
 from tqdm import tqdm
 
+from pdserve.deploy.spec import make_curve_keys
 from pdserve.engine.host_memory import tune_malloc
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
@@ -47,6 +50,7 @@ class Impl:
     kvtransfer imports as the top-level package `kvtransfer`."""
 
     path: str | None = None
+    curve: object = None  # the cluster's CURVE keys (protocol.CurveKeys); None: none
 
     @property
     def package(self) -> str:
@@ -62,7 +66,8 @@ class Impl:
 
     def sender(self, kind: str, spec):
         transports = self.module("transports")
-        return transports.make_sender(transports.TransportKind(kind), spec)
+        extra = {"curve": self.curve} if self.curve is not None else {}
+        return transports.make_sender(transports.TransportKind(kind), spec, **extra)
 
 
 def receiver_process(impl: Impl, kind: str, bind: str, layers: int, blocks: int, conn,
@@ -76,13 +81,15 @@ def receiver_process(impl: Impl, kind: str, bind: str, layers: int, blocks: int,
     tune_malloc()
     spec, transports = impl.spec(layers), impl.module("transports")
     shape = (spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim)
+    extra = {"curve": impl.curve} if impl.curve is not None else {}
     receiver = transports.make_receiver(transports.TransportKind(kind), spec,
-                                        torch.zeros(shape), torch.zeros(shape), bind)
+                                        torch.zeros(shape), torch.zeros(shape), bind, **extra)
     conn.send(receiver.endpoint)
     while (cmd := conn.recv()) is not None:
         op, tid, tokens = cmd
         if op == "expect":
-            receiver.expect(tid, list(range(blocks)), tokens, timeout_s=60)
+            receiver.expect(tid, list(range(blocks)), tokens, 60)  # the lease, positional
+            # (an older checkout names it timeout_s)
         else:
             receiver.release(tid)
         conn.send("ok")
@@ -180,14 +187,15 @@ def summarize(times: list[float], num_bytes: int) -> dict:
             "p99_ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3}
 
 
-def measure(num_bytes: int, repeats: int, tmp: str, baseline: Impl | None) -> dict:
+def measure(num_bytes: int, repeats: int, tmp: str, other: tuple[str, Impl] | None) -> dict:
+    """`other`: (key prefix, implementation) measured beside this tree's, taking turns."""
     r = {"bytes": num_bytes, "memcpy": summarize(copy_times(num_bytes, repeats), num_bytes)}
     binds = {"zmq-tcp": "tcp://127.0.0.1:*", "zmq-ipc": f"ipc://{tmp}/kv",
              "torch-gloo": "tcp://127.0.0.1:*"}
     for name in ("zmq-tcp", "zmq-ipc"):
         raw_bind = binds[name] + ("-raw" if "ipc" in name else "")
         r[f"raw-{name}"] = summarize(raw_zmq_times(raw_bind, num_bytes, repeats), num_bytes)
-    impls = {"": Impl()} | ({"baseline-": baseline} if baseline else {})
+    impls = {"": Impl()} | (dict([other]) if other else {})
     for name, kind in TRANSPORTS:
         for prefix, times in transport_times(impls, kind, binds[name], num_bytes,
                                              repeats).items():
@@ -195,19 +203,23 @@ def measure(num_bytes: int, repeats: int, tmp: str, baseline: Impl | None) -> di
     return r
 
 
-def print_table(rows: list[dict], baseline: bool) -> None:
+def print_table(rows: list[dict], other: str | None) -> None:
+    """`other`: the prefix of the implementation measured beside this tree's ("baseline-":
+    ratio this / baseline; "curve-": ratio curve / without)."""
+    ratio = "curve / plain" if other == "curve-" else "/ baseline"
     print(f"\n{'size':>7} {'transport':>10} | {'GB/s':>6} {'raw GB/s':>8} {'/ raw':>6} | "
-          f"{'p50 / p99 ms':>15}" + (f" | {'baseline GB/s':>13} {'/ baseline':>10}"
-                                     if baseline else ""))
+          f"{'p50 / p99 ms':>15}" + (f" | {other[:-1] + ' GB/s':>13} {ratio:>13}"
+                                     if other else ""))
     for r in rows:
         size = f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB"
         for name, _ in TRANSPORTS:
             t, raw = r[name], r["raw-" + name.replace("torch-gloo", "zmq-tcp")]
             line = (f"{size:>7} {name:>10} | {t['gbps']:6.2f} {raw['gbps']:8.2f} "
                     f"{t['gbps'] / raw['gbps']:6.2f} | {t['p50_ms']:7.2f} / {t['p99_ms']:5.2f}")
-            if baseline:
-                b = r["baseline-" + name]
-                line += f" | {b['gbps']:13.2f} {t['gbps'] / b['gbps']:10.2f}"
+            if other:
+                b = r[other + name]
+                share = b["gbps"] / t["gbps"] if other == "curve-" else t["gbps"] / b["gbps"]
+                line += f" | {b['gbps']:13.2f} {share:13.2f}"
             print(line)
         print(f"{size:>7} {'memcpy':>10} | {r['memcpy']['gbps']:6.2f}")
 
@@ -217,16 +229,20 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--baseline", help="an older checkout to measure side by side")
+    side = ap.add_mutually_exclusive_group()
+    side.add_argument("--baseline", help="an older checkout to measure side by side")
+    side.add_argument("--curve", action="store_true",
+                      help="measure with the cluster's CURVE keys beside without them")
     ap.add_argument("--sizes", nargs="+", type=lambda t: int(t[:-1]) << {"K": 10, "M": 20}[t[-1]],
                     default=SIZES, help="KV bytes per transfer, e.g. 128K 64M")
     args = ap.parse_args()
     tune_malloc()
     tmp = tempfile.mkdtemp()
-    baseline = Impl(args.baseline) if args.baseline else None
-    rows = [measure(num_bytes, args.repeats, tmp, baseline)
+    other = (("baseline-", Impl(args.baseline)) if args.baseline
+             else ("curve-", Impl(curve=make_curve_keys())) if args.curve else None)
+    rows = [measure(num_bytes, args.repeats, tmp, other)
             for num_bytes in tqdm(args.sizes, desc="kv sizes", file=sys.stderr)]
-    print_table(rows, baseline is not None)
+    print_table(rows, other[0] if other else None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -1,6 +1,7 @@
 """A synchronous stand-in for the router's end of the worker stream (protocol.stream), for
-benchmarks and tests that drive workers directly: a ZMQ PULL socket and a thread that files
-every token chunk and prefill outcome by transfer id, with each token's arrival time."""
+benchmarks and tests that drive workers directly: a ZMQ ROUTER socket (a CURVE server given
+the cluster's keys, as the router's is) and a thread that files every token chunk and
+prefill outcome by transfer id, with each token's arrival time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from pdserve.kvtransfer.curve import CurveGate, CurveKeyring
 from pdserve.protocol import PrefillOutcome, TokenBatch, TokenChunk
 from pdserve.protocol.stream import decode
 
@@ -27,8 +29,10 @@ class Streamed:
 
 
 class StreamCollector:
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self._sock = zmq.Context.instance().socket(zmq.PULL)
+    def __init__(self, host: str = "127.0.0.1", curve: CurveKeyring | None = None) -> None:
+        self._gate = CurveGate(curve) if curve is not None else None
+        self._sock = (self._gate.server(zmq.ROUTER) if self._gate is not None
+                      else zmq.Context.instance().socket(zmq.ROUTER))
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(f"tcp://{host}:*")
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -52,6 +56,8 @@ class StreamCollector:
         self._closed = True
         self._thread.join()
         self._sock.close()
+        if self._gate is not None:
+            self._gate.close()
 
     def _wait(self, transfer_id: str, ready, what: str, timeout: float) -> Streamed:
         with self._cond:
@@ -66,7 +72,7 @@ class StreamCollector:
         while not self._closed:
             if not self._sock.poll(50):
                 continue
-            message = decode(self._sock.recv())
+            message = decode(self._sock.recv_multipart()[-1])  # [routing id, message]
             now = time.time()
             with self._cond:
                 if isinstance(message, TokenBatch):

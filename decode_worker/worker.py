@@ -40,7 +40,7 @@ class DecodeWorker(Worker):
         def make_jobs(engine, publisher):
             cache = engine.kv_cache
             receiver = make_receiver(config.transport, config.kv_spec, cache.k, cache.v,
-                                     f"tcp://{config.kv_host}:*")
+                                     f"tcp://{config.kv_host}:*", curve=config.curve)
             return DecodeJobs(engine, receiver, publisher)
 
         super().__init__(config, make_jobs)

@@ -48,7 +48,8 @@ class LocalCluster(RoutedCluster):
         """`restarts`: how often a failed worker is started again; `build`: makes each
         worker in its process (deploy.local.WorkerProcess); `http`: the router's
         OpenAI-compatible HTTP server, None for none."""
-        self.spec = spec
+        # workers' KV receivers bind loopback here; the router's stream, its stream_host
+        self.spec = spec = spec.secured({"127.0.0.1", spec.router.stream_host})
         self._redis = None if redis_url else RedisServer()
         self.redis_url = redis_url or self._redis.url
         self._build = build

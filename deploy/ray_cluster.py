@@ -70,6 +70,9 @@ class RayCluster(RoutedCluster):
                 ray.util.get_node_ip_address()
             spec = self.spec = replace(spec, router=replace(spec.router,
                                                             stream_host=self._host))
+            # actors' KV receivers bind their node's address (deploy.ray_actors)
+            nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+            spec = self.spec = spec.secured(nodes | {self._host})
             self._step("Redis", lambda: self._start_redis(redis_url))
             self._step("workers", lambda: self._start_actors(placement, max_restarts,
                                                              progress))

@@ -115,7 +115,8 @@ class RoutedCluster:
         """Another router (id `router-<n>`) on the cluster's Redis, its gRPC server and,
         given `http`, its HTTP server (serving the cluster's model under its name unless
         `http` names it)."""
-        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}")
+        config = replace(self.spec.router, router_id=f"router-{len(self.routers)}",
+                         curve=self.spec.curve_keys)
         roles = dict.fromkeys(role for _, role in self.spec.roles())
         if http is not None and not http.model_name:
             http = replace(http, model_name=self.spec.model)

@@ -35,6 +35,10 @@ def add_serve(sub) -> None:
                    help="the `model` HTTP clients name (default: --model)")
     p.add_argument("--transport", choices=["zmq", "torch"], default="zmq",
                    help="KV transfer: zmq (TCP) or torch (gloo on CPU, NCCL on GPU)")
+    p.add_argument("--curve", choices=["auto", "on", "off"], default="auto",
+                   help="authenticate and encrypt the data plane (KV transfer, token stream) "
+                        "with keys made for this cluster; auto: whenever it binds beyond "
+                        "loopback (%(default)s)")
     p.add_argument("--redis-url", default=None,
                    help="an external Redis (default: start the embedded one)")
     p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
@@ -106,7 +110,7 @@ def add_serve(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.local_cluster import LocalCluster
     from pdserve.deploy.redis_server import public_url
-    from pdserve.deploy.spec import ClusterSpec
+    from pdserve.deploy.spec import ClusterSpec, CurveMode
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
     from pdserve.router.http import HttpConfig
@@ -124,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        colocated=args.colocated, block_size=args.block_size,
                        num_blocks=args.num_blocks,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       transport=TransportKind(args.transport),
+                       transport=TransportKind(args.transport), curve=CurveMode(args.curve),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,
                        worker_call_timeout_s=args.worker_call_timeout,

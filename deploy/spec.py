@@ -1,19 +1,56 @@
 """What a cluster is made of, as `pdserve serve` flags or a test describe it, and the one
-function that turns it into each worker's configuration (engine included)."""
+function that turns it into each worker's configuration (engine included).
+
+The data plane's CURVE keys (protocol.keys) are made here, once per cluster, when the
+cluster starts (`secured`), and travel inside the spec and the worker configurations it
+makes: to worker processes through their spawn arguments, to Ray actors as their
+constructor arguments (Ray's own authenticated channel), to routers in their
+RouterConfig. They never go to the registry, and no repr shows the secret halves.
+"""
 
 from __future__ import annotations
 
+import enum
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+
+import zmq
 
 from pdserve.deploy.handles import DEFAULT_CALL_TIMEOUT_S
 from pdserve.engine import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.config import default_device
 from pdserve.kvtransfer.transports import TransportKind
 from pdserve.models import DEFAULT_MODEL, resolve_model
-from pdserve.protocol import WorkerRole
+from pdserve.protocol import CurveKeys, WorkerRole
 from pdserve.router.router import RouterConfig
 from pdserve.router.security import ApiSecurity
 from pdserve.worker import ENGINE_MODES, WorkerConfig
+
+
+class CurveMode(enum.Enum):
+    """Whether the data plane (KV transfer, token stream) is authenticated and encrypted."""
+
+    AUTO = "auto"  # on whenever something of it binds beyond loopback
+    ON = "on"
+    OFF = "off"
+
+
+def make_curve_keys() -> CurveKeys:
+    """A fresh server and client keypair for one cluster."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return CurveKeys(server_public, server_secret, client_public, client_secret)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address stays on this machine ("localhost" or a loopback IP)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a wildcard or a name: assume it is reachable from elsewhere
+        return False
 
 
 @dataclass(frozen=True)
@@ -43,8 +80,12 @@ class ClusterSpec:
     # (worker.publisher)
     router_stream_grace_s: float = 5.0
     router: RouterConfig = field(default_factory=RouterConfig)
+    curve: CurveMode = CurveMode.AUTO
+    curve_keys: CurveKeys | None = field(default=None, repr=False)  # made by `secured`
 
     def __post_init__(self) -> None:
+        if self.curve is CurveMode.OFF and self.curve_keys is not None:
+            raise ValueError("curve is off but CURVE keys were given")
         if min(self.prefill, self.decode, self.colocated) < 0:
             raise ValueError("worker counts must be >= 0")
         if self.decode + self.colocated == 0:
@@ -59,6 +100,17 @@ class ClusterSpec:
         """This spec without what only the router needs to keep secret (its API keys and
         TLS key): what is handed to worker processes and actors."""
         return replace(self, router=replace(self.router, security=ApiSecurity()))
+
+    def secured(self, hosts: Iterable[str]) -> ClusterSpec:
+        """This spec with the cluster's CURVE keys, made now, where its data plane needs
+        them: `curve` ON, or AUTO and one of `hosts` (where KV receivers and token streams
+        bind) beyond loopback. Keys already given are kept. Called once, as the cluster
+        starts; every worker and router it starts gets the same keys."""
+        wanted = self.curve is CurveMode.ON or (
+            self.curve is CurveMode.AUTO and not all(is_loopback(h) for h in hosts))
+        if not wanted or self.curve_keys is not None:
+            return self
+        return replace(self, curve_keys=make_curve_keys())
 
     def roles(self) -> list[tuple[str, WorkerRole]]:
         """(worker id, role) of every worker, prefill first."""
@@ -83,4 +135,5 @@ class ClusterSpec:
                             handshake_timeout_s=self.handshake_timeout_s,
                             ack_timeout_s=self.ack_timeout_s, keepalive_s=self.keepalive_s,
                             hold_s=self.router.lease_s,
-                            stream_grace_s=self.router_stream_grace_s)
+                            stream_grace_s=self.router_stream_grace_s,
+                            curve=self.curve_keys)

@@ -45,6 +45,7 @@ class Assembly:
         self.reason = ""
         self.first_token_id: int | None = None
         self.note = b""  # the Done's hand-off note, kept once DONE
+        self.owner: bytes | None = None  # the connection whose messages it takes (claim)
         # per layer: token ranges taken so far
         self._ranges: list[list[tuple[int, int]]] = [[] for _ in range(spec.num_layers)]
         self.num_bytes = 0
@@ -184,6 +185,18 @@ class AssemblingReceiver(KVReceiver):
             if a is None:
                 return f"receiver does not expect transfer {transfer_id!r}"
             return a.renew()
+
+    def claim(self, transfer_id: str, peer: bytes) -> bool:
+        """Whether `peer` (a connection) may speak for the transfer: the first connection to
+        name an expected transfer owns it from then on. True for an id not expected here
+        (what the message then gets is the usual refusal)."""
+        with self._lock:
+            a = self._assemblies.get(transfer_id)
+            if a is None:
+                return True
+            if a.owner is None:
+                a.owner = peer
+            return a.owner == peer
 
     def release(self, transfer_id: str) -> None:
         with self._lock:

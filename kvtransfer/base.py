@@ -20,6 +20,17 @@ sender owns (frames of at most `max_frame_bytes`), then drops the references. Th
 hands over tensors that nothing writes again (a layer's freshly computed K/V), never a
 buffer it reuses. Every method is thread-safe; `abort`, `release` and `close` are
 idempotent.
+
+Authentication (ZMQ and TORCH transports; kvtransfer.curve). The keys are the cluster's
+(protocol.CurveKeys), made once when it starts and handed to each side in its
+configuration; a transport only applies them and never logs them. Given keys, a receiver
+takes messages only from peers that hold the cluster's client key (a ZAP handler refuses
+the rest during the ZMTP handshake) and a sender talks only to receivers that hold the
+server key; every control message and inline payload is encrypted and authenticated by
+CURVE. Within the cluster, a transfer's messages are taken only from the connection that
+first named it, so a peer on another connection cannot write into it or end it. Without
+keys (loopback, the one-machine default) any local process that reaches the endpoint is
+heard; the transfer id, 128 random bits, is then all that keeps it out of a transfer.
 """
 
 from __future__ import annotations

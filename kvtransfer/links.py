@@ -4,8 +4,9 @@ Life of a link: `open` connects, sends the Handshake and starts the handshake de
 commands for the endpoint wait in `backlog` until the HandshakeReply accepts; then they go
 out in order. A link ends (`drop`) when the handshake is refused or late, when the monitor
 reports the connection dropped, when the receiver answers that it does not know this
-sender, or when its payload pair fails or is evicted; a later command for the endpoint
-opens a fresh link and handshakes anew.
+sender, when the ZMTP handshake fails (CURVE keys that differ), or when its payload pair
+fails or is evicted; a later command for the endpoint opens a fresh link and handshakes
+anew.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from dataclasses import dataclass, field
 import zmq
 
 from pdserve.kvtransfer.commands import Command
+from pdserve.kvtransfer.curve import CurveKeyring, secure_client
+
+# what the sender's I/O thread hears of a link's connection
+MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 @dataclass
@@ -27,14 +33,19 @@ class Link:
     accepted: bool = False
     disconnected: bool = False
     forgotten: bool = False  # the receiver answered that it has no handshake from us
+    refused: bool = False  # the ZMTP handshake failed: the receiver holds other CURVE keys
     backlog: list[Command] = field(default_factory=list)  # held until the handshake
 
 
 class Links:
     """The links by endpoint and by socket, and the poller that holds their sockets."""
 
-    def __init__(self, ctx: zmq.Context, handshake: bytes, handshake_timeout_s: float):
+    def __init__(self, ctx: zmq.Context, handshake: bytes, handshake_timeout_s: float,
+                 curve: CurveKeyring | None = None):
+        """`curve`: the cluster's keys; every link then is a CURVE client (kvtransfer.curve),
+        and a receiver without the cluster's server key is never reached."""
         self._ctx, self._handshake, self._timeout_s = ctx, handshake, handshake_timeout_s
+        self._curve = curve
         self.poller = zmq.Poller()
         self._by_endpoint: dict[str, Link] = {}
         self._by_socket: dict[zmq.Socket, Link] = {}
@@ -62,12 +73,14 @@ class Links:
         # not taken yet is bounded by the live transfers; a dead one is noticed by the
         # monitor and its queue dropped with the socket.
         sock.setsockopt(zmq.SNDHWM, 0)
+        if self._curve is not None:
+            secure_client(sock, self._curve)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(MONITORED)
         sock.send(self._handshake)
         link = Link(endpoint, sock, monitor, time.monotonic() + self._timeout_s)
         self._by_endpoint[endpoint] = link

@@ -24,6 +24,10 @@ PROTOCOL_VERSION = 3
 # evicted the pair. The sender then drops the connection; the next begin() handshakes anew.
 NO_HANDSHAKE = "no handshake from this sender"
 
+# The receiver's Ack reason to a connection that names a transfer another connection owns
+# (kvtransfer.receiver, Authentication); the transfer itself is not touched.
+FOREIGN_TRANSFER = "the transfer belongs to another connection"
+
 
 class ProtocolError(ValueError):
     """A frame that is not a well-formed message of this protocol version."""

@@ -9,6 +9,15 @@ completions to this object (`FrameSink`), on its thread or the I/O thread; verdi
 to the peer through the outbox, which only the I/O thread sends from. A frame is
 acknowledged only when it fails its transfer; a transfer once, at Done.
 
+Authentication. With the cluster's CURVE keys (kvtransfer.curve) the ROUTER is a CURVE
+server in a gate of its own: a peer without the cluster's client key never completes the
+ZMTP handshake, so nothing it sends reaches this thread. Within the cluster, a transfer
+belongs to the connection (ZMQ routing id) of the first message that names it after
+`expect` (a chunk header, Done, keep-alive or Abort): any message for it from another
+connection is refused to that connection only (FOREIGN_TRANSFER) and leaves the transfer
+untouched. Transfer ids are unguessable (the router's, 128 random bits) and travel only
+on authenticated channels, so the first connection to name one is its sender.
+
 Leases are checked where they matter (`poll`, a frame's arrival, Done, a keep-alive), so
 the I/O thread sleeps until a message comes. A keep-alive for a transfer this side no
 longer expects is answered with a failing Ack: the sender drops the job it belongs to.
@@ -24,8 +33,10 @@ import zmq
 from pdserve.kvtransfer.assembly import AssemblingReceiver
 from pdserve.kvtransfer.base import KVSpec, TransferStatus
 from pdserve.kvtransfer.channel import FrameSink, ReceiverChannel
+from pdserve.kvtransfer.curve import CurveGate, CurveKeyring
 from pdserve.kvtransfer.mailbox import Mailbox
 from pdserve.kvtransfer.messages import (
+    FOREIGN_TRANSFER,
     NO_HANDSHAKE,
     Abort,
     Ack,
@@ -44,12 +55,16 @@ _IDLE_POLL_MS = 1000  # nothing is due on this thread; the bound guards a lost w
 
 class Receiver(AssemblingReceiver, FrameSink):
     def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 channel: ReceiverChannel, bind: str = "tcp://127.0.0.1:*"):
-        """`bind` is a ZMQ endpoint; a `*` port picks a free one (see `endpoint`)."""
+                 channel: ReceiverChannel, bind: str = "tcp://127.0.0.1:*",
+                 curve: CurveKeyring | None = None):
+        """`bind` is a ZMQ endpoint; a `*` port picks a free one (see `endpoint`). `curve`:
+        the cluster's keys; None leaves the endpoint open to any peer that reaches it."""
         super().__init__(spec, k_cache, v_cache)
         self.channel = channel
         self._handshake = spec.handshake(channel.transport)
-        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._gate = CurveGate(curve) if curve is not None else None
+        self._sock = (self._gate.server(zmq.ROUTER) if self._gate is not None
+                      else zmq.Context.instance().socket(zmq.ROUTER))
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -71,6 +86,8 @@ class Receiver(AssemblingReceiver, FrameSink):
         self._outbox.wake()
         self._thread.join()
         self._sock.close()
+        if self._gate is not None:
+            self._gate.close()
         self._outbox.close()
         self._fail_all("receiver closed")
         self.channel.close()
@@ -125,6 +142,8 @@ class Receiver(AssemblingReceiver, FrameSink):
         tid = getattr(msg, "transfer_id", "")
         if peer not in self._peers:
             return self._reply(peer, Ack(tid, False, NO_HANDSHAKE))
+        if not self.claim(tid, peer):
+            return self._reply(peer, Ack(tid, False, FOREIGN_TRANSFER))
         if isinstance(msg, ChunkHeader):
             self.channel.on_chunk(peer, msg, frames[2:])
         elif isinstance(msg, Done):

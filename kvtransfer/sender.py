@@ -26,10 +26,12 @@ import time
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from pdserve.kvtransfer.channel import SenderChannel
 from pdserve.kvtransfer.commands import Command, Connect, SendAbort, SendChunk, SendDone
+from pdserve.kvtransfer.curve import CurveKeyring
 from pdserve.kvtransfer.frames import check_kv, ready_event, stage_frames
 from pdserve.kvtransfer.links import Link, Links
 from pdserve.kvtransfer.mailbox import Mailbox
@@ -54,11 +56,13 @@ _IDLE_POLL_S = 1.0
 class Sender(KVSender):
     def __init__(self, spec: KVSpec, channel: SenderChannel, *, handshake_timeout_s: float = 5.0,
                  ack_timeout_s: float = 10.0, max_frame_bytes: int = 1 << 20,
-                 wake_bytes: int = 1 << 20, keepalive_s: float = 1.0):
+                 wake_bytes: int = 1 << 20, keepalive_s: float = 1.0,
+                 curve: CurveKeyring | None = None):
         """`wake_bytes`: `send_layer` wakes the I/O thread once this many bytes of chunks
         wait for it (`finish` and `abort` always do): the chunks of a short prefill's layers
         go out in a few batches, not one wake-up each. `keepalive_s`: how often an
-        unfinished transfer's lease is renewed; receivers' leases must be several times it."""
+        unfinished transfer's lease is renewed; receivers' leases must be several times it.
+        `curve`: the cluster's keys, which every receiver must then hold (kvtransfer.curve)."""
         self.spec, self.channel = spec, channel
         self.ack_timeout_s = ack_timeout_s
         self.keepalive_s = keepalive_s
@@ -69,7 +73,7 @@ class Sender(KVSender):
         self._book = OutgoingBook()
         self._commands = Mailbox()
         self._links = Links(zmq.Context.instance(), encode(spec.handshake(channel.transport)),
-                            handshake_timeout_s)
+                            handshake_timeout_s, curve)
         self._links.poller.register(self._commands.fd, zmq.POLLIN)
         self._closed = threading.Event()
         channel.start(self._commands.wake)
@@ -138,8 +142,11 @@ class Sender(KVSender):
                 if link is None:
                     continue  # the mailbox: its commands are taken at the top of the loop
                 if sock is link.monitor:
-                    link.monitor.recv_multipart()
-                    link.disconnected = True  # the receiver process closed or died
+                    event = recv_monitor_message(link.monitor)["event"]
+                    if event == zmq.EVENT_DISCONNECTED:
+                        link.disconnected = True  # the receiver process closed or died
+                    else:
+                        link.refused = True
                 else:
                     self._receive(link)
             self._check()
@@ -232,6 +239,9 @@ class Sender(KVSender):
         for link in self._links:
             if not link.accepted and now > link.handshake_deadline:
                 why = f"no handshake reply from {link.endpoint}"
+            elif link.refused:
+                why = (f"the receiver at {link.endpoint} refused the connection: it does not "
+                       "hold this cluster's CURVE keys, or this sender does not hold its")
             elif link.disconnected:  # what it had not taken yet is lost
                 why = f"the receiver at {link.endpoint} disconnected"
             elif link.forgotten:  # what was sent on this connection is lost to the receiver

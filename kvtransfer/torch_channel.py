@@ -7,6 +7,17 @@ succeeds: the receiver runs a TCPStore and answers the handshake with `host:port
 both sides build the group under that key prefix (kvtransfer.torch_pairs). A pair's worker
 thread owns the group and a FIFO of work, so the ZMQ I/O threads never block on it.
 
+What protects the rendezvous. The TCPStore has no authentication of its own: anyone who
+reaches its port can connect. A pair's keys live under a prefix of 128 random bits that
+only the HandshakeReply names, and the reply goes only to a peer that passed the handshake
+(with the cluster's keys, over CURVE: encrypted, to an authenticated peer); the store
+offers no way to list keys, so an outsider can neither join a pair's group nor read or
+overwrite its rendezvous. What it does not protect: an outsider can still open
+connections to the store and write keys of its own (a nuisance, bounded by the host's
+firewall), and the payload bytes themselves travel over gloo or NCCL unencrypted and
+unauthenticated once the pair is set up; only the control plane is CURVE. Run the torch
+transport on a trusted fabric, as NCCL always is.
+
 Ordering. ZMQ keeps one pair's control messages in order and the group carries one pair's
 payloads in order, so the receiver's pair worker takes the pair's chunk headers and Done
 messages one by one and, for each header, receives exactly one payload. It drains a
@@ -25,9 +36,8 @@ worker owns from `ship` on and drops once sent.
 from __future__ import annotations
 
 import datetime
-import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,8 +143,6 @@ class TorchReceiverChannel(ReceiverChannel):
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._max_pairs = max_pairs
         self._pairs: dict[bytes, PairWorker] = {}
-        self._pair_ids = itertools.count()
-        self._instance = uuid.uuid4().hex[:8]
 
     def start(self, sink: FrameSink, endpoint: str, device: torch.device,
               dtype: torch.dtype) -> None:
@@ -150,7 +158,7 @@ class TorchReceiverChannel(ReceiverChannel):
         if (old := self._pairs.pop(peer, None)) is not None:
             old.close()  # the sender reconnected: its old group is gone
         self._evict_idle()
-        prefix = f"pdserve-kv/{self._instance}/{next(self._pair_ids)}"
+        prefix = f"pdserve-kv/{secrets.token_hex(16)}"  # unguessable: What protects...
         store = dist.PrefixStore(prefix, self._store)
 
         def connect():

@@ -13,6 +13,7 @@ import enum
 import torch
 
 from pdserve.kvtransfer.base import KVReceiver, KVSender, KVSpec
+from pdserve.kvtransfer.curve import CurveKeyring
 from pdserve.kvtransfer.inline_channel import InlineReceiverChannel, InlineSenderChannel
 from pdserve.kvtransfer.inproc import InProcHub, InProcReceiver, InProcSender
 from pdserve.kvtransfer.receiver import Receiver
@@ -27,8 +28,10 @@ class TransportKind(enum.Enum):
 
 def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device = "cpu",
                 handshake_timeout_s: float = 5.0, ack_timeout_s: float = 10.0,
-                keepalive_s: float = 1.0, hub: InProcHub | None = None) -> KVSender:
-    """`device` is where the torch transport stages payloads (the KV cache's device)."""
+                keepalive_s: float = 1.0, hub: InProcHub | None = None,
+                curve: CurveKeyring | None = None) -> KVSender:
+    """`device` is where the torch transport stages payloads (the KV cache's device);
+    `curve`: the cluster's keys (ZMQ and TORCH: their control plane), None for none."""
     if kind is TransportKind.INPROC:
         return InProcSender(hub or InProcHub.instance(), spec)
     if kind is TransportKind.TORCH:
@@ -38,13 +41,14 @@ def make_sender(kind: TransportKind, spec: KVSpec, *, device: str | torch.device
     else:
         channel = InlineSenderChannel()
     return Sender(spec, channel, handshake_timeout_s=handshake_timeout_s,
-                  ack_timeout_s=ack_timeout_s, keepalive_s=keepalive_s)
+                  ack_timeout_s=ack_timeout_s, keepalive_s=keepalive_s, curve=curve)
 
 
 def make_receiver(kind: TransportKind, spec: KVSpec, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, bind: str, *, hub: InProcHub | None = None
-                  ) -> KVReceiver:
-    """`bind` is a ZMQ endpoint (`tcp://HOST:*` picks a free port); INPROC ignores it."""
+                  v_cache: torch.Tensor, bind: str, *, hub: InProcHub | None = None,
+                  curve: CurveKeyring | None = None) -> KVReceiver:
+    """`bind` is a ZMQ endpoint (`tcp://HOST:*` picks a free port); INPROC ignores it, and
+    `curve` (the cluster's keys; kvtransfer.curve)."""
     if kind is TransportKind.INPROC:
         return InProcReceiver(hub or InProcHub.instance(), spec, k_cache, v_cache)
     if kind is TransportKind.TORCH:
@@ -53,4 +57,4 @@ def make_receiver(kind: TransportKind, spec: KVSpec, k_cache: torch.Tensor,
         channel = TorchReceiverChannel()
     else:
         channel = InlineReceiverChannel()
-    return Receiver(spec, k_cache, v_cache, channel, bind=bind)
+    return Receiver(spec, k_cache, v_cache, channel, bind=bind, curve=curve)

@@ -53,7 +53,7 @@ class PrefillWorker(Worker):
             sender = make_sender(config.transport, config.kv_spec, device=config.engine.device,
                                  handshake_timeout_s=config.handshake_timeout_s,
                                  ack_timeout_s=config.ack_timeout_s,
-                                 keepalive_s=config.keepalive_s)
+                                 keepalive_s=config.keepalive_s, curve=config.curve)
             return PrefillJobs(engine, sender, publisher, config.hold_s)
 
         super().__init__(config, make_jobs)

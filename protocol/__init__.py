@@ -1,12 +1,14 @@
 """The contract between the router and the workers, declared once and torch-free: worker
 roles, the worker record, sampling parameters, prefill and decode orders and their
 outcomes, the stream codec and stage stamps, finish reasons, the prefix hash chain, what a
-model folder says about its limits and EOS, and the stop-string detokenizer.
+model folder says about its limits and EOS, the stop-string detokenizer, and the
+cluster's CURVE keys.
 
 It imports nothing of pdserve; the router, the engine, the workers, deploy and bench all
 speak it and nothing re-declares it."""
 
 from pdserve.protocol.detok import IncrementalDetokenizer
+from pdserve.protocol.keys import CurveKeys
 from pdserve.protocol.model_info import ModelLimits, read_model_limits
 from pdserve.protocol.orders import (
     DecodeOrder,
@@ -23,7 +25,7 @@ from pdserve.protocol.stamps import DecodeStamps, Handoff, PrefillStamps
 from pdserve.protocol.stream import PrefillReport, TokenBatch, TokenChunk
 
 __all__ = [
-    "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff", "IncrementalDetokenizer",
+    "CurveKeys", "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff", "IncrementalDetokenizer",
     "InvalidField", "ModelLimits", "PrefillOrder", "PrefillOutcome", "PrefillReport",
     "PrefillStamps", "PrefillStatus", "SamplingParams", "TokenBatch", "TokenChunk",
     "WorkerRecord", "WorkerRole", "block_hashes", "hash_block", "read_model_limits",

@@ -1,8 +1,10 @@
 """The stream from workers to the router (DESIGN §2, step 5): tokens and prefill outcomes.
 
-The router binds one ZMQ PULL socket and names it in every order (`stream_endpoint`,
-`notify_endpoint`); a worker connects one PUSH socket per router endpoint and sends at most
-one message per engine step and endpoint. A message is the msgpack array
+The router binds one ZMQ ROUTER socket and names it in every order (`stream_endpoint`,
+`notify_endpoint`); a worker connects one DEALER socket per router endpoint and sends at
+most one message per engine step and endpoint (one frame; the router takes a transfer's
+items from one connection only, and with the cluster's CURVE keys only from the
+cluster's workers). A message is the msgpack array
 `[STREAM_VERSION, kind, worker_id, time, [item, ...]]`:
 - TOKENS (decode and colocated workers): items are TokenChunks, every token the step
   produced for that router's jobs. A job's first chunk carries its stamps so far and how

@@ -47,12 +47,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.protocol import (
+    CurveKeys,
     DecodeOrder,
     FinishReason,
     IncrementalDetokenizer,
@@ -113,6 +115,9 @@ class RouterConfig:
     migration_limit: int = 3  # moves to another worker after tokens streamed (Dynamo's)
     security: ApiSecurity = ApiSecurity()  # API keys and TLS of the public APIs
     otlp_endpoint: str = ""  # OTLP/gRPC collector for request traces; "" exports none
+    # the cluster's CURVE keys: the token stream then admits only the cluster's workers
+    # (router.stream); None leaves it open (loopback only)
+    curve: CurveKeys | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -128,7 +133,7 @@ class Router:
         self.tokenizer = tokenizer
         self.redis = redis
         self.view = ClusterView(redis, connect)
-        self.stream = StreamReader(config.stream_host)
+        self.stream = StreamReader(config.stream_host, config.curve)
         self.queue = RouterQueue(config, self.view, redis)
         self.door = Door(config, self.view, self.queue)
         # told of each request's end (observe): the request log, the tracer (telemetry)
@@ -280,7 +285,8 @@ class Router:
         failed (the RequestError's `held`) is kept for the next attempt to re-send. `held`
         (the last attempt's) is re-sent or aborted by this one; a re-send goes on
         `resends`. How it went is appended to `dispatches` when it ends."""
-        tid = f"{request_id}/{uuid.uuid4().hex[:8]}"  # one per attempt, router-owned
+        # one per attempt, router-owned; 128 random bits, so no one can guess a live one
+        tid = f"{request_id}/{secrets.token_hex(16)}"
         queue = self.stream.open(tid)
         decode = prefill = None
         attempt: Attempt | None = None

@@ -25,13 +25,14 @@ def caches(num_blocks, block_size, fill=False):
                                                                    torch.zeros(shape))
 
 
-def make_receiver(kind, kv, bind="tcp://127.0.0.1:*", timeout_s=5.0, **channel_kw):
-    """A receiver of `kind` over the caches `kv`; `timeout_s`, `channel_kw`: torch only."""
+def make_receiver(kind, kv, bind="tcp://127.0.0.1:*", timeout_s=5.0, curve=None, **channel_kw):
+    """A receiver of `kind` over the caches `kv`; `timeout_s`, `channel_kw`: torch only;
+    `curve`: the cluster's keys."""
     if kind == "inproc":
         return InProcReceiver(InProcHub.instance(), SPEC, *kv)
     channel = (TorchReceiverChannel(timeout_s=timeout_s, **channel_kw) if kind == "torch"
                else InlineReceiverChannel())
-    return Receiver(SPEC, *kv, channel, bind=bind)
+    return Receiver(SPEC, *kv, channel, bind=bind, curve=curve)
 
 
 def make_sender(kind, spec=SPEC, *, timeout_s=5.0, max_frame_bytes=1 << 20, channel=None,

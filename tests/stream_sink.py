@@ -1,5 +1,5 @@
-"""A router's token-stream endpoint in a process of its own (a ZMQ PULL socket that drains
-what workers push, as router.stream binds one), to kill as a router process dies."""
+"""A router's token-stream endpoint in a process of its own (a ZMQ ROUTER socket that drains
+what workers send, as router.stream binds one), to kill as a router process dies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 # binds where the first line of its stdin says, prints the endpoint, drains forever
 _SINK = """
 import sys, zmq
-sock = zmq.Context.instance().socket(zmq.PULL)
+sock = zmq.Context.instance().socket(zmq.ROUTER)
 sock.bind(sys.stdin.readline().strip())
 print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
 while True:

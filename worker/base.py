@@ -147,7 +147,8 @@ class Worker:
                  config.worker_id, self.warmup.seconds, self.warmup.prefill_steps,
                  self.warmup.decode_steps)
         self._jobs = make_jobs(self.engine,
-                               StreamPublisher(config.worker_id, config.stream_grace_s))
+                               StreamPublisher(config.worker_id, config.stream_grace_s,
+                                               curve=config.curve))
         self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
 
     @property

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.engine import EngineConfig, EngineMode
 from pdserve.kvtransfer.base import KVSpec
 from pdserve.kvtransfer.transports import TransportKind
-from pdserve.protocol import WorkerRole
+from pdserve.protocol import CurveKeys, WorkerRole
 
 ENGINE_MODES = {WorkerRole.PREFILL: EngineMode.PREFILL_ONLY,
                 WorkerRole.DECODE: EngineMode.DECODE_ONLY,
@@ -30,6 +30,9 @@ class WorkerConfig:
     hold_s: float = 10.0
     # a router whose token stream is unreachable this long is gone: its jobs end (publisher)
     stream_grace_s: float = 5.0
+    # the cluster's CURVE keys (protocol.keys): the KV transfer and the token stream are then
+    # authenticated and encrypted; None leaves both open (loopback only)
+    curve: CurveKeys | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         want = ENGINE_MODES[self.role]

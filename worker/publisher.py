@@ -1,6 +1,12 @@
-"""A worker's end of the stream to the routers (protocol.stream): one ZMQ PUSH socket per
+"""A worker's end of the stream to the routers (protocol.stream): one ZMQ DEALER socket per
 router endpoint, and at most one message per engine step, kind and endpoint; and the watch
 that tells when a router is gone.
+
+Each socket has a routing id of 128 random bits: the router takes a transfer's items only
+from the connection that sent its first one (router.stream), and the id lets a reconnect
+(a network blip) carry on as the same connection. With the cluster's CURVE keys the socket
+is a CURVE client (kvtransfer.curve): it reaches only a router holding the cluster's server
+key, proves the cluster's client key to it, and its messages are encrypted.
 
 Used by the engine loop's thread alone (ZMQ sockets are not thread-safe). Sends never
 block: a router that stopped reading for `max_queued` messages loses later ones (its
@@ -32,6 +38,7 @@ long step, SIGSTOP) never counts its own pause against a router.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Collection
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pdserve.kvtransfer.curve import CurveKeyring, secure_client
 from pdserve.protocol import PrefillOutcome, PrefillReport, TokenBatch, TokenChunk
 from pdserve.protocol.stream import encode
 
@@ -61,8 +69,9 @@ class _Link:
 
 class StreamPublisher:
     def __init__(self, worker_id: str, grace_s: float = 5.0, retain_s: float = 60.0,
-                 max_queued: int = 100_000):
+                 max_queued: int = 100_000, curve: CurveKeyring | None = None):
         self.worker_id = worker_id
+        self._curve = curve
         self.grace_s = grace_s
         self.retain_s = retain_s
         self._ctx = zmq.Context.instance()
@@ -143,7 +152,10 @@ class StreamPublisher:
     def _link(self, endpoint: str) -> _Link:
         link = self._links.get(endpoint)
         if link is None:
-            sock = self._ctx.socket(zmq.PUSH)
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, b"w" + secrets.token_bytes(16))
+            if self._curve is not None:
+                secure_client(sock, self._curve)
             sock.setsockopt(zmq.SNDHWM, self._max_queued)
             sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))

@@ -27,12 +27,6 @@ def kind(request):
 
 
 @pytest.fixture
-def p_cache():
-    torch.manual_seed(0)
-    return caches(32, 4, fill=True)
-
-
-@pytest.fixture
 def receiver(kind):
     r = make_receiver(kind, caches(32, 8))
     yield r
