@@ -36,16 +36,17 @@ def redis_server_binary() -> str:
 
 class RedisServer:
     def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0,
-                 password: str | None = None):
+                 password: str | None = None, settings: dict[str, str] | None = None):
         """`host`: the address it binds and clients use (loopback unless other machines
-        need it). `password`: None generates one."""
+        need it). `password`: None generates one. `settings`: more redis.conf directives
+        (CONFIG SET is gone, so what a deployment needs is set here)."""
         self.port = port or _free_port()
         self.password = password or secrets.token_urlsafe(32)
         self._dir = tempfile.mkdtemp(prefix="pdserve-redis-")
         config = os.path.join(self._dir, "redis.conf")
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(_config(self.port, host, self._dir, self.password))
+            f.write(_config(self.port, host, self._dir, self.password, settings or {}))
         self._proc = subprocess.Popen([redis_server_binary(), config],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.public_url = f"redis://{host}:{self.port}/0"
@@ -93,10 +94,11 @@ class RedisServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def _config(port: int, host: str, folder: str, password: str) -> str:
+def _config(port: int, host: str, folder: str, password: str, settings: dict[str, str]) -> str:
     lines = [f"port {port}", f"bind {host}", 'save ""', "appendonly no", f'dir "{folder}"',
              "protected-mode yes", f'requirepass "{password}"',
-             *(f'rename-command {command} ""' for command in ("CONFIG", "DEBUG", "MODULE"))]
+             *(f'rename-command {command} ""' for command in ("CONFIG", "DEBUG", "MODULE")),
+             *(f'{name} "{value}"' for name, value in settings.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -50,8 +50,12 @@ def add_credential_flags(p: argparse.ArgumentParser) -> None:
 
 
 def credentials_from_args(args: argparse.Namespace) -> Credentials:
-    """Raises OSError for a file that cannot be read, ValueError for a lone cert or key."""
-    if bool(args.tls_cert) != bool(args.tls_key):
+    """Raises OSError for a file that cannot be read, ValueError for a lone cert or key.
+    Flags missing from `args` (a namespace built without `add_credential_flags`) are
+    taken as not given."""
+    api_key, tls_ca, tls_cert, tls_key = (getattr(args, name, None) for name in
+                                          ("api_key", "tls_ca", "tls_cert", "tls_key"))
+    if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
 
     def read(path: str | None) -> bytes | None:
@@ -60,8 +64,8 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
         with open(path, "rb") as f:
             return f.read()
 
-    ca = b"" if args.tls_ca == "system" else read(args.tls_ca)
-    if ca is None and args.tls_cert:
+    ca = b"" if tls_ca == "system" else read(tls_ca)
+    if ca is None and tls_cert:
         ca = b""  # mutual TLS implies TLS
-    return Credentials(args.api_key or os.environ.get(API_KEY_ENV) or None, ca,
-                       read(args.tls_cert), read(args.tls_key))
+    return Credentials(api_key or os.environ.get(API_KEY_ENV) or None, ca, read(tls_cert),
+                       read(tls_key))

@@ -37,11 +37,15 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "goldsmith in Mainz combined movable metal type, oil-based ink and a screw press")
 
 
+EXPIRY_EVENTS = {"notify-keyspace-events": "Ex"}
+
+
 class Redis:
     """The cluster's Redis, which a test may replace; the fixture stops the last one."""
 
     def __init__(self):
-        self.server = RedisServer()
+        # expiry events: a test watches that no worker entry expires (CONFIG SET is gone)
+        self.server = RedisServer(settings=EXPIRY_EVENTS)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.server.url, socket_timeout=2)
@@ -153,7 +157,7 @@ def test_a_dead_redis_and_an_empty_new_one_cost_no_request_and_no_worker(
     assert all(w in out for w in WORKERS) and "cannot read the registry" in err
 
     # brand new and empty, on the same address (with the same password)
-    box.server = RedisServer(port=port, password=box.server.password)
+    box.server = RedisServer(port=port, password=box.server.password, settings=EXPIRY_EVENTS)
     wait_for(lambda: set(records(box)) == WORKERS, 15, "the workers to register again")
     wait_for(lambda: index_of(box, hashes) == before, 15, "the prefix index to be re-published")
     wait_for(lambda: router.router.view.unreachable_since is None, 10, "the router to read again")
@@ -188,7 +192,6 @@ def test_a_stalled_router_evicts_no_worker_whose_heartbeats_kept_landing(
     stub = stub_for(cluster.address)
     wait_for(lambda: listed(router) == WORKERS, 15, "both workers listed")
     watcher = box.client()
-    watcher.config_set("notify-keyspace-events", "Ex")
     expiries = watcher.pubsub()
     expiries.psubscribe("__keyevent@*__:expired")
     assert wait_for(lambda: expiries.get_message(timeout=0.1), 5, "the subscription")
