@@ -140,3 +140,26 @@ def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypat
                  "1e6", "--seeds", "0", "--num-prompts", "3", "--out", "res"]) == 0
     result = json.loads((tmp_path / "res" / "chat.json").read_text())
     assert [r["deployment"] for r in result["runs"]] == ["1p1d"]
+
+
+def test_serve_security_flags_parse_into_what_the_cluster_uses(tmp_path):
+    """`--curve` names the data plane's mode; key files and TLS flags become the router's
+    ApiSecurity (digests only); a lone certificate is refused before anything starts."""
+    from pdserve.deploy.cli import build_parser
+    from pdserve.deploy.security_flags import api_security
+    from pdserve.deploy.spec import ClusterSpec, CurveMode
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# ops\nsk-one\nsk-two\n")
+    args = build_parser().parse_args(["serve", "--curve", "on", "--api-key-file", str(keys)])
+    spec = ClusterSpec(curve=CurveMode(args.curve)).secured({"127.0.0.1"})
+    assert spec.curve_keys is not None  # on even on loopback
+    assert ClusterSpec(curve=CurveMode("off")).secured({"10.0.0.1"}).curve_keys is None
+    security = api_security(args)
+    assert security.accepts("Bearer sk-two") and not security.accepts("Bearer sk-three")
+    assert "sk-one" not in repr(security)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--curve", "sometimes"])
+    lone = build_parser().parse_args(["serve", "--tls-cert", str(keys)])
+    with pytest.raises(ValueError, match="certificate and its private key"):
+        api_security(lone)
