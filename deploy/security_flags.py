@@ -69,8 +69,9 @@ def exposure_refusal(host: str, security: ApiSecurity, insecure: bool) -> str | 
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+    """"" (every interface) is not; a name is when all it resolves to is."""
+    if not host:
+        return False
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a name: what it resolves to

@@ -49,8 +49,6 @@ class PrefillState(enum.Enum):
     HELD = "held"
 
 
-RESUMABLE = frozenset(PrefillState)  # a live job of any state can move to a new transfer
-
 
 @dataclass
 class _Job:
@@ -82,10 +80,9 @@ class PrefillJobs(JobTable):
         """(Any thread.) Whether `order` resumes the live job `order.resend_of` of the same
         prompt; if so that job is the order's: it is not ended for waiting unclaimed until
         `add` moves it. At most one order claims a job."""
-        old = order.resend_of
+        old = order.resend_of  # a live job of any state can move to a new transfer
         entry = self.jobs.get(old)
-        if (entry is None or self.states.get(old) not in RESUMABLE
-                or entry.order.prompt_token_ids != order.prompt_token_ids):
+        if entry is None or entry.order.prompt_token_ids != order.prompt_token_ids:
             return False
         with self._claims_lock:
             if old in self._claims:
