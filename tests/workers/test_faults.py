@@ -210,9 +210,12 @@ def test_a_lease_with_no_prefill_expires(collector, decode):
 
 def test_a_refused_prefill_order_is_reported_and_holds_nothing(collector, prefill, decode):
     """A transfer id already live on the prefill worker: the second order fails alone."""
-    start(collector, prefill, decode.worker, "twice")
+    # uncached: LONG is in the prefix cache once an earlier test's prefill of it completed,
+    # and a cached prompt is prefilled in one step, too fast to act on it while it runs
+    prompt = uncached_long(5)
+    start(collector, prefill, decode.worker, "twice", prompt)
     wait_state(prefill, "twice", PrefillState.PREFILLING)
-    submit(collector, prefill, "twice", LONG, greedy(4), decode.worker.kv_endpoint())
+    submit(collector, prefill, "twice", prompt, greedy(4), decode.worker.kv_endpoint())
     outcome = collector.wait_outcome("twice")
     assert outcome.status is PrefillStatus.FAILED and "already in use" in outcome.reason
     prefill.abort("twice")
