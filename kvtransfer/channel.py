@@ -16,7 +16,14 @@ import torch
 import zmq
 
 from pdserve.kvtransfer.frames import Frame
-from pdserve.kvtransfer.messages import ChunkHeader, Done, HandshakeReply
+from pdserve.kvtransfer.messages import (
+    ChunkHeader,
+    Done,
+    HandshakeReply,
+    Message,
+    StoreReply,
+    StoreRequest,
+)
 
 
 class SenderChannel(ABC):
@@ -33,10 +40,13 @@ class SenderChannel(ABC):
 
     transport: str  # the handshake's `transport`: both sides must name the same
 
-    def start(self, wake: Callable[[], None]) -> None:
+    def start(self, wake: Callable[[], None], post: Callable[[str, Message], None]) -> None:
         """Called once, before the I/O thread starts; `wake()` (from any thread) makes the
-        I/O thread look at `failures` and `evictable` soon."""
+        I/O thread look at `failures` and `evictable` soon; `post(endpoint, message)` (from
+        any thread) sends a control message on the accepted connection to `endpoint`, and
+        drops it when there is none (the pair is then being closed)."""
         self.wake = wake
+        self.post = post
 
     @abstractmethod
     def alloc(self, nbytes: int) -> torch.Tensor:
@@ -50,6 +60,9 @@ class SenderChannel(ABC):
     def ship(self, endpoint: str, sock: zmq.Socket, frame: Frame) -> None:
         """Send one frame to an accepted `endpoint`: its header on `sock` (the control
         stream, in order with Done and Abort), its payload by this channel's way."""
+
+    def on_store_reply(self, endpoint: str, reply: StoreReply) -> None:  # noqa: B027
+        """The receiver at `endpoint` answered a StoreRequest this channel posted."""
 
     def failures(self) -> dict[str, str]:
         """Endpoints whose pair failed, with why."""
@@ -89,6 +102,10 @@ class FrameSink(ABC):
     def forget(self, peer: bytes) -> None:
         """(I/O thread only) the peer must handshake again before it is heard."""
 
+    @abstractmethod
+    def post(self, peer: bytes, msg: Message) -> None:
+        """Send a control message to an accepted peer (any thread)."""
+
 
 class ReceiverChannel(ABC):
     """Receiver side, one per receiver. `start`, `accept`, `on_chunk` and `on_done` run on
@@ -115,6 +132,12 @@ class ReceiverChannel(ABC):
     def on_done(self, peer: bytes, done: Done) -> None:
         """A Done from an accepted peer, after all its chunk headers."""
         self.sink.complete(peer, done)
+
+    def on_store(self, peer: bytes, req: StoreRequest) -> None:
+        """A rendezvous request from an accepted peer; the answer goes by `sink.post`."""
+        self.sink.post(peer, StoreReply(req.seq, False,
+                                        reason=f"the {self.transport} transport has no "
+                                        "rendezvous store"))
 
     def close(self) -> None:  # noqa: B027 - nothing to end without pairs
         """The receiver closes (after its I/O thread stopped)."""

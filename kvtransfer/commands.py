@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kvtransfer.messages import Abort, Done
+from pdserve.kvtransfer.messages import Abort, Done, Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,4 +54,13 @@ class SendAbort:
     abort: Abort
 
 
-Command = Connect | SendChunk | SendDone | SendAbort
+@dataclass(frozen=True, slots=True)
+class SendControl:
+    """A payload channel's own message (SenderChannel.post): sent on the accepted
+    connection to `endpoint`, dropped when there is none; never opens one."""
+
+    endpoint: str
+    message: Message
+
+
+Command = Connect | SendChunk | SendDone | SendAbort | SendControl

@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 import msgpack
 import xxhash
 
-# 2: Done carries the prefill's hand-off note (bytes); 3: KeepAlive renews a lease
-PROTOCOL_VERSION = 3
+# 2: Done carries the prefill's hand-off note (bytes); 3: KeepAlive renews a lease;
+# 4: the torch transport's rendezvous travels here (StoreRequest, StoreReply)
+PROTOCOL_VERSION = 4
 
 
 # The receiver's Ack reason to a sender it has not (or no longer) accepted: it restarted, or
@@ -41,6 +42,8 @@ class MsgType(enum.IntEnum):
     ABORT = 5
     ACK = 6
     KEEPALIVE = 7
+    STORE_REQUEST = 8
+    STORE_REPLY = 9
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,6 @@ class Handshake:
 class HandshakeReply:
     accepted: bool
     reason: str = ""
-    # torch transport: "host:port/prefix" of the receiver's TCPStore and this pair's keys
-    rendezvous: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,28 @@ class KeepAlive:
     transfer_id: str
 
 
-Message = Handshake | HandshakeReply | ChunkHeader | Done | Abort | Ack | KeepAlive
+@dataclass(frozen=True)
+class StoreRequest:
+    """torch transport: one operation of the sender's group on the pair's rendezvous store,
+    which the receiver holds (kvtransfer.pair_store); only from an accepted peer."""
+
+    seq: int  # echoed in the reply
+    op: str  # a pair_store.StoreOp
+    key: str
+    value: bytes = b""
+    expected: bytes = b""  # compare_set only
+
+
+@dataclass(frozen=True)
+class StoreReply:
+    seq: int
+    ok: bool
+    value: bytes = b""
+    reason: str = ""
+
+
+Message = (Handshake | HandshakeReply | ChunkHeader | Done | Abort | Ack | KeepAlive
+           | StoreRequest | StoreReply)
 _TYPES: dict[MsgType, type] = {
     MsgType.HANDSHAKE: Handshake,
     MsgType.HANDSHAKE_REPLY: HandshakeReply,
@@ -137,6 +159,8 @@ _TYPES: dict[MsgType, type] = {
     MsgType.ABORT: Abort,
     MsgType.ACK: Ack,
     MsgType.KEEPALIVE: KeepAlive,
+    MsgType.STORE_REQUEST: StoreRequest,
+    MsgType.STORE_REPLY: StoreReply,
 }
 _CODES = {cls: int(code) for code, cls in _TYPES.items()}
 _NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _TYPES.values()}

@@ -46,6 +46,7 @@ from pdserve.kvtransfer.messages import (
     HandshakeReply,
     KeepAlive,
     ProtocolError,
+    StoreRequest,
     decode,
     encode,
 )
@@ -110,6 +111,9 @@ class Receiver(AssemblingReceiver, FrameSink):
     def forget(self, peer: bytes) -> None:
         self._peers.discard(peer)
 
+    def post(self, peer: bytes, msg) -> None:
+        self._outbox.put((peer, msg))
+
     # -- I/O thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -142,6 +146,8 @@ class Receiver(AssemblingReceiver, FrameSink):
         tid = getattr(msg, "transfer_id", "")
         if peer not in self._peers:
             return self._reply(peer, Ack(tid, False, NO_HANDSHAKE))
+        if isinstance(msg, StoreRequest):
+            return self.channel.on_store(peer, msg)
         if not self.claim(tid, peer):
             return self._reply(peer, Ack(tid, False, FOREIGN_TRANSFER))
         if isinstance(msg, ChunkHeader):

@@ -30,7 +30,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from pdserve.kvtransfer.channel import SenderChannel
-from pdserve.kvtransfer.commands import Command, Connect, SendAbort, SendChunk, SendDone
+from pdserve.kvtransfer.commands import (
+    Command,
+    Connect,
+    SendAbort,
+    SendChunk,
+    SendControl,
+    SendDone,
+)
 from pdserve.kvtransfer.curve import CurveKeyring
 from pdserve.kvtransfer.frames import check_kv, ready_event, stage_frames
 from pdserve.kvtransfer.links import Link, Links
@@ -43,6 +50,7 @@ from pdserve.kvtransfer.messages import (
     HandshakeReply,
     KeepAlive,
     ProtocolError,
+    StoreReply,
     decode,
     encode,
 )
@@ -76,7 +84,8 @@ class Sender(KVSender):
                             handshake_timeout_s, curve)
         self._links.poller.register(self._commands.fd, zmq.POLLIN)
         self._closed = threading.Event()
-        channel.start(self._commands.wake)
+        channel.start(self._commands.wake,
+                      lambda endpoint, msg: self._commands.put(SendControl(endpoint, msg)))
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
 
@@ -166,6 +175,10 @@ class Sender(KVSender):
 
     def _execute(self, cmd: Command) -> None:
         link = self._links.get(cmd.endpoint)
+        if isinstance(cmd, SendControl):
+            if link is not None and link.accepted:
+                link.sock.send(encode(cmd.message))
+            return
         if link is None:
             try:
                 link = self._links.open(cmd.endpoint)
@@ -203,6 +216,8 @@ class Sender(KVSender):
             if isinstance(msg, HandshakeReply):
                 if not self._on_handshake_reply(link, msg):
                     return  # refused: the link is gone
+            elif isinstance(msg, StoreReply):
+                self.channel.on_store_reply(link.endpoint, msg)
             elif isinstance(msg, Ack) and not msg.ok and msg.reason == NO_HANDSHAKE:
                 # Fail this endpoint's transfers and drop the connection in one step
                 # (_check): a transfer begun after the failure shows must go out on a

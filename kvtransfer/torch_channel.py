@@ -3,20 +3,19 @@ caches. Control (handshake, chunk headers, Done, Abort, Ack) stays on the ZMQ co
 plane; only the K+V bytes of each frame take the pair's process group.
 
 Pairs. Each sender-receiver pair gets its own 2-rank group, set up when the handshake
-succeeds: the receiver runs a TCPStore and answers the handshake with `host:port/prefix`,
-both sides build the group under that key prefix (kvtransfer.torch_pairs). A pair's worker
+succeeds: both sides build the group over the pair's rendezvous store, which the receiver
+holds and the sender reaches through StoreRequest messages on the same connection
+(kvtransfer.pair_store); there is no TCPStore and no port of its own. A pair's worker
 thread owns the group and a FIFO of work, so the ZMQ I/O threads never block on it.
 
-What protects the rendezvous. The TCPStore has no authentication of its own: anyone who
-reaches its port can connect. A pair's keys live under a prefix of 128 random bits that
-only the HandshakeReply names, and the reply goes only to a peer that passed the handshake
-(with the cluster's keys, over CURVE: encrypted, to an authenticated peer); the store
-offers no way to list keys, so an outsider can neither join a pair's group nor read or
-overwrite its rendezvous. What it does not protect: an outsider can still open
-connections to the store and write keys of its own (a nuisance, bounded by the host's
-firewall), and the payload bytes themselves travel over gloo or NCCL unencrypted and
-unauthenticated once the pair is set up; only the control plane is CURVE. Run the torch
-transport on a trusted fabric, as NCCL always is.
+What is protected. The rendezvous travels only on the connection that passed the
+handshake: with the cluster's keys that is CURVE (encrypted, from an authenticated peer),
+and a connection that has not handshaken gets NO_HANDSHAKE instead of an answer. Each pair
+has its own store, so no peer can read or write another pair's rendezvous. What is not:
+once the group is up, the payload bytes travel over gloo or NCCL, unencrypted and
+unauthenticated by these libraries (gloo's listening pairs take any connection that
+reaches them); only the control plane is CURVE. Run the torch transport on a trusted
+fabric, as NCCL always is.
 
 Ordering. ZMQ keeps one pair's control messages in order and the group carries one pair's
 payloads in order, so the receiver's pair worker takes the pair's chunk headers and Done
@@ -36,17 +35,23 @@ worker owns from `ship` on and drops once sent.
 from __future__ import annotations
 
 import datetime
-import secrets
 import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import zmq
 
 from pdserve.kvtransfer.channel import FrameSink, ReceiverChannel, SenderChannel
 from pdserve.kvtransfer.frames import Frame
-from pdserve.kvtransfer.messages import ChunkHeader, Done, HandshakeReply, encode
+from pdserve.kvtransfer.messages import (
+    ChunkHeader,
+    Done,
+    HandshakeReply,
+    StoreReply,
+    StoreRequest,
+    encode,
+)
+from pdserve.kvtransfer.pair_store import HeldStore, RemoteStore
 from pdserve.kvtransfer.torch_pairs import (
     TAG,
     PairWorker,
@@ -75,21 +80,17 @@ class TorchSenderChannel(SenderChannel):
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._max_pairs = max_pairs
         self._pairs: dict[str, PairWorker] = {}
+        self._stores: dict[str, RemoteStore] = {}  # the rendezvous of each pair
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self._device)
 
     def open(self, endpoint: str, reply: HandshakeReply) -> str | None:
-        address, _, prefix = reply.rendezvous.partition("/")
-        host, _, port = address.rpartition(":")
-        if not (host and port.isdigit() and prefix):
-            return f"receiver sent no rendezvous ({reply.rendezvous!r})"
-        local = local_address_towards(host)
+        local = local_address_towards(endpoint_host(endpoint))
+        store = RemoteStore(lambda req: self.post(endpoint, req), self._timeout.total_seconds())
 
         def connect():
-            store = dist.TCPStore(host, int(port), None, False, timeout=self._timeout)
-            return make_group(self._backend, dist.PrefixStore(prefix, store), 0, local,
-                              self._timeout, self._device)
+            return make_group(self._backend, store, 0, local, self._timeout, self._device)
 
         def work(pair: PairWorker, payload: torch.Tensor) -> None:
             if pair.error is None:
@@ -104,7 +105,12 @@ class TorchSenderChannel(SenderChannel):
         # The error wakes the I/O thread, which fails the endpoint's transfers if the pair
         # is still the endpoint's; a pair already replaced never fails its successor's.
         self._pairs[endpoint] = PairWorker("kv-send-channel", connect, work, self.wake)
+        self._stores[endpoint] = store
         return None
+
+    def on_store_reply(self, endpoint: str, reply: StoreReply) -> None:
+        if (store := self._stores.get(endpoint)) is not None:
+            store.on_reply(reply)
 
     def ship(self, endpoint: str, sock: zmq.Socket, frame: Frame) -> None:
         pair = self._pairs.get(endpoint)
@@ -126,6 +132,8 @@ class TorchSenderChannel(SenderChannel):
         return [e for _, e in idle[:excess]]
 
     def close_pair(self, endpoint: str) -> None:
+        if (store := self._stores.pop(endpoint, None)) is not None:
+            store.close()  # a rendezvous still waiting fails now, not at its timeout
         if (pair := self._pairs.pop(endpoint, None)) is not None:
             pair.close()
 
@@ -143,6 +151,7 @@ class TorchReceiverChannel(ReceiverChannel):
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._max_pairs = max_pairs
         self._pairs: dict[bytes, PairWorker] = {}
+        self._stores: dict[bytes, HeldStore] = {}  # the rendezvous of each pair
 
     def start(self, sink: FrameSink, endpoint: str, device: torch.device,
               dtype: torch.dtype) -> None:
@@ -150,23 +159,25 @@ class TorchReceiverChannel(ReceiverChannel):
         self._device, self._backend = device, backend_for(device)
         self._element_size = torch.empty((), dtype=dtype).element_size()
         self._host = endpoint_host(endpoint)
-        # port 0: the OS picks; wait_for_workers=False: senders come and go
-        self._store = dist.TCPStore(self._host, 0, None, True, timeout=self._timeout,
-                                    wait_for_workers=False)
 
     def accept(self, peer: bytes) -> HandshakeReply:
-        if (old := self._pairs.pop(peer, None)) is not None:
-            old.close()  # the sender reconnected: its old group is gone
+        self._close_pair(peer)  # the sender reconnected: its old group is gone
         self._evict_idle()
-        prefix = f"pdserve-kv/{secrets.token_hex(16)}"  # unguessable: What protects...
-        store = dist.PrefixStore(prefix, self._store)
+        store = HeldStore(self._timeout.total_seconds())
 
         def connect():
             return make_group(self._backend, store, 1, self._host, self._timeout, self._device)
 
+        self._stores[peer] = store
         self._pairs[peer] = PairWorker("kv-recv-channel", connect,
                                        lambda pair, msg: self._work(peer, pair, msg))
-        return HandshakeReply(True, rendezvous=f"{self._host}:{self._store.port}/{prefix}")
+        return HandshakeReply(True)
+
+    def on_store(self, peer: bytes, req: StoreRequest) -> None:
+        store = self._stores.get(peer)
+        if store is None:  # evicted since its handshake
+            return self.sink.post(peer, StoreReply(req.seq, False, reason="no pair"))
+        store.serve(req, lambda reply: self.sink.post(peer, reply))
 
     def on_chunk(self, peer: bytes, header: ChunkHeader, rest: list[zmq.Frame]) -> None:
         self._route(peer, header)
@@ -176,10 +187,15 @@ class TorchReceiverChannel(ReceiverChannel):
 
     def close(self) -> None:
         pairs = list(self._pairs.values())
-        for pair in pairs:
-            pair.close()
-        self._pairs.clear()
+        for peer in list(self._pairs):
+            self._close_pair(peer)
         _join(pairs)
+
+    def _close_pair(self, peer: bytes) -> None:
+        if (store := self._stores.pop(peer, None)) is not None:
+            store.close()
+        if (pair := self._pairs.pop(peer, None)) is not None:
+            pair.close()
 
     def _route(self, peer: bytes, msg: ChunkHeader | Done) -> None:
         pair = self._pairs.get(peer)
@@ -193,7 +209,7 @@ class TorchReceiverChannel(ReceiverChannel):
             if not idle:
                 return  # every pair has work in flight: let the table grow for now
             oldest = min(idle, key=lambda p: self._pairs[p].last_used)
-            self._pairs.pop(oldest).close()
+            self._close_pair(oldest)
             self.sink.forget(oldest)
 
     # -- pair worker threads ---------------------------------------------------------------

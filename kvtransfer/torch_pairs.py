@@ -1,6 +1,6 @@
 """The pieces of a torch.distributed payload pair: a 2-rank process group per sender-receiver
-pair (sender rank 0, receiver rank 1) from a TCPStore rendezvous, and the worker thread
-that alone uses it.
+pair (sender rank 0, receiver rank 1) over the pair's rendezvous store
+(kvtransfer.pair_store), and the worker thread that alone uses it.
 
 Life of a pair worker: its thread builds the group (blocking until the peer joins, or the
 group's timeout), then runs the submitted work items in order; a group operation that
@@ -28,8 +28,9 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def endpoint_host(endpoint: str) -> str:
-    """Where peers reach the TCPStore of a receiver bound at `endpoint`: its tcp:// host;
-    for a wildcard bind, this machine's address on the default route; loopback for ipc://."""
+    """The address of the host behind ZMQ `endpoint` (a gloo device listens there): its
+    tcp:// host; for a wildcard bind, this machine's address on the default route;
+    loopback for ipc://."""
     if not endpoint.startswith("tcp://"):
         return "127.0.0.1"
     host = endpoint.removeprefix("tcp://").rpartition(":")[0] or "*"

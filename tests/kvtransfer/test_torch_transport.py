@@ -1,6 +1,8 @@
 """What only the torch.distributed transport has: a payload stream beside the control
 stream that must stay aligned, per-pair process groups that are bounded, and a payload
-that may never come, and a receiver that accepts but names no rendezvous."""
+that may never come, and a rendezvous that travels only on the authenticated connection: a
+receiver opens no port for it, answers it only after the handshake, keeps each pair's apart,
+and a receiver that accepts but fails the rendezvous fails the transfer at once."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import multiprocessing
 import threading
 import time
 
+import psutil
 import torch
 import zmq
+from curve_helpers import insider_socket
 from kv_helpers import (
     SPEC,
     caches,
@@ -20,10 +24,22 @@ from kv_helpers import (
     wait_for,
 )
 
+from pdserve.deploy.spec import make_curve_keys
 from pdserve.kvtransfer.base import TransferStatus
 from pdserve.kvtransfer.layout import gather_tokens
-from pdserve.kvtransfer.messages import Handshake, HandshakeReply, decode, encode
+from pdserve.kvtransfer.messages import (
+    NO_HANDSHAKE,
+    Handshake,
+    HandshakeReply,
+    StoreReply,
+    StoreRequest,
+    decode,
+    encode,
+)
+from pdserve.kvtransfer.pair_store import StoreOp
 from pdserve.kvtransfer.torch_channel import TorchSenderChannel
+
+KEYS = make_curve_keys()
 
 
 class CorruptingChannel(TorchSenderChannel):
@@ -141,23 +157,68 @@ def test_a_sender_whose_pair_the_receiver_evicted_reconnects():
         receiver.close()
 
 
-def test_a_receiver_that_accepts_without_a_rendezvous_fails_the_transfer():
-    """A hand-driven ZMQ peer speaks the handshake but names no TCPStore."""
+def test_a_receiver_that_refuses_the_rendezvous_fails_the_transfer():
+    """A hand-driven ZMQ peer accepts the handshake, then refuses the first store request."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    sender = torch_sender(timeout_s=2)
+    sender = torch_sender(timeout_s=60)
     try:
         sender.begin("t", f"tcp://127.0.0.1:{port}", 4)
         peer, frame = sock.recv_multipart()
         assert isinstance(decode(frame), Handshake)
         sock.send_multipart([peer, encode(HandshakeReply(True))])
-        result = wait_for(lambda: sender.poll("t"), timeout=3)
-        assert "receiver sent no rendezvous" in result.reason
+        peer, frame = sock.recv_multipart()
+        request = decode(frame)
+        assert isinstance(request, StoreRequest) and request.op == StoreOp.SET
+        sock.send_multipart([peer, encode(StoreReply(request.seq, False, reason="no store"))])
+        result = wait_for(lambda: sender.poll("t"), timeout=10)  # well before the 60 s
+        assert "no store" in result.reason
     finally:
         sender.close()
         sock.close()
+
+
+def _listening_ports() -> set[int]:
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_the_rendezvous_travels_only_on_the_authenticated_connection(p_cache):
+    before = _listening_ports()
+    receiver = make_receiver("torch", caches(32, 8), curve=KEYS)
+    sender = make_sender("torch", curve=KEYS)
+    intruder = insider_socket(zmq.DEALER, KEYS)
+    intruder.setsockopt(zmq.RCVTIMEO, 10_000)  # bounds a failure, never waited out
+    try:
+        # no store port: the receiver listens on its ZMQ endpoint alone until a pair forms
+        assert _listening_ports() - before == {int(receiver.endpoint.rpartition(":")[2])}
+        intruder.connect(receiver.endpoint)
+        intruder.send(encode(StoreRequest(1, StoreOp.CHECK, "0/0")))
+        assert decode(intruder.recv()).reason == NO_HANDSHAKE
+        receiver.expect("t", [3, 4], 8, lease_s=5)
+        sender.begin("t", receiver.endpoint, 8)
+        send_layers(sender, "t", p_cache, [1, 2], 8)
+        sender.finish("t", 7)
+        assert wait_for(lambda: sender.poll("t")).status is TransferStatus.DONE
+        # a member of the cluster that handshakes gets a store of its own: the sender's
+        # rendezvous keys (rank 0 set "0/0") are not in it, and what it writes stays there
+        intruder.send(encode(SPEC.handshake("torch")))
+        assert decode(intruder.recv()).accepted
+        intruder.send(encode(StoreRequest(2, StoreOp.CHECK, "0/0")))
+        assert decode(intruder.recv()) == StoreReply(2, True, b"0")
+        intruder.send(encode(StoreRequest(3, StoreOp.SET, "0/1", b"forged")))
+        assert decode(intruder.recv()).ok
+        receiver.expect("u", [5, 6], 8, lease_s=5)
+        sender.begin("u", receiver.endpoint, 8)
+        send_layers(sender, "u", p_cache, [1, 2], 8)
+        sender.finish("u", 7)
+        assert wait_for(lambda: sender.poll("u")).status is TransferStatus.DONE
+    finally:
+        intruder.close()
+        sender.close()
+        receiver.close()
 
 
 def test_a_closed_side_lets_its_process_exit_cleanly():
