@@ -15,6 +15,7 @@ import time
 
 from pdserve.deploy.bench_cmd import add_bench, is_experiment, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
+from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.serve_cmd import add_serve
 
 DESCRIPTION = """\
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        configure_logging()
+    except ValueError as e:
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2

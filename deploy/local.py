@@ -35,6 +35,7 @@ from multiprocessing.managers import BaseManager
 
 from pdserve.decode_worker import ColocatedWorker, DecodeWorker
 from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
+from pdserve.deploy.logs import configure_logging
 from pdserve.prefill_worker import PrefillWorker
 from pdserve.protocol import WorkerRole
 from pdserve.worker import Worker, WorkerConfig
@@ -141,6 +142,7 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
     try:
         import torch
 
+        configure_logging()
         if cpus:
             os.sched_setaffinity(0, cpus)
             num_threads = len(cpus)

@@ -27,6 +27,7 @@ from ray.exceptions import RayActorError
 from pdserve.deploy.handles import DEFAULT_CALL_TIMEOUT_S, CallTimeout
 from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.local import build_worker
+from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
 
@@ -51,6 +52,7 @@ class WorkerHost:
     def __init__(self, spec: ClusterSpec, worker_id: str, role: WorkerRole, redis_url: str):
         import torch
 
+        configure_logging()
         torch.set_num_threads(spec.threads_per_worker)
         # resolves (converts) the model here; KV is received at an address other nodes reach
         config = spec.worker_config(worker_id, role, kv_host=ray.util.get_node_ip_address())

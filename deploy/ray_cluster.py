@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from pdserve.deploy.handles import handle_for
+from pdserve.deploy.logs import runtime_env
 from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RoutedCluster, RouterThread
@@ -118,7 +119,7 @@ class RayCluster(RoutedCluster):
             options = dict(name=worker_id, namespace=NAMESPACE, max_restarts=max_restarts,
                            max_task_retries=0, max_concurrency=256,
                            num_cpus=spec.threads_per_worker, num_gpus=spec.gpus_per_worker,
-                           **strategies[worker_id])
+                           **strategies[worker_id], **runtime_env())
             self.actors[worker_id] = WorkerActor.options(**options).remote(
                 spec, worker_id, role, self.redis_url)
         refs = {worker_id: actor.ready.remote() for worker_id, actor in self.actors.items()}

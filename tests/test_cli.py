@@ -37,6 +37,12 @@ def test_bad_model_is_a_clear_error(capsys, tmp_path):
     assert "unknown built-in model 'gpt-17'" in capsys.readouterr().err
 
 
+def test_logging_level_comes_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("PDSERVE_LOGGING_LEVEL", "loud")
+    assert main(["models"]) == 2
+    assert "PDSERVE_LOGGING_LEVEL='LOUD' is not a logging level" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_chat_answers_with_the_builtin_model(capsys):
     assert main(["chat", "--max-tokens", "16", "What is the capital of France?"]) == 0
