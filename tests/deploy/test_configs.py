@@ -38,3 +38,13 @@ def test_kuberay_head_exposes_grpc_http_and_its_scrape_target():
     scrape = yaml.safe_load((CONFIGS.parent / "prometheus.yml").read_text())
     assert any(t.endswith(":8000") for job in scrape["scrape_configs"]
                for static in job.get("static_configs", []) for t in static["targets"])
+
+
+def test_both_configs_turn_rays_token_authentication_on():
+    cfg = yaml.safe_load((CONFIGS / "ray-cluster.yaml").read_text())
+    for command in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert "ray start" not in command or command.startswith("RAY_AUTH_MODE=token ")
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])  # drivers
+    manifest = yaml.safe_load((CONFIGS / "kuberay.yaml").read_text())
+    assert manifest["spec"]["authOptions"]["mode"] == "token"
