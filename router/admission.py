@@ -39,8 +39,20 @@ def estimate_wait_s(backlogs: Sequence[Backlog], prompt_tokens: int,
     (no candidate, or one without a measured rate)."""
     if not backlogs or any(b.tokens_per_s <= 0 for b in backlogs):
         return None
-    best = min((b.queued_tokens + prompt_tokens) / b.tokens_per_s for b in backlogs)
-    return best + router_queued_tokens / sum(b.tokens_per_s for b in backlogs)
+    best = min(first_token_wait_s(b, prompt_tokens) for b in backlogs)
+    return best + router_queue_wait_s(router_queued_tokens,
+                                      sum(b.tokens_per_s for b in backlogs))
+
+
+def first_token_wait_s(backlog: Backlog, prompt_tokens: int) -> float:
+    """The prompt's wait on one candidate: its queue and the prompt itself, at its rate."""
+    return (backlog.queued_tokens + prompt_tokens) / backlog.tokens_per_s
+
+
+def router_queue_wait_s(router_queued_tokens: int, total_tokens_per_s: float) -> float:
+    """What the prompts waiting in the router queue add: their tokens over every
+    candidate's rate together."""
+    return router_queued_tokens / total_tokens_per_s
 
 
 class SlotRate:

@@ -43,28 +43,40 @@ def should_disaggregate(hint: Hint, num_prompt_tokens: int, threshold: int,
     return hint is Hint.ALWAYS or num_prompt_tokens >= threshold
 
 
+def decode_fits(w: WorkerLoad, num_prompt_tokens: int, max_in_flight: int) -> bool:
+    """A free slot and room for the prompt's blocks (and its first token's)."""
+    return (w.in_flight < max_in_flight
+            and -(-(num_prompt_tokens + 1) // w.block_size) <= w.free_blocks)
+
+
+def decode_rank(w: WorkerLoad) -> tuple[int, int, str]:
+    """choose_decode's order: the smallest running batch (heartbeat + this router's own
+    requests) first, ties to the most free blocks."""
+    return w.running + w.waiting + w.in_flight, -w.free_blocks, w.worker_id
+
+
+def prefill_rank(w: WorkerLoad, num_prompt_tokens: int,
+                 cached_blocks: Mapping[str, int]) -> tuple[int, str]:
+    """choose_prefill's order: queued prefill tokens plus the prompt's tokens the worker's
+    prefix cache does not hold."""
+    hit = cached_blocks.get(w.worker_id, 0) * w.block_size
+    return w.queued_prefill_tokens + max(num_prompt_tokens - hit, 1), w.worker_id
+
+
 def choose_decode(workers: Sequence[WorkerLoad], num_prompt_tokens: int,
                   max_in_flight: int) -> WorkerLoad | None:
-    """The worker with the smallest running batch (heartbeat + this router's own requests)
-    among those with room for the prompt's blocks; ties go to the most free blocks. None
-    when no worker has both a free slot and the blocks."""
-    fits = [w for w in workers if w.in_flight < max_in_flight
-            and -(-(num_prompt_tokens + 1) // w.block_size) <= w.free_blocks]
-    return min(fits, key=lambda w: (w.running + w.waiting + w.in_flight, -w.free_blocks,
-                                    w.worker_id), default=None)
+    """The first worker in `decode_rank` order that `decode_fits`; None when none does."""
+    fits = [w for w in workers if decode_fits(w, num_prompt_tokens, max_in_flight)]
+    return min(fits, key=decode_rank, default=None)
 
 
 def choose_prefill(workers: Sequence[WorkerLoad], num_prompt_tokens: int,
                    cached_blocks: Mapping[str, int], max_in_flight: int) -> WorkerLoad | None:
-    """The worker that would finish this prompt first: least queued prefill tokens plus the
-    prompt's tokens its prefix cache does not hold."""
+    """The worker that would finish this prompt first (`prefill_rank`) among those with a
+    free slot."""
     free = [w for w in workers if w.in_flight < max_in_flight]
-
-    def work(w: WorkerLoad) -> tuple[int, str]:
-        hit = cached_blocks.get(w.worker_id, 0) * w.block_size
-        return w.queued_prefill_tokens + max(num_prompt_tokens - hit, 1), w.worker_id
-
-    return min(free, key=work, default=None)
+    return min(free, key=lambda w: prefill_rank(w, num_prompt_tokens, cached_blocks),
+               default=None)
 
 
 def round_robin(workers: Sequence[WorkerLoad], turn: int,

@@ -103,6 +103,11 @@ class CostProfile:
         if self.router_s < 0 or self.stream_s < 0:
             raise ValueError("router_s and stream_s must be >= 0")
 
+    @property
+    def num_layers(self) -> int:
+        """The model's layers (`model["num_layers"]`): the KV streams layer by layer."""
+        return max(1, int(self.model.get("num_layers", 1)))
+
     def to_json(self) -> dict:
         return asdict(self)
 

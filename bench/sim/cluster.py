@@ -1,0 +1,95 @@
+"""One simulated run: a deployment (how many workers of each role, their batch and chunk
+settings, the router's) under a workload, on a cost profile; the results are the
+RequestResults a measured run gives, summarized by the same `bench.metrics.summarize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pdserve.bench.costmodel.profile import CostProfile
+from pdserve.bench.metrics import RequestResult, Slo, summarize
+from pdserve.bench.sim.events import EventLoop
+from pdserve.bench.sim.request import SimRequest
+from pdserve.bench.sim.router import SimRouter
+from pdserve.bench.sim.worker import SimWorker
+from pdserve.protocol import WorkerRole
+from pdserve.router.config import RouterConfig
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `pdserve serve` would be started with (its flags of the same names)."""
+
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    max_num_batched_tokens: int = 2048  # the chunk budget of a step
+    max_num_seqs: int = 64  # the batch cap
+    block_size: int = 16
+    num_blocks: int | None = None  # None: the profile's KV capacity
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.colocated) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if self.decode + self.colocated == 0:
+            raise ValueError("a deployment needs a decode or colocated worker")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.block_size < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be >= 1")
+
+    @property
+    def workers(self) -> int:
+        return self.prefill + self.decode + self.colocated
+
+    @property
+    def name(self) -> str:
+        parts = [f"{n}{tag}" for n, tag in ((self.prefill, "P"), (self.decode, "D"),
+                                             (self.colocated, "C")) if n]
+        return "".join(parts)
+
+
+@dataclass
+class SimRun:
+    results: list[RequestResult]
+    duration_s: float
+    events: int
+    preemptions: int
+    busy: dict[str, float]  # worker id -> busy share of the run
+
+    def summary(self, slo: Slo | None, kv_bytes_per_token: int = 0) -> dict:
+        return summarize(self.results, self.duration_s, slo,
+                         kv_bytes_per_token=kv_bytes_per_token)
+
+
+def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence[int],
+             output_lens: Sequence[int], arrivals: Sequence[float], *,
+             sent_slo: Slo | None = None, keep_itl: bool = True) -> SimRun:
+    """Run the requests (prompt length, output length, arrival time each) to the end.
+    `sent_slo`: SLOs sent with every request (the router's admission then uses them);
+    `keep_itl`: record every token's time (the ITL statistics need them; costs memory)."""
+    if not len(prompt_lens) == len(output_lens) == len(arrivals):
+        raise ValueError("prompt_lens, output_lens and arrivals must be the same length")
+    loop = EventLoop()
+    num_blocks = deployment.num_blocks or max(
+        1, profile.kv_capacity_tokens // deployment.block_size)
+    roles = ([WorkerRole.PREFILL] * deployment.prefill + [WorkerRole.DECODE] * deployment.decode
+             + [WorkerRole.COLOCATED] * deployment.colocated)
+    workers = [SimWorker(f"{role.value}-{i}", role, loop, profile,
+                         max_num_batched_tokens=deployment.max_num_batched_tokens,
+                         max_num_seqs=deployment.max_num_seqs,
+                         block_size=deployment.block_size, num_blocks=num_blocks,
+                         keep_token_times=keep_itl)
+               for i, role in enumerate(roles)]
+    router = SimRouter(loop, deployment.router, workers, profile, sent_slo)
+    requests = [SimRequest(i, p, o, a) for i, (p, o, a)
+                in enumerate(zip(prompt_lens, output_lens, arrivals, strict=True))]
+    for r in requests:
+        router.arrive(r)
+    loop.run()
+    stream_s = profile.stream_s
+    results = [r.result(stream_s) for r in requests]
+    duration = max((r.t_end + stream_s for r in requests), default=0.0)
+    return SimRun(results, duration, loop.processed, sum(w.preemptions for w in workers),
+                  {w.worker_id: w.busy_s / duration if duration else 0.0 for w in workers})

@@ -1,0 +1,80 @@
+"""The router's worker choice (router.policy) on large simulated clusters: the same order
+and the same test, kept in a heap instead of evaluated over every worker per request.
+
+`DecodePicker.pick(n)` returns exactly what `choose_decode(loads, n, max_in_flight)` would
+over the workers' current loads, and `PrefillPicker.pick()` what `choose_prefill(loads, n,
+{}, max_in_flight)` would (no prefix cache: the prompt's length adds the same to every
+worker's rank, so the order does not depend on it). Each worker's entry is re-ranked by
+`update` whenever its load changes; entries of older loads are skipped when they surface.
+A worker without a free slot (`in_flight >= max_in_flight`) has no entry at all, so a
+saturated cluster answers None at once instead of scanning.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+
+from pdserve.router.policy import WorkerLoad, decode_fits, decode_rank, prefill_rank
+
+
+class _Index:
+    def __init__(self, workers: Iterable, max_in_flight: int,
+                 rank: Callable[[WorkerLoad], tuple]):
+        self.max_in_flight = max_in_flight
+        self._rank = rank
+        self._heap: list[tuple[tuple, int, object]] = []
+        self._version: dict[str, int] = {}
+        self._members = {w.worker_id: w for w in workers}
+        for w in self._members.values():
+            self.update(w)
+
+    def update(self, worker) -> None:
+        """The worker's load changed: rank it anew."""
+        if worker.worker_id not in self._members:
+            return
+        version = self._version.get(worker.worker_id, 0) + 1
+        self._version[worker.worker_id] = version
+        load = worker.load()
+        if load.in_flight < self.max_in_flight:
+            heapq.heappush(self._heap, (self._rank(load), version, worker))
+        if len(self._heap) > 4 * len(self._members) + 64:
+            self._compact()
+
+    def first(self, fits: Callable[[WorkerLoad], bool]):
+        """The first worker in rank order (with a free slot) whose load `fits`."""
+        heap, skipped, chosen = self._heap, [], None
+        while heap:
+            entry = heap[0]
+            worker = entry[2]
+            if entry[1] != self._version[worker.worker_id]:
+                heapq.heappop(heap)
+                continue
+            if fits(worker.load()):
+                chosen = worker
+                break
+            skipped.append(heapq.heappop(heap))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return chosen
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if e[1] == self._version[e[2].worker_id]]
+        heapq.heapify(self._heap)
+
+
+class DecodePicker(_Index):
+    def __init__(self, workers: Iterable, max_in_flight: int):
+        super().__init__(workers, max_in_flight, decode_rank)
+
+    def pick(self, num_prompt_tokens: int):
+        return self.first(lambda load: decode_fits(load, num_prompt_tokens,
+                                                    self.max_in_flight))
+
+
+class PrefillPicker(_Index):
+    def __init__(self, workers: Iterable, max_in_flight: int):
+        super().__init__(workers, max_in_flight, lambda load: prefill_rank(load, 1, {}))
+
+    def pick(self):
+        return self.first(lambda load: True)

@@ -1,0 +1,234 @@
+"""The simulated router: pdserve's admission, queue and routing (router.admission,
+router.policy, router.interference), called on simulated workers.
+
+What it keeps of the real router (router/router.py, door.py, queue.py): a request is
+intook `router_s` after it arrives; disaggregated when `should_disaggregate` says so;
+refused at once when the router queue is full or `estimate_wait_s` (plus `slot_wait_s`,
+from a `SlotRate` of the slots freed while requests waited) puts its first token past its
+TTFT SLO (`refusal`); with TPOT SLOs sent, a local prefill is passed over the workers
+whose decodes it would stall past theirs (`stall_s`, `InterferenceBook`), and refused
+when that is every worker. Admitted requests wait in two first-come-first-served lines
+(disaggregated, local); the head of a line takes the workers `choose_decode` /
+`choose_prefill` pick (bench.sim.picker: the same choice, indexed), when a decode worker
+has a slot and the prompt's blocks and, disaggregated, a prefill worker has a slot. A
+disaggregated request reserves its blocks on the decode worker and gives its prefill slot
+back at the hand-off (its first token); the decode slot at its end.
+
+What differs, on purpose: loads are read live (the real router reads heartbeats up to a
+period old, plus its own in-flight counts), the order reaches a worker at once (the call's
+latency is in `router_s`), nothing fails, and there is one router. On clusters of more
+than `EXACT_UP_TO` candidates, admission's wait estimate takes the prefill worker with the
+fewest queued tokens, which is the exact answer when the candidates' rates are equal.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pdserve.bench.costmodel.profile import CostProfile
+from pdserve.bench.metrics import Slo
+from pdserve.bench.sim.events import EventLoop
+from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
+from pdserve.bench.sim.request import SimRequest, State
+from pdserve.bench.sim.worker import SimWorker
+from pdserve.protocol import WorkerRole
+from pdserve.router.admission import (
+    Backlog,
+    SlotRate,
+    estimate_wait_s,
+    first_token_wait_s,
+    refusal,
+    router_queue_wait_s,
+    slot_wait_s,
+)
+from pdserve.router.config import RouterConfig
+from pdserve.router.interference import InterferenceBook, decoding, stall_s
+from pdserve.router.policy import Hint, decode_fits, should_disaggregate
+
+EXACT_UP_TO = 32
+
+
+class _Record:
+    """What router.interference reads of a worker's heartbeat."""
+
+    __slots__ = ("worker_id", "prefill_tokens_per_s", "decode_step_s")
+
+    def __init__(self, w: SimWorker):
+        self.worker_id = w.worker_id
+        self.prefill_tokens_per_s = w.rate.tokens_per_s
+        self.decode_step_s = w.step_time.seconds
+
+
+class SimRouter:
+    def __init__(self, loop: EventLoop, config: RouterConfig, workers: list[SimWorker],
+                 profile: CostProfile, sent_slo: Slo | None = None):
+        self.loop, self.config, self.profile = loop, config, profile
+        self.sent_slo = sent_slo
+        self.prefills = [w for w in workers if w.role is WorkerRole.PREFILL]
+        self.decodes = [w for w in workers if w.role is WorkerRole.DECODE]
+        self.holders = [w for w in workers if w.role is not WorkerRole.PREFILL]
+        limit = config.max_in_flight_per_worker
+        self._disagg_pick = DecodePicker(self.decodes, limit)
+        self._local_pick = DecodePicker(self.holders, limit)
+        self._prefill_pick = PrefillPicker(self.prefills, limit)
+        self._local_backlog = PrefillPicker(self.holders, limit)  # admission, local prefills
+        self._lines: dict[bool, deque[SimRequest]] = {True: deque(), False: deque()}
+        self.queued = 0
+        self.queued_tokens = 0
+        self.slots = SlotRate()
+        self.book = InterferenceBook()
+        self._unfit: dict[int, set[str]] = {}
+        self._kicking = False
+        self._per_layer = 1.0 / profile.num_layers
+        for w in workers:
+            w.on_prefilled = self._prefilled
+            w.on_first_token = self._first_token
+            w.on_finished = self._finished
+            w.on_change = self._changed
+
+    # -- intake and admission ---------------------------------------------------------------
+
+    def arrive(self, r: SimRequest) -> None:
+        self.loop.at(r.arrival + self.profile.router_s, self._intake, r)
+
+    def _intake(self, r: SimRequest) -> None:
+        now = self.loop.now
+        r.t_intake = now
+        n = r.prompt_len
+        r.disagg = should_disaggregate(Hint.AUTO, n, self.config.disaggregation_threshold,
+                                       bool(self.prefills))
+        holders = self.decodes if r.disagg else self.holders
+        # the workers of a deployment are alike: one that cannot hold it, none can
+        if not holders or holders[0].blocks_for(n + 1) > holders[0].num_blocks:
+            return self._end(r, State.FAILED, "the prompt fits on no worker")
+        if self.queued >= self.config.max_queue:
+            return self._end(r, State.REFUSED, "the router queue is full")
+        budget = (self.sent_slo.ttft_ms / 1000 if self.sent_slo
+                  else self.config.default_ttft_slo_s)
+        wait = self._wait_s(self.prefills if r.disagg else holders, n)
+        if wait is not None:
+            wait += slot_wait_s(self.queued, self.slots.per_s(now))
+        if (why := refusal(wait, budget)) is not None:
+            return self._end(r, State.REFUSED, why)
+        if not r.disagg and self.sent_slo is not None:
+            unfit = {w.worker_id for w in holders
+                     if not self.book.fits(_Record(w), stall_s(_Record(w), n))}
+            if len(unfit) == len(holders):
+                return self._end(r, State.REFUSED, "its prefill would stall every worker")
+            self._unfit[r.idx] = unfit
+        r.state = State.QUEUED
+        self._lines[r.disagg].append(r)
+        self.queued += 1
+        self.queued_tokens += n
+        self._kick()
+
+    def _wait_s(self, candidates: list[SimWorker], n: int) -> float | None:
+        if len(candidates) <= EXACT_UP_TO:
+            return estimate_wait_s([Backlog(w.worker_id, w.queued_tokens, w.rate.tokens_per_s)
+                                    for w in candidates], n, self.queued_tokens)
+        rates = [w.rate.tokens_per_s for w in candidates]
+        if min(rates) <= 0:
+            return None
+        index = self._prefill_pick if candidates is self.prefills else self._local_backlog
+        best = index.pick() or candidates[0]
+        return (first_token_wait_s(Backlog(best.worker_id, best.queued_tokens,
+                                           best.rate.tokens_per_s), n)
+                + router_queue_wait_s(self.queued_tokens, sum(rates)))
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._kicking:
+            return
+        self._kicking = True
+        try:
+            for disagg, line in self._lines.items():
+                while line and self._dispatch(line[0], disagg):
+                    r = line.popleft()
+                    self.queued -= 1
+                    self.queued_tokens -= r.prompt_len
+        finally:
+            self._kicking = False
+
+    def _dispatch(self, r: SimRequest, disagg: bool) -> bool:
+        n = r.prompt_len
+        if disagg:
+            decode = self._disagg_pick.pick(n)
+            prefill = self._prefill_pick.pick() if decode is not None else None
+            if prefill is None:
+                return False
+        else:
+            decode, prefill = self._pick_local(r), None
+            if decode is None:
+                return False
+        now = self.loop.now
+        r.t_dispatch = now
+        decode.in_flight += 1
+        if self.sent_slo is not None:
+            self.book.joined(decode.worker_id, str(r.idx),
+                             0.0 if disagg else stall_s(_Record(decode), n),
+                             decoding(self.sent_slo.tpot_ms, r.output_len))
+        if disagg:
+            decode.reserve(r)
+            prefill.in_flight += 1
+            r.prefill = prefill
+            prefill.add_prefill(r)
+            self._changed(prefill)
+        else:
+            r.decode = decode
+            decode.add_prefill(r)
+        self._changed(decode)
+        return True
+
+    def _pick_local(self, r: SimRequest):
+        unfit = self._unfit.pop(r.idx, set())
+        if not unfit:
+            return self._local_pick.pick(r.prompt_len)
+        limit = self.config.max_in_flight_per_worker
+        chosen = self._local_pick.first(
+            lambda load: load.worker_id not in unfit and decode_fits(load, r.prompt_len, limit))
+        if chosen is None:
+            self._unfit[r.idx] = unfit  # still waiting: keep them passed over
+        return chosen
+
+    # -- what the workers report ------------------------------------------------------------
+
+    def _prefilled(self, r: SimRequest) -> None:
+        """A prefill worker finished the prompt: its KV reaches the decode worker (the layers
+        stream while the prefill computes; the last layer's part is left after it)."""
+        t = self.profile.transfer
+        nbytes = r.prompt_len * self.profile.kv_bytes_per_token
+        ready = max(self.loop.now + t.seconds(nbytes * self._per_layer),
+                    r.t_prefill_start + t.seconds(nbytes))
+        self.loop.at(ready, self._kv_delivered, r)
+
+    def _kv_delivered(self, r: SimRequest) -> None:
+        r.t_kv = self.loop.now
+        r.prefill.release_held(r)
+        r.decode.kv_arrived(r)
+        self._changed(r.decode)
+
+    def _first_token(self, r: SimRequest) -> None:
+        if r.disagg:  # the hand-off: the prefill slot comes back
+            r.prefill.in_flight -= 1
+            self.slots.released(self.queued > 0, self.loop.now)
+            self._changed(r.prefill)
+
+    def _finished(self, r: SimRequest) -> None:
+        r.decode.in_flight -= 1
+        if self.sent_slo is not None:
+            self.book.left(r.decode.worker_id, str(r.idx))
+        self.slots.released(self.queued > 0, self.loop.now)
+
+    def _changed(self, w: SimWorker) -> None:
+        if w.role is WorkerRole.PREFILL:
+            self._prefill_pick.update(w)
+        else:
+            self._local_pick.update(w)
+            self._local_backlog.update(w)
+            if w.role is WorkerRole.DECODE:
+                self._disagg_pick.update(w)
+        self._kick()
+
+    def _end(self, r: SimRequest, state: State, why: str) -> None:
+        r.state, r.error, r.t_end = state, why, self.loop.now

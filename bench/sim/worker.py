@@ -1,0 +1,296 @@
+"""A simulated worker: the engine's scheduler (engine/scheduler.py) in time, with a step
+costed by the cost profile instead of computed.
+
+Each step, as the engine schedules one: the decoding sequences first (a token each), then
+the prompts being prefilled in the order they started, then waiting prompts while the
+token budget (`max_num_batched_tokens`) and `max_num_seqs` allow, each chunk as large as
+the budget left. KV blocks are counted exactly: a prompt's chunks take blocks as they go, a
+decoding sequence takes one more each time its length crosses a block boundary, a decode
+reservation holds the prompt's blocks from dispatch. When blocks run out, the newest
+running request is preempted by recompute (its blocks freed, its prompt and tokens so far
+prefilled again), as the engine does. Prefix caching is not modelled.
+
+Roles: a prefill worker only prefills (its KV stays held until the decode side has it); a
+decode worker decodes what arrives by KV transfer and prefills locally what the router
+sends it whole; a colocated worker prefills and decodes everything it gets. Arrived KV is
+admitted between steps, its first token streamed at once, as decode_worker/jobs.py does.
+
+Decoding sequences are kept in aggregate (their count, summed context, and a heap of the
+steps at which each finishes), so a step costs O(1) plus the requests that join or leave.
+The worker measures its prefill rate and decode step time with the workers' own meters
+(worker.rate), and the router reads them as it reads a heartbeat.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+
+from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
+from pdserve.bench.sim.events import EventLoop
+from pdserve.bench.sim.request import SimRequest, State
+from pdserve.protocol import WorkerRole
+from pdserve.router.policy import WorkerLoad
+from pdserve.worker.rate import DecodeStepTime, PrefillRate
+
+
+class SimWorker:
+    def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
+                 profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
+                 block_size: int, num_blocks: int, keep_token_times: bool = False):
+        self.worker_id, self.role, self.loop, self.profile = worker_id, role, loop, profile
+        self.budget, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.keep_token_times = keep_token_times
+        self.used_blocks = 0
+        self.waiting: deque[SimRequest] = deque()
+        self.prefilling: list[SimRequest] = []
+        self.queued_tokens = 0  # prompt tokens waiting or not yet computed
+        self.arrived: list[SimRequest] = []  # KV here, admitted before the next step
+        # decoding sequences, in aggregate
+        self.decoding: list[SimRequest] = []  # join order (newest last); lazily pruned
+        self.batch = 0  # decoding sequences
+        self.context = 0  # KV tokens their next step attends to, summed
+        self._finishes: list[tuple[int, int, int, SimRequest]] = []  # (step, idx, epoch, r)
+        self._growth = [0] * block_size  # decoding sequences by block-crossing residue
+        self.steps = 0
+        self._admissions = 0  # entries into the running set, for "the newest"
+        self.busy = False
+        self.in_flight = 0  # the router's requests on this worker (the router keeps it)
+        self.rate = PrefillRate()
+        self.step_time = DecodeStepTime()
+        self.busy_s = 0.0
+        self.preemptions = 0
+        # the router's hooks: a prefill ended (prefill worker), a first token, an end, and
+        # "my load changed"
+        self.on_prefilled: Callable[[SimRequest], None] = lambda r: None
+        self.on_first_token: Callable[[SimRequest], None] = lambda r: None
+        self.on_finished: Callable[[SimRequest], None] = lambda r: None
+        self.on_change: Callable[[SimWorker], None] = lambda w: None
+
+    # -- what the router sees -----------------------------------------------------------------
+
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(self.worker_id, self.num_blocks - self.used_blocks, self.num_blocks,
+                          self.block_size, self.batch + len(self.prefilling),
+                          len(self.waiting), self.queued_tokens, self.in_flight)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # -- what the router asks -------------------------------------------------------------------
+
+    def reserve(self, r: SimRequest) -> None:
+        """Hold the prompt's blocks for its KV (the router checked they fit)."""
+        r.blocks = self.blocks_for(r.prompt_len)
+        self.used_blocks += r.blocks
+        r.decode = self
+
+    def add_prefill(self, r: SimRequest) -> None:
+        """Prefill the prompt here: a prefill job, or a local one on a decode or
+        colocated worker."""
+        self.waiting.append(r)
+        self.queued_tokens += r.target - r.computed
+        self._kick()
+
+    def kv_arrived(self, r: SimRequest) -> None:
+        self.arrived.append(r)
+        self._kick()
+
+    def release_held(self, r: SimRequest) -> None:
+        """(prefill worker) the decode side has the KV: free what the job held."""
+        self.used_blocks -= r.blocks
+        r.blocks = 0
+        self.on_change(self)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if not self.busy:
+            self._start_step()
+
+    def _start_step(self) -> None:
+        now = self.loop.now
+        for r in self.arrived:  # KV that came during the last step: first token now
+            r.t_first = now
+            r.generated = 1
+            self._emit(r)
+            self.on_first_token(r)
+            self._join_or_finish(r)
+        self.arrived.clear()
+        self._grow_decodes()
+        budget = self.budget - self.batch
+        chunks: list[tuple[SimRequest, int]] = []
+        pairs = 0
+        for r in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(r.target - r.computed, budget)
+            if not self._take_blocks(r, r.computed + n):
+                break
+            chunks.append((r, n))
+            pairs += chunk_pairs(r.computed, n)
+            budget -= n
+        while (self.waiting and budget > 0
+               and self.batch + len(self.prefilling) < self.max_num_seqs):
+            r = self.waiting[0]
+            n = min(r.target - r.computed, budget)
+            if not self._take_blocks(r, r.computed + n):
+                break
+            self.waiting.popleft()
+            if r.generated == 0 and r.computed == 0:
+                r.t_prefill_start = now
+            r.state = State.PREFILLING
+            r.admitted = self._admit_seq()
+            self.prefilling.append(r)
+            chunks.append((r, n))
+            pairs += chunk_pairs(r.computed, n)
+            budget -= n
+        decodes = self.batch
+        if not chunks and not decodes:
+            self.busy = False
+            self.rate.flush()
+            return
+        backlog = bool(self.queued_tokens)
+        tokens = decodes + sum(n for _, n in chunks)
+        seconds = self.profile.step.step_s(tokens, pairs, self.context)
+        self.busy = True
+        self.loop.after(seconds, self._end_step, chunks, decodes, seconds, backlog)
+
+    def _end_step(self, chunks, decodes: int, seconds: float, backlog: bool) -> None:
+        now = self.loop.now
+        self.busy_s += seconds
+        self.steps += 1
+        self.context += self.batch
+        if self.keep_token_times and decodes:
+            for r in self.decoding:
+                if r.state is State.DECODING and r.token_times is not None:
+                    r.token_times.append(now)
+        heap = self._finishes
+        while heap and heap[0][0] <= self.steps:
+            _, _, epoch, r = heapq.heappop(heap)
+            if epoch == r.epoch:
+                self._leave_batch(r)
+                r.generated = r.output_len
+                self._finish(r)
+        prefill_tokens = 0
+        for r, n in chunks:
+            r.computed += n
+            self.queued_tokens -= n
+            prefill_tokens += n
+            if r.computed == r.target:
+                self.prefilling.remove(r)
+                self._prefill_done(r)
+        self.rate.observe(prefill_tokens, seconds, backlog)
+        self.step_time.observe(prefill_tokens, decodes, seconds)
+        if len(self.decoding) > 2 * self.batch + 64:  # drop those that left
+            self.decoding = [r for r in self.decoding if r.state is State.DECODING]
+        self._start_step()
+        self.on_change(self)
+
+    def _prefill_done(self, r: SimRequest) -> None:
+        now = self.loop.now
+        if self.role is WorkerRole.PREFILL:
+            r.t_prefill_end = now
+            r.state = State.TRANSFERRING
+            self.on_prefilled(r)  # its blocks stay held until the KV is delivered
+            return
+        if r.generated == 0:  # its first prefill: the first token
+            r.t_prefill_end = r.t_first = now
+            self.on_first_token(r)
+        r.generated += 1  # after a preemption: the next token
+        self._emit(r)
+        self._join_or_finish(r)
+
+    def _emit(self, r: SimRequest) -> None:
+        if self.keep_token_times:
+            if r.token_times is None:
+                r.token_times = []
+            r.token_times.append(self.loop.now)
+
+    def _admit_seq(self) -> int:
+        self._admissions += 1
+        return self._admissions
+
+    def _join_or_finish(self, r: SimRequest) -> None:
+        """`r` has its KV here (target tokens) and `generated` tokens: it decodes the rest
+        one a step, or is done."""
+        left = r.output_len - r.generated
+        if left <= 0:
+            return self._finish(r)
+        r.state = State.DECODING
+        r.epoch += 1
+        r.join_step = self.steps
+        r.finish_step = self.steps + left
+        r.admitted = self._admit_seq()
+        # before its i-th step it holds target + i - 1 tokens of KV and needs a new block
+        # when that is a multiple of the block size: at global steps s with
+        # (target - join - 1 + s) % block_size == 0
+        r.residue = (r.target - r.join_step - 1) % self.block_size
+        self._growth[r.residue] += 1
+        self.batch += 1
+        self.context += r.target + 1  # what its next step attends to
+        self.decoding.append(r)
+        heapq.heappush(self._finishes, (r.finish_step, r.idx, r.epoch, r))
+
+    def _leave_batch(self, r: SimRequest) -> None:
+        """`r` leaves the decode batch (after `self.steps`): its KV is target + done tokens."""
+        done = self.steps - r.join_step
+        self.batch -= 1
+        self.context -= r.target + 1 + done
+        self._growth[r.residue] -= 1
+        r.blocks = self.blocks_for(r.target + done)
+        r.epoch += 1
+        return done
+
+    def _finish(self, r: SimRequest) -> None:
+        r.state = State.FINISHED
+        r.t_end = self.loop.now
+        self.used_blocks -= r.blocks
+        r.blocks = 0
+        self.on_finished(r)
+
+    # -- blocks ----------------------------------------------------------------------------------
+
+    def _take_blocks(self, r: SimRequest, tokens: int) -> bool:
+        need = self.blocks_for(tokens) - r.blocks
+        if need <= 0:
+            return True
+        if need > self.num_blocks - self.used_blocks:
+            return False
+        self.used_blocks += need
+        r.blocks += need
+        return True
+
+    def _grow_decodes(self) -> None:
+        """Blocks for the sequences whose next token starts a block; while they do not fit,
+        preempt the newest running request."""
+        step = self.steps + 1
+        while (self._growth[(-step) % self.block_size]
+               > self.num_blocks - self.used_blocks):
+            self._preempt_newest()
+        self.used_blocks += self._growth[(-step) % self.block_size]
+
+    def _preempt_newest(self) -> None:
+        while self.decoding and self.decoding[-1].state is not State.DECODING:
+            self.decoding.pop()
+        newest_decode = self.decoding[-1] if self.decoding else None
+        newest_prefill = max(self.prefilling, key=lambda r: r.admitted, default=None)
+        if newest_prefill is not None and (newest_decode is None
+                                           or newest_prefill.admitted > newest_decode.admitted):
+            r = newest_prefill
+            self.prefilling.remove(r)
+            self.queued_tokens += r.computed
+        else:
+            r = self.decoding.pop()
+            done = self._leave_batch(r)
+            r.generated += done
+            r.target = r.prompt_len + r.generated
+            self.queued_tokens += r.target
+        self.used_blocks -= r.blocks
+        r.blocks = 0
+        r.computed = 0
+        r.state = State.QUEUED
+        self.preemptions += 1
+        self.waiting.appendleft(r)
