@@ -57,6 +57,8 @@ class SimRun:
     events: int
     preemptions: int
     busy: dict[str, float]  # worker id -> busy share of the run
+    # worker id -> what it still holds at the end (all zero: nothing leaked)
+    final_state: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def summary(self, slo: Slo | None, kv_bytes_per_token: int = 0) -> dict:
         return summarize(self.results, self.duration_s, slo,
@@ -92,4 +94,5 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
     results = [r.result(stream_s) for r in requests]
     duration = max((r.t_end + stream_s for r in requests), default=0.0)
     return SimRun(results, duration, loop.processed, sum(w.preemptions for w in workers),
-                  {w.worker_id: w.busy_s / duration if duration else 0.0 for w in workers})
+                  {w.worker_id: w.busy_s / duration if duration else 0.0 for w in workers},
+                  {w.worker_id: w.holding() for w in workers})

@@ -27,7 +27,7 @@ class State(enum.Enum):
 
 class SimRequest:
     __slots__ = ("idx", "prompt_len", "output_len", "arrival", "disagg", "state",
-                 "prefill", "decode", "target", "computed", "blocks", "generated", "epoch",
+                 "prefill", "decode", "target", "computed", "blocks", "held", "generated", "epoch",
                  "join_step", "finish_step", "residue", "admitted", "t_intake", "t_dispatch",
                  "t_prefill_start", "t_prefill_end", "t_kv", "t_first", "t_end", "token_times",
                  "error")
@@ -41,7 +41,8 @@ class SimRequest:
         self.decode = None  # the SimWorker that decodes it
         self.target = prompt_len  # tokens to prefill (prompt, plus output after preemption)
         self.computed = 0
-        self.blocks = 0  # blocks it holds on the worker computing it
+        self.blocks = 0  # blocks it holds on the worker that decodes it
+        self.held = 0  # blocks it holds on its prefill worker (disaggregated)
         self.generated = 0  # output tokens so far
         self.epoch = 0  # bumped when it leaves a decode batch: stale heap entries skip it
         self.join_step = 0  # the worker's step count when it joined the decode batch

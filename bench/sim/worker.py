@@ -76,6 +76,13 @@ class SimWorker:
                           self.block_size, self.batch + len(self.prefilling),
                           len(self.waiting), self.queued_tokens, self.in_flight)
 
+    def holding(self) -> dict[str, int]:
+        """What it holds now; all zero once every request has ended."""
+        return {"used_blocks": self.used_blocks, "in_flight": self.in_flight,
+                "batch": self.batch, "context": self.context,
+                "queued_tokens": self.queued_tokens, "waiting": len(self.waiting),
+                "prefilling": len(self.prefilling)}
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
@@ -100,8 +107,8 @@ class SimWorker:
 
     def release_held(self, r: SimRequest) -> None:
         """(prefill worker) the decode side has the KV: free what the job held."""
-        self.used_blocks -= r.blocks
-        r.blocks = 0
+        self.used_blocks -= r.held
+        r.held = 0
         self.on_change(self)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -254,14 +261,25 @@ class SimWorker:
     # -- blocks ----------------------------------------------------------------------------------
 
     def _take_blocks(self, r: SimRequest, tokens: int) -> bool:
-        need = self.blocks_for(tokens) - r.blocks
+        need = self.blocks_for(tokens) - self._blocks_of(r)
         if need <= 0:
             return True
         if need > self.num_blocks - self.used_blocks:
             return False
         self.used_blocks += need
-        r.blocks += need
+        self._set_blocks(r, self._blocks_of(r) + need)
         return True
+
+    def _blocks_of(self, r: SimRequest) -> int:
+        """What `r` holds here: a prefill worker's blocks are its own (`held`), apart
+        from the reservation on its decode worker."""
+        return r.held if self.role is WorkerRole.PREFILL else r.blocks
+
+    def _set_blocks(self, r: SimRequest, blocks: int) -> None:
+        if self.role is WorkerRole.PREFILL:
+            r.held = blocks
+        else:
+            r.blocks = blocks
 
     def _grow_decodes(self) -> None:
         """Blocks for the sequences whose next token starts a block; while they do not fit,
@@ -288,8 +306,8 @@ class SimWorker:
             r.generated += done
             r.target = r.prompt_len + r.generated
             self.queued_tokens += r.target
-        self.used_blocks -= r.blocks
-        r.blocks = 0
+        self.used_blocks -= self._blocks_of(r)
+        self._set_blocks(r, 0)
         r.computed = 0
         r.state = State.QUEUED
         self.preemptions += 1

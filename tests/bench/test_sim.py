@@ -1,0 +1,142 @@
+"""The cluster simulator: its clock orders events, every request it admits ends (finished,
+or counted refused or failed), every block and slot is given back, its latencies are the
+sums the cost model says they are, and its indexed worker choice is the router's own."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.bench.costmodel.profile import CostProfile, StepModel, TransferModel
+from pdserve.bench.metrics import Slo
+from pdserve.bench.sim.cluster import Deployment, simulate
+from pdserve.bench.sim.events import EventLoop
+from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
+from pdserve.bench.workload import arrival_times
+from pdserve.router.config import RouterConfig
+from pdserve.router.policy import WorkerLoad, choose_decode, choose_prefill
+
+STEP_S = 0.01
+
+
+def profile(step=StepModel(0.0, STEP_S, 0.0, 0.0, 0.0), capacity=1 << 20, router_s=0.003,
+            stream_s=0.002, transfer=TransferModel(0.004, 1e9)) -> CostProfile:
+    return CostProfile("measured", {}, {"num_layers": 4}, 1000, capacity, step, transfer,
+                       router_s, stream_s)
+
+
+CPU_LIKE = StepModel(0.002, 0.02, 0.0013, 2e-8, 2e-6)
+
+
+def test_the_clock_runs_events_in_time_order_and_ties_in_scheduling_order():
+    loop, seen = EventLoop(), []
+    loop.at(2.0, seen.append, "c")
+    loop.at(1.0, seen.append, "a")
+    loop.at(1.0, lambda: (seen.append("b"), loop.after(0.5, seen.append, "b2")))
+    loop.at(1.0, lambda: loop.at(0.0, seen.append, "late"))  # never before now
+    loop.run()
+    assert seen == ["a", "b", "late", "b2", "c"] and loop.now == 2.0 and loop.pending == 0
+
+
+def test_one_request_alone_costs_exactly_its_steps():
+    p = profile()
+    colocated = simulate(Deployment(0, 0, 1), p, [100], [5], [0.0]).results[0]
+    # intake, one prefill step (the first token), four decode steps; the stream on top
+    assert colocated.ttft == pytest.approx(p.router_s + STEP_S + p.stream_s)
+    assert colocated.latency == pytest.approx(p.router_s + 5 * STEP_S + p.stream_s)
+    assert colocated.tpot == pytest.approx(STEP_S)
+    assert colocated.itl == pytest.approx([STEP_S] * 4)
+    disagg = simulate(Deployment(1, 1, 0, router=RouterConfig(disaggregation_threshold=1)), p,
+                      [100], [5], [0.0]).results[0]
+    # the last layer's KV leaves after the prefill; the decode worker is idle: no wait
+    kv = max(p.transfer.seconds(100 * 1000 / 4), p.transfer.seconds(100 * 1000) - STEP_S)
+    assert disagg.disaggregated
+    assert disagg.ttft == pytest.approx(p.router_s + STEP_S + kv + p.stream_s)
+    assert disagg.tpot == pytest.approx(STEP_S)
+    assert disagg.stages["kv_transfer_ms"] == pytest.approx(kv * 1e3)
+
+
+def _workload(n, seed, max_prompt=3000, max_out=200):
+    rng = random.Random(seed)
+    prompts = [int(min(max_prompt, rng.paretovariate(1.2) * 60)) for _ in range(n)]
+    outputs = [rng.randint(1, max_out) for _ in range(n)]
+    return prompts, outputs, arrival_times(n, 20.0, burstiness=0.3, seed=seed)
+
+
+DEPLOYMENTS = [
+    Deployment(1, 1, 0),
+    Deployment(2, 3, 0, max_num_batched_tokens=512),
+    Deployment(0, 0, 2, max_num_seqs=8),
+    Deployment(1, 1, 1, block_size=4),
+    # KV for a few hundred tokens per worker: preemptions and waiting for blocks
+    Deployment(1, 2, 0, num_blocks=320, block_size=16, max_num_batched_tokens=256),
+    Deployment(0, 0, 2, num_blocks=300, block_size=16, max_num_batched_tokens=256),
+]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: f"{d.name}-{d.num_blocks}")
+def test_every_request_ends_and_nothing_is_left_held(deployment):
+    prompts, outputs, arrivals = _workload(300, seed=len(deployment.name))
+    prompts = [min(p, 4000) for p in prompts]
+    run = simulate(deployment, profile(CPU_LIKE), prompts, outputs, arrivals)
+    finished = [r for r in run.results if r.success]
+    refused = [r for r in run.results if r.refused]
+    failed = [r for r in run.results if not r.success and not r.refused]
+    assert len(finished) + len(refused) + len(failed) == len(prompts)
+    for r, n in zip(run.results, prompts, strict=True):
+        assert r.success or r.refused or "fits on no worker" in r.error, r.error
+        if r.success:
+            assert len(r.itl) == r.output_len - 1  # every token came, once
+            assert r.ttft > 0 and r.latency >= r.ttft
+    assert finished  # far above capacity: most are refused, what is admitted finishes
+    state = run.final_state
+    assert all(s == {"used_blocks": 0, "in_flight": 0, "batch": 0, "context": 0,
+                     "queued_tokens": 0, "waiting": 0, "prefilling": 0}
+               for s in state.values()), state
+    if deployment.num_blocks:
+        assert run.preemptions > 0  # the tight cases did exercise preemption
+
+
+def test_admission_refuses_a_burst_beyond_the_ttft_slo_and_keeps_the_admitted_in_it():
+    prompts, outputs = [800] * 200, [20] * 200
+    slo = Slo(ttft_ms=3000, tpot_ms=1000)
+    # the first request alone lets the prefill worker measure its rate (as a warm-up
+    # request does on a real one); then the burst
+    arrivals = [0.0] + [5.0 + i * 0.01 for i in range(199)]
+    run = simulate(Deployment(1, 1, 0, router=RouterConfig(default_ttft_slo_s=3.0)),
+                   profile(CPU_LIKE), prompts, outputs, arrivals)
+    summary = run.summary(slo)
+    assert summary["refused"] > 50 and summary["failed"] == 0
+    assert summary["slo_admitted_attainment"] >= 0.9
+
+
+class _Fake:
+    def __init__(self, load: WorkerLoad):
+        self.worker_id, self._load = load.worker_id, load
+
+    def load(self) -> WorkerLoad:
+        return self._load
+
+
+def test_the_indexed_choice_is_the_routers_choice():
+    rng = random.Random(5)
+    for trial in range(300):
+        fakes = [_Fake(WorkerLoad(f"w{i}", rng.randint(0, 40), 40, 16, rng.randint(0, 5),
+                                  rng.randint(0, 3), rng.randint(0, 5000), rng.randint(0, 4)))
+                 for i in range(rng.randint(1, 12))]
+        decode, prefill = DecodePicker(fakes, 4), PrefillPicker(fakes, 4)
+        for _ in range(5):  # loads change; the index is told
+            f = rng.choice(fakes)
+            f._load = WorkerLoad(f.worker_id, rng.randint(0, 40), 40, 16, rng.randint(0, 5),
+                                 rng.randint(0, 3), rng.randint(0, 5000), rng.randint(0, 4))
+            decode.update(f)
+            prefill.update(f)
+        loads = [f.load() for f in fakes]
+        n = rng.randint(1, 700)
+        want = choose_decode(loads, n, 4)
+        got = decode.pick(n)
+        assert (got.worker_id if got else None) == (want.worker_id if want else None), trial
+        want = choose_prefill(loads, n, {}, 4)
+        got = prefill.pick()
+        assert (got.worker_id if got else None) == (want.worker_id if want else None), trial
