@@ -18,10 +18,12 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.policy import WorkerLoad, choose_decode, choose_prefill
 
 STEP_S = 0.01
+FLAT = StepModel(0.0, STEP_S, 0.0, 0.0, 0.0)  # every step 10 ms, whatever it computes
+LINK = TransferModel(0.004, 1e9)
 
 
-def profile(step=StepModel(0.0, STEP_S, 0.0, 0.0, 0.0), capacity=1 << 20, router_s=0.003,
-            stream_s=0.002, transfer=TransferModel(0.004, 1e9)) -> CostProfile:
+def profile(step=FLAT, capacity=1 << 20, router_s=0.003, stream_s=0.002,
+            transfer=LINK) -> CostProfile:
     return CostProfile("measured", {}, {"num_layers": 4}, 1000, capacity, step, transfer,
                        router_s, stream_s)
 
@@ -84,7 +86,7 @@ def test_every_request_ends_and_nothing_is_left_held(deployment):
     refused = [r for r in run.results if r.refused]
     failed = [r for r in run.results if not r.success and not r.refused]
     assert len(finished) + len(refused) + len(failed) == len(prompts)
-    for r, n in zip(run.results, prompts, strict=True):
+    for r in run.results:
         assert r.success or r.refused or "fits on no worker" in r.error, r.error
         if r.success:
             assert len(r.itl) == r.output_len - 1  # every token came, once
