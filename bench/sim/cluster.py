@@ -29,6 +29,7 @@ class Deployment:
     max_num_seqs: int = 64  # the batch cap
     block_size: int = 16
     num_blocks: int | None = None  # None: the profile's KV capacity
+    heartbeat_s: float = 0.5  # how often workers publish their load to the routers
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -82,9 +83,11 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
                          max_num_batched_tokens=deployment.max_num_batched_tokens,
                          max_num_seqs=deployment.max_num_seqs,
                          block_size=deployment.block_size, num_blocks=num_blocks,
-                         keep_token_times=keep_itl)
+                         keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
                for i, role in enumerate(roles)]
     router = SimRouter(loop, deployment.router, workers, profile, sent_slo)
+    for i, w in enumerate(workers):  # heartbeats spread over a period, as threads started apart
+        w.start_heartbeat(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)
     requests = [SimRequest(i, p, o, a) for i, (p, o, a)
                 in enumerate(zip(prompt_lens, output_lens, arrivals, strict=True))]
     for r in requests:

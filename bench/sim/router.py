@@ -55,8 +55,8 @@ class _Record:
 
     def __init__(self, w: SimWorker):
         self.worker_id = w.worker_id
-        self.prefill_tokens_per_s = w.rate.tokens_per_s
-        self.decode_step_s = w.step_time.seconds
+        self.prefill_tokens_per_s = w.published_rate
+        self.decode_step_s = w.published_step_s
 
 
 class SimRouter:
@@ -75,9 +75,11 @@ class SimRouter:
         self._lines: dict[bool, deque[SimRequest]] = {True: deque(), False: deque()}
         self.queued = 0
         self.queued_tokens = 0
+        self.open = 0  # requests arrived or to arrive that have not ended
         self.slots = SlotRate()
         self.book = InterferenceBook()
         self._unfit: dict[int, set[str]] = {}
+        self._sent: dict[str, int] = {}  # worker -> prompt tokens sent, no first token yet
         self._kicking = False
         self._per_layer = 1.0 / profile.num_layers
         for w in workers:
@@ -89,6 +91,7 @@ class SimRouter:
     # -- intake and admission ---------------------------------------------------------------
 
     def arrive(self, r: SimRequest) -> None:
+        self.open += 1
         self.loop.at(r.arrival + self.profile.router_s, self._intake, r)
 
     def _intake(self, r: SimRequest) -> None:
@@ -124,16 +127,21 @@ class SimRouter:
 
     def _wait_s(self, candidates: list[SimWorker], n: int) -> float | None:
         if len(candidates) <= EXACT_UP_TO:
-            return estimate_wait_s([Backlog(w.worker_id, w.queued_tokens, w.rate.tokens_per_s)
-                                    for w in candidates], n, self.queued_tokens)
-        rates = [w.rate.tokens_per_s for w in candidates]
+            return estimate_wait_s([self._backlog(w) for w in candidates], n,
+                                   self.queued_tokens)
+        rates = [w.published_rate for w in candidates]
         if min(rates) <= 0:
             return None
         index = self._prefill_pick if candidates is self.prefills else self._local_backlog
         best = index.pick() or candidates[0]
-        return (first_token_wait_s(Backlog(best.worker_id, best.queued_tokens,
-                                           best.rate.tokens_per_s), n)
+        return (first_token_wait_s(self._backlog(best), n)
                 + router_queue_wait_s(self.queued_tokens, sum(rates)))
+
+    def _backlog(self, w: SimWorker) -> Backlog:
+        """As router.door sees a worker: the larger of its last reported queue and the
+        prompts this router sent it whose first token has not come."""
+        return Backlog(w.worker_id, max(w.record[3], self._sent.get(w.worker_id, 0)),
+                       w.published_rate)
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -152,24 +160,31 @@ class SimRouter:
 
     def _dispatch(self, r: SimRequest, disagg: bool) -> bool:
         n = r.prompt_len
-        if disagg:
-            decode = self._disagg_pick.pick(n)
-            prefill = self._prefill_pick.pick() if decode is not None else None
-            if prefill is None:
-                return False
-        else:
-            decode, prefill = self._pick_local(r), None
-            if decode is None:
-                return False
+        while True:
+            if disagg:
+                decode = self._disagg_pick.pick(n)
+                prefill = self._prefill_pick.pick() if decode is not None else None
+                if prefill is None:
+                    return False
+                if decode.reserve(r):
+                    break
+                decode.without_room()  # its heartbeat was stale: full until the next
+                self._changed(decode)
+            else:
+                decode, prefill = self._pick_local(r), None
+                if decode is None:
+                    return False
+                break
         now = self.loop.now
         r.t_dispatch = now
         decode.in_flight += 1
+        computing = prefill if disagg else decode
+        self._sent[computing.worker_id] = self._sent.get(computing.worker_id, 0) + n
         if self.sent_slo is not None:
             self.book.joined(decode.worker_id, str(r.idx),
                              0.0 if disagg else stall_s(_Record(decode), n),
                              decoding(self.sent_slo.tpot_ms, r.output_len))
         if disagg:
-            decode.reserve(r)
             prefill.in_flight += 1
             r.prefill = prefill
             prefill.add_prefill(r)
@@ -209,16 +224,20 @@ class SimRouter:
         self._changed(r.decode)
 
     def _first_token(self, r: SimRequest) -> None:
+        computing = r.prefill if r.disagg else r.decode
+        self._sent[computing.worker_id] -= r.prompt_len
         if r.disagg:  # the hand-off: the prefill slot comes back
             r.prefill.in_flight -= 1
             self.slots.released(self.queued > 0, self.loop.now)
             self._changed(r.prefill)
 
     def _finished(self, r: SimRequest) -> None:
+        self.open -= 1
         r.decode.in_flight -= 1
         if self.sent_slo is not None:
             self.book.left(r.decode.worker_id, str(r.idx))
         self.slots.released(self.queued > 0, self.loop.now)
+        self._changed(r.decode)
 
     def _changed(self, w: SimWorker) -> None:
         if w.role is WorkerRole.PREFILL:
@@ -231,4 +250,5 @@ class SimRouter:
         self._kick()
 
     def _end(self, r: SimRequest, state: State, why: str) -> None:
+        self.open -= 1
         r.state, r.error, r.t_end = state, why, self.loop.now

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
+from pdserve.bench.sim import leap
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
@@ -38,7 +39,8 @@ from pdserve.worker.rate import DecodeStepTime, PrefillRate
 class SimWorker:
     def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
                  profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
-                 block_size: int, num_blocks: int, keep_token_times: bool = False):
+                 block_size: int, num_blocks: int, keep_token_times: bool = False,
+                 heartbeat_s: float = 0.5):
         self.worker_id, self.role, self.loop, self.profile = worker_id, role, loop, profile
         self.budget, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -55,6 +57,8 @@ class SimWorker:
         self._finishes: list[tuple[int, int, int, SimRequest]] = []  # (step, idx, epoch, r)
         self._growth = [0] * block_size  # decoding sequences by block-crossing residue
         self.steps = 0
+        self._leap = None  # (start, steps, a, c, context, batch) of the leap under way
+        self._leap_epoch = 0
         self._admissions = 0  # entries into the running set, for "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
@@ -62,6 +66,12 @@ class SimWorker:
         self.step_time = DecodeStepTime()
         self.busy_s = 0.0
         self.preemptions = 0
+        self.heartbeat_s = heartbeat_s
+        self._running = lambda: False
+        # what the last heartbeat said: free blocks, running, waiting, queued prefill tokens
+        self.record = (num_blocks, 0, 0, 0)
+        self.published_rate = 0.0  # the prefill rate and decode step time it last published
+        self.published_step_s = 0.0
         # the router's hooks: a prefill ended (prefill worker), a first token, an end, and
         # "my load changed"
         self.on_prefilled: Callable[[SimRequest], None] = lambda r: None
@@ -72,9 +82,40 @@ class SimWorker:
     # -- what the router sees -----------------------------------------------------------------
 
     def load(self) -> WorkerLoad:
-        return WorkerLoad(self.worker_id, self.num_blocks - self.used_blocks, self.num_blocks,
-                          self.block_size, self.batch + len(self.prefilling),
-                          len(self.waiting), self.queued_tokens, self.in_flight)
+        """As the router sees it: the last heartbeat's figures, its own in-flight count."""
+        free, running, waiting, queued = self.record
+        return WorkerLoad(self.worker_id, free, self.num_blocks, self.block_size, running,
+                          waiting, queued, self.in_flight)
+
+    def without_room(self) -> None:
+        """A reservation found no room: seen as full until the next heartbeat (as
+        WorkerRecord.without_room)."""
+        self.record = (0, *self.record[1:])
+
+    def start_heartbeat(self, phase_s: float, running) -> None:
+        """Publish the load every heartbeat_s from `phase_s` on, while `running()` (the
+        run has requests left), as a worker's heartbeat thread does."""
+        self._running = running
+        self.loop.at(phase_s, self._beat)
+
+    def free_blocks(self) -> int:
+        """Free now. A leap took the blocks of all its steps at its start; those of the
+        steps not begun yet are not taken, as stepping one by one they would not be."""
+        used = self.used_blocks
+        if self._leap is not None:
+            t0, m, a, c, context, batch = self._leap
+            k = leap.steps_done(a, c, context, batch, self.loop.now - t0)
+            used -= leap.growth(self._growth, self.steps + k + 2, self.steps + m)
+        return self.num_blocks - used
+
+    def _beat(self) -> None:
+        self.record = (self.free_blocks(), self.batch + len(self.prefilling),
+                       len(self.waiting), self.queued_tokens)
+        self.published_rate = self.rate.tokens_per_s
+        self.published_step_s = self.step_time.seconds
+        self.on_change(self)
+        if self._running():
+            self.loop.after(self.heartbeat_s, self._beat)
 
     def holding(self) -> dict[str, int]:
         """What it holds now; all zero once every request has ended."""
@@ -88,11 +129,18 @@ class SimWorker:
 
     # -- what the router asks -------------------------------------------------------------------
 
-    def reserve(self, r: SimRequest) -> None:
-        """Hold the prompt's blocks for its KV (the router checked they fit)."""
-        r.blocks = self.blocks_for(r.prompt_len)
-        self.used_blocks += r.blocks
+    def reserve(self, r: SimRequest) -> bool:
+        """Hold the prompt's blocks for its KV; False when they do not fit now (the
+        router's view of the worker was stale)."""
+        need = self.blocks_for(r.prompt_len)
+        if need > self.free_blocks():
+            return False
+        r.blocks = need
+        self.used_blocks += need
         r.decode = self
+        if self._leap is not None:  # the blocks the leap counted on may be gone: step again
+            self._cut_leap()
+        return True
 
     def add_prefill(self, r: SimRequest) -> None:
         """Prefill the prompt here: a prefill job, or a local one on a decode or
@@ -109,13 +157,14 @@ class SimWorker:
         """(prefill worker) the decode side has the KV: free what the job held."""
         self.used_blocks -= r.held
         r.held = 0
-        self.on_change(self)
 
     # -- steps ----------------------------------------------------------------------------------
 
     def _kick(self) -> None:
         if not self.busy:
             self._start_step()
+        elif self._leap is not None:
+            self._cut_leap()
 
     def _start_step(self) -> None:
         now = self.loop.now
@@ -159,6 +208,8 @@ class SimWorker:
             self.busy = False
             self.rate.flush()
             return
+        if not chunks and not self.waiting and not self.keep_token_times and self._start_leap():
+            return
         backlog = bool(self.queued_tokens)
         tokens = decodes + sum(n for _, n in chunks)
         seconds = self.profile.step.step_s(tokens, pairs, self.context)
@@ -194,7 +245,64 @@ class SimWorker:
         if len(self.decoding) > 2 * self.batch + 64:  # drop those that left
             self.decoding = [r for r in self.decoding if r.state is State.DECODING]
         self._start_step()
-        self.on_change(self)
+
+    # -- leaps: a run of decode steps with the same batch (bench.sim.leap) ---------------------
+
+    def _start_leap(self) -> bool:
+        """Run the steps up to the next finish as one event, if there are several and their
+        blocks fit (the first step's are taken already)."""
+        heap = self._finishes
+        while heap and heap[0][2] != heap[0][3].epoch:
+            heapq.heappop(heap)
+        m = heap[0][0] - self.steps if heap else 0
+        if m < 2:
+            return False
+        more = leap.growth(self._growth, self.steps + 2, self.steps + m)
+        if more > self.num_blocks - self.used_blocks:
+            return False
+        self.used_blocks += more
+        step = self.profile.step
+        a = step.base_s + max(step.floor_s, step.token_s * self.batch)
+        self._leap_epoch += 1
+        self._leap = (self.loop.now, m, a, step.context_s, self.context, self.batch)
+        self.busy = True
+        self.loop.after(leap.run_s(a, step.context_s, self.context, self.batch, m),
+                        self._end_leap, self._leap_epoch, m)
+        return True
+
+    def _cut_leap(self) -> None:
+        """Something came for this worker mid-leap: end the leap at the end of the step in
+        progress, so the next step takes it, as the engine would."""
+        t0, m, a, c, context, batch = self._leap
+        done = leap.steps_done(a, c, context, batch, self.loop.now - t0)
+        j = min(m, done + 1)
+        if j >= m:
+            return  # the leap's own end comes first
+        self._leap_epoch += 1
+        self.loop.at(t0 + leap.run_s(a, c, context, batch, j), self._end_leap,
+                     self._leap_epoch, j)
+
+    def _end_leap(self, epoch: int, j: int) -> None:
+        if epoch != self._leap_epoch:
+            return
+        t0, m, a, c, context, batch = self._leap
+        self._leap = None
+        self.used_blocks -= leap.growth(self._growth, self.steps + j + 1, self.steps + m)
+        seconds = leap.run_s(a, c, context, batch, j)
+        self.busy_s += seconds
+        for i in range(max(0, j - 30), j):  # the meter weighs recent steps
+            self.step_time.observe(0, batch, a + c * (context + i * batch))
+        self.rate.observe(0, seconds, False)
+        self.steps += j
+        self.context += batch * j
+        heap = self._finishes
+        while heap and heap[0][0] <= self.steps:
+            _, _, ep, r = heapq.heappop(heap)
+            if ep == r.epoch:
+                self._leave_batch(r)
+                r.generated = r.output_len
+                self._finish(r)
+        self._start_step()
 
     def _prefill_done(self, r: SimRequest) -> None:
         now = self.loop.now

@@ -142,3 +142,18 @@ def test_the_indexed_choice_is_the_routers_choice():
         want = choose_prefill(loads, n, {}, 4)
         got = prefill.pick()
         assert (got.worker_id if got else None) == (want.worker_id if want else None), trial
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: f"{d.name}-{d.num_blocks}")
+def test_leaping_over_decode_steps_changes_no_request(deployment):
+    """Without per-token times the workers run a batch's steps up to its next finish as
+    one event; every request's latencies are those of stepping one by one."""
+    prompts, outputs, arrivals = _workload(300, seed=7)
+    stepped = simulate(deployment, profile(CPU_LIKE), prompts, outputs, arrivals)
+    leapt = simulate(deployment, profile(CPU_LIKE), prompts, outputs, arrivals, keep_itl=False)
+    assert leapt.events < stepped.events
+    for a, b in zip(stepped.results, leapt.results, strict=True):
+        assert (a.success, a.refused) == (b.success, b.refused)
+        assert a.ttft == pytest.approx(b.ttft, rel=1e-9, abs=1e-9)
+        assert a.latency == pytest.approx(b.latency, rel=1e-9, abs=1e-9)
+    assert all(not any(s.values()) for s in leapt.final_state.values())
