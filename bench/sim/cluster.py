@@ -90,8 +90,7 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
         w.start_heartbeat(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)
     requests = [SimRequest(i, p, o, a) for i, (p, o, a)
                 in enumerate(zip(prompt_lens, output_lens, arrivals, strict=True))]
-    for r in requests:
-        router.arrive(r)
+    router.arrive_all(requests)
     loop.run()
     stream_s = profile.stream_s
     results = [r.result(stream_s) for r in requests]

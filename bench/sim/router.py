@@ -69,9 +69,10 @@ class SimRouter:
         self.holders = [w for w in workers if w.role is not WorkerRole.PREFILL]
         limit = config.max_in_flight_per_worker
         self._disagg_pick = DecodePicker(self.decodes, limit)
-        self._local_pick = DecodePicker(self.holders, limit)
         self._prefill_pick = PrefillPicker(self.prefills, limit)
-        self._local_backlog = PrefillPicker(self.holders, limit)  # admission, local prefills
+        # for prompts prefilled where they decode; made at the first such prompt (a
+        # deployment that disaggregates everything never pays for keeping them)
+        self._local: tuple[DecodePicker, PrefillPicker] | None = None
         self._lines: dict[bool, deque[SimRequest]] = {True: deque(), False: deque()}
         self.queued = 0
         self.queued_tokens = 0
@@ -90,9 +91,20 @@ class SimRouter:
 
     # -- intake and admission ---------------------------------------------------------------
 
-    def arrive(self, r: SimRequest) -> None:
-        self.open += 1
-        self.loop.at(r.arrival + self.profile.router_s, self._intake, r)
+    def arrive_all(self, requests: list[SimRequest]) -> None:
+        """Take the requests in arrival order: each arrival schedules the next, so the
+        clock holds one pending arrival, not all of them."""
+        ordered = sorted(requests, key=lambda r: (r.arrival, r.idx))
+        self.open += len(ordered)
+        if ordered:
+            self.loop.at(ordered[0].arrival + self.profile.router_s, self._next_arrival,
+                         ordered, 0)
+
+    def _next_arrival(self, ordered: list[SimRequest], i: int) -> None:
+        if i + 1 < len(ordered):
+            self.loop.at(ordered[i + 1].arrival + self.profile.router_s, self._next_arrival,
+                         ordered, i + 1)
+        self._intake(ordered[i])
 
     def _intake(self, r: SimRequest) -> None:
         now = self.loop.now
@@ -132,7 +144,7 @@ class SimRouter:
         rates = [w.published_rate for w in candidates]
         if min(rates) <= 0:
             return None
-        index = self._prefill_pick if candidates is self.prefills else self._local_backlog
+        index = self._prefill_pick if candidates is self.prefills else self._local_index()[1]
         best = index.pick() or candidates[0]
         return (first_token_wait_s(self._backlog(best), n)
                 + router_queue_wait_s(self.queued_tokens, sum(rates)))
@@ -195,12 +207,20 @@ class SimRouter:
         self._changed(decode)
         return True
 
+    def _local_index(self) -> tuple[DecodePicker, PrefillPicker]:
+        """The decode choice and the admission backlog over the workers that prefill
+        locally (decode and colocated)."""
+        if self._local is None:
+            limit = self.config.max_in_flight_per_worker
+            self._local = (DecodePicker(self.holders, limit), PrefillPicker(self.holders, limit))
+        return self._local
+
     def _pick_local(self, r: SimRequest):
         unfit = self._unfit.pop(r.idx, set())
         if not unfit:
-            return self._local_pick.pick(r.prompt_len)
+            return self._local_index()[0].pick(r.prompt_len)
         limit = self.config.max_in_flight_per_worker
-        chosen = self._local_pick.first(
+        chosen = self._local_index()[0].first(
             lambda load: load.worker_id not in unfit and decode_fits(load, r.prompt_len, limit))
         if chosen is None:
             self._unfit[r.idx] = unfit  # still waiting: keep them passed over
@@ -243,8 +263,9 @@ class SimRouter:
         if w.role is WorkerRole.PREFILL:
             self._prefill_pick.update(w)
         else:
-            self._local_pick.update(w)
-            self._local_backlog.update(w)
+            if self._local is not None:
+                self._local[0].update(w)
+                self._local[1].update(w)
             if w.role is WorkerRole.DECODE:
                 self._disagg_pick.update(w)
         self._kick()

@@ -290,7 +290,7 @@ class SimWorker:
         self.used_blocks -= leap.growth(self._growth, self.steps + j + 1, self.steps + m)
         seconds = leap.run_s(a, c, context, batch, j)
         self.busy_s += seconds
-        for i in range(max(0, j - 30), j):  # the meter weighs recent steps
+        for i in range(max(0, j - 8), j):  # the meter weighs recent steps (weight 0.1)
             self.step_time.observe(0, batch, a + c * (context + i * batch))
         self.rate.observe(0, seconds, False)
         self.steps += j
