@@ -7,10 +7,10 @@ default (router.admission), or when, prefilled where it would decode, it would s
 requests decoding there past their TPOT SLO on every worker (router.interference). What
 is admitted is never failed for waiting.
 
-The router reports to the door as requests move: `prefill_started` / `prefill_ended`
-(the prompts it sent each worker whose first token has not come: a load report lags a
-heartbeat, and a burst arrives within one), `slots.released` (router.admission, SlotRate)
-and `interference.joined` / `left`. Runs on the router's event loop only.
+The router reports to the door as requests move: the ledger (router.ledger: the prompts it
+sent each worker whose first token has not come, since a load report lags a heartbeat and
+a burst arrives within one), `slots.released` (router.admission, SlotRate) and
+`interference.joined` / `left`. Runs on the router's event loop only.
 """
 
 from __future__ import annotations
@@ -19,20 +19,18 @@ from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
 from pdserve.router.errors import check_fits, overloaded
 from pdserve.router.interference import InterferenceBook, stall_s
+from pdserve.router.ledger import PrefillLedger
 from pdserve.router.queue import RouterQueue
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import ClusterView
 
 
 class Door:
-    def __init__(self, config, view: ClusterView, queue: RouterQueue):
+    def __init__(self, config, view: ClusterView, queue: RouterQueue, ledger: PrefillLedger):
         """`config`: the router's RouterConfig (the default TTFT SLO)."""
-        self.config, self.view, self.queue = config, view, queue
+        self.config, self.view, self.queue, self.ledger = config, view, queue, ledger
         self.slots = SlotRate()
         self.interference = InterferenceBook()
-        # per worker, this router's requests whose prefill there has not ended: tid -> tokens
-        self._prefilling: dict[str, dict[str, int]] = {}
-        self._prefill_at: dict[str, str] = {}  # tid -> the worker it prefills on
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:
         """Raise RESOURCE_EXHAUSTED to refuse the request now (see the module), or
@@ -48,7 +46,7 @@ class Door:
         prefillers = self.view.of_role(WorkerRole.PREFILL) if disagg else holders
         backlogs = [Backlog(w.worker_id,
                             max(w.record.queued_prefill_tokens,
-                                sum(self._prefilling.get(w.worker_id, {}).values())),
+                                self.ledger.tokens(w.worker_id)),
                             w.record.prefill_tokens_per_s)
                     for w in prefillers]
         wait = estimate_wait_s(backlogs, n, self.queue.queued_tokens)
@@ -67,12 +65,3 @@ class Door:
                 f"decode would stall {protected} decoding requests past their TPOT SLO on "
                 "every worker; retry later")
         return unfit
-
-    def prefill_started(self, worker_id: str, tid: str, num_tokens: int) -> None:
-        self._prefilling.setdefault(worker_id, {})[tid] = num_tokens
-        self._prefill_at[tid] = worker_id
-
-    def prefill_ended(self, tid: str) -> None:
-        """The request's prefill is over (its first token came) or will not happen."""
-        if (worker_id := self._prefill_at.pop(tid, None)) is not None:
-            self._prefilling[worker_id].pop(tid, None)

@@ -13,19 +13,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+from dataclasses import replace
 
 from pdserve.protocol import WorkerRole, block_hashes
 from pdserve.router.errors import check_fits, overloaded, unavailable
-from pdserve.router.policy import Policy, choose_decode, choose_prefill, round_robin
+from pdserve.router.ledger import PrefillLedger
+from pdserve.router.policy import (
+    Policy,
+    WorkerLoad,
+    choose_decode,
+    choose_prefill,
+    round_robin,
+)
 from pdserve.router.registry import prefix_hits
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import ClusterView, LiveWorker
 
 
 class RouterQueue:
-    def __init__(self, config, view: ClusterView, redis):
-        """`config` is the router's RouterConfig (limits, policy, refresh period)."""
-        self.config, self.view, self.redis = config, view, redis
+    def __init__(self, config, view: ClusterView, redis, ledger: PrefillLedger):
+        """`config` is the router's RouterConfig (limits, policy, refresh period);
+        `ledger` what this router sent each worker to prefill (router.ledger)."""
+        self.config, self.view, self.redis, self.ledger = config, view, redis, ledger
         self.queued = 0
         self.queued_tokens = 0
         # the lines, disaggregated and local: tickets in arrival order
@@ -112,8 +121,19 @@ class RouterQueue:
         else:
             block_size = workers[0].record.block_size
             hits = await prefix_hits(self.redis, block_hashes(tokens, block_size))
-            chosen = choose_prefill([w.load() for w in workers], len(tokens), hits, limit)
+            chosen = choose_prefill([self._prefill_load(w) for w in workers], len(tokens),
+                                    hits, limit)
         return loads[chosen.worker_id] if chosen else None
+
+
+    def _prefill_load(self, w: LiveWorker) -> WorkerLoad:
+        """Its load with the queue it reported, or what this router sent it since, if more
+        (router.ledger): within a heartbeat, a burst spreads instead of piling onto the
+        worker that last reported the shortest queue."""
+        load = w.load()
+        sent = self.ledger.tokens(w.worker_id)
+        return replace(load, queued_prefill_tokens=sent) \
+            if sent > load.queued_prefill_tokens else load
 
 
 def preferring(workers: list[LiveWorker], avoid: set[str]) -> list[LiveWorker]:

@@ -73,6 +73,7 @@ from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.intake import Intake
 from pdserve.router.interference import decoding, stall_s
+from pdserve.router.ledger import PrefillLedger
 from pdserve.router.observe import Dispatch, RequestObserver, RequestOutcome, RequestRecord, notify
 from pdserve.router.policy import should_disaggregate
 from pdserve.router.queue import RouterQueue
@@ -99,8 +100,9 @@ class Router:
         self.redis = redis
         self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host, config.curve)
-        self.queue = RouterQueue(config, self.view, redis)
-        self.door = Door(config, self.view, self.queue)
+        self.ledger = PrefillLedger()
+        self.queue = RouterQueue(config, self.view, redis, self.ledger)
+        self.door = Door(config, self.view, self.queue, self.ledger)
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
@@ -271,7 +273,7 @@ class Router:
             chunks = token_chunks(queue, decode, prefill, tid)
             async with contextlib.aclosing(chunks) as stream:
                 async for chunk in stream:
-                    self.door.prefill_ended(tid)
+                    self.ledger.ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
                         prefill.in_flight.pop(tid, None)
                         prefill = None
@@ -292,7 +294,7 @@ class Router:
                 tid, started, attempt.dispatched if attempt else 0.0, time.time(),
                 attempt.decode_id if attempt else "", attempt.prefill_id if attempt else "",
                 attempt.worker.stamps if attempt else None, error))
-            self.door.prefill_ended(tid)
+            self.ledger.ended(tid)
             if decode is not None:
                 self.door.interference.left(decode.worker_id, tid)
             self.stream.close_queue(tid)
@@ -327,13 +329,13 @@ class Router:
                 dispatched = time.time()
                 try:
                     if prefill is None:
-                        self.door.prefill_started(decode.worker_id, tid, len(req.prompt_token_ids))
+                        self.ledger.started(decode.worker_id, tid, len(req.prompt_token_ids))
                         await self._call(decode, decode.handle.generate(order))
                         return decode, None, dispatched
                     endpoint = await self._call(decode, decode.handle.reserve(order))
                     prefill.in_flight[tid] = queue
                     resend = held if held and held.prefill_id == prefill.worker_id else None
-                    self.door.prefill_started(prefill.worker_id, tid, len(req.prompt_token_ids))
+                    self.ledger.started(prefill.worker_id, tid, len(req.prompt_token_ids))
                     if resend is not None:
                         held = None  # the order below re-sends it or the worker ended it
                     if await self._call(prefill, prefill.handle.submit(PrefillOrder(
@@ -343,7 +345,7 @@ class Router:
                         resends.append(resend)
                     return decode, prefill, dispatched
                 except NoRoom:  # its heartbeat was stale: wait for room like the others
-                    self.door.prefill_ended(tid)
+                    self.ledger.ended(tid)
                     decode.in_flight.pop(tid, None)
                     decode.record = decode.record.without_room()
                 except BaseException:

@@ -82,11 +82,11 @@ def test_a_burst_counts_what_this_router_sent_since_the_last_report():
         router = _router(3.0, p)
         try:
             for i in range(2):  # 2 x 1000 tokens dispatched, none reported yet
-                router.door.prefill_started(p.worker_id, f"t{i}", 1000)
+                router.ledger.started(p.worker_id, f"t{i}", 1000)
             router.door.admit(_request(900), disagg=True)  # (2000 + 900) / 1000 = 2.9 s
             with pytest.raises(RequestError):
                 router.door.admit(_request(1100), disagg=True)  # 3.1 s
-            router.door.prefill_ended("t0")  # its first token came: no longer ahead of anyone
+            router.ledger.ended("t0")  # its first token came: no longer ahead of anyone
             router.door.admit(_request(1100), disagg=True)
         finally:
             await router.stream.close()
@@ -162,3 +162,34 @@ def test_the_router_queue_serves_its_waiters_in_arrival_order():
             await router.stream.close()
 
     asyncio.run(main())
+
+
+def test_a_burst_of_prefill_choices_spreads_before_any_load_report():
+    """Both prefill workers last reported empty queues; the prompts this router sent one
+    since count, so the next goes to the other (it used to pile onto the first)."""
+    from pdserve.deploy.redis_server import RedisServer
+    from pdserve.router.registry import async_client
+
+    server = RedisServer()
+
+    async def main():
+        p0 = _worker("p0", WorkerRole.PREFILL, queued=0, rate=1000.0)
+        p1 = _worker("p1", WorkerRole.PREFILL, queued=0, rate=1000.0)
+        d = _worker("d", WorkerRole.DECODE, queued=0, rate=0.0)
+        router = Router(RouterConfig(), None, async_client(server.url), lambda record: None)
+        router.view.workers = {w.worker_id: w for w in (p0, p1, d)}
+        try:
+            chosen = []
+            for i in range(4):
+                _, prefill = await router.queue.wait(_request(500), True, set())
+                router.ledger.started(prefill.worker_id, f"t{i}", 500)
+                chosen.append(prefill.worker_id)
+            assert chosen == ["p0", "p1", "p0", "p1"]
+        finally:
+            await router.stream.close()
+            await router.redis.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

@@ -1,0 +1,36 @@
+"""The prompts this router has sent each worker whose first token has not come: what it
+knows of a worker's prefill queue before the worker's next heartbeat says so.
+
+A heartbeat is up to a period old when the router reads it, and a burst arrives within
+one: with only the reported queues, admission would promise first tokens the queue cannot
+keep, and every prefill choice in the burst would go to the worker that last reported the
+shortest queue. Admission (router.door) and the prefill choice (router.queue) take the
+larger of the reported queue and this one. Runs on the router's event loop only.
+"""
+
+from __future__ import annotations
+
+
+class PrefillLedger:
+    def __init__(self) -> None:
+        self._at: dict[str, tuple[str, int]] = {}  # tid -> (worker, prompt tokens)
+        self._tokens: dict[str, int] = {}  # worker -> prompt tokens sent there
+
+    def started(self, worker_id: str, tid: str, num_tokens: int) -> None:
+        """`tid`'s prompt was sent to the worker to prefill."""
+        self.ended(tid)
+        self._at[tid] = (worker_id, num_tokens)
+        self._tokens[worker_id] = self._tokens.get(worker_id, 0) + num_tokens
+
+    def ended(self, tid: str) -> None:
+        """Its prefill is over (the first token came) or will not happen (idempotent)."""
+        if (entry := self._at.pop(tid, None)) is not None:
+            worker_id, n = entry
+            left = self._tokens[worker_id] - n
+            if left:
+                self._tokens[worker_id] = left
+            else:
+                del self._tokens[worker_id]
+
+    def tokens(self, worker_id: str) -> int:
+        return self._tokens.get(worker_id, 0)
