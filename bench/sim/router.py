@@ -80,7 +80,6 @@ class SimRouter:
         self.slots = SlotRate()
         self.book = InterferenceBook()
         self._unfit: dict[int, set[str]] = {}
-        self._sent: dict[str, int] = {}  # worker -> prompt tokens sent, no first token yet
         self._kicking = False
         self._per_layer = 1.0 / profile.num_layers
         for w in workers:
@@ -152,8 +151,7 @@ class SimRouter:
     def _backlog(self, w: SimWorker) -> Backlog:
         """As router.door sees a worker: the larger of its last reported queue and the
         prompts this router sent it whose first token has not come."""
-        return Backlog(w.worker_id, max(w.record[3], self._sent.get(w.worker_id, 0)),
-                       w.published_rate)
+        return Backlog(w.worker_id, max(w.record[3], w.sent_tokens), w.published_rate)
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -190,8 +188,7 @@ class SimRouter:
         now = self.loop.now
         r.t_dispatch = now
         decode.in_flight += 1
-        computing = prefill if disagg else decode
-        self._sent[computing.worker_id] = self._sent.get(computing.worker_id, 0) + n
+        (prefill if disagg else decode).sent_tokens += n
         if self.sent_slo is not None:
             self.book.joined(decode.worker_id, str(r.idx),
                              0.0 if disagg else stall_s(_Record(decode), n),
@@ -244,12 +241,13 @@ class SimRouter:
         self._changed(r.decode)
 
     def _first_token(self, r: SimRequest) -> None:
-        computing = r.prefill if r.disagg else r.decode
-        self._sent[computing.worker_id] -= r.prompt_len
+        (r.prefill if r.disagg else r.decode).sent_tokens -= r.prompt_len
         if r.disagg:  # the hand-off: the prefill slot comes back
             r.prefill.in_flight -= 1
             self.slots.released(self.queued > 0, self.loop.now)
             self._changed(r.prefill)
+        else:
+            self._changed(r.decode)
 
     def _finished(self, r: SimRequest) -> None:
         self.open -= 1

@@ -62,6 +62,7 @@ class SimWorker:
         self._admissions = 0  # entries into the running set, for "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
+        self.sent_tokens = 0  # prompt tokens the router sent it, no first token yet (ditto)
         self.rate = PrefillRate()
         self.step_time = DecodeStepTime()
         self.busy_s = 0.0
@@ -82,10 +83,12 @@ class SimWorker:
     # -- what the router sees -----------------------------------------------------------------
 
     def load(self) -> WorkerLoad:
-        """As the router sees it: the last heartbeat's figures, its own in-flight count."""
+        """As the router sees it: the last heartbeat's figures, its own in-flight count,
+        and the prefill queue it reported or what the router sent since, if more
+        (router.ledger)."""
         free, running, waiting, queued = self.record
         return WorkerLoad(self.worker_id, free, self.num_blocks, self.block_size, running,
-                          waiting, queued, self.in_flight)
+                          waiting, max(queued, self.sent_tokens), self.in_flight)
 
     def without_room(self) -> None:
         """A reservation found no room: seen as full until the next heartbeat (as
@@ -122,7 +125,7 @@ class SimWorker:
         return {"used_blocks": self.used_blocks, "in_flight": self.in_flight,
                 "batch": self.batch, "context": self.context,
                 "queued_tokens": self.queued_tokens, "waiting": len(self.waiting),
-                "prefilling": len(self.prefilling)}
+                "prefilling": len(self.prefilling), "sent_tokens": self.sent_tokens}
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
