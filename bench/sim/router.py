@@ -73,6 +73,10 @@ class SimRouter:
         # for prompts prefilled where they decode; made at the first such prompt (a
         # deployment that disaggregates everything never pays for keeping them)
         self._local: tuple[DecodePicker, PrefillPicker] | None = None
+        # the prefill rates the workers published, summed over the prefill workers (False)
+        # and the local ones (True), with how many have published none yet
+        self._rate_of: dict[str, float] = {w.worker_id: 0.0 for w in workers}
+        self._rates = {False: [len(self.prefills), 0.0], True: [len(self.holders), 0.0]}
         self._lines: dict[bool, deque[SimRequest]] = {True: deque(), False: deque()}
         self.queued = 0
         self.queued_tokens = 0
@@ -140,13 +144,14 @@ class SimRouter:
         if len(candidates) <= EXACT_UP_TO:
             return estimate_wait_s([self._backlog(w) for w in candidates], n,
                                    self.queued_tokens)
-        rates = [w.published_rate for w in candidates]
-        if min(rates) <= 0:
+        local = candidates is not self.prefills
+        unmeasured, total_rate = self._rates[local]
+        if unmeasured:
             return None
-        index = self._prefill_pick if candidates is self.prefills else self._local_index()[1]
+        index = self._local_index()[1] if local else self._prefill_pick
         best = index.pick() or candidates[0]
         return (first_token_wait_s(self._backlog(best), n)
-                + router_queue_wait_s(self.queued_tokens, sum(rates)))
+                + router_queue_wait_s(self.queued_tokens, total_rate))
 
     def _backlog(self, w: SimWorker) -> Backlog:
         """As router.door sees a worker: the larger of its last reported queue and the
@@ -258,6 +263,11 @@ class SimRouter:
         self._changed(r.decode)
 
     def _changed(self, w: SimWorker) -> None:
+        if (rate := w.published_rate) != (old := self._rate_of[w.worker_id]):
+            self._rate_of[w.worker_id] = rate
+            agg = self._rates[w.role is not WorkerRole.PREFILL]
+            agg[0] += (rate <= 0) - (old <= 0)
+            agg[1] += rate - old
         if w.role is WorkerRole.PREFILL:
             self._prefill_pick.update(w)
         else:

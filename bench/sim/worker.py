@@ -108,7 +108,7 @@ class SimWorker:
         if self._leap is not None:
             t0, m, a, c, context, batch = self._leap
             k = leap.steps_done(a, c, context, batch, self.loop.now - t0)
-            used -= leap.growth(self._growth, self.steps + k + 2, self.steps + m)
+            used -= leap.growth(self._growth, self.steps + k + 2, self.steps + m, self.batch)
         return self.num_blocks - used
 
     def _beat(self) -> None:
@@ -260,7 +260,7 @@ class SimWorker:
         m = heap[0][0] - self.steps if heap else 0
         if m < 2:
             return False
-        more = leap.growth(self._growth, self.steps + 2, self.steps + m)
+        more = leap.growth(self._growth, self.steps + 2, self.steps + m, self.batch)
         if more > self.num_blocks - self.used_blocks:
             return False
         self.used_blocks += more
@@ -290,10 +290,11 @@ class SimWorker:
             return
         t0, m, a, c, context, batch = self._leap
         self._leap = None
-        self.used_blocks -= leap.growth(self._growth, self.steps + j + 1, self.steps + m)
+        self.used_blocks -= leap.growth(self._growth, self.steps + j + 1, self.steps + m,
+                                        self.batch)
         seconds = leap.run_s(a, c, context, batch, j)
         self.busy_s += seconds
-        for i in range(max(0, j - 8), j):  # the meter weighs recent steps (weight 0.1)
+        for i in range(max(0, j - 4), j):  # the meter weighs recent steps most
             self.step_time.observe(0, batch, a + c * (context + i * batch))
         self.rate.observe(0, seconds, False)
         self.steps += j
