@@ -18,9 +18,9 @@ from pdserve.deploy.bench_cmd import add_bench, is_experiment, run_bench
 from pdserve.deploy.client_cmds import add_generate, add_status
 from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.profile_cmd import add_profile, measures
+from pdserve.deploy.serve_cmd import add_serve
 from pdserve.deploy.sim_cmds import COMMANDS as SIM_COMMANDS
 from pdserve.deploy.sim_cmds import add_sim, run_sim
-from pdserve.deploy.serve_cmd import add_serve
 
 DESCRIPTION = """\
 pdserve serves large language models with disaggregated prefill and decode.

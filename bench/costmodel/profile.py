@@ -105,8 +105,8 @@ class CostProfile:
 
     @property
     def num_layers(self) -> int:
-        """The model's layers (`model["num_layers"]`): the KV streams layer by layer."""
-        return max(1, int(self.model.get("num_layers", 1)))
+        """The model's layers (`model["layers"]`): the KV streams layer by layer."""
+        return max(1, int(self.model.get("layers", 1)))
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -68,10 +68,13 @@ class SimRun:
 
 def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence[int],
              output_lens: Sequence[int], arrivals: Sequence[float], *,
-             sent_slo: Slo | None = None, keep_itl: bool = True) -> SimRun:
+             sent_slo: Slo | None = None, keep_itl: bool = True,
+             warm: bool = False) -> SimRun:
     """Run the requests (prompt length, output length, arrival time each) to the end.
     `sent_slo`: SLOs sent with every request (the router's admission then uses them);
-    `keep_itl`: record every token's time (the ITL statistics need them; costs memory)."""
+    `keep_itl`: record every token's time (the ITL statistics need them; costs memory);
+    `warm`: the workers start with their prefill rate and decode step time measured, as
+    after warm-up requests (else admission admits everything until they have measured)."""
     if not len(prompt_lens) == len(output_lens) == len(arrivals):
         raise ValueError("prompt_lens, output_lens and arrivals must be the same length")
     loop = EventLoop()
@@ -85,6 +88,9 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
                          block_size=deployment.block_size, num_blocks=num_blocks,
                          keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
                for i, role in enumerate(roles)]
+    if warm:
+        for w in workers:
+            w.warm_up()
     router = SimRouter(loop, deployment.router, workers, profile, sent_slo)
     for i, w in enumerate(workers):  # heartbeats spread over a period, as threads started apart
         w.start_heartbeat(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo, goodput_per_worker
-from pdserve.bench.serve_bench import build_samples
 from pdserve.bench.sim.cluster import Deployment, simulate
-from pdserve.bench.workload import DEFAULT_TRACES_DIR, TRACES, arrival_times
+from pdserve.bench.sim.workload import EXACT_UP_TO, requests
+from pdserve.bench.workload import DEFAULT_TRACES_DIR, TRACES
 from pdserve.router.config import RouterConfig
 
 
@@ -83,14 +83,10 @@ def add_workload_flags(ap: argparse.ArgumentParser) -> None:
 def run_point(deployment: Deployment, profile: CostProfile, args, rate: float, seed: int,
               slo: Slo | None, keep_itl: bool = True) -> dict:
     """One (rate, seed) run: its summary, as `pdserve bench` writes it."""
-    samples = build_samples(replace_args(args, seed=seed))
-    if all(s.arrival is not None for s in samples):
-        times = [s.arrival for s in samples]
-    else:
-        times = arrival_times(len(samples), rate, args.burstiness, seed)
+    reqs = requests(args, seed)
     t0 = time.perf_counter()
-    run = simulate(deployment, profile, [len(s.prompt) for s in samples],
-                   [s.output_len for s in samples], times,
+    run = simulate(deployment, profile, reqs.prompt_lens, reqs.output_lens,
+                   reqs.arrivals(rate, args.burstiness, seed),
                    sent_slo=slo if args.send_slo else None, keep_itl=keep_itl)
     result = run.summary(slo, profile.kv_bytes_per_token)
     result.update({"backend": "simulated", "deployment": deployment.name,
@@ -101,17 +97,14 @@ def run_point(deployment: Deployment, profile: CostProfile, args, rate: float, s
     return result
 
 
-def replace_args(args, **changes) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), **changes})
-
-
 def simulate_sweep(deployment: Deployment, profile: CostProfile, args, slo: Slo | None,
                    progress: bool = True) -> dict:
     runs = []
     plan = [(rate, seed) for rate in args.request_rate for seed in args.seeds]
     for rate, seed in tqdm(plan, desc=f"simulating {deployment.name}", file=sys.stderr,
                            disable=not progress or len(plan) < 2):
-        runs.append(run_point(deployment, profile, args, rate, seed, slo))
+        runs.append(run_point(deployment, profile, args, rate, seed, slo,
+                              keep_itl=args.num_prompts <= EXACT_UP_TO))
     out = {"deployment": deployment.name, "num_workers": deployment.workers,
            "profile": {"source": profile.source, "machine": profile.machine,
                        "model": profile.model}, "runs": runs}

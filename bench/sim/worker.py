@@ -95,6 +95,15 @@ class SimWorker:
         WorkerRecord.without_room)."""
         self.record = (0, *self.record[1:])
 
+    def warm_up(self) -> None:
+        """Start with the meters a warm-up leaves: the prefill rate of a full chunk (up to
+        1,024 tokens) and the step time of one decoding sequence, both published."""
+        n = min(self.budget, 1024)
+        self.rate.tokens_per_s = n / self.profile.step.step_s(n, chunk_pairs(0, n))
+        self.step_time.seconds = self.profile.step.step_s(1, 0, n)
+        self.published_rate, self.published_step_s = self.rate.tokens_per_s, \
+            self.step_time.seconds
+
     def start_heartbeat(self, phase_s: float, running) -> None:
         """Publish the load every heartbeat_s from `phase_s` on, while `running()` (the
         run has requests left), as a worker's heartbeat thread does."""

@@ -24,7 +24,7 @@ LINK = TransferModel(0.004, 1e9)
 
 def profile(step=FLAT, capacity=1 << 20, router_s=0.003, stream_s=0.002,
             transfer=LINK) -> CostProfile:
-    return CostProfile("measured", {}, {"num_layers": 4}, 1000, capacity, step, transfer,
+    return CostProfile("measured", {}, {"layers": 4}, 1000, capacity, step, transfer,
                        router_s, stream_s)
 
 
