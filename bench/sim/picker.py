@@ -25,6 +25,7 @@ class _Index:
         self._rank = rank
         self._heap: list[tuple[tuple, int, object]] = []
         self._version: dict[str, int] = {}
+        self._seen: dict[str, WorkerLoad] = {}  # the load each worker was last ranked by
         self._members = {w.worker_id: w for w in workers}
         for w in self._members.values():
             self.update(w)
@@ -33,9 +34,12 @@ class _Index:
         """The worker's load changed: rank it anew."""
         if worker.worker_id not in self._members:
             return
+        load = worker.load()
+        if self._seen.get(worker.worker_id) == load:
+            return  # the same load: its entry stands
+        self._seen[worker.worker_id] = load
         version = self._version.get(worker.worker_id, 0) + 1
         self._version[worker.worker_id] = version
-        load = worker.load()
         if load.in_flight < self.max_in_flight:
             heapq.heappush(self._heap, (self._rank(load), version, worker))
         if len(self._heap) > 4 * len(self._members) + 64:

@@ -79,8 +79,8 @@ class Prober:
     def requests(self, seed: int) -> Requests:
         """The same requests at every rate (a random dataset's lengths, a trace's), so the
         search compares rates, not draws."""
-        if seed not in self._requests:
-            self._requests[seed] = requests(self.args, seed)
+        if seed not in self._requests:  # lengths are all a search needs
+            self._requests[seed] = requests(self.args, seed, exact=False)
         return self._requests[seed]
 
     def attainment(self, deployment: Deployment, rate: float) -> float:

@@ -121,11 +121,13 @@ class SimWorker:
         return self.num_blocks - used
 
     def _beat(self) -> None:
-        self.record = (self.free_blocks(), self.batch + len(self.prefilling),
-                       len(self.waiting), self.queued_tokens)
-        self.published_rate = self.rate.tokens_per_s
-        self.published_step_s = self.step_time.seconds
-        self.on_change(self)
+        record = (self.free_blocks(), self.batch + len(self.prefilling), len(self.waiting),
+                  self.queued_tokens)
+        rates = (self.rate.tokens_per_s, self.step_time.seconds)
+        if record != self.record or rates != (self.published_rate, self.published_step_s):
+            self.record = record
+            self.published_rate, self.published_step_s = rates
+            self.on_change(self)  # an unchanged report changes no one's choice
         if self._running():
             self.loop.after(self.heartbeat_s, self._beat)
 

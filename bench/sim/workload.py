@@ -44,9 +44,12 @@ class Requests:
         return [t * stretch for t in self.trace_times]
 
 
-def requests(args, seed: int) -> Requests:
-    """What `pdserve bench` would send with these flags (see the module)."""
-    if args.num_prompts <= EXACT_UP_TO:
+def requests(args, seed: int, exact: bool | None = None) -> Requests:
+    """What `pdserve bench` would send with these flags (see the module); `exact`: its very
+    requests (True), lengths drawn alone (False), or the former up to EXACT_UP_TO (None)."""
+    if exact is None:
+        exact = args.num_prompts <= EXACT_UP_TO
+    if exact:
         samples = build_samples(with_args(args, seed=seed))
         times = ([s.arrival for s in samples] if args.dataset != "random" else None)
         return Requests([len(s.prompt) for s in samples], [s.output_len for s in samples],
