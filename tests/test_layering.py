@@ -23,9 +23,10 @@ ALLOWED = {
     "deploy": {"protocol", "rpc", "models", "engine", "kvtransfer", "worker", "prefill_worker",
                "decode_worker", "router", "bench"},
     # microbenchmarks below the public API: the engine, the transports, and the workers in
-    # local processes (deploy.local), as `pdserve serve` would place them
+    # local processes (deploy.local), as `pdserve serve` would place them; the simulator
+    # (bench.sim) runs the router's own admission and routing functions
     "bench": {"protocol", "rpc", "models", "engine", "kvtransfer", "worker", "prefill_worker",
-              "decode_worker", "deploy"},
+              "decode_worker", "deploy", "router"},
     "pdserve": {"deploy"},  # the root package: `python -m pdserve` runs the CLI
 }
 FOLDERS = {part: ROOT / part for part in ALLOWED}
