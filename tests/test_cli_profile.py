@@ -80,8 +80,8 @@ def test_quick_measurement_fits_its_own_points(tiny_llama_dir, tmp_path, capsys)
     assert {p[0] for p in points} == {"prefill", "decode", "mixed"}
     assert any(p[2] > p[1] * (p[1] + 1) // 2 for p in points)  # a chunk after an offset
     # a loose bound: timings on a shared machine are noisy, a broken fit is far off
-    errors = sorted(abs(profile.step.step_s(t, pairs, ctx) / s - 1)
-                    for _, t, pairs, ctx, s in points)
+    errors = sorted(abs(profile.step.step_s(t, pairs, ctx, seqs) / s - 1)
+                    for _, t, pairs, ctx, s, seqs in points)
     assert errors[len(errors) // 2] < 1.0
     assert profile.transfer.bytes_per_s > 0 and len(profile.sources["transfer_points"]) > 0
     assert "--quick" in profile.sources["command"]

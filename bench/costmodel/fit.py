@@ -42,6 +42,7 @@ class StepObservation:
     context: int  # context tokens the decoding sequences read, summed
     seconds: float
     kind: str = ""  # "prefill", "decode" or "mixed": for plots and per-kind residuals
+    seqs: int = 0  # decoding sequences in the step
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.pairs < 0 or self.context < 0 or not self.seconds > 0:
@@ -124,8 +125,9 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _step_design(tokens: np.ndarray, pairs: np.ndarray, context: np.ndarray,
-                 knee: float) -> np.ndarray:
-    return np.column_stack([np.ones_like(tokens), np.maximum(tokens, knee), pairs, context])
+                 seqs: np.ndarray, knee: float) -> np.ndarray:
+    return np.column_stack([np.ones_like(tokens), np.maximum(tokens, knee), pairs, context,
+                            seqs])
 
 
 def _golden_min(f, lo: float, hi: float, iterations: int = 40) -> float:
@@ -155,10 +157,11 @@ def fit_step(observations: Sequence[StepObservation], knees: int = 40) -> StepFi
     t = np.array([o.tokens for o in observations], dtype=float)
     p = np.array([o.pairs for o in observations], dtype=float)
     c = np.array([o.context for o in observations], dtype=float)
+    q = np.array([o.seqs for o in observations], dtype=float)
     y = np.array([o.seconds for o in observations], dtype=float)
 
     def loss_at(knee: float) -> tuple[float, np.ndarray]:
-        coef, loss = _relative_nnls(_step_design(t, p, c, knee), y)
+        coef, loss = _relative_nnls(_step_design(t, p, c, q, knee), y)
         return loss, coef
 
     grid = [0.0, *np.geomspace(t.min(), t.max(), knees)]
@@ -168,10 +171,11 @@ def fit_step(observations: Sequence[StepObservation], knees: int = 40) -> StepFi
         lo, hi = np.log(max(t.min(), best_knee / ratio)), np.log(min(t.max(), best_knee * ratio))
         refined = _golden_min(lambda u: loss_at(float(np.exp(u)))[0], lo, hi)
         best_knee = min((loss_at(k)[0], k) for k in (best_knee, float(np.exp(refined))))[1]
-    _, (base, token, pair, ctx) = loss_at(best_knee)
+    _, (base, token, pair, ctx, seq) = loss_at(best_knee)
     model = StepModel(base_s=float(base), floor_s=float(token * best_knee), token_s=float(token),
-                      pair_s=float(pair), context_s=float(ctx))
-    predicted = np.array([model.step_s(o.tokens, o.pairs, o.context) for o in observations])
+                      pair_s=float(pair), context_s=float(ctx), seq_s=float(seq))
+    predicted = np.array([model.step_s(o.tokens, o.pairs, o.context, o.seqs)
+                          for o in observations])
     kinds = sorted({o.kind for o in observations if o.kind})
     by_kind = {k: Residuals.of(predicted[[o.kind == k for o in observations]],
                                y[[o.kind == k for o in observations]]) for k in kinds}

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pdserve.bench.costmodel import machine
+from pdserve.bench.costmodel.contention import measure_contention
 from pdserve.bench.costmodel.fit import fit_step, fit_transfer
 from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.costmodel.steps import FULL, QUICK, measure_steps
@@ -79,13 +80,20 @@ def measure(opts: Options) -> CostProfile:
     torch.set_num_threads(opts.threads)
     grid = replace(QUICK if opts.quick else FULL, repeats=opts.repeats)
     sizes = QUICK_SIZES if opts.quick else SIZES
-    cores_usable = len(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0))
+    cores_usable = len(cores)
+    other_core = cores[opts.threads] if len(cores) > opts.threads else None
     with _pinned(opts.threads):
         about = machine.describe(opts.threads, cores_usable)
         with _bar(grid.num_points, "engine steps") as bar:
             steps = measure_steps(path, grid, bar)
         with _bar(len(sizes), "KV transfers") as bar:
             transfers = measure_transfers(sizes, cfg.num_layers, opts.transfer_repeats, bar)
+        if opts.quick:
+            contention = {"decode": 0.0, "prefill": 0.0, "note": "--quick: not measured"}
+        else:
+            with _bar(3, "beside a co-runner") as bar:
+                contention = measure_contention(path, other_core, bar)
     if opts.skip_cluster:
         router = {"router_s": 0.0, "stream_s": 0.0,
                   "note": "not measured (--skip-cluster): router_s and stream_s are 0"}
@@ -109,6 +117,8 @@ def measure(opts: Options) -> CostProfile:
         transfer=transfer_fit.model,
         router_s=router["router_s"],
         stream_s=router["stream_s"],
+        contention_decode=contention["decode"],
+        contention_prefill=contention["prefill"],
         sources={
             "command": opts.command,
             "method": "pdserve profile (bench/costmodel/measure.py): the real engine's "
@@ -119,10 +129,12 @@ def measure(opts: Options) -> CostProfile:
             "step_fit": step_fit.summary(),
             "transfer_fit": {**transfer_fit.summary(), "transport": "zmq tcp loopback"},
             "router": router,
+            "contention": contention,
             "roofline_ratios": machine.roofline_ratios(step_fit.model, cfg, about),
             "grid": asdict(grid),
-            # [kind, tokens, pairs, context, seconds]: to plot or fit again
-            "step_points": [[o.kind, o.tokens, o.pairs, o.context, o.seconds] for o in steps],
+            # [kind, tokens, pairs, context, seconds, seqs]: to plot or fit again
+            "step_points": [[o.kind, o.tokens, o.pairs, o.context, o.seconds, o.seqs]
+                            for o in steps],
             "transfer_points": [list(p) for p in transfers],
         },
     )

@@ -30,7 +30,7 @@ def plot_profile(profile: CostProfile, path: Path | str) -> None:
         if not rows:
             continue
         measured = [1e3 * p[4] for p in rows]
-        fitted = [1e3 * step.step_s(p[1], p[2], p[3]) for p in rows]
+        fitted = [1e3 * step.step_s(p[1], p[2], p[3], p[5] if len(p) > 5 else 0) for p in rows]
         left.scatter(measured, fitted, s=18, color=color, label=kind)
         middle.scatter([p[1] for p in rows], [100 * (f / m - 1) for f, m in
                                               zip(fitted, measured, strict=True)],

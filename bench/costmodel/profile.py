@@ -7,6 +7,7 @@ The step model. One engine step computes `tokens` new tokens: the chunks of the 
 prefills plus one per decoding sequence. It costs
 
     step_s = base_s + max(floor_s, token_s * tokens) + pair_s * pairs + context_s * context
+             + seq_s * seqs
 
 - `floor_s`: reading the weights once (the memory-bound floor every step pays), and
   `token_s` the per-token cost of the linear layers once they are compute-bound; the step is
@@ -15,7 +16,13 @@ prefills plus one per decoding sequence. It costs
   tokens after o already computed ones attends n * o + n * (n + 1) / 2 pairs (`chunk_pairs`).
 - `context`: decode attention, the context tokens (KV entries) the decoding sequences read,
   summed over the sequences of the step.
+- `seqs`: the decoding sequences of the step; `seq_s` what each costs beyond its token and
+  its context (its own attention call, sampling row and bookkeeping).
 - `base_s`: what a step costs beyond those (scheduling, sampling, launch overheads).
+
+Neighbours: `contention_decode` / `contention_prefill`, how much slower a step (without / with
+a prompt chunk) runs while another worker computes on the same host (shared memory bus and
+caches: bench.costmodel.contention); 0 for a GPU, which a worker has to itself.
 
 KV transfer: `latency_s + bytes / bytes_per_s` per transfer (the prefill's KV, all layers).
 The router's path: `router_s` per request from arrival to the order reaching a worker, and
@@ -46,16 +53,17 @@ class StepModel:
     token_s: float
     pair_s: float
     context_s: float
+    seq_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not value >= 0:
                 raise ValueError(f"step model: {name} must be >= 0, got {value}")
 
-    def step_s(self, tokens: int, pairs: int = 0, context: int = 0) -> float:
+    def step_s(self, tokens: int, pairs: int = 0, context: int = 0, seqs: int = 0) -> float:
         """Seconds of one step (see the module)."""
         return (self.base_s + max(self.floor_s, self.token_s * tokens)
-                + self.pair_s * pairs + self.context_s * context)
+                + self.pair_s * pairs + self.context_s * context + self.seq_s * seqs)
 
     @property
     def knee_tokens(self) -> float:
@@ -89,6 +97,8 @@ class CostProfile:
     transfer: TransferModel
     router_s: float = 0.0
     stream_s: float = 0.0
+    contention_decode: float = 0.0
+    contention_prefill: float = 0.0
     # where each number came from (a datasheet's URL, the command that measured it) and
     # how well the fit held (residuals)
     sources: dict = field(default_factory=dict)
@@ -100,8 +110,9 @@ class CostProfile:
                              f"version {VERSION}")
         if self.kv_bytes_per_token <= 0 or self.kv_capacity_tokens <= 0:
             raise ValueError("kv_bytes_per_token and kv_capacity_tokens must be > 0")
-        if self.router_s < 0 or self.stream_s < 0:
-            raise ValueError("router_s and stream_s must be >= 0")
+        if min(self.router_s, self.stream_s, self.contention_decode,
+               self.contention_prefill) < 0:
+            raise ValueError("router_s, stream_s and the contentions must be >= 0")
 
     @property
     def num_layers(self) -> int:

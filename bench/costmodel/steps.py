@@ -97,22 +97,24 @@ QUICK = Grid(prefill_chunks=(8, 32, 128), prefill_offsets=(128,), offset_chunks=
 Run = Callable[[], tuple[float, tuple[int, int, int]]]
 
 
-def step_features(batch: ScheduledBatch) -> tuple[int, int, int]:
-    """(tokens, pairs, context) of a scheduled step. An item computing an output token
-    decodes and reads `end` keys; any other computes a prompt chunk (chunk_pairs)."""
-    tokens = pairs = context = 0
+def step_features(batch: ScheduledBatch) -> tuple[int, int, int, int]:
+    """(tokens, pairs, context, decoding sequences) of a scheduled step. An item computing an
+    output token decodes and reads `end` keys; any other computes a prompt chunk
+    (chunk_pairs)."""
+    tokens = pairs = context = seqs = 0
     for item in batch.requests:
         tokens += item.num_new_tokens
         if item.start >= item.request.num_prompt_tokens:
             context += item.end
+            seqs += 1
         else:
             pairs += chunk_pairs(item.start, item.num_new_tokens)
-    return tokens, pairs, context
+    return tokens, pairs, context, seqs
 
 
-def timed_step(engine: Engine) -> tuple[float, tuple[int, int, int]]:
+def timed_step(engine: Engine) -> tuple[float, tuple[int, int, int, int]]:
     """Seconds of one `engine.step()` and what it computed."""
-    seen: list[tuple[int, int, int]] = []
+    seen: list[tuple[int, int, int, int]] = []
 
     def note(batch: ScheduledBatch):
         seen.append(step_features(batch))
@@ -133,8 +135,8 @@ def point(run: Run, kind: str, repeats: int, budget_s: float) -> StepObservation
     wanted = max(1, min(repeats, int(budget_s / max(first[0], 1e-6))))
     while len(runs) < wanted:
         runs.append(run())
-    seconds, (tokens, pairs, context) = sorted(runs)[(len(runs) - 1) // 2]
-    return StepObservation(tokens, pairs, context, seconds, kind)
+    seconds, (tokens, pairs, context, seqs) = sorted(runs)[(len(runs) - 1) // 2]
+    return StepObservation(tokens, pairs, context, seconds, kind, seqs)
 
 
 class _Prompts:

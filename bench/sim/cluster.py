@@ -30,6 +30,10 @@ class Deployment:
     block_size: int = 16
     num_blocks: int | None = None  # None: the profile's KV capacity
     heartbeat_s: float = 0.5  # how often workers publish their load to the routers
+    # workers per host, sharing its memory bus (the profile's contention applies among
+    # them); None: a measured profile's usable cores (one worker per core, as deployed on
+    # the machine it measured), else 1 (a GPU each)
+    host_size: int | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,11 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
                          block_size=deployment.block_size, num_blocks=num_blocks,
                          keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
                for i, role in enumerate(roles)]
+    host = deployment.host_size or (int(profile.machine.get("cores_usable", 1))
+                                     if profile.source == "measured" else 1)
+    for i in range(0, len(workers), host):
+        for w in workers[i:i + host]:
+            w.neighbours = [n for n in workers[i:i + host] if n is not w]
     if warm:
         for w in workers:
             w.warm_up()

@@ -67,6 +67,7 @@ class SimWorker:
         self.step_time = DecodeStepTime()
         self.busy_s = 0.0
         self.preemptions = 0
+        self.neighbours: list[SimWorker] = []  # workers on the same host (contention)
         self.heartbeat_s = heartbeat_s
         self._running = lambda: False
         # what the last heartbeat said: free blocks, running, waiting, queued prefill tokens
@@ -100,7 +101,7 @@ class SimWorker:
         1,024 tokens) and the step time of one decoding sequence, both published."""
         n = min(self.budget, 1024)
         self.rate.tokens_per_s = n / self.profile.step.step_s(n, chunk_pairs(0, n))
-        self.step_time.seconds = self.profile.step.step_s(1, 0, n)
+        self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1)
         self.published_rate, self.published_step_s = self.rate.tokens_per_s, \
             self.step_time.seconds
 
@@ -222,11 +223,20 @@ class SimWorker:
             self.busy = False
             self.rate.flush()
             return
-        if not chunks and not self.waiting and not self.keep_token_times and self._start_leap():
+        if not self.busy and self.neighbours:  # starting to compute: neighbours slow down
+            for n in self.neighbours:
+                if n._leap is not None and self._contends():
+                    n._cut_leap()
+        contended = self._contended()
+        if not chunks and not self.waiting and not self.keep_token_times and not contended \
+                and self._start_leap():
             return
         backlog = bool(self.queued_tokens)
         tokens = decodes + sum(n for _, n in chunks)
-        seconds = self.profile.step.step_s(tokens, pairs, self.context)
+        seconds = self.profile.step.step_s(tokens, pairs, self.context, decodes)
+        if contended:
+            seconds *= 1.0 + (self.profile.contention_prefill if chunks
+                              else self.profile.contention_decode)
         self.busy = True
         self.loop.after(seconds, self._end_step, chunks, decodes, seconds, backlog)
 
@@ -260,6 +270,14 @@ class SimWorker:
             self.decoding = [r for r in self.decoding if r.state is State.DECODING]
         self._start_step()
 
+    def _contended(self) -> bool:
+        """A neighbour on this host computes now (its step slows this one's). A host of
+        neighbours steps one by one: their steps' times depend on each other."""
+        return self._contends() and any(n.busy for n in self.neighbours)
+
+    def _contends(self) -> bool:
+        return self.profile.contention_decode > 0 or self.profile.contention_prefill > 0
+
     # -- leaps: a run of decode steps with the same batch (bench.sim.leap) ---------------------
 
     def _start_leap(self) -> bool:
@@ -276,7 +294,7 @@ class SimWorker:
             return False
         self.used_blocks += more
         step = self.profile.step
-        a = step.base_s + max(step.floor_s, step.token_s * self.batch)
+        a = step.base_s + max(step.floor_s, step.token_s * self.batch) + step.seq_s * self.batch
         self._leap_epoch += 1
         self._leap = (self.loop.now, m, a, step.context_s, self.context, self.batch)
         self.busy = True

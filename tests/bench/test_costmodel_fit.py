@@ -21,29 +21,33 @@ from pdserve.bench.costmodel.profile import (
 )
 
 # every term matters somewhere on the grid: the knee at ~7 tokens, pairs a third of a long
-# chunk at a large offset, context a third of a large decode batch
-TRUE = StepModel(base_s=0.004, floor_s=0.025, token_s=0.0035, pair_s=1e-6, context_s=5e-6)
+# chunk at a large offset, context a third of a large decode batch, a sequence's own cost a
+# fifth of a small decode step
+TRUE = StepModel(base_s=0.004, floor_s=0.025, token_s=0.0035, pair_s=1e-6, context_s=5e-6,
+                 seq_s=0.002)
 
 
-def grid() -> list[tuple[int, int, int, str]]:
-    """(tokens, pairs, context, kind) shaped like `pdserve profile`'s grid."""
-    rows = [(n, chunk_pairs(o, n), 0, "prefill")
+def grid() -> list[tuple[int, int, int, str, int]]:
+    """(tokens, pairs, context, kind, seqs) shaped like `pdserve profile`'s grid."""
+    rows = [(n, chunk_pairs(o, n), 0, "prefill", 0)
             for n in (16, 32, 64, 128, 256, 512, 1024, 2048) for o in (0, 512, 1536)]
-    rows += [(b, 0, b * c, "decode") for b in (1, 2, 4, 8, 16, 32, 64)
+    rows += [(b, 0, b * c, "decode", b) for b in (1, 2, 4, 8, 16, 32, 64)
              for c in (64, 256, 1024, 2048) if b * c <= 32768]
-    rows += [(n + b, chunk_pairs(0, n), b * 64, "mixed") for b in (4, 16) for n in (32, 256)]
+    rows += [(n + b, chunk_pairs(0, n), b * 64, "mixed", b) for b in (4, 16)
+             for n in (32, 256)]
     return rows
 
 
 def observations(model: StepModel, sigma: float, seed: int = 0) -> list[StepObservation]:
     rng = np.random.default_rng(seed)
-    return [StepObservation(t, p, c, model.step_s(t, p, c) * float(np.exp(rng.normal(0, sigma))),
-                            kind) for t, p, c, kind in grid()]
+    return [StepObservation(t, p, c, model.step_s(t, p, c, q)
+                            * float(np.exp(rng.normal(0, sigma))), kind, q)
+            for t, p, c, kind, q in grid()]
 
 
 def test_noiseless_data_gives_back_its_parameters():
     fit = fit_step(observations(TRUE, 0.0))
-    for name in ("base_s", "floor_s", "token_s", "pair_s", "context_s"):
+    for name in ("base_s", "floor_s", "token_s", "pair_s", "context_s", "seq_s"):
         assert getattr(fit.model, name) == pytest.approx(getattr(TRUE, name), rel=1e-4), name
     assert fit.knee_tokens == pytest.approx(TRUE.knee_tokens, rel=1e-4)
     assert fit.residuals.p90 < 1e-6
@@ -61,9 +65,8 @@ def test_noisy_data_gives_back_its_parameters_within_tolerance(seed):
     assert m.pair_s == pytest.approx(TRUE.pair_s, rel=0.1)
     assert m.context_s == pytest.approx(TRUE.context_s, rel=0.1)
     assert m.base_s + m.floor_s == pytest.approx(TRUE.base_s + TRUE.floor_s, rel=0.1)
-    error = [abs(m.step_s(o.tokens, o.pairs, o.context) / TRUE.step_s(o.tokens, o.pairs,
-                                                                       o.context) - 1)
-             for o in obs]
+    error = [abs(m.step_s(o.tokens, o.pairs, o.context, o.seqs)
+                 / TRUE.step_s(o.tokens, o.pairs, o.context, o.seqs) - 1) for o in obs]
     assert np.median(error) < 0.05
     assert 0.02 < fit.residuals.median < 0.08  # the noise itself, about 0.674 sigma
     assert set(fit.by_kind) == {"prefill", "decode", "mixed"}

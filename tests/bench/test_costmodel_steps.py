@@ -20,8 +20,8 @@ def test_features_of_a_mixed_step():
     batch = ScheduledBatch([ScheduledRequest(decoding, 102, 1),
                             ScheduledRequest(chunk_after_prefix, 256, 44),
                             ScheduledRequest(_request(16), 0, 16)], [])
-    tokens, pairs, context = step_features(batch)
-    assert tokens == 1 + 44 + 16
+    tokens, pairs, context, seqs = step_features(batch)
+    assert tokens == 1 + 44 + 16 and seqs == 1
     assert pairs == chunk_pairs(256, 44) + chunk_pairs(0, 16)
     assert context == 103  # the decoding sequence attends all its tokens
 
@@ -32,11 +32,11 @@ def test_a_point_discards_a_short_first_run_and_keeps_the_median():
 
     def run():
         calls.append(1)
-        return next(times), (len(calls), 0, 0)
+        return next(times), (len(calls), 0, 0, len(calls))
 
     obs = point(run, "decode", repeats=3, budget_s=6.0)
     assert len(calls) == 4  # the first (0.5 s) discarded, three kept
-    assert obs.seconds == 0.2 and obs.tokens == 4 and obs.kind == "decode"
+    assert obs.seconds == 0.2 and obs.tokens == 4 and obs.kind == "decode" and obs.seqs == 4
 
 
 def test_a_long_step_is_kept_and_not_repeated_past_the_budget():
@@ -44,7 +44,7 @@ def test_a_long_step_is_kept_and_not_repeated_past_the_budget():
 
     def run():
         calls.append(1)
-        return DISCARD_BELOW_S * 5, (2048, chunk_pairs(0, 2048), 0)
+        return DISCARD_BELOW_S * 5, (2048, chunk_pairs(0, 2048), 0, 0)
 
     obs = point(run, "prefill", repeats=3, budget_s=DISCARD_BELOW_S * 4)
     assert len(calls) == 1 and obs.seconds == DISCARD_BELOW_S * 5

@@ -157,3 +157,27 @@ def test_leaping_over_decode_steps_changes_no_request(deployment):
         assert a.ttft == pytest.approx(b.ttft, rel=1e-9, abs=1e-9)
         assert a.latency == pytest.approx(b.latency, rel=1e-9, abs=1e-9)
     assert all(not any(s.values()) for s in leapt.final_state.values())
+
+
+def test_neighbours_on_a_host_slow_each_other_only_while_both_compute():
+    from dataclasses import replace
+
+    p = replace(profile(), contention_decode=0.5, contention_prefill=0.25)
+    alone = simulate(Deployment(0, 0, 2, host_size=2), p, [100], [5], [0.0]).results[0]
+    assert alone.tpot == pytest.approx(STEP_S)  # the other worker is idle: no slowdown
+    both = simulate(Deployment(0, 0, 2, host_size=2), p, [100, 100], [5, 5], [0.0, 0.0])
+    # a step is slowed when a neighbour computes as it begins: the second prefill begins
+    # beside the first, then their decode steps run side by side
+    first, second = sorted(both.results, key=lambda r: r.ttft)
+    assert first.ttft == pytest.approx(p.router_s + STEP_S + p.stream_s)
+    assert second.ttft == pytest.approx(p.router_s + 1.25 * STEP_S + p.stream_s)
+    assert all(STEP_S < r.tpot <= 1.5 * STEP_S + 1e-12 for r in both.results)
+    apart = simulate(Deployment(0, 0, 2, host_size=1), p, [100, 100], [5, 5], [0.0, 0.0])
+    assert all(r.tpot == pytest.approx(STEP_S) for r in apart.results)
+    prompts, outputs, arrivals = _workload(200, seed=3)
+    contended = replace(profile(CPU_LIKE), contention_decode=0.3, contention_prefill=0.1)
+    d = Deployment(1, 1, 0, host_size=2)
+    stepped = simulate(d, contended, prompts, outputs, arrivals)
+    leapt = simulate(d, contended, prompts, outputs, arrivals, keep_itl=False)
+    for a, b in zip(stepped.results, leapt.results, strict=True):
+        assert a.latency == pytest.approx(b.latency, rel=1e-9, abs=1e-9)
