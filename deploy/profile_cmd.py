@@ -27,7 +27,9 @@ Measuring (default): times the real engine's step() on this machine (SmolLM2-135
 1,536, decode batches of 1..64 sequences over 64..2,048 context tokens each, and mixed
 steps (a prompt chunk beside a decode batch); fits
     step_s = base_s + max(floor_s, token_s * tokens) + pair_s * pairs + context_s * context
-by relative-error least squares; times KV transfers of 1..64 MB over zmq on loopback
+             + seq_s * decoding sequences
+by relative-error least squares; times decode and prefill steps beside a co-runner
+prefilling on another core (how much a neighbouring worker slows a step on this host); times KV transfers of 1..64 MB over zmq on loopback
 (latency + bytes / bandwidth); and starts a 1 prefill + 1 decode cluster to measure the
 router's own time per request and the token stream's delay (--skip-cluster leaves both at 0).
 About 2.5 minutes on a 2-core machine; --quick takes a handful of points in seconds.

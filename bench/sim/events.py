@@ -21,7 +21,8 @@ class EventLoop:
 
     def at(self, t: float, fn: Callable, *args) -> None:
         """Run `fn(*args)` at time `t` (never before now)."""
-        heapq.heappush(self._heap, (max(t, self.now), next(self._seq), fn, args))
+        heapq.heappush(self._heap, (t if t > self.now else self.now, next(self._seq), fn,
+                                    args))
 
     def after(self, dt: float, fn: Callable, *args) -> None:
         self.at(self.now + dt, fn, *args)

@@ -161,7 +161,7 @@ class SimRouter:
     # -- the queue ---------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._kicking:
+        if self._kicking or not self.queued:
             return
         self._kicking = True
         try:
