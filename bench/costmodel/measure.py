@@ -104,6 +104,15 @@ def measure(opts: Options) -> CostProfile:
             router = measure_router(opts.model, cfg.vocab_size, opts.threads,
                                     opts.router_requests, bar)
     step_fit = fit_step(steps)
+    serve_seq_s = 0.0
+    if "batch_tpot_s" in router:
+        # the engine's bare step for the batch the serving path stepped: BATCH sequences
+        # over the prompt and half the output on average
+        b = router["batch"]
+        context = b * (router["prompt_tokens"] + router["batch_output_tokens"] // 2)
+        bare = step_fit.model.step_s(b, 0, context, b)
+        serve_seq_s = max(0.0, (router["batch_tpot_s"] - bare) / b)
+        router["bare_step_s"] = bare
     transfer_fit = fit_transfer([b for b, _ in transfers], [s for _, s in transfers])
     default = ClusterSpec()
     capacity = opts.kv_capacity_tokens or default.num_blocks * default.block_size
@@ -118,6 +127,7 @@ def measure(opts: Options) -> CostProfile:
         router_s=router["router_s"],
         stream_s=router["stream_s"],
         contention_decode=contention["decode"],
+        serve_seq_s=serve_seq_s,
         contention_prefill=contention["prefill"],
         sources={
             "command": opts.command,

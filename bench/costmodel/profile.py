@@ -24,6 +24,10 @@ Neighbours: `contention_decode` / `contention_prefill`, how much slower a step (
 a prompt chunk) runs while another worker computes on the same host (shared memory bus and
 caches: bench.costmodel.contention); 0 for a GPU, which a worker has to itself.
 
+Serving: `serve_seq_s`, what each decoding sequence adds to a step in the serving path
+beyond the engine's step (the worker's loop, the token stream, and on a host shared with the
+router and clients, their CPU), measured against a real decode batch (router_path).
+
 KV transfer: `latency_s + bytes / bytes_per_s` per transfer (the prefill's KV, all layers).
 The router's path: `router_s` per request from arrival to the order reaching a worker, and
 `stream_s` from a token's step end to the client.
@@ -99,6 +103,7 @@ class CostProfile:
     stream_s: float = 0.0
     contention_decode: float = 0.0
     contention_prefill: float = 0.0
+    serve_seq_s: float = 0.0
     # where each number came from (a datasheet's URL, the command that measured it) and
     # how well the fit held (residuals)
     sources: dict = field(default_factory=dict)
@@ -111,7 +116,7 @@ class CostProfile:
         if self.kv_bytes_per_token <= 0 or self.kv_capacity_tokens <= 0:
             raise ValueError("kv_bytes_per_token and kv_capacity_tokens must be > 0")
         if min(self.router_s, self.stream_s, self.contention_decode,
-               self.contention_prefill) < 0:
+               self.contention_prefill, self.serve_seq_s) < 0:
             raise ValueError("router_s, stream_s and the contentions must be >= 0")
 
     @property

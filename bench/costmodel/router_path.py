@@ -16,6 +16,11 @@ The prefill queue (at no load: the order's trip into the prefill worker's loop) 
 but is not part of router_s. Values are medians over the measured requests; one warm-up
 request before them is not counted.
 
+Then a batch: `BATCH` requests of `BATCH_OUTPUT` tokens sent together, so the decode worker
+steps them side by side; their client-side TPOT (median) is what a decode step of that
+batch costs in the serving path (the worker's loop, the token stream, the router and the
+client beside it on this host), which `measure` sets against the engine's bare step.
+
 Lifecycle: `measure_router(model, threads, requests, bar)` starts the cluster, waits until
 the router lists both workers, measures, closes the cluster (also on error).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 import time
 
 import grpc
@@ -35,6 +41,8 @@ from pdserve.rpc import pdserve_pb2_grpc
 
 PROMPT_TOKENS = 32
 READY_TIMEOUT_S = 60.0
+BATCH = 4
+BATCH_OUTPUT = 48
 STAGES = ("router_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms",
           "decode_queue_ms", "first_token_ms")
 
@@ -94,9 +102,36 @@ def measure_router(model: str, vocab: int, threads: int, requests: int, bar) -> 
             if i:
                 runs.append(run)
                 bar.update()
+        batch_tpot = _batch_tpot(stub, rng, vocab)
         channel.close()
     finally:
         cluster.close()
     medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {"router_s": medians["router_ms"] / 1e3, "stream_s": medians["stream_ms"] / 1e3,
-            "requests": requests, "prompt_tokens": PROMPT_TOKENS, "median_ms": medians}
+            "requests": requests, "prompt_tokens": PROMPT_TOKENS, "median_ms": medians,
+            "batch": BATCH, "batch_output_tokens": BATCH_OUTPUT, "batch_tpot_s": batch_tpot}
+
+
+def _batch_tpot(stub, rng: random.Random, vocab: int) -> float:
+    """Median client-side TPOT of BATCH requests of BATCH_OUTPUT tokens sent together."""
+    reqs = []
+    for _ in range(BATCH):
+        req = _request(rng, rng.randrange(vocab), vocab)
+        req.sampling.max_tokens = BATCH_OUTPUT
+        reqs.append(req)
+    tpots: list[float] = []
+
+    def one(req: pb.GenerateRequest) -> None:
+        times = [time.perf_counter() for r in stub.Generate(req, timeout=300)
+                 if not r.HasField("final")]
+        if len(times) > 2:
+            tpots.append((times[-1] - times[0]) / (len(times) - 1))
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not tpots:
+        raise RuntimeError("no request of the batch streamed its tokens")
+    return statistics.median(tpots)

@@ -101,7 +101,7 @@ class SimWorker:
         1,024 tokens) and the step time of one decoding sequence, both published."""
         n = min(self.budget, 1024)
         self.rate.tokens_per_s = n / self.profile.step.step_s(n, chunk_pairs(0, n))
-        self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1)
+        self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1) + self.profile.serve_seq_s
         self.published_rate, self.published_step_s = self.rate.tokens_per_s, \
             self.step_time.seconds
 
@@ -233,7 +233,8 @@ class SimWorker:
             return
         backlog = bool(self.queued_tokens)
         tokens = decodes + sum(n for _, n in chunks)
-        seconds = self.profile.step.step_s(tokens, pairs, self.context, decodes)
+        seconds = (self.profile.step.step_s(tokens, pairs, self.context, decodes)
+                   + self.profile.serve_seq_s * decodes)
         if contended:
             seconds *= 1.0 + (self.profile.contention_prefill if chunks
                               else self.profile.contention_decode)
@@ -294,7 +295,8 @@ class SimWorker:
             return False
         self.used_blocks += more
         step = self.profile.step
-        a = step.base_s + max(step.floor_s, step.token_s * self.batch) + step.seq_s * self.batch
+        a = (step.base_s + max(step.floor_s, step.token_s * self.batch)
+             + (step.seq_s + self.profile.serve_seq_s) * self.batch)
         self._leap_epoch += 1
         self._leap = (self.loop.now, m, a, step.context_s, self.context, self.batch)
         self.busy = True
