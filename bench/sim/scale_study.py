@@ -22,18 +22,22 @@ from pdserve.bench.metrics import Slo
 from pdserve.bench.sim.plan import Prober, plan
 from pdserve.bench.workload import DEFAULT_TRACES_DIR
 
-# per trace: the SLOs (DistServe's chatbot / summarization scale for an 8B model) and the
-# lengths as the trace gives them
+# per trace: the SLOs (DistServe's chatbot / summarization scale for an 8B model), the
+# lengths as the trace gives them, and requests per GPU in a probe (enough for tens of
+# seconds of traffic near capacity, so a probe sees the steady state, not the first wave)
 STUDIES = {
-    "azure-conv": {"slo": Slo(2000.0, 100.0), "max_input_len": 8192, "max_output_len": 1024},
-    "mooncake": {"slo": Slo(5000.0, 100.0), "max_input_len": 32768, "max_output_len": 1024},
+    "azure-conv": {"slo": Slo(2000.0, 100.0), "max_input_len": 8192, "max_output_len": 1024,
+                   "requests_per_gpu": 250},
+    "mooncake": {"slo": Slo(5000.0, 100.0), "max_input_len": 32768, "max_output_len": 1024,
+                 "requests_per_gpu": 100},
 }
-RATIOS = [(1, 7), (1, 3), (1, 2), (1, 1), (2, 1), (3, 1)]
+RATIOS = [(1, 3), (1, 2), (1, 1), (2, 1), (3, 1)]
 
 
-def study(profile: CostProfile, trace: str, workers: int, per_gpu: int, bisections: int,
-          progress: bool) -> dict:
+def study(profile: CostProfile, trace: str, workers: int, per_gpu: int | None,
+          bisections: int, progress: bool) -> dict:
     cfg = STUDIES[trace]
+    per_gpu = per_gpu or cfg["requests_per_gpu"]
     args = argparse.Namespace(
         dataset=trace, traces_dir=DEFAULT_TRACES_DIR, num_prompts=per_gpu * workers,
         input_len=0, output_len=0, range_ratio=0.0, prefix_len=0, length_scale=1.0,
@@ -90,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", type=Path, required=True)
     ap.add_argument("--traces", nargs="+", choices=sorted(STUDIES), default=sorted(STUDIES))
-    ap.add_argument("--gpus", type=int, nargs="+", default=[64, 256, 1024])
-    ap.add_argument("--requests-per-gpu", type=int, default=30)
-    ap.add_argument("--bisections", type=int, default=5)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--requests-per-gpu", type=int, default=None,
+                    help="requests per GPU in each probe (default: the trace's, STUDIES)")
+    ap.add_argument("--bisections", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim/scale"))
     args = ap.parse_args(argv)
     profile = CostProfile.load(args.profile)
