@@ -54,7 +54,7 @@ class _Index:
             if entry[1] != self._version[worker.worker_id]:
                 heapq.heappop(heap)
                 continue
-            if fits(worker.load()):
+            if fits(self._seen[worker.worker_id]):  # the load it was ranked by: current
                 chosen = worker
                 break
             skipped.append(heapq.heappop(heap))

@@ -73,7 +73,8 @@ class SimRequest:
                                                       else self.t_prefill_end)) * 1e3,
                   "decode_ms": (self.t_end - self.t_first) * 1e3}
         return RequestResult(n, success=True, ttft=ttft,
-                             itl=[b - a for a, b in zip(times, times[1:], strict=False)],
+                             itl=[b - a for a, b in zip(times, times[1:], strict=False)]
+                             if times else [],
                              latency=self.t_end + stream_s - self.arrival,
                              output_len=self.output_len, stages=stages,
                              disaggregated=self.disagg,
