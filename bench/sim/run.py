@@ -89,6 +89,10 @@ def run_point(deployment: Deployment, profile: CostProfile, args, rate: float, s
                    reqs.arrivals(rate, args.burstiness, seed),
                    sent_slo=slo if args.send_slo else None, keep_itl=keep_itl)
     result = run.summary(slo, profile.kv_bytes_per_token)
+    if not keep_itl:  # a run too large for per-request lists in its JSON
+        for key in ("ttfts", "tpots", "output_lens", "input_lens", "errors"):
+            result.pop(key)
+        result["per_request_lists"] = f"left out past {EXACT_UP_TO:,} requests"
     result.update({"backend": "simulated", "deployment": deployment.name,
                    "num_workers": deployment.workers, "request_rate": rate, "seed": seed,
                    "dataset": args.dataset, "burstiness": args.burstiness,
