@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from bench_recorder import Recorder
+from cli_helpers import run_cli
 
 from pdserve.bench import serve_bench, sweep
 from pdserve.bench.backends import Backend
@@ -49,18 +50,6 @@ def test_chat_answers_with_the_builtin_model(capsys):
     assert "Paris" in capsys.readouterr().out
 
 
-def _cli(args: list[str], cwd, block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`pdserve ARGS` in a fresh interpreter, with the modules in `block` made unimportable
-    (None in sys.modules), as in an install without the extra that provides them."""
-    code = ("import sys\n"
-            f"for name in {block!r}:\n"
-            "    sys.modules[name] = None\n"
-            "from pdserve.deploy.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_help_imports_neither_torch_nor_ray(tmp_path):
     code = ("import sys\n"
             "from pdserve.deploy.cli import main\n"
@@ -80,7 +69,7 @@ def test_help_imports_neither_torch_nor_ray(tmp_path):
     ["bench", "sweep", "--workload", "chat"],
 ])
 def test_server_commands_without_the_extra_name_it(tmp_path, args):
-    r = _cli(args, tmp_path, block=("torch",))
+    r = run_cli(args, tmp_path, block=("torch",))
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert "missing module: torch" in r.stderr
@@ -91,9 +80,9 @@ def test_client_commands_need_no_server_module(tmp_path):
     blocked = ("torch", "ray", "transformers", "zmq", "redis")
     for args in (["--help"], ["generate", "--help"], ["status", "--help"], ["bench", "--help"],
                  ["bench", "sweep", "--help"]):
-        r = _cli(args, tmp_path, block=blocked)
+        r = run_cli(args, tmp_path, block=blocked)
         assert r.returncode == 0 and "usage: pdserve" in r.stdout, (args, r.stderr)
-    r = _cli(["serve"], tmp_path, block=("ray", "zmq"))
+    r = run_cli(["serve"], tmp_path, block=("ray", "zmq"))
     assert r.returncode == 1 and "missing modules: zmq, ray" in r.stderr
 
 

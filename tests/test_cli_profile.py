@@ -4,10 +4,8 @@ model with --quick, whose fit predicts its own points."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from cli_helpers import run_cli
 
 from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.deploy.cli import main
@@ -15,29 +13,18 @@ from pdserve.deploy.cli import main
 NO_TORCH = ("torch", "ray", "transformers", "zmq")
 
 
-def _cli(args: list[str], cwd, block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`pdserve ARGS` in a fresh interpreter with the modules in `block` unimportable."""
-    code = ("import sys\n"
-            f"for name in {block!r}:\n"
-            "    sys.modules[name] = None\n"
-            "from pdserve.deploy.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_help_says_what_it_measures_and_where_it_writes(tmp_path):
-    r = _cli(["profile", "--help"], tmp_path, block=NO_TORCH)
+    r = run_cli(["profile", "--help"], tmp_path, block=NO_TORCH)
     assert r.returncode == 0, r.stderr
     for words in ("usage: pdserve profile", "bench/results/costmodel/profile_cpu.json",
                   "--gpu", "--model-size", "--tp", "--list-gpus", "--quick", "minutes"):
         assert words in r.stdout, words
-    r = _cli(["--help"], tmp_path, block=NO_TORCH)
+    r = run_cli(["--help"], tmp_path, block=NO_TORCH)
     assert "profile" in r.stdout
 
 
 def test_roofline_path_writes_a_valid_profile_without_torch(tmp_path):
-    r = _cli(["profile", "--gpu", "H100-SXM", "--model-size", "llama-3.1-8b", "--tp", "2"],
+    r = run_cli(["profile", "--gpu", "H100-SXM", "--model-size", "llama-3.1-8b", "--tp", "2"],
              tmp_path, block=NO_TORCH)
     assert r.returncode == 0, r.stderr
     path = tmp_path / "bench/results/costmodel/profile_H100-SXM_llama-3.1-8b_tp2.json"
@@ -54,7 +41,7 @@ def test_list_gpus_names_every_table_entry_with_its_source(capsys):
 
 
 def test_measuring_without_the_extra_names_it(tmp_path):
-    r = _cli(["profile", "--quick"], tmp_path, block=("torch",))
+    r = run_cli(["profile", "--quick"], tmp_path, block=("torch",))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "missing module: torch" in r.stderr
 

@@ -168,18 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     profile = CostProfile.load(args.profile)
     results = []
-    for path in args.sweeps:
-        result = validate_sweep(json.loads(path.read_text()), profile)
-        result["errors"] = errors(result)
-        result["measured_file"] = str(path)
-        print_table(result)
-        results.append(result)
-    for path in args.replays:
-        result = validate_replay(json.loads(path.read_text()), profile)
-        result["errors"] = errors(result)
-        result["measured_file"] = str(path)
-        print_replay(result)
-        results.append(result)
+    for paths, validate, show in ((args.sweeps, validate_sweep, print_table),
+                                  (args.replays, validate_replay, print_replay)):
+        for path in paths:
+            result = validate(json.loads(path.read_text()), profile)
+            result["errors"] = errors(result)
+            result["measured_file"] = str(path)
+            show(result)
+            results.append(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"profile": str(args.profile), "sweeps": results},

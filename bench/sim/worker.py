@@ -250,13 +250,7 @@ class SimWorker:
             for r in self.decoding:
                 if r.state is State.DECODING and r.token_times is not None:
                     r.token_times.append(now)
-        heap = self._finishes
-        while heap and heap[0][0] <= self.steps:
-            _, _, epoch, r = heapq.heappop(heap)
-            if epoch == r.epoch:
-                self._leave_batch(r)
-                r.generated = r.output_len
-                self._finish(r)
+        self._finish_due()
         prefill_tokens = 0
         for r, n in chunks:
             r.computed += n
@@ -330,14 +324,18 @@ class SimWorker:
         self.rate.observe(0, seconds, False)
         self.steps += j
         self.context += batch * j
+        self._finish_due()
+        self._start_step()
+
+    def _finish_due(self) -> None:
+        """End the decoding sequences whose last token the steps so far produced."""
         heap = self._finishes
         while heap and heap[0][0] <= self.steps:
-            _, _, ep, r = heapq.heappop(heap)
-            if ep == r.epoch:
+            _, _, epoch, r = heapq.heappop(heap)
+            if epoch == r.epoch:
                 self._leave_batch(r)
                 r.generated = r.output_len
                 self._finish(r)
-        self._start_step()
 
     def _prefill_done(self, r: SimRequest) -> None:
         now = self.loop.now
