@@ -15,10 +15,15 @@ decode worker decodes what arrives by KV transfer and prefills locally what the 
 sends it whole; a colocated worker prefills and decodes everything it gets. Arrived KV is
 admitted between steps, its first token streamed at once, as decode_worker/jobs.py does.
 
+A step's time is the profile's step model, plus the serving path's cost per decoding
+sequence, times the contention factor while a neighbour on the same host computes.
+
 Decoding sequences are kept in aggregate (their count, summed context, and a heap of the
-steps at which each finishes), so a step costs O(1) plus the requests that join or leave.
-The worker measures its prefill rate and decode step time with the workers' own meters
-(worker.rate), and the router reads them as it reads a heartbeat.
+steps at which each finishes), so a step costs O(1) plus the requests that join or leave,
+and a run of steps whose batch does not change is one event (bench.sim.leap), cut short
+when something arrives for the worker. The worker measures its prefill rate and decode step
+time with the workers' own meters (worker.rate) and publishes them with its load every
+`heartbeat_s`; the router sees only what was published, plus its own counts.
 """
 
 from __future__ import annotations
