@@ -28,12 +28,12 @@ time with the workers' own meters (worker.rate) and publishes them with its load
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Callable
 
 from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
 from pdserve.bench.sim import leap
+from pdserve.bench.sim.batch import DecodeBatch
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
@@ -55,12 +55,7 @@ class SimWorker:
         self.prefilling: list[SimRequest] = []
         self.queued_tokens = 0  # prompt tokens waiting or not yet computed
         self.arrived: list[SimRequest] = []  # KV here, admitted before the next step
-        # decoding sequences, in aggregate
-        self.decoding: list[SimRequest] = []  # join order (newest last); lazily pruned
-        self.batch = 0  # decoding sequences
-        self.context = 0  # KV tokens their next step attends to, summed
-        self._finishes: list[tuple[int, int, int, SimRequest]] = []  # (step, idx, epoch, r)
-        self._growth = [0] * block_size  # decoding sequences by block-crossing residue
+        self.decoding = DecodeBatch(block_size)
         self.steps = 0
         self._leap = None  # (start, steps, a, c, context, batch) of the leap under way
         self._leap_epoch = 0
@@ -123,11 +118,11 @@ class SimWorker:
         if self._leap is not None:
             t0, m, a, c, context, batch = self._leap
             k = leap.steps_done(a, c, context, batch, self.loop.now - t0)
-            used -= leap.growth(self._growth, self.steps + k + 2, self.steps + m, self.batch)
+            used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + m)
         return self.num_blocks - used
 
     def _beat(self) -> None:
-        record = (self.free_blocks(), self.batch + len(self.prefilling), len(self.waiting),
+        record = (self.free_blocks(), self.decoding.size + len(self.prefilling), len(self.waiting),
                   self.queued_tokens)
         rates = (self.rate.tokens_per_s, self.step_time.seconds)
         if record != self.record or rates != (self.published_rate, self.published_step_s):
@@ -140,7 +135,7 @@ class SimWorker:
     def holding(self) -> dict[str, int]:
         """What it holds now; all zero once every request has ended."""
         return {"used_blocks": self.used_blocks, "in_flight": self.in_flight,
-                "batch": self.batch, "context": self.context,
+                "batch": self.decoding.size, "context": self.decoding.context,
                 "queued_tokens": self.queued_tokens, "waiting": len(self.waiting),
                 "prefilling": len(self.prefilling), "sent_tokens": self.sent_tokens}
 
@@ -196,7 +191,7 @@ class SimWorker:
             self._join_or_finish(r)
         self.arrived.clear()
         self._grow_decodes()
-        budget = self.budget - self.batch
+        budget = self.budget - self.decoding.size
         chunks: list[tuple[SimRequest, int]] = []
         pairs = 0
         for r in self.prefilling:
@@ -209,7 +204,7 @@ class SimWorker:
             pairs += chunk_pairs(r.computed, n)
             budget -= n
         while (self.waiting and budget > 0
-               and self.batch + len(self.prefilling) < self.max_num_seqs):
+               and self.decoding.size + len(self.prefilling) < self.max_num_seqs):
             r = self.waiting[0]
             n = min(r.target - r.computed, budget)
             if not self._take_blocks(r, r.computed + n):
@@ -223,7 +218,7 @@ class SimWorker:
             chunks.append((r, n))
             pairs += chunk_pairs(r.computed, n)
             budget -= n
-        decodes = self.batch
+        decodes = self.decoding.size
         if not chunks and not decodes:
             self.busy = False
             self.rate.flush()
@@ -238,7 +233,7 @@ class SimWorker:
             return
         backlog = bool(self.queued_tokens)
         tokens = decodes + sum(n for _, n in chunks)
-        seconds = (self.profile.step.step_s(tokens, pairs, self.context, decodes)
+        seconds = (self.profile.step.step_s(tokens, pairs, self.decoding.context, decodes)
                    + self.profile.serve_seq_s * decodes)
         if contended:
             seconds *= 1.0 + (self.profile.contention_prefill if chunks
@@ -250,10 +245,10 @@ class SimWorker:
         now = self.loop.now
         self.busy_s += seconds
         self.steps += 1
-        self.context += self.batch
+        self.decoding.advance(1)
         if self.keep_token_times and decodes:
-            for r in self.decoding:
-                if r.state is State.DECODING and r.token_times is not None:
+            for r in self.decoding.live():
+                if r.token_times is not None:
                     r.token_times.append(now)
         self._finish_due()
         prefill_tokens = 0
@@ -266,8 +261,6 @@ class SimWorker:
                 self._prefill_done(r)
         self.rate.observe(prefill_tokens, seconds, backlog)
         self.step_time.observe(prefill_tokens, decodes, seconds)
-        if len(self.decoding) > 2 * self.batch + 64:  # drop those that left
-            self.decoding = [r for r in self.decoding if r.state is State.DECODING]
         self._start_step()
 
     def _contended(self) -> bool:
@@ -283,23 +276,23 @@ class SimWorker:
     def _start_leap(self) -> bool:
         """Run the steps up to the next finish as one event, if there are several and their
         blocks fit (the first step's are taken already)."""
-        heap = self._finishes
-        while heap and heap[0][2] != heap[0][3].epoch:
-            heapq.heappop(heap)
-        m = heap[0][0] - self.steps if heap else 0
+        finish = self.decoding.next_finish()
+        m = finish - self.steps if finish is not None else 0
         if m < 2:
             return False
-        more = leap.growth(self._growth, self.steps + 2, self.steps + m, self.batch)
+        batch = self.decoding.size
+        more = self.decoding.blocks_over(self.steps + 2, self.steps + m)
         if more > self.num_blocks - self.used_blocks:
             return False
         self.used_blocks += more
         step = self.profile.step
-        a = (step.base_s + max(step.floor_s, step.token_s * self.batch)
-             + (step.seq_s + self.profile.serve_seq_s) * self.batch)
+        a = (step.base_s + max(step.floor_s, step.token_s * batch)
+             + (step.seq_s + self.profile.serve_seq_s) * batch)
+        context = self.decoding.context
         self._leap_epoch += 1
-        self._leap = (self.loop.now, m, a, step.context_s, self.context, self.batch)
+        self._leap = (self.loop.now, m, a, step.context_s, context, batch)
         self.busy = True
-        self.loop.after(leap.run_s(a, step.context_s, self.context, self.batch, m),
+        self.loop.after(leap.run_s(a, step.context_s, context, batch, m),
                         self._end_leap, self._leap_epoch, m)
         return True
 
@@ -320,27 +313,23 @@ class SimWorker:
             return
         t0, m, a, c, context, batch = self._leap
         self._leap = None
-        self.used_blocks -= leap.growth(self._growth, self.steps + j + 1, self.steps + m,
-                                        self.batch)
+        self.used_blocks -= self.decoding.blocks_over(self.steps + j + 1, self.steps + m)
         seconds = leap.run_s(a, c, context, batch, j)
         self.busy_s += seconds
         for i in range(max(0, j - 4), j):  # the meter weighs recent steps most
             self.step_time.observe(0, batch, a + c * (context + i * batch))
         self.rate.observe(0, seconds, False)
         self.steps += j
-        self.context += batch * j
+        self.decoding.advance(j)
         self._finish_due()
         self._start_step()
 
     def _finish_due(self) -> None:
         """End the decoding sequences whose last token the steps so far produced."""
-        heap = self._finishes
-        while heap and heap[0][0] <= self.steps:
-            _, _, epoch, r = heapq.heappop(heap)
-            if epoch == r.epoch:
-                self._leave_batch(r)
-                r.generated = r.output_len
-                self._finish(r)
+        for r in self.decoding.due(self.steps):
+            self._leave_batch(r)
+            r.generated = r.output_len
+            self._finish(r)
 
     def _prefill_done(self, r: SimRequest) -> None:
         now = self.loop.now
@@ -373,28 +362,13 @@ class SimWorker:
         if left <= 0:
             return self._finish(r)
         r.state = State.DECODING
-        r.epoch += 1
-        r.join_step = self.steps
-        r.finish_step = self.steps + left
-        r.admitted = self._admit_seq()
-        # before its i-th step it holds target + i - 1 tokens of KV and needs a new block
-        # when that is a multiple of the block size: at global steps s with
-        # (target - join - 1 + s) % block_size == 0
-        r.residue = (r.target - r.join_step - 1) % self.block_size
-        self._growth[r.residue] += 1
-        self.batch += 1
-        self.context += r.target + 1  # what its next step attends to
-        self.decoding.append(r)
-        heapq.heappush(self._finishes, (r.finish_step, r.idx, r.epoch, r))
+        self.decoding.join(r, self.steps, self._admit_seq())
 
-    def _leave_batch(self, r: SimRequest) -> None:
-        """`r` leaves the decode batch (after `self.steps`): its KV is target + done tokens."""
-        done = self.steps - r.join_step
-        self.batch -= 1
-        self.context -= r.target + 1 + done
-        self._growth[r.residue] -= 1
+    def _leave_batch(self, r: SimRequest) -> int:
+        """`r` leaves the decode batch (after `self.steps`): its KV is target + done tokens,
+        in the blocks it holds from now on; the steps it decoded."""
+        done = self.decoding.leave(r, self.steps)
         r.blocks = self.blocks_for(r.target + done)
-        r.epoch += 1
         return done
 
     def _finish(self, r: SimRequest) -> None:
@@ -431,15 +405,12 @@ class SimWorker:
         """Blocks for the sequences whose next token starts a block; while they do not fit,
         preempt the newest running request."""
         step = self.steps + 1
-        while (self._growth[(-step) % self.block_size]
-               > self.num_blocks - self.used_blocks):
+        while self.decoding.blocks_at(step) > self.num_blocks - self.used_blocks:
             self._preempt_newest()
-        self.used_blocks += self._growth[(-step) % self.block_size]
+        self.used_blocks += self.decoding.blocks_at(step)
 
     def _preempt_newest(self) -> None:
-        while self.decoding and self.decoding[-1].state is not State.DECODING:
-            self.decoding.pop()
-        newest_decode = self.decoding[-1] if self.decoding else None
+        newest_decode = self.decoding.newest()
         newest_prefill = max(self.prefilling, key=lambda r: r.admitted, default=None)
         if newest_prefill is not None and (newest_decode is None
                                            or newest_prefill.admitted > newest_decode.admitted):
@@ -447,7 +418,8 @@ class SimWorker:
             self.prefilling.remove(r)
             self.queued_tokens += r.computed
         else:
-            r = self.decoding.pop()
+            r = newest_decode
+            self.decoding.members.pop()
             done = self._leave_batch(r)
             r.generated += done
             r.target = r.prompt_len + r.generated
