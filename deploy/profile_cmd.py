@@ -29,10 +29,11 @@ steps (a prompt chunk beside a decode batch); fits
     step_s = base_s + max(floor_s, token_s * tokens) + pair_s * pairs + context_s * context
              + seq_s * decoding sequences
 by relative-error least squares; times decode and prefill steps beside a co-runner
-prefilling on another core (how much a neighbouring worker slows a step on this host); times KV transfers of 1..64 MB over zmq on loopback
-(latency + bytes / bandwidth); and starts a 1 prefill + 1 decode cluster to measure the
-router's own time per request and the token stream's delay (--skip-cluster leaves both at 0).
-About 2.5 minutes on a 2-core machine; --quick takes a handful of points in seconds.
+prefilling on another core (how much a neighbouring worker slows a step on this host);
+times KV transfers of 1..64 MB over zmq on loopback (latency + bytes / bandwidth); and
+starts a 1 prefill + 1 decode cluster to measure the router's own time per request, the
+token stream's delay and a decode batch's cost in the serving path (--skip-cluster leaves
+those at 0). About 3.5 minutes on a 2-core machine; --quick takes a handful of points in seconds.
 Writes bench/results/costmodel/profile_cpu.json (relative to the working directory) and,
 with --plot, a plot of fitted against measured step times.
 
