@@ -14,11 +14,13 @@ has a slot and the prompt's blocks and, disaggregated, a prefill worker has a sl
 disaggregated request reserves its blocks on the decode worker and gives its prefill slot
 back at the hand-off (its first token); the decode slot at its end.
 
-What differs, on purpose: loads are read live (the real router reads heartbeats up to a
-period old, plus its own in-flight counts), the order reaches a worker at once (the call's
-latency is in `router_s`), nothing fails, and there is one router. On clusters of more
-than `EXACT_UP_TO` candidates, admission's wait estimate takes the prefill worker with the
-fewest queued tokens, which is the exact answer when the candidates' rates are equal.
+Loads are what the workers last published (every heartbeat_s, as heartbeats do), plus the
+router's own counts: its requests on each worker (in_flight) and the prompt tokens it sent
+each whose first token has not come (router.ledger's rule). What differs, on purpose: the
+registry's own refresh period is not added to the heartbeat's, an order reaches a worker at
+once (the call's latency is in `router_s`), nothing fails, and there is one router. On
+clusters of more than `EXACT_UP_TO` candidates, admission's wait estimate takes the worker
+the prefill choice would take, the exact answer when the candidates' rates are equal.
 """
 
 from __future__ import annotations
