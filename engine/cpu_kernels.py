@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,25 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "elementwise.cpp"]
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}
+# a build takes about 30 s (minutes on a loaded machine): a lock older than this was left
+# by a build that was killed midway
+STALE_LOCK_S = 900.0
+
+
+def clear_stale_lock(build_dir: Path, now: float | None = None) -> bool:
+    """torch's loader waits without end for the `lock` file of a build in progress, and a
+    build killed midway leaves it behind, so every later engine start would hang: remove a
+    lock older than any build. True when one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= STALE_LOCK_S:
+        return False
+    lock.unlink(missing_ok=True)
+    log.warning("removed a stale kernel build lock (%.0f s old): %s", age, lock)
+    return True
 
 
 @functools.cache
@@ -45,6 +65,7 @@ def cpu_kernels() -> Any | None:
     capability = torch.backends.cpu.get_cpu_capability()
     build_dir = cache_dir() / "kernels" / capability.lower()
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build_dir)
     flags = ["-O3", "-fopenmp", "-ffast-math", *_ISA_FLAGS.get(capability, [])]
     if not any(build_dir.glob("*.so")):
         print("pdserve: compiling the CPU decode kernels (once per machine)...",

@@ -53,3 +53,19 @@ def test_skinny_linear_matches_f_linear(kernel, rows, with_bias):
     b = torch.randn(200) if with_bias else None
     torch.testing.assert_close(kernel.skinny_linear(x, w, b), F.linear(x, w, b),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+    """torch's loader waits without end on a build's lock file: one older than any build
+    (a build killed midway) is removed, a recent one (a build in progress) is not."""
+    import os
+
+    from pdserve.engine.cpu_kernels import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()
+    old = lock.stat().st_mtime - STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
