@@ -102,9 +102,12 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
             w.warm_up()
     router = SimRouter(loop, deployment.router, workers, profile, sent_slo)
     for i, w in enumerate(workers):  # heartbeats spread over a period, as threads started apart
-        w.start_heartbeat(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)
+        w.heartbeat.start(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)
     requests = [SimRequest(i, p, o, a) for i, (p, o, a)
                 in enumerate(zip(prompt_lens, output_lens, arrivals, strict=True))]
+    if keep_itl:
+        for r in requests:
+            r.token_times = []
     router.arrive_all(requests)
     loop.run()
     stream_s = profile.stream_s
@@ -112,4 +115,12 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
     duration = max((r.t_end + stream_s for r in requests), default=0.0)
     return SimRun(results, duration, loop.processed, sum(w.preemptions for w in workers),
                   {w.worker_id: w.busy_s / duration if duration else 0.0 for w in workers},
-                  {w.worker_id: w.holding() for w in workers})
+                  {w.worker_id: holding(w) for w in workers})
+
+
+def holding(w: SimWorker) -> dict[str, int]:
+    """What a worker holds at the end of a run; all zero once every request has ended."""
+    return {"used_blocks": w.used_blocks, "in_flight": w.in_flight,
+            "batch": w.decoding.size, "context": w.decoding.context,
+            "queued_tokens": w.queued_tokens, "waiting": len(w.waiting),
+            "prefilling": len(w.prefilling), "sent_tokens": w.sent_tokens}

@@ -57,8 +57,8 @@ class _Record:
 
     def __init__(self, w: SimWorker):
         self.worker_id = w.worker_id
-        self.prefill_tokens_per_s = w.published_rate
-        self.decode_step_s = w.published_step_s
+        self.prefill_tokens_per_s = w.heartbeat.rate
+        self.decode_step_s = w.heartbeat.step_s
 
 
 class SimRouter:
@@ -158,7 +158,7 @@ class SimRouter:
     def _backlog(self, w: SimWorker) -> Backlog:
         """As router.door sees a worker: the larger of its last reported queue and the
         prompts this router sent it whose first token has not come."""
-        return Backlog(w.worker_id, max(w.record[3], w.sent_tokens), w.published_rate)
+        return Backlog(w.worker_id, max(w.heartbeat.record[3], w.sent_tokens), w.heartbeat.rate)
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ class SimRouter:
                     return False
                 if decode.reserve(r):
                     break
-                decode.without_room()  # its heartbeat was stale: full until the next
+                decode.heartbeat.without_room()  # its heartbeat was stale: full until the next
                 self._changed(decode)
             else:
                 decode, prefill = self._pick_local(r), None
@@ -265,7 +265,7 @@ class SimRouter:
         self._changed(r.decode)
 
     def _changed(self, w: SimWorker) -> None:
-        if (rate := w.published_rate) != (old := self._rate_of[w.worker_id]):
+        if (rate := w.heartbeat.rate) != (old := self._rate_of[w.worker_id]):
             self._rate_of[w.worker_id] = rate
             agg = self._rates[w.role is not WorkerRole.PREFILL]
             agg[0] += (rate <= 0) - (old <= 0)

@@ -28,6 +28,7 @@ time with the workers' own meters (worker.rate) and publishes them with its load
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
 from pdserve.bench.sim import leap
 from pdserve.bench.sim.batch import DecodeBatch
 from pdserve.bench.sim.events import EventLoop
+from pdserve.bench.sim.heartbeat import Heartbeat
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
 from pdserve.router.policy import WorkerLoad
@@ -59,7 +61,7 @@ class SimWorker:
         self.steps = 0
         self._leap = None  # (start, steps, a, c, context, batch) of the leap under way
         self._leap_epoch = 0
-        self._admissions = 0  # entries into the running set, for "the newest"
+        self._admissions = itertools.count(1)  # entries into the running set: "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
         self.sent_tokens = 0  # prompt tokens the router sent it, no first token yet (ditto)
@@ -68,12 +70,7 @@ class SimWorker:
         self.busy_s = 0.0
         self.preemptions = 0
         self.neighbours: list[SimWorker] = []  # workers on the same host (contention)
-        self.heartbeat_s = heartbeat_s
-        self._running = lambda: False
-        # what the last heartbeat said: free blocks, running, waiting, queued prefill tokens
-        self.record = (num_blocks, 0, 0, 0)
-        self.published_rate = 0.0  # the prefill rate and decode step time it last published
-        self.published_step_s = 0.0
+        self.heartbeat = Heartbeat(self, heartbeat_s)
         # the router's hooks: a prefill ended (prefill worker), a first token, an end, and
         # "my load changed"
         self.on_prefilled: Callable[[SimRequest], None] = lambda r: None
@@ -87,14 +84,9 @@ class SimWorker:
         """As the router sees it: the last heartbeat's figures, its own in-flight count,
         and the prefill queue it reported or what the router sent since, if more
         (router.ledger)."""
-        free, running, waiting, queued = self.record
+        free, running, waiting, queued = self.heartbeat.record
         return WorkerLoad(self.worker_id, free, self.num_blocks, self.block_size, running,
                           waiting, max(queued, self.sent_tokens), self.in_flight)
-
-    def without_room(self) -> None:
-        """A reservation found no room: seen as full until the next heartbeat (as
-        WorkerRecord.without_room)."""
-        self.record = (0, *self.record[1:])
 
     def warm_up(self) -> None:
         """Start with the meters a warm-up leaves: the prefill rate of a full chunk (up to
@@ -102,14 +94,7 @@ class SimWorker:
         n = min(self.budget, 1024)
         self.rate.tokens_per_s = n / self.profile.step.step_s(n, chunk_pairs(0, n))
         self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1) + self.profile.serve_seq_s
-        self.published_rate, self.published_step_s = self.rate.tokens_per_s, \
-            self.step_time.seconds
-
-    def start_heartbeat(self, phase_s: float, running) -> None:
-        """Publish the load every heartbeat_s from `phase_s` on, while `running()` (the
-        run has requests left), as a worker's heartbeat thread does."""
-        self._running = running
-        self.loop.at(phase_s, self._beat)
+        self.heartbeat.publish_meters(*self.meters())
 
     def free_blocks(self) -> int:
         """Free now. A leap took the blocks of all its steps at its start; those of the
@@ -121,23 +106,13 @@ class SimWorker:
             used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + m)
         return self.num_blocks - used
 
-    def _beat(self) -> None:
-        record = (self.free_blocks(), self.decoding.size + len(self.prefilling), len(self.waiting),
-                  self.queued_tokens)
-        rates = (self.rate.tokens_per_s, self.step_time.seconds)
-        if record != self.record or rates != (self.published_rate, self.published_step_s):
-            self.record = record
-            self.published_rate, self.published_step_s = rates
-            self.on_change(self)  # an unchanged report changes no one's choice
-        if self._running():
-            self.loop.after(self.heartbeat_s, self._beat)
+    def report(self) -> tuple[int, int, int, int]:
+        """What a heartbeat publishes now: free blocks, running, waiting, queued tokens."""
+        return (self.free_blocks(), self.decoding.size + len(self.prefilling),
+                len(self.waiting), self.queued_tokens)
 
-    def holding(self) -> dict[str, int]:
-        """What it holds now; all zero once every request has ended."""
-        return {"used_blocks": self.used_blocks, "in_flight": self.in_flight,
-                "batch": self.decoding.size, "context": self.decoding.context,
-                "queued_tokens": self.queued_tokens, "waiting": len(self.waiting),
-                "prefilling": len(self.prefilling), "sent_tokens": self.sent_tokens}
+    def meters(self) -> tuple[float, float]:
+        return self.rate.tokens_per_s, self.step_time.seconds
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -213,7 +188,7 @@ class SimWorker:
             if r.generated == 0 and r.computed == 0:
                 r.t_prefill_start = now
             r.state = State.PREFILLING
-            r.admitted = self._admit_seq()
+            r.admitted = next(self._admissions)
             self.prefilling.append(r)
             chunks.append((r, n))
             pairs += chunk_pairs(r.computed, n)
@@ -346,14 +321,8 @@ class SimWorker:
         self._join_or_finish(r)
 
     def _emit(self, r: SimRequest) -> None:
-        if self.keep_token_times:
-            if r.token_times is None:
-                r.token_times = []
+        if r.token_times is not None:  # kept (simulate's keep_itl)
             r.token_times.append(self.loop.now)
-
-    def _admit_seq(self) -> int:
-        self._admissions += 1
-        return self._admissions
 
     def _join_or_finish(self, r: SimRequest) -> None:
         """`r` has its KV here (target tokens) and `generated` tokens: it decodes the rest
@@ -362,7 +331,7 @@ class SimWorker:
         if left <= 0:
             return self._finish(r)
         r.state = State.DECODING
-        self.decoding.join(r, self.steps, self._admit_seq())
+        self.decoding.join(r, self.steps, next(self._admissions))
 
     def _leave_batch(self, r: SimRequest) -> int:
         """`r` leaves the decode batch (after `self.steps`): its KV is target + done tokens,
@@ -396,10 +365,7 @@ class SimWorker:
         return r.held if self.role is WorkerRole.PREFILL else r.blocks
 
     def _set_blocks(self, r: SimRequest, blocks: int) -> None:
-        if self.role is WorkerRole.PREFILL:
-            r.held = blocks
-        else:
-            r.blocks = blocks
+        setattr(r, "held" if self.role is WorkerRole.PREFILL else "blocks", blocks)
 
     def _grow_decodes(self) -> None:
         """Blocks for the sequences whose next token starts a block; while they do not fit,
