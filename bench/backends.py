@@ -16,9 +16,10 @@ from abc import ABC, abstractmethod
 from pdserve.bench.metrics import STAGES, RequestResult, Slo
 from pdserve.bench.workload import Sample
 
-# what a result keeps of the server's timing: the stages, and the router's own TTFT (the
-# client's minus it is what the API and the network add)
-TIMINGS = (*STAGES, "first_token_ms")
+# what a result keeps of the server's timing: the stages, the router's own TTFT (the
+# client's minus it is what the API and the network add), and the router's prediction of
+# it (with a cost profile)
+TIMINGS = (*STAGES, "first_token_ms", "predicted_ttft_ms")
 
 
 class _StreamClock:

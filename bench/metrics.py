@@ -115,6 +115,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     for stage in STAGES:
         values = [r.stages.get(stage, 0.0) for r in staged]
         out[f"disagg_mean_{stage}"] = float(np.mean(values)) if values else 0.0
+    out.update(prediction_errors(ok))
     moved = [r for r in ok if r.disaggregated]
     kv_bytes = sum(r.prompt_len for r in moved) * kv_bytes_per_token
     window = sum(r.kv_window_s for r in moved)
@@ -127,6 +128,19 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     out["input_lens"] = [r.prompt_len for r in results]
     out["errors"] = [r.error for r in results]
     return out
+
+
+def prediction_errors(ok: Sequence[RequestResult]) -> dict:
+    """How well the router predicted each request's TTFT (its own, arrival to first token
+    sent) at admission: the median of |predicted - measured| / measured, and of the signed
+    error (> 0: predicted too long), over the requests that carry a prediction."""
+    pairs = [(r.stages["predicted_ttft_ms"], r.stages["first_token_ms"]) for r in ok
+             if r.stages.get("predicted_ttft_ms") and r.stages.get("first_token_ms")]
+    errors = [(p - m) / m for p, m in pairs]
+    return {"predicted_ttft_requests": len(pairs),
+            "predicted_ttft_median_abs_error": float(np.median(np.abs(errors)))
+            if errors else None,
+            "predicted_ttft_median_error": float(np.median(errors)) if errors else None}
 
 
 def required_slo_scale(r: RequestResult, base: Slo) -> float:

@@ -128,7 +128,7 @@ class Heartbeat:
                 self.config.block_size, e.num_total_blocks, e.num_free_blocks, e.num_running,
                 e.num_waiting, e.num_queued_prefill_tokens, time.time(), self._started,
                 load.prefill_tokens_per_s, load.num_leases, load.decode_step_s,
-                e.num_prefix_query_tokens, e.num_prefix_hit_tokens),
+                e.num_prefix_query_tokens, e.num_prefix_hit_tokens, load.chunk_tokens),
                 self.config.ttl_s)
             if fresh or self._resync:
                 index_prefixes(self._client, self.worker_id, self.cached, self._removed)

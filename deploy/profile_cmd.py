@@ -1,4 +1,4 @@
-"""`pdserve profile`: a cost profile (bench.costmodel.profile), what the simulator and the
+"""`pdserve profile`: a cost profile (protocol.cost_profile), what the simulator and the
 planner read about the hardware.
 
 Two paths:

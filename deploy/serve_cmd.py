@@ -11,6 +11,7 @@ import time
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
 from pdserve.deploy.security_flags import add_security_flags, api_security, exposure_refusal
 from pdserve.deploy.trace_flags import add_trace_flags, apply_trace_flags
+from pdserve.protocol import CostProfile
 
 
 def add_serve(sub) -> None:
@@ -48,6 +49,13 @@ def add_serve(sub) -> None:
     p.add_argument("--disaggregation-threshold", type=int, default=128,
                    help="prompts shorter than this prefill on the decode worker under the "
                         "`auto` hint (%(default)s tokens)")
+    p.add_argument("--cost-profile", default=None, metavar="JSON",
+                   help="a cost profile from `pdserve profile` (this machine) or `pdserve "
+                        "profile --gpu` (a GPU's roofline): the router then places each "
+                        "request (prefilled on a prefill worker or where it decodes, and on "
+                        "which workers) by predicted TTFT and TPOT against its SLOs, and "
+                        "refuses at once one whose predicted first token is past its TTFT "
+                        "SLO (--disaggregation-threshold is then unused)")
     p.add_argument("--default-ttft-slo", type=float, default=30.0, metavar="SECONDS",
                    help="admission: refuse at once (RESOURCE_EXHAUSTED) a request whose first "
                         "token the prefill work already queued would delay past its TTFT SLO; "
@@ -124,6 +132,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (why := exposure_refusal(args.host, security, args.insecure)) is not None:
         print(f"pdserve serve: refusing to start: {why}", file=sys.stderr)
         return 2
+    try:
+        profile = CostProfile.load(args.cost_profile) if args.cost_profile else None
+    except ValueError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
     spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
                        colocated=args.colocated, block_size=args.block_size,
                        num_blocks=args.num_blocks,
@@ -136,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        router_stream_grace_s=args.router_stream_grace,
                        router=RouterConfig(
                            disaggregation_threshold=args.disaggregation_threshold,
+                           cost_profile=profile,
                            default_ttft_slo_s=args.default_ttft_slo,
                            lease_s=args.kv_lease,
                            max_attempts=args.max_attempts,

@@ -29,6 +29,7 @@ class WorkerRecord:
     # prompt tokens looked up in its prefix cache, and those found, since it started
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    chunk_tokens: int = 0  # tokens per engine step (its prefill chunk); 0: not reported
 
     def without_room(self) -> WorkerRecord:
         """This record, seen as full (until the worker's next heartbeat says otherwise)."""

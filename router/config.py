@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.protocol import CurveKeys
+from pdserve.protocol import CostProfile, CurveKeys
 from pdserve.router.limits import InputLimits
 from pdserve.router.policy import Policy
 from pdserve.router.security import ApiSecurity
@@ -34,6 +34,10 @@ class RouterConfig:
     # the cluster's CURVE keys: the token stream then admits only the cluster's workers
     # (router.stream); None leaves it open (loopback only)
     curve: CurveKeys | None = field(default=None, repr=False)
+    # what a step, a KV transfer and the router's path cost (`pdserve profile`): with one,
+    # each request is placed and admitted by predicted TTFT and TPOT (router.placement);
+    # None: by `disaggregation_threshold` and the queue-token bound (router.admission)
+    cost_profile: CostProfile | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -11,26 +11,138 @@ The router reports to the door as requests move: the ledger (router.ledger: the 
 sent each worker whose first token has not come, since a load report lags a heartbeat and
 a burst arrives within one), `slots.released` (router.admission, SlotRate) and
 `interference.joined` / `left`. Runs on the router's event loop only.
+
+With a cost profile (`predictor`), `place` replaces both the threshold and the queue-token
+bound: the request's placement (remote or local, and where) is the one with the most SLO
+headroom by predicted TTFT and TPOT (router.placement), and the request is refused at once
+when even that one's predicted first token, plus the wait for a slot, is past its TTFT SLO;
+the refusal names the prediction.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
 from pdserve.router.errors import check_fits, overloaded
 from pdserve.router.interference import InterferenceBook, stall_s
 from pdserve.router.ledger import PrefillLedger
+from pdserve.router.placement import Placement, Route, Slo, candidates, choose, side_of
+from pdserve.router.policy import Hint, should_disaggregate
+from pdserve.router.predict import Predictor
 from pdserve.router.queue import RouterQueue
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import ClusterView
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A request `place` admitted: where it goes, the workers where its local prefill
+    would stall others past their SLO (the queue passes over them), and the prediction."""
+
+    placement: Placement
+    unfit: set[str]
+    ttft_s: float  # predicted, the wait for a slot included
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.placement.disaggregated
+
+
 class Door:
-    def __init__(self, config, view: ClusterView, queue: RouterQueue, ledger: PrefillLedger):
-        """`config`: the router's RouterConfig (the default TTFT SLO)."""
+    def __init__(self, config, view: ClusterView, queue: RouterQueue, ledger: PrefillLedger,
+                 predictor: Predictor | None = None):
+        """`config`: the router's RouterConfig (the default TTFT SLO). `predictor`: from
+        the cost profile, None without one."""
         self.config, self.view, self.queue, self.ledger = config, view, queue, ledger
+        self.predictor = predictor
         self.slots = SlotRate()
         self.interference = InterferenceBook()
+
+    async def route(self, req: ValidRequest, arrival: float) -> tuple[Route, set[str]]:
+        """Admit the request (or raise, as `admit` and `place` do) and decide its route:
+        by `place` with a cost profile, else by the hint and the threshold and `admit`.
+        Returns the route and the workers its local prefill would stall past their SLO."""
+        slo = self.slo(req)
+        deadline = arrival + slo.ttft_s if slo.ttft_s else None
+        if self.predictor is None:
+            disagg = self.disaggregates(req)
+            return Route(deadline, None, None, 0.0, disagg), self.admit(req, disagg)
+        hits = await self.queue.hits(req.prompt_token_ids)
+        placed = self.place(req, hits)
+        return (Route(deadline, hits, slo, placed.ttft_s, placed.disaggregated),
+                placed.unfit)
+
+    def disaggregates(self, req: ValidRequest, avoid: set[str] = frozenset(),
+                      decided: bool | None = None) -> bool:
+        """As admission `decided`, or by the hint and the threshold, if a prefill worker
+        is listed that did not fail this request already (else the decode worker
+        prefills it)."""
+        prefills = [w for w in self.view.of_role(WorkerRole.PREFILL)
+                    if w.worker_id not in avoid]
+        if decided is not None:
+            return decided and bool(prefills)
+        return should_disaggregate(req.hint, len(req.prompt_token_ids),
+                                   self.config.disaggregation_threshold, bool(prefills))
+
+    def slo(self, req: ValidRequest) -> Slo:
+        """The SLOs a placement is judged by: the request's own, else the default TTFT."""
+        return Slo(req.slo_ttft_ms / 1000 if req.slo_ttft_ms else
+                   self.config.default_ttft_slo_s or None,
+                   req.slo_tpot_ms / 1000 if req.slo_tpot_ms else None)
+
+    def stall_s(self, worker, num_tokens: int) -> float:
+        """How long prefilling `num_tokens` on `worker` stalls the requests decoding there."""
+        if self.predictor is None:
+            return stall_s(worker.record, num_tokens)
+        return self.predictor.local(side_of(worker, self.ledger, {}), num_tokens).stall_s
+
+    def place(self, req: ValidRequest, hits: dict[str, int]) -> Placed:
+        """Where the request runs, by predicted cost (needs a predictor; `hits`: the
+        prompt's leading blocks each worker's prefix cache holds). Raises
+        RESOURCE_EXHAUSTED to refuse it now, INVALID_ARGUMENT for a prompt no worker could
+        hold."""
+        n = len(req.prompt_token_ids)
+        holders = self.view.of_role(WorkerRole.COLOCATED, WorkerRole.DECODE)
+        if holders:
+            check_fits(holders, n)
+        decodes = self.view.of_role(WorkerRole.DECODE)
+        prefills = self.view.of_role(WorkerRole.PREFILL) if decodes else []
+        if req.hint is Hint.NEVER or not prefills:
+            prefills = []
+        if req.hint is Hint.ALWAYS and prefills:
+            holders = []
+        fit = [w for w in decodes if -(-(n + 1) // w.record.block_size) <= w.record.total_blocks]
+
+        def sides(workers, queued):
+            # the prompts waiting in this router's queue will go ahead of this one: their
+            # tokens spread over the workers that may prefill them
+            share = queued // len(workers) if workers else 0
+            return {w.worker_id: replace(s, queued_tokens=s.queued_tokens + share)
+                    for w in workers if (s := side_of(w, self.ledger, hits))}
+
+        local = sides(holders, self.queue.queued_tokens_of(False))
+        unfit = {wid for wid, s in local.items() if not self.interference.fits(
+            s.record, self.predictor.local(s, n).stall_s)}
+        options = candidates(self.predictor, n,
+                             list(sides(prefills, self.queue.queued_tokens_of(True)).values()),
+                             list(sides(fit, 0).values()),
+                             [s for wid, s in local.items() if wid not in unfit])
+        best = choose(options, slo := self.slo(req))
+        if best is None:
+            raise overloaded(
+                f"refused at admission: prefilling this prompt ({n} tokens) where it would "
+                f"decode would stall the requests decoding there past their TPOT SLO on "
+                "every worker; retry later")
+        wait = best.prediction.ttft_s + slot_wait_s(self.queue.queued, self.slots.per_s())
+        if slo.ttft_s and wait > slo.ttft_s:
+            where = (f"prefilled on {best.prefill_id}, decoded on {best.decode_id}"
+                     if best.prefill_id else f"on {best.decode_id}")
+            raise overloaded(
+                f"refused at admission: predicted time to first token {wait:.2f} s at best "
+                f"({where}) is beyond its TTFT SLO of {slo.ttft_s:.2f} s; retry later")
+        return Placed(best, unfit, wait)
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:
         """Raise RESOURCE_EXHAUSTED to refuse the request now (see the module), or

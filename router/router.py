@@ -58,7 +58,6 @@ from pdserve.protocol import (
     IncrementalDetokenizer,
     PrefillOrder,
     TokenChunk,
-    WorkerRole,
 )
 from pdserve.router import telemetry
 from pdserve.router.chunks import token_chunks
@@ -72,10 +71,11 @@ from pdserve.router.errors import (
 from pdserve.router.final import Retries, final_response
 from pdserve.router.handles import NoRoom, WorkerGone
 from pdserve.router.intake import Intake
-from pdserve.router.interference import decoding, stall_s
+from pdserve.router.interference import decoding
 from pdserve.router.ledger import PrefillLedger
 from pdserve.router.observe import Dispatch, RequestObserver, RequestOutcome, RequestRecord, notify
-from pdserve.router.policy import should_disaggregate
+from pdserve.router.placement import Route
+from pdserve.router.predict import Predictor
 from pdserve.router.queue import RouterQueue
 from pdserve.router.retry import Attempt, Held, continuation
 from pdserve.router.stream import StreamReader
@@ -101,8 +101,9 @@ class Router:
         self.view = ClusterView(redis, connect)
         self.stream = StreamReader(config.stream_host, config.curve)
         self.ledger = PrefillLedger()
-        self.queue = RouterQueue(config, self.view, redis, self.ledger)
-        self.door = Door(config, self.view, self.queue, self.ledger)
+        predictor = Predictor(config.cost_profile) if config.cost_profile else None
+        self.queue = RouterQueue(config, self.view, redis, self.ledger, predictor)
+        self.door = Door(config, self.view, self.queue, self.ledger, predictor)
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
@@ -179,8 +180,7 @@ class Router:
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
                         arrival: float, dispatches: list[Dispatch]
                         ) -> AsyncIterator[pb.GenerateResponse]:
-        disagg = self._disaggregates(req)
-        unfit = self.door.admit(req, disagg)
+        route, unfit = await self.door.route(req, arrival)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
         out_ids: list[int] = []
         first_token = 0.0
@@ -195,7 +195,7 @@ class Router:
             attempts += 1
             started = time.time()
             run = self._attempt(request_id, continuation(req, out_ids), deadline, avoid,
-                                held, resends, dispatches, retry=attempts > 1)
+                                held, resends, dispatches, route, retry=attempts > 1)
             held = None  # the attempt re-sends it or aborts it
             try:
                 async with contextlib.aclosing(run) as chunks:
@@ -215,7 +215,8 @@ class Router:
                                 request_id, req, finish, len(out_ids), attempt.worker,
                                 arrival, attempt.dispatched, first_token,
                                 attempt.decode_id, attempt.prefill_id,
-                                Retries(attempts, migrations, retry_s, len(resends)))
+                                Retries(attempts, migrations, retry_s, len(resends)),
+                                route.predicted_ttft_s)
                             return
             except RequestError as e:
                 if not e.retryable:
@@ -233,23 +234,16 @@ class Router:
                 log.warning("request %s: %s; %s", request_id, e,
                             "migrating" if out_ids else "dispatching again")
 
-    def _disaggregates(self, req: ValidRequest, avoid: set[str] = frozenset()) -> bool:
-        """By the hint and the threshold, if a prefill worker is listed that did not fail
-        this request already (else the decode worker prefills it)."""
-        prefills = [w for w in self.view.of_role(WorkerRole.PREFILL)
-                    if w.worker_id not in avoid]
-        return should_disaggregate(req.hint, len(req.prompt_token_ids),
-                                   self.config.disaggregation_threshold, bool(prefills))
-
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
                        avoid: set[str], held: Held | None, resends: list[Held],
-                       dispatches: list[Dispatch],
+                       dispatches: list[Dispatch], route: Route,
                        retry: bool) -> AsyncIterator[tuple[TokenChunk, Attempt]]:
         """One dispatch of the request under a fresh transfer id: its token chunks, each with
         what the final message needs of this attempt. Whatever way it ends short of the
         decode job's own last chunk, both workers' jobs are aborted (blocks freed) and the
         slots are given back; but a prefill job left holding its KV after the decode side
-        failed (the RequestError's `held`) is kept for the next attempt to re-send. `held`
+        failed (the RequestError's `held`) is kept for the next attempt to re-send. `route`:
+        admission's decision (router.placement). `held`
         (the last attempt's) is re-sent or aborted by this one; a re-send goes on
         `resends`. How it went is appended to `dispatches` when it ends."""
         # one per attempt, router-owned; 128 random bits, so no one can guess a live one
@@ -262,11 +256,12 @@ class Router:
         keep_prefill = False  # the prefill job holds the KV for the next attempt
         try:
             decode, prefill, dispatched = await self._dispatch(
-                req, tid, self._disaggregates(req, avoid), queue, deadline, avoid, held,
-                resends, retry)
+                req, tid, self.door.disaggregates(req, avoid, route.disaggregated), queue,
+                deadline, avoid, held, resends, route, retry)
             self.door.interference.joined(
                 decode.worker_id, tid,
-                stall_s(decode.record, len(req.prompt_token_ids)) if prefill is None else 0.0,
+                self.door.stall_s(decode, len(req.prompt_token_ids)) if prefill is None
+                else 0.0,
                 decoding(req.slo_tpot_ms, req.sampling.max_tokens))
             attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
@@ -311,7 +306,7 @@ class Router:
 
     async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
                         deadline: float | None, avoid: set[str], held: Held | None,
-                        resends: list[Held],
+                        resends: list[Held], route: Route,
                         retry: bool) -> tuple[LiveWorker, LiveWorker | None, float]:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
@@ -324,7 +319,7 @@ class Router:
             while True:
                 decode, prefill = await self.queue.wait(
                     req, disagg, avoid, prefer_prefill=held.prefill_id if held else None,
-                    retry=retry)
+                    retry=retry, deadline=route.deadline, hits=route.hits, slo=route.slo)
                 decode.in_flight[tid] = queue
                 dispatched = time.time()
                 try:

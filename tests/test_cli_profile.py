@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from cli_helpers import run_cli
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.deploy.cli import main
+from pdserve.protocol.cost_profile import CostProfile
 
 NO_TORCH = ("torch", "ray", "transformers", "zmq")
 

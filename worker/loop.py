@@ -53,6 +53,7 @@ class LoadReport:
     prefill_tokens_per_s: float = 0.0  # measured on its steps (worker.rate); 0.0: none yet
     num_leases: int = 0  # jobs holding KV under a lease (LoopHandler.num_leases)
     decode_step_s: float = 0.0  # decode-only step time (worker.rate); 0.0: none yet
+    chunk_tokens: int = 0  # the engine's token budget per step (its prefill chunk)
 
     @property
     def is_idle(self) -> bool:
@@ -243,4 +244,5 @@ class EngineLoop:
         self._gather_prefix_events()
         return LoadReport(self.engine.stats(), self.handler.num_jobs(), time.time(),
                           self._error, self._rate.tokens_per_s, self.handler.num_leases(),
-                          self._decode_step.seconds)
+                          self._decode_step.seconds,
+                          self.engine.config.scheduler.max_num_batched_tokens)

@@ -1,4 +1,4 @@
-"""Fitting a cost profile's models (bench.costmodel.profile) to measurements.
+"""Fitting a cost profile's models (protocol.cost_profile) to measurements.
 
 Step model. With the knee K = floor_s / token_s, the step model reads
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.bench.costmodel.profile import StepModel, TransferModel
+from pdserve.protocol.cost_profile import StepModel, TransferModel
 
 MAX_NNLS_COLUMNS = 8  # 2^8 support sets: beyond that an active-set method would be needed
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
 
-from pdserve.bench.costmodel.profile import CostProfile, StepModel, TransferModel
+from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel
 
 HERE = Path(__file__).parent
 DTYPE_BYTES = 2  # bf16

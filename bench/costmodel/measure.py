@@ -31,12 +31,12 @@ from tqdm import tqdm
 from pdserve.bench.costmodel import machine
 from pdserve.bench.costmodel.contention import measure_contention
 from pdserve.bench.costmodel.fit import fit_step, fit_transfer
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.costmodel.steps import FULL, QUICK, measure_steps
 from pdserve.bench.costmodel.transfer import QUICK_SIZES, SIZES, measure_transfers
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.engine import ModelConfig
 from pdserve.models import DEFAULT_MODEL, resolve_model
+from pdserve.protocol.cost_profile import CostProfile
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdserve.bench.costmodel.profile import CostProfile
+from pdserve.protocol.cost_profile import CostProfile
 
 COLORS = {"prefill": "#4c72b0", "decode": "#dd8452", "mixed": "#55a868"}
 

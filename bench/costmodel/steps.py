@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from pdserve.bench.costmodel.fit import StepObservation
-from pdserve.bench.costmodel.profile import chunk_pairs
 from pdserve.engine import (
     CacheConfig,
     Engine,
@@ -45,6 +44,7 @@ from pdserve.engine import (
     ScheduledBatch,
     SchedulerConfig,
 )
+from pdserve.protocol.cost_profile import chunk_pairs
 
 BLOCK_SIZE = 16
 DISCARD_BELOW_S = 1.0

@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import RequestResult, Slo, summarize
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.request import SimRequest
 from pdserve.bench.sim.router import SimRouter
 from pdserve.bench.sim.worker import SimWorker
 from pdserve.protocol import WorkerRole
+from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo
 from pdserve.bench.sim.cluster import Deployment, simulate
 from pdserve.bench.sim.run import add_workload_flags
 from pdserve.bench.sim.workload import Requests, requests
+from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
 
 

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.bench.sim.worker import SimWorker
 from pdserve.protocol import WorkerRole
+from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.admission import (
     Backlog,
     SlotRate,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo, goodput_per_worker
 from pdserve.bench.sim.cluster import Deployment, simulate
 from pdserve.bench.sim.workload import EXACT_UP_TO, requests
 from pdserve.bench.workload import DEFAULT_TRACES_DIR, TRACES
+from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
 
 

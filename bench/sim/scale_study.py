@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo
 from pdserve.bench.sim.plan import Prober, plan
 from pdserve.bench.workload import DEFAULT_TRACES_DIR
+from pdserve.protocol.cost_profile import CostProfile
 
 # per trace: the SLOs (DistServe's chatbot / summarization scale for an 8B model), the
 # lengths as the trace gives them, and requests per GPU in a probe (enough for tens of

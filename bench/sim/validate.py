@@ -18,11 +18,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from pdserve.bench.costmodel.profile import CostProfile
 from pdserve.bench.metrics import Slo, goodput_per_worker
 from pdserve.bench.sim.cluster import Deployment, simulate
 from pdserve.bench.sweep import Workload, samples_for
 from pdserve.bench.workload import arrival_times
+from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
 
 # the sweep's deployments (bench.server.DEPLOYMENTS), as pdserve serve starts them

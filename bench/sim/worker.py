@@ -32,13 +32,13 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
-from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
 from pdserve.bench.sim import leap
 from pdserve.bench.sim.batch import DecodeBatch
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.heartbeat import Heartbeat
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
+from pdserve.protocol.cost_profile import CostProfile, chunk_pairs
 from pdserve.router.policy import WorkerLoad
 from pdserve.worker.rate import DecodeStepTime, PrefillRate
 

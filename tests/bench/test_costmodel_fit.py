@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pdserve.bench.costmodel.fit import StepObservation, fit_step, fit_transfer, nnls
-from pdserve.bench.costmodel.profile import (
+from pdserve.protocol.cost_profile import (
     VERSION,
     CostProfile,
     StepModel,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.bench.costmodel.hardware import Assumptions, gpus, models, roofline
-from pdserve.bench.costmodel.profile import CostProfile, chunk_pairs
+from pdserve.protocol.cost_profile import CostProfile, chunk_pairs
 
 
 def test_every_gpu_and_model_cites_its_source():

@@ -3,9 +3,9 @@ point is taken from repeated runs, on scheduler objects and scripted runs (no ti
 
 from __future__ import annotations
 
-from pdserve.bench.costmodel.profile import chunk_pairs
 from pdserve.bench.costmodel.steps import DISCARD_BELOW_S, FULL, QUICK, point, step_features
 from pdserve.engine import Request, SamplingParams, ScheduledBatch, ScheduledRequest
+from pdserve.protocol.cost_profile import chunk_pairs
 
 
 def _request(prompt: int, outputs: int = 0) -> Request:

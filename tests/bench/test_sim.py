@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from pdserve.bench.costmodel.profile import CostProfile, StepModel, TransferModel
 from pdserve.bench.metrics import Slo
 from pdserve.bench.sim.cluster import Deployment, simulate
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
 from pdserve.bench.workload import arrival_times
+from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import WorkerLoad, choose_decode, choose_prefill
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from pdserve.bench.costmodel.profile import CostProfile, StepModel, TransferModel
 from pdserve.bench.sim.plan import Prober, candidates
 from pdserve.deploy.cli import main
+from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel
 
 CPU_LIKE = StepModel(0.002, 0.02, 0.0013, 2e-8, 2e-6)
 

@@ -1,7 +1,9 @@
 """A cost profile: what one worker's engine step, a KV transfer and the router's path cost,
 for one model on one machine. `pdserve profile` measures one on this machine (fitted to the
 real engine); `bench.costmodel.hardware` derives one for a public GPU from its datasheet
-(a roofline). The simulator (`bench.sim`) reads nothing else of the hardware.
+(a roofline). The simulator (`bench.sim`) reads nothing else of the hardware, and a router
+given one (`pdserve serve --cost-profile`) predicts each request's TTFT and TPOT with it
+(router.predict).
 
 The step model. One engine step computes `tokens` new tokens: the chunks of the prompts it
 prefills plus one per decoding sequence. It costs

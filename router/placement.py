@@ -1,0 +1,103 @@
+"""Where a request runs, chosen by predicted cost (router.predict), when the router has a
+cost profile: prefilled on a prefill worker and decoded on a decode worker, or prefilled
+where it decodes, and on which workers, all in one choice.
+
+Every candidate placement gets a predicted TTFT and TPOT; its headroom is the smaller of
+1 - TTFT / the TTFT SLO and 1 - TPOT / the TPOT SLO (the request's own SLOs, the router's
+default TTFT SLO when it has none; an SLO that is not set leaves its term out, and with
+neither the headroom is -TTFT in seconds, so the fastest first token wins). The choice is
+the placement with the most headroom: one that meets both SLOs beats any that does not,
+and among those that do, the one with the most slack; among those that do not, the one
+that misses by least. A local placement must also fit the TPOT SLOs of the requests
+already decoding on its worker (router.interference, with the predicted stall).
+
+The candidates are bounded for large clusters: the `width` best prefill workers by
+predicted prefill finish and the `width` best decode workers by batch, plus every worker
+whose prefix cache holds part of the prompt, are paired.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve.router.ledger import PrefillLedger
+from pdserve.router.predict import Prediction, Predictor, Side
+from pdserve.router.view import LiveWorker
+
+WIDTH = 4
+
+
+def side_of(w: LiveWorker, ledger: PrefillLedger, hits: dict[str, int]) -> Side:
+    """A worker as predictions see it: its queue the larger of its report and what this
+    router sent it since (router.ledger), its batch the larger of its report and this
+    router's requests there, and the prompt's blocks its prefix cache holds (`hits`)."""
+    r = w.record
+    return Side(r, max(r.queued_prefill_tokens, ledger.tokens(r.worker_id)),
+                max(r.running + r.waiting, len(w.in_flight)),
+                hits.get(r.worker_id, 0) * r.block_size)
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode_id: str
+    prefill_id: str  # "" for a local prefill
+    prediction: Prediction
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.prefill_id)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What admission decided for a request, for each of its dispatches: its place in the
+    queue's deadline order, the prompt's prefix hits and the SLOs placement judges by
+    (None without a cost profile), the predicted TTFT (0.0: none), disaggregated or not."""
+
+    deadline: float | None
+    hits: dict[str, int] | None
+    slo: Slo | None
+    predicted_ttft_s: float
+    disaggregated: bool
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float | None
+    tpot_s: float | None
+
+    def headroom(self, p: Prediction) -> float:
+        terms = [1 - p.ttft_s / self.ttft_s] if self.ttft_s else []
+        if self.tpot_s:
+            terms.append(1 - p.tpot_s / self.tpot_s)
+        return min(terms) if terms else -p.ttft_s
+
+    def met(self, p: Prediction) -> bool:
+        return self.headroom(p) >= 0 if (self.ttft_s or self.tpot_s) else True
+
+
+def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
+               decodes: Sequence[Side], local: Sequence[Side],
+               width: int = WIDTH) -> list[Placement]:
+    """Every placement worth predicting: remote over the best (prefill, decode) pairs, and
+    local on each of `local` (the workers where a local prefill fits)."""
+    def best(sides: Sequence[Side], key: Callable[[Side], float]) -> list[Side]:
+        top = heapq.nsmallest(width, sides, key=key)
+        seen = {id(s) for s in top}
+        return top + [s for s in sides if s.cached_tokens and id(s) not in seen]
+
+    out = [Placement(s.record.worker_id, "", predictor.local(s, prompt)) for s in local]
+    if prefills and decodes:
+        ps = best(prefills, lambda s: s.queued_tokens + prompt - s.cached_tokens)
+        ds = best(decodes, lambda s: s.batch)
+        out += [Placement(d.record.worker_id, p.record.worker_id,
+                          predictor.remote(p, d, prompt)) for p in ps for d in ds]
+    return out
+
+
+def choose(placements: Sequence[Placement], slo: Slo) -> Placement | None:
+    """The placement with the most headroom (see the module); ties to the earlier TTFT."""
+    return max(placements, key=lambda c: (slo.headroom(c.prediction), -c.prediction.ttft_s),
+               default=None)

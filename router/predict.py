@@ -1,0 +1,119 @@
+"""A request's time to first token and per output token on given workers, predicted from a
+cost profile (protocol.cost_profile, what `pdserve profile` fits to the real engine): what
+admission, the choice between prefilling where the request decodes or on a prefill worker,
+and the choice of workers compare. Pure functions of what the router knows of a worker
+(`Side`: its record, plus what this router sent it since the record was written).
+
+A prefill worker runs its queue, then the prompt, in steps of its chunk budget (the tokens
+its prefix cache holds are not computed); a decode or colocated worker's prefill steps
+carry its decoding batch as well (decodes first, the prompt's chunk in the rest of the
+budget: a mixed step). Step times are the profile's step model; the queued prompts' own
+attention is counted as if each chunk started a prompt (their lengths are not reported).
+
+Disaggregated: router_s + the prefill worker's queue and the prompt's prefill there + the
+KV transfer's tail + half a decode step + stream_s. The KV streams layer by layer while the
+prefill computes; what is left once the last layer is computed is that layer's share, plus
+whatever the wire could not keep up with. Only the blocks the decode worker lacks are sent.
+Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. The
+request's TPOT is one decode step of the worker's batch with the request in it (its KV:
+every block the worker holds, and the prompt); a local prefill stalls the worker's
+decodes by what its mixed steps take beyond the decode-only steps they replace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
+
+DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
+
+
+@dataclass(frozen=True)
+class Side:
+    """One worker as a prediction sees it."""
+
+    record: WorkerRecord
+    queued_tokens: int  # prompt tokens ahead of a new one (the larger of report and ledger)
+    batch: int  # sequences decoding there (the larger of report and this router's own)
+    cached_tokens: int = 0  # the prompt's leading tokens its prefix cache holds
+
+    @property
+    def chunk(self) -> int:
+        return self.record.chunk_tokens or DEFAULT_CHUNK
+
+    @property
+    def context(self) -> int:
+        """KV tokens the worker holds: what its decoding sequences read each step."""
+        r = self.record
+        return (r.total_blocks - r.free_blocks) * r.block_size
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ttft_s: float
+    tpot_s: float
+    stall_s: float = 0.0  # what a local prefill adds to each decoding request's time there
+
+
+class Predictor:
+    def __init__(self, profile: CostProfile):
+        self.profile = profile
+        self.step = profile.step
+
+    def decode_step_s(self, seqs: int, context: int) -> float:
+        """A decode-only step of `seqs` sequences reading `context` KV tokens in all."""
+        if seqs <= 0:
+            return 0.0
+        return self.step.step_s(seqs, 0, context, seqs) + self.profile.serve_seq_s * seqs
+
+    def prefill_s(self, queued: int, prompt: int, offset: int, chunk: int,
+                  seqs: int = 0, context: int = 0) -> tuple[float, float]:
+        """(seconds until the prompt's last chunk is computed, what the prompt's own steps
+        take beyond the decode-only steps of `seqs` sequences): `queued` tokens ahead, then
+        `prompt` new tokens after `offset` cached ones, in steps of `chunk` tokens shared
+        with `seqs` decoding sequences that read `context` KV tokens."""
+        budget = max(chunk - seqs, 1)
+        decode_only = self.decode_step_s(seqs, context)
+        full, rest = divmod(queued, budget)  # whole steps of queued work cost the same
+        total = full * self._mixed(budget, chunk_pairs(0, budget), seqs, context) if full \
+            else 0.0
+        stall = 0.0
+        left, done = prompt, offset
+        while left > 0:
+            k = min(left, budget - rest)
+            t = self._mixed(rest + k, chunk_pairs(0, rest) + chunk_pairs(done, k), seqs,
+                            context)
+            total += t
+            stall += max(t - decode_only, 0.0)
+            rest, left, done = 0, left - k, done + k
+        return total, stall
+
+    def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
+        return (self.step.step_s(tokens + seqs, pairs, context, seqs)
+                + self.profile.serve_seq_s * seqs)
+
+    def tpot_s(self, decode: Side, prompt: int) -> float:
+        """The request's time per output token on the decode side, with it in the batch."""
+        return self.decode_step_s(decode.batch + 1, decode.context + prompt)
+
+    def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
+        p = self.profile
+        hit = min(prefill.cached_tokens, prompt - 1)
+        compute, _ = self.prefill_s(prefill.queued_tokens, prompt - hit, hit, prefill.chunk)
+        sent = (prompt - min(decode.cached_tokens, prompt - 1)) * p.kv_bytes_per_token
+        own = self.prefill_s(0, prompt - hit, hit, prefill.chunk)[0]
+        wire = sent / p.transfer.bytes_per_s
+        tail = p.transfer.latency_s + wire / p.num_layers + max(0.0, wire - own)
+        tpot = self.tpot_s(decode, prompt)
+        # the KV is admitted between two steps: half the step in progress, on average
+        admit = self.decode_step_s(decode.batch, decode.context) / 2
+        return Prediction(p.router_s + compute + tail + admit + p.stream_s, tpot)
+
+    def local(self, decode: Side, prompt: int) -> Prediction:
+        p = self.profile
+        hit = min(decode.cached_tokens, prompt - 1)
+        compute, stall = self.prefill_s(decode.queued_tokens, prompt - hit, hit, decode.chunk,
+                                        decode.batch, decode.context)
+        return Prediction(p.router_s + compute + p.stream_s, self.tpot_s(decode, prompt),
+                          stall)

@@ -1,0 +1,80 @@
+"""A router with this machine's cost profile (bench/results/costmodel/profile_cpu.json)
+over real workers (1 prefill + 1 decode, SmolLM2): every request is placed by predicted
+cost, its output equals the single-process engine's, its final message carries the
+prediction, and a burst past the SLO is refused at once with the prediction in the
+message; no block is left held."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from rpc_helpers import collect, greedy_request, stub_for, wait_cluster_idle
+
+from pdserve.deploy.local_cluster import LocalCluster
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.engine import SamplingParams
+from pdserve.protocol import CostProfile
+from pdserve.router.router import RouterConfig
+from pdserve.rpc import pdserve_pb2 as pb
+
+pytestmark = pytest.mark.slow
+PROFILE = Path(__file__).resolve().parents[2] / "bench/results/costmodel/profile_cpu.json"
+SHORT = "The capital of France is"
+LONG = "Tell me about the history of the river and the town that grew around it. " * 40
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    spec = ClusterSpec(prefill=1, decode=1, num_blocks=1024, heartbeat_s=0.2,
+                       router=RouterConfig(refresh_s=0.2,
+                                           cost_profile=CostProfile.load(PROFILE)))
+    c = LocalCluster(spec)
+    yield c
+    c.close()
+
+
+def test_placed_requests_equal_the_engine_and_carry_the_prediction(cluster, smollm2_llm):
+    stub = stub_for(cluster.address)
+    for prompt in (SHORT, LONG):
+        want = smollm2_llm.generate([prompt], SamplingParams(max_tokens=8,
+                                                             temperature=0.0))[0]
+        _, ids, final = collect(stub, greedy_request(prompt, max_tokens=8), timeout=120)
+        assert ids == list(want.token_ids)
+        assert final.timing.predicted_ttft_ms > 0
+        assert final.timing.first_token_ms > 0
+    # the hint still binds: `always` takes the prefill worker whatever the prediction
+    _, ids, final = collect(stub, greedy_request(SHORT, max_tokens=8,
+                                                 disaggregation=pb.DISAGGREGATION_ALWAYS))
+    assert final.disaggregated and final.prefill_worker
+    wait_cluster_idle(cluster)
+
+
+def test_a_burst_past_the_slo_is_refused_at_once_with_the_prediction(cluster):
+    stub = stub_for(cluster.address)
+    # about two of these prompts' prefills fit in the SLO on this machine's profile
+    profile = CostProfile.load(PROFILE)
+    one = profile.step.step_s(700, 700 * 701 // 2)
+    slo_ms = 2.5 * one * 1000
+
+    def send(i):
+        req = greedy_request(f"{i} " + LONG, max_tokens=4, slo=pb.Slo(ttft_ms=slo_ms))
+        started = time.monotonic()
+        try:
+            collect(stub, req, timeout=300)
+            return "ok", "", time.monotonic() - started
+        except grpc.RpcError as e:
+            return e.code(), e.details(), time.monotonic() - started
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(send, range(12)))
+    refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [r for r in results if r[0] == "ok"]
+    assert len(served) + len(refused) == len(results), results  # none failed
+    assert served and refused, results
+    assert all("predicted time to first token" in why for _, why, _ in refused)
+    assert max(t for *_, t in refused) < 5.0
+    wait_cluster_idle(cluster)

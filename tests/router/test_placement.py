@@ -1,0 +1,129 @@
+"""The router with a cost profile: admission refuses by predicted TTFT and names the
+prediction, the hint still binds, a burst's requests see each other (the ledger), and the
+router queue orders its waiters by deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pdserve.protocol import (
+    CostProfile,
+    SamplingParams,
+    StepModel,
+    TransferModel,
+    WorkerRecord,
+    WorkerRole,
+)
+from pdserve.router.errors import RequestError
+from pdserve.router.policy import Hint
+from pdserve.router.router import Router, RouterConfig
+from pdserve.router.validate import ValidRequest
+from pdserve.router.view import LiveWorker
+
+# 1 ms per token past the floor: a 1,000-token chunk is ~1 s
+PROFILE = CostProfile("measured", {}, {"layers": 4}, 100, 100_000,
+                      StepModel(0.0, 0.01, 1e-3, 0.0, 0.0, 0.0), TransferModel(0.01, 1e9))
+
+
+def _worker(wid: str, role: WorkerRole, queued: int = 0, running: int = 0) -> LiveWorker:
+    record = WorkerRecord(wid, role, "n", "", 16, 1000, 1000, running, 0, queued, time.time(),
+                          1.0, chunk_tokens=1000)
+    return LiveWorker(record, handle=None)
+
+
+def _request(n: int, slo_ttft_ms: float | None = None, hint: Hint = Hint.AUTO,
+             slo_tpot_ms: float | None = None) -> ValidRequest:
+    return ValidRequest("", tuple(range(1, n + 1)), SamplingParams(max_tokens=4), hint,
+                        slo_ttft_ms, slo_tpot_ms)
+
+
+def _router(*workers: LiveWorker, default_ttft_slo_s: float = 30.0) -> Router:
+    router = Router(RouterConfig(default_ttft_slo_s=default_ttft_slo_s, cost_profile=PROFILE),
+                    None, None, lambda record: None)
+    router.view.workers = {w.worker_id: w for w in workers}
+    return router
+
+
+def test_admission_refuses_by_predicted_ttft_and_names_it():
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL, queued=3000),
+                         _worker("d", WorkerRole.DECODE, running=4))
+        # the decode worker prefills it sooner than the prefill worker's queue would
+        placed = router.door.place(_request(500, slo_ttft_ms=10_000), {})
+        assert not placed.disaggregated and placed.placement.decode_id == "d"
+        assert placed.ttft_s == pytest.approx(0.504)  # one 500-token step with 4 decodes
+        remote = router.door.place(_request(500, slo_ttft_ms=10_000, hint=Hint.ALWAYS), {})
+        assert remote.ttft_s == pytest.approx(3.5, rel=0.05)  # 3,000 queued + 500
+        with pytest.raises(RequestError) as e:
+            router.door.place(_request(500, slo_ttft_ms=1_000, hint=Hint.ALWAYS), {})
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+        assert "predicted time to first token 3.5" in str(e.value)
+        assert "TTFT SLO of 1.00 s" in str(e.value)
+    asyncio.run(main())
+
+
+def test_the_hint_binds_the_placement():
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL, queued=3000),
+                         _worker("d", WorkerRole.DECODE))
+        assert router.door.place(_request(500, hint=Hint.ALWAYS), {}).disaggregated
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE,
+                                                                      running=50))
+        assert not router.door.place(_request(5000, hint=Hint.NEVER), {}).disaggregated
+        assert router.door.place(_request(5000), {}).disaggregated
+    asyncio.run(main())
+
+
+def test_a_burst_sees_its_own_requests_before_any_report():
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE))
+        first = router.door.place(_request(2000, hint=Hint.ALWAYS), {})
+        router.ledger.started("p", "t1", 2000)
+        second = router.door.place(_request(2000, hint=Hint.ALWAYS), {})
+        assert second.ttft_s == pytest.approx(first.ttft_s + 2.0, rel=0.05)
+    asyncio.run(main())
+
+
+def test_a_prefix_held_by_the_decode_worker_makes_local_prefill_cheaper():
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE),
+                         _worker("e", WorkerRole.DECODE))
+        cold = router.door.place(_request(3000, hint=Hint.NEVER), {})
+        warm = router.door.place(_request(3000, hint=Hint.NEVER), {"e": 150})  # 2,400 tokens
+        assert warm.placement.decode_id == "e"
+        assert warm.ttft_s < cold.ttft_s - 1.5
+    asyncio.run(main())
+
+
+def test_the_queue_serves_the_earliest_deadline_first():
+    async def main():
+        router = _router(_worker("d", WorkerRole.COLOCATED))
+        q = router.queue
+        d = router.view.workers["d"]
+        d.record = d.record.without_room()  # nobody fits until the worker reports room
+        order: list[str] = []
+
+        async def waiter(name: str, deadline: float | None):
+            await q.wait(_request(10), False, set(), deadline=deadline)
+            order.append(name)
+            d.in_flight[name] = asyncio.Queue()  # holds its slot (one per worker below)
+
+        object.__setattr__(router.config, "max_in_flight_per_worker", 1)
+        now = time.time()
+        tasks = [asyncio.create_task(waiter("late", now + 30)),
+                 asyncio.create_task(waiter("none", None)),
+                 asyncio.create_task(waiter("soon", now + 1))]
+        while q.queued < 3:
+            await asyncio.sleep(0)
+        d.record = WorkerRecord(**{**d.record.__dict__, "free_blocks": 1000})
+        for name in ("soon", "late", "none"):
+            await router.view.notify()
+            while name not in order:
+                await asyncio.sleep(0.01)
+            d.in_flight.clear()
+        await asyncio.gather(*tasks)
+        assert order == ["soon", "late", "none"]
+    asyncio.run(main())

@@ -1,0 +1,102 @@
+"""Predicted TTFT/TPOT (router.predict) and the placement by predicted cost
+(router.placement), on a synthetic profile whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.protocol import CostProfile, StepModel, TransferModel, WorkerRecord, WorkerRole
+from pdserve.router.placement import Placement, Slo, candidates, choose
+from pdserve.router.predict import Prediction, Predictor, Side
+
+STEP = StepModel(base_s=0.01, floor_s=0.02, token_s=1e-5, pair_s=0.0, context_s=0.0,
+                 seq_s=1e-3)
+
+
+def _profile(latency_s: float = 0.001, bytes_per_s: float = 1e6) -> CostProfile:
+    return CostProfile("measured", {}, {"layers": 10}, kv_bytes_per_token=100,
+                       kv_capacity_tokens=100_000, step=STEP,
+                       transfer=TransferModel(latency_s, bytes_per_s))
+
+
+def _side(wid: str, role: WorkerRole, queued: int = 0, batch: int = 0, cached: int = 0,
+          used_blocks: int = 0, chunk: int = 1000) -> Side:
+    record = WorkerRecord(wid, role, "n", "", 16, 1000, 1000 - used_blocks, batch, 0, queued,
+                          0.0, 0.0, chunk_tokens=chunk)
+    return Side(record, queued, batch, cached)
+
+
+def test_prefill_steps_by_hand():
+    p = Predictor(_profile())
+    assert p.prefill_s(0, 500, 0, 1000) == (pytest.approx(0.03), pytest.approx(0.03))
+    # 1,500 queued: one full step, then 500 queued + 500 of the prompt, then its last 500
+    total, stall = p.prefill_s(1500, 1000, 0, 1000)
+    assert total == pytest.approx(0.09)
+    assert stall == pytest.approx(0.06)  # the prompt's own two steps
+    # 10 decoding sequences share each step's budget and add their cost to it
+    total, stall = p.prefill_s(0, 990, 0, 1000, seqs=10)
+    decode_only = 0.01 + 0.02 + 10 * 1e-3
+    assert total == pytest.approx(0.01 + max(0.02, 1000 * 1e-5) + 10 * 1e-3)
+    assert stall == pytest.approx(total - decode_only)
+
+
+def test_remote_ttft_counts_the_transfer_tail_and_the_decode_side_cache():
+    p = Predictor(_profile())
+    prefill = _side("p", WorkerRole.PREFILL)
+    full = p.remote(prefill, _side("d", WorkerRole.DECODE), 1000)
+    # prefill 0.03 s; 100 kB at 1 MB/s = 0.1 s on the wire, 0.03 of it hidden behind the
+    # compute; the last layer's tenth and the latency left; an idle decode worker admits
+    # at once
+    assert full.ttft_s == pytest.approx(0.03 + 0.001 + 0.01 + 0.07)
+    half = p.remote(prefill, _side("d", WorkerRole.DECODE, cached=512), 1000)
+    wire = 488 * 100 / 1e6
+    assert half.ttft_s == pytest.approx(0.03 + 0.001 + wire / 10 + wire - 0.03)
+    assert half.ttft_s < full.ttft_s
+    # the prefill worker's own cache: fewer tokens computed
+    cached = p.remote(_side("p", WorkerRole.PREFILL, cached=512), _side("d", WorkerRole.DECODE),
+                      1000)
+    assert cached.ttft_s > full.ttft_s - 0.03 and cached.ttft_s <= full.ttft_s
+
+
+def test_tpot_grows_with_the_batch_and_its_kv():
+    p = Predictor(_profile())
+    assert p.tpot_s(_side("d", WorkerRole.DECODE), 10) == pytest.approx(0.01 + 0.02 + 1e-3)
+    busy = p.tpot_s(_side("d", WorkerRole.DECODE, batch=40), 10)
+    assert busy == pytest.approx(0.01 + 0.02 + 41e-3)
+
+
+def test_short_prompts_stay_local_long_ones_go_remote_when_the_decoder_is_busy():
+    p = Predictor(_profile(latency_s=0.05, bytes_per_s=1e9))
+    prefill = _side("p", WorkerRole.PREFILL)
+    decode = _side("d", WorkerRole.DECODE, batch=30, used_blocks=200)
+    slo = Slo(ttft_s=1.0, tpot_s=0.2)
+    short = choose(candidates(p, 32, [prefill], [decode], [decode]), slo)
+    assert short is not None and not short.disaggregated  # the transfer's 50 ms dominate
+    long = choose(candidates(p, 8000, [prefill], [decode], [decode]), slo)
+    assert long is not None and long.disaggregated  # 9 mixed steps carry 30 decodes each
+    assert long.prefill_id == "p" and long.decode_id == "d"
+
+
+def test_choose_prefers_meeting_both_slos_then_the_most_headroom():
+    slo = Slo(ttft_s=1.0, tpot_s=0.1)
+    fast_but_slow_tokens = Placement("a", "", Prediction(0.1, 0.2))
+    meets = Placement("b", "p", Prediction(0.8, 0.05))
+    roomy = Placement("c", "p", Prediction(0.5, 0.04))
+    assert choose([fast_but_slow_tokens, meets], slo).decode_id == "b"
+    assert choose([fast_but_slow_tokens, meets, roomy], slo).decode_id == "c"
+    # none meets: the one that misses by least
+    assert choose([Placement("x", "", Prediction(3.0, 0.05)),
+                   Placement("y", "", Prediction(1.5, 0.05))], slo).decode_id == "y"
+    # no SLO at all: the earliest first token
+    assert choose([meets, roomy], Slo(None, None)).decode_id == "c"
+    assert choose([], slo) is None
+
+
+def test_candidates_pair_the_best_workers_and_every_cache_holder():
+    p = Predictor(_profile())
+    prefills = [_side(f"p{i}", WorkerRole.PREFILL, queued=1000 * i) for i in range(10)]
+    prefills.append(_side("p-hit", WorkerRole.PREFILL, queued=50_000, cached=1024))
+    decodes = [_side(f"d{i}", WorkerRole.DECODE, batch=i) for i in range(10)]
+    out = candidates(p, 2000, prefills, decodes, [], width=2)
+    pairs = {(c.prefill_id, c.decode_id) for c in out}
+    assert pairs == {(pw, dw) for pw in ("p0", "p1", "p-hit") for dw in ("d0", "d1")}
