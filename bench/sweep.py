@@ -2,11 +2,12 @@
 against 2 colocated workers (one core per worker in both) and, given --peer-python, vLLM's
 CPU server on the same 2 cores, on one workload.
 
-Per workload:
+Per workload (bench.sweep_workloads: random, trace and shifting ones):
 0. calibration: unloaded TTFT and TPOT (requests one at a time on one colocated worker's
    deployment); the SLOs are multiples of them, written with their absolute values;
 1. for each deployment, started through its public command line: a rate sweep, `--seeds`
-   runs of `--num-prompts` requests per rate (Poisson arrivals);
+   runs of `--num-prompts` requests per rate (Poisson arrivals, or a trace's own gaps
+   rescaled to the rate);
 2. attainment per rate (mean over seeds), goodput = the rate at 90% attainment (linear
    interpolation) per worker, and the smallest SLO scale reaching 90% at `--fixed-rate`;
 3. JSON with every run (vLLM's keys) and the summary: `--out/<workload>.json`.
@@ -28,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.bench.backends import Backend
@@ -41,38 +41,10 @@ from pdserve.bench.metrics import (
 )
 from pdserve.bench.serve_bench import run_load
 from pdserve.bench.server import DEPLOYMENTS, PEER_CLI, Deployment, Server
-from pdserve.bench.workload import Sample, random_dataset, warmup_samples
+from pdserve.bench.sweep_workloads import WORKLOADS, Workload, samples_for
+from pdserve.bench.workload import Sample, warmup_samples
 
 WARMUP = 2  # untimed requests per deployment before its rate sweep
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    input_len: int
-    output_len: int
-    range_ratio: float
-    rates: tuple[float, ...]
-    fixed_rate: float
-    ttft_scale: float  # SLO = scale x unloaded value
-    tpot_scale: float
-    about: str
-
-
-WORKLOADS = {
-    "chat": Workload("chat", 192, 96, 0.5, (0.5, 1.0, 1.5, 2.0), 1.0, 5.0, 3.0,
-                     "chat-like: short prompts (96-288 tokens), long answers (48-144)"),
-    "summarize": Workload("summarize", 768, 48, 0.25, (0.15, 0.3, 0.45, 0.6), 0.3, 5.0, 2.0,
-                          "summarization-like: long prompts (576-960 tokens) arriving while "
-                          "others decode, short answers (36-60), tight TPOT SLO"),
-}
-
-
-def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0) -> list[Sample]:
-    """Fresh prompts for every run (seed and rate): a prompt seen before would be served from
-    a worker's prefix cache and measure the cache, not the deployment."""
-    return random_dataset(n, w.input_len, w.output_len, w.range_ratio,
-                          seed=1000 * (rate_index + 1) + seed)
 
 
 async def calibrate(server: Server, w: Workload, n: int = 6) -> tuple[float, float]:
@@ -102,7 +74,7 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
                            seeds: list[int]) -> list[dict]:
     """Every (rate, seed) run on one deployment, after `WARMUP` untimed requests drawn apart
     from all of the runs' prompts."""
-    plan = [(rate, seed, samples_for(w, n, seed, i + 1))
+    plan = [(rate, seed, samples_for(w, n, seed, i + 1, rate))
             for i, rate in enumerate(w.rates) for seed in seeds]
     warmup = warmup_samples([s for _, _, samples in plan for s in samples], WARMUP, seed=98)
     backend = server.backend()

@@ -1,0 +1,44 @@
+"""The sweep's workloads (bench.sweep_workloads): traces keep their bursts at the probed mean
+rate, Mooncake's requests share prefix blocks, `shifting` alternates its phases by arrival
+time, and no two runs share a prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.bench.sweep_workloads import WORKLOADS, samples_for
+
+
+@pytest.mark.parametrize("name", ["azure-code", "azure-conv", "mooncake"])
+def test_a_trace_is_replayed_at_the_probed_mean_rate(name):
+    w = WORKLOADS[name]
+    s = samples_for(w, 60, seed=0, rate_index=1, rate=0.5)
+    assert len(s) == 60 and s[0].arrival == 0.0
+    assert (len(s) - 1) / s[-1].arrival == pytest.approx(0.5)
+    gaps = [b.arrival - a.arrival for a, b in zip(s, s[1:])]
+    assert max(gaps) > 3 * min(gaps)  # the trace's own shape, not evenly spaced
+    assert all(1 <= len(x.prompt) <= w.max_input and 1 <= x.output_len <= w.max_output
+               for x in s)
+    calibration = samples_for(w, 6, seed=99)
+    assert all(x.arrival is None for x in calibration)
+
+
+def test_mooncake_requests_share_prefix_blocks_and_runs_do_not_share_prompts():
+    w = WORKLOADS["mooncake"]
+    s = samples_for(w, 200, seed=0, rate_index=1, rate=1.0)
+    firsts = [x.prompt[:26] for x in s if len(x.prompt) >= 26]
+    assert len(set(firsts)) < len(firsts)  # some leading block is shared
+    other = samples_for(w, 200, seed=1, rate_index=1, rate=1.0)
+    assert not {x.prompt for x in s} & {x.prompt for x in other}
+
+
+def test_shifting_alternates_phases_by_arrival_time():
+    w = WORKLOADS["shifting"]
+    s = samples_for(w, 200, seed=0, rate_index=1, rate=1.0)
+    chat, summarize = WORKLOADS["chat"], WORKLOADS["summarize"]
+    for x in s:
+        phase = int(x.arrival // w.phase_s) % 2
+        lo, hi = ((chat.input_len * (1 - chat.range_ratio), chat.input_len * 1.5) if phase == 0
+                  else (summarize.input_len * 0.75, summarize.input_len * 1.25))
+        assert lo <= len(x.prompt) <= hi
+    assert {int(x.arrival // w.phase_s) % 2 for x in s} == {0, 1}
