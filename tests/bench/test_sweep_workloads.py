@@ -15,7 +15,7 @@ def test_a_trace_is_replayed_at_the_probed_mean_rate(name):
     s = samples_for(w, 60, seed=0, rate_index=1, rate=0.5)
     assert len(s) == 60 and s[0].arrival == 0.0
     assert (len(s) - 1) / s[-1].arrival == pytest.approx(0.5)
-    gaps = [b.arrival - a.arrival for a, b in zip(s, s[1:])]
+    gaps = [b.arrival - a.arrival for a, b in zip(s, s[1:], strict=False)]
     assert max(gaps) > 3 * min(gaps)  # the trace's own shape, not evenly spaced
     assert all(1 <= len(x.prompt) <= w.max_input and 1 <= x.output_len <= w.max_output
                for x in s)
