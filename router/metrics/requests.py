@@ -33,6 +33,7 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0, 120.0)
 GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0)
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _USUAL_FAILURES = ((RequestOutcome.REFUSED, "RESOURCE_EXHAUSTED"),
                    (RequestOutcome.INVALID, "INVALID_ARGUMENT"),
@@ -95,6 +96,10 @@ class RequestMetrics:
                                    STAGE_BUCKETS)
         self.decode = histogram("request_decode_time_seconds",
                                 "First token to the final message.", REQUEST_BUCKETS)
+        self.ttft_prediction = histogram(
+            "time_to_first_token_prediction_ratio", "Measured over predicted time to first "
+            "token, for requests the router placed by its cost profile (1: exact).",
+            RATIO_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request.",
                                     TOKEN_BUCKETS)
         self.output_len = histogram("request_generation_tokens",
@@ -174,6 +179,8 @@ class RequestMetrics:
         e2e = max(0.0, record.ended - record.arrival)
         n = final.usage.completion_tokens
         self.ttft.observe(ttft)
+        if t.predicted_ttft_ms > 0:
+            self.ttft_prediction.observe(t.first_token_ms / t.predicted_ttft_ms)
         self.e2e.observe(e2e)
         self.queue.observe(t.router_queue_ms / 1e3)
         self.prefill_queue.observe(t.prefill_queue_ms / 1e3)

@@ -69,7 +69,9 @@ def test_request_metrics_count_what_the_records_say():
         dispatches=(_failed("UNAVAILABLE: the KV transfer to decode-1 failed: KV transfer "
                             "failed: lease expired: no KV nor keep-alive from the sender for "
                             "10 s"), _failed(""))))
-    metrics.request_ended(_record(final=_final(900.0), slo_ttft_ms=500.0))
+    predicted = _final(900.0)
+    predicted.timing.predicted_ttft_ms = 1000.0
+    metrics.request_ended(_record(final=predicted, slo_ttft_ms=500.0))
     metrics.request_ended(_record(RequestOutcome.FAILED, code="UNAVAILABLE",
                                   slo_tpot_ms=50.0,
                                   dispatches=(_failed("UNAVAILABLE: worker decode-0 is gone"),)))
@@ -90,6 +92,10 @@ def test_request_metrics_count_what_the_records_say():
     assert get_value("pdserve:slo_met_total", slo="ttft") == 1
     assert get_value("pdserve:slo_met_total", slo="tpot") == 0
     assert get_value("pdserve:slo_met_total", slo="all") == 0
+    # only the request the router predicted: 900 ms measured of 1,000 ms predicted
+    assert get_value("pdserve:time_to_first_token_prediction_ratio_count") == 1
+    assert get_value("pdserve:time_to_first_token_prediction_ratio_bucket", le="0.9") == 1
+    assert get_value("pdserve:time_to_first_token_prediction_ratio_bucket", le="0.8") == 0
     assert get_value("pdserve:prompt_tokens_total") == 30
     assert get_value("pdserve:generation_tokens_total") == 9
 

@@ -39,6 +39,7 @@ def cluster():
 
 def test_placed_requests_equal_the_engine_and_carry_the_prediction(cluster, smollm2_llm):
     stub = stub_for(cluster.address)
+    predicted: list[float] = []
     for prompt in (SHORT, LONG):
         want = smollm2_llm.generate([prompt], SamplingParams(max_tokens=8,
                                                              temperature=0.0))[0]
@@ -46,10 +47,12 @@ def test_placed_requests_equal_the_engine_and_carry_the_prediction(cluster, smol
         assert ids == list(want.token_ids)
         assert final.timing.predicted_ttft_ms > 0
         assert final.timing.first_token_ms > 0
+        predicted.append(final.timing.predicted_ttft_ms)
     # the hint still binds: `always` takes the prefill worker whatever the prediction
     _, ids, final = collect(stub, greedy_request(SHORT, max_tokens=8,
                                                  disaggregation=pb.DISAGGREGATION_ALWAYS))
     assert final.disaggregated and final.prefill_worker
+    assert predicted[1] > predicted[0]  # a longer prompt is predicted to take longer
     wait_cluster_idle(cluster)
 
 
