@@ -99,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests per GPU in each probe (default: the trace's, STUDIES)")
     ap.add_argument("--bisections", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim/scale"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other (trace, GPUs) points of --out/scale.json and replace "
+                         "these")
     args = ap.parse_args(argv)
     profile = CostProfile.load(args.profile)
     results = []
+    old = args.out / "scale.json"
+    if args.merge and old.exists():
+        results = [r for r in json.loads(old.read_text())["results"]
+                   if (r["trace"], r["workers"]) not in
+                   {(t, g) for t in args.traces for g in args.gpus}]
     for trace in args.traces:
         for gpus in args.gpus:
             r = study(profile, trace, gpus, args.requests_per_gpu, args.bisections, True)
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best['goodput_per_gpu']:.3f} req/s per GPU ({r['wall_s']:.0f} s)")
             results.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
+    results.sort(key=lambda r: (r["trace"], r["workers"]))
     (args.out / "scale.json").write_text(json.dumps({"profile": str(args.profile),
                                                      "results": results}, indent=1))
     plot(results, args.out / "scale.png")
