@@ -53,6 +53,7 @@ class SimWorker(leap.Leaping):
         self.budget, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.block_size, self.num_blocks = block_size, num_blocks
         self.keep_token_times = keep_token_times
+        self._leaps = not keep_token_times  # every token's time kept: step by step
         self.used_blocks = 0
         self.waiting: deque[SimRequest] = deque()
         self.prefilling: list[SimRequest] = []
@@ -183,15 +184,35 @@ class SimWorker(leap.Leaping):
 
     def _start_step(self) -> None:
         now = self.loop.now
-        for r in self.arrived:  # KV that came during the last step: first token now
-            r.t_first = now
-            r.generated = 1
-            self._emit(r)
-            self.on_first_token(r)
-            self._join_or_finish(r)
-        self.arrived.clear()
+        if self.arrived:
+            for r in self.arrived:  # KV that came during the last step: first token now
+                r.t_first = now
+                r.generated = 1
+                self._emit(r)
+                self.on_first_token(r)
+                self._join_or_finish(r)
+            self.arrived.clear()
         self._grow_decodes()
-        budget = self.budget - self.decoding.size
+        decodes = self.decoding.size
+        if not self.prefilling and not self.waiting:  # decodes only (a decode worker's lot)
+            if not decodes:
+                self.busy = False
+                self.rate.flush()
+                return
+            # busy before: no neighbour starts to contend now (_compute's first part)
+            if self.busy and self._leaps and not self._contended():
+                if not self._start_leap():
+                    self._compute([], 0, decodes, leap=False)
+                return
+            chunks, pairs = [], 0
+        else:
+            chunks, pairs = self._chunks(now, decodes)
+        self._compute(chunks, pairs, decodes)
+
+    def _chunks(self, now: float, decodes: int) -> tuple[list[tuple[SimRequest, int]], int]:
+        """The prompt chunks the next step computes (taking their blocks), and their
+        attention pairs."""
+        budget = self.budget - decodes
         chunks: list[tuple[SimRequest, int]] = []
         pairs = 0
         for r in self.prefilling:
@@ -218,7 +239,12 @@ class SimWorker(leap.Leaping):
             chunks.append((r, n))
             pairs += chunk_pairs(r.computed, n)
             budget -= n
-        decodes = self.decoding.size
+        return chunks, pairs
+
+    def _compute(self, chunks: list[tuple[SimRequest, int]], pairs: int, decodes: int,
+                 leap: bool = True) -> None:
+        """Start the step (or a leap, unless `leap` is False: tried already), or go idle when
+        there is nothing to compute."""
         if not chunks and not decodes:
             self.busy = False
             self.rate.flush()
@@ -228,7 +254,7 @@ class SimWorker(leap.Leaping):
                 if n._leap is not None and self._contends():
                     n._cut_leap()
         contended = self._contended()
-        if not chunks and not self.waiting and not self.keep_token_times and not contended \
+        if leap and not chunks and not self.waiting and self._leaps and not contended \
                 and self._start_leap():
             return
         backlog = bool(self.queued_tokens)
@@ -266,7 +292,8 @@ class SimWorker(leap.Leaping):
     def _contended(self) -> bool:
         """A neighbour on this host computes now (its step slows this one's). A host of
         neighbours steps one by one: their steps' times depend on each other."""
-        return self._contends() and any(n.busy for n in self.neighbours)
+        return bool(self.neighbours) and self._contends() and any(n.busy
+                                                                  for n in self.neighbours)
 
     def _contends(self) -> bool:
         return self.profile.contention_decode > 0 or self.profile.contention_prefill > 0
