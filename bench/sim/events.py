@@ -25,16 +25,21 @@ class EventLoop:
                                     args))
 
     def after(self, dt: float, fn: Callable, *args) -> None:
-        self.at(self.now + dt, fn, *args)
+        heapq.heappush(self._heap, (self.now + dt if dt > 0 else self.now, next(self._seq),
+                                    fn, args))
 
     def run(self, until: float = float("inf")) -> None:
         heap = self._heap
         pop = heapq.heappop
-        while heap and heap[0][0] <= until:
-            t, _, fn, args = pop(heap)
-            self.now = t
-            fn(*args)
-            self.processed += 1
+        done = 0
+        try:
+            while heap and heap[0][0] <= until:
+                t, _, fn, args = pop(heap)
+                self.now = t
+                fn(*args)
+                done += 1
+        finally:
+            self.processed += done
 
     @property
     def pending(self) -> int:

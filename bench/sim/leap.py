@@ -7,6 +7,10 @@ from now, a + c * (C + i * B) seconds (a: the step's fixed and per-token part fo
 tokens, c: the cost of one context token); each step adds B to the context. Blocks: a
 sequence takes a new block at the steps its residue class names (SimWorker), so the
 blocks a run of steps takes are counted per residue.
+
+A run can be cut short (something came for the worker): its end event is then stale and
+does nothing when it surfaces; the meters see every step of a run, as stepping one by
+one, so where a run is cut changes no figure the worker publishes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,101 @@ def growth(counts: list[int], first: int, last: int, total: int | None = None) -
     size = len(counts)
     cycles, rest = divmod(last - first + 1, size)
     blocks = cycles * (sum(counts) if total is None else total)  # every residue, once a cycle
-    for s in range(first, first + rest):
-        blocks += counts[(-s) % size]
+    if rest:
+        # steps first, first+1, ... name residues q, q-1, ... (mod size): a slice, or two
+        q = (-first) % size
+        lo = q - rest + 1
+        blocks += sum(counts[lo:q + 1]) if lo >= 0 else sum(counts[:q + 1]) + sum(counts[lo:])
     return blocks
+
+
+def ewma(s: float, w: float, first: float, step: float, k: int) -> float:
+    """An exponential moving average `s` of weight `w` (0.0: no sample yet, so the first
+    is taken whole, as worker.rate's meters do) after the samples first + i * step,
+    i = 0..k-1, observed one by one: a run's step times, every step weighed as if stepped."""
+    if k <= 0:
+        return s
+    if not s:
+        s, first, k = first, first + step, k - 1
+    if k <= 16:  # short runs (the usual): the meter's own recurrence
+        for i in range(k):
+            s += w * (first + step * i - s)
+        return s
+    r = 1.0 - w
+    rk = r ** k
+    s0 = (1.0 - rk) / w  # sum of r^j, j < k
+    s1 = (r - k * rk + (k - 1) * rk * r) / (w * w)  # sum of j * r^j, j < k
+    return rk * s + w * (first * s0 + step * ((k - 1) * s0 - s1))
+
+
+class Run:
+    """A leap under way: begun at `t0`, `m` steps long, its i-th step a + c * (context +
+    i * batch) seconds; it ends after step `to` (m, or fewer once cut). An end event
+    carries the Run and its step count, and is stale unless both are still current."""
+
+    __slots__ = ("t0", "m", "a", "c", "context", "batch", "to")
+
+    def __init__(self, t0: float, m: int, a: float, c: float, context: int, batch: int):
+        self.t0, self.m, self.a, self.c, self.context, self.batch = t0, m, a, c, context, batch
+        self.to = m
+
+    def steps_done(self, now: float) -> int:
+        return steps_done(self.a, self.c, self.context, self.batch, now - self.t0)
+
+    def seconds(self, k: int) -> float:
+        return run_s(self.a, self.c, self.context, self.batch, k)
+
+
+class Leaping:
+    """A SimWorker's leaps (mixed into it): `_start_leap` runs the steps up to the batch's
+    next finish as one event when nothing else is due, `_cut_leap` ends the one under way
+    at the end of the step in progress, `_end_leap` settles its steps. Uses the worker's
+    `decoding`, `steps`, `used_blocks`, `num_blocks`, `profile`, `loop`, meters, `_leap`
+    and `_finish_due` / `_start_step`."""
+
+    def _start_leap(self) -> bool:
+        """Run the steps up to the next finish as one event, if there are several and their
+        blocks fit (the first step's are taken already)."""
+        decoding = self.decoding
+        finish = decoding.next_finish()
+        m = finish - self.steps if finish is not None else 0
+        if m < 2:
+            return False
+        batch = decoding.size
+        more = decoding.blocks_over(self.steps + 2, self.steps + m)
+        if more > self.num_blocks - self.used_blocks:
+            return False
+        self.used_blocks += more
+        step = self.profile.step
+        a = (step.base_s + max(step.floor_s, step.token_s * batch)
+             + (step.seq_s + self.profile.serve_seq_s) * batch)
+        run = self._leap = Run(self.loop.now, m, a, step.context_s, decoding.context, batch)
+        self.busy = True
+        self.loop.after(run.seconds(m), self._end_leap, run, m)
+        return True
+
+    def _cut_leap(self) -> None:
+        """Something came for this worker mid-leap: end the leap at the end of the step in
+        progress, so the next step takes it, as the engine would."""
+        run = self._leap
+        j = run.steps_done(self.loop.now) + 1
+        if j >= run.to:
+            return  # the leap ends there already (its own end, or an earlier cut's)
+        run.to = j
+        self.loop.at(run.t0 + run.seconds(j), self._end_leap, run, j)
+
+    def _end_leap(self, run: Run, j: int) -> None:
+        if run is not self._leap or j != run.to:
+            return  # cut since, or a later leap's
+        self._leap = None
+        self.used_blocks -= self.decoding.blocks_over(self.steps + j + 1, self.steps + run.m)
+        seconds = run.seconds(j)
+        self.busy_s += seconds
+        meter = self.step_time  # every step of the run observed, as stepping one by one
+        meter.seconds = ewma(meter.seconds, meter.weight, run.a + run.c * run.context,
+                             run.c * run.batch, j)
+        self.rate.observe(0, seconds, False)
+        self.steps += j
+        self.decoding.advance(j)
+        self._finish_due()
+        self._start_step()

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 from pdserve.router.policy import WorkerLoad, decode_fits, decode_rank, prefill_rank
 
+_ABSENT = object()
+
 
 class _Index:
     def __init__(self, workers: Iterable, max_in_flight: int,
@@ -25,39 +27,50 @@ class _Index:
         self._rank = rank
         self._heap: list[tuple[tuple, int, object]] = []
         self._version: dict[str, int] = {}
-        self._seen: dict[str, WorkerLoad] = {}  # the load each worker was last ranked by
-        self._members = {w.worker_id: w for w in workers}
-        for w in self._members.values():
+        # the load each worker was last ranked by (None: not yet); its keys are the members
+        self._seen: dict[str, WorkerLoad | None] = {}
+        members = list(workers)
+        for w in members:
+            self._seen[w.worker_id] = None
+            self._version[w.worker_id] = 0
+        self._size = len(self._seen)
+        for w in members:
             self.update(w)
 
     def update(self, worker) -> None:
-        """The worker's load changed: rank it anew."""
-        if worker.worker_id not in self._members:
-            return
+        """The worker's load changed: rank it anew. A worker whose `load()` returns the
+        object it returned last time (SimWorker keeps it while its figures stand) costs a
+        lookup."""
+        wid = worker.worker_id
+        seen = self._seen.get(wid, _ABSENT)
+        if seen is _ABSENT:
+            return  # not one of this index's workers
         load = worker.load()
-        if self._seen.get(worker.worker_id) == load:
-            return  # the same load: its entry stands
-        self._seen[worker.worker_id] = load
-        version = self._version.get(worker.worker_id, 0) + 1
-        self._version[worker.worker_id] = version
+        if load is seen:
+            return  # the same load: its entry stands (an equal new one is ranked again,
+            # to the same place)
+        self._seen[wid] = load
+        version = self._version[wid] + 1
+        self._version[wid] = version
         if load.in_flight < self.max_in_flight:
             heapq.heappush(self._heap, (self._rank(load), version, worker))
-        if len(self._heap) > 4 * len(self._members) + 64:
-            self._compact()
+            if len(self._heap) > 4 * self._size + 64:
+                self._compact()
 
     def first(self, fits: Callable[[WorkerLoad], bool]):
         """The first worker in rank order (with a free slot) whose load `fits`."""
         heap, skipped, chosen = self._heap, [], None
+        version, seen, pop = self._version, self._seen, heapq.heappop
         while heap:
             entry = heap[0]
-            worker = entry[2]
-            if entry[1] != self._version[worker.worker_id]:
-                heapq.heappop(heap)
+            wid = entry[2].worker_id
+            if entry[1] != version[wid]:
+                pop(heap)
                 continue
-            if fits(self._seen[worker.worker_id]):  # the load it was ranked by: current
-                chosen = worker
+            if fits(seen[wid]):  # the load it was ranked by: current
+                chosen = entry[2]
                 break
-            skipped.append(heapq.heappop(heap))
+            skipped.append(pop(heap))
         for entry in skipped:
             heapq.heappush(heap, entry)
         return chosen

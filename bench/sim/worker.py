@@ -28,6 +28,7 @@ time with the workers' own meters (worker.rate) and publishes them with its load
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from pdserve.router.policy import WorkerLoad
 from pdserve.worker.rate import DecodeStepTime, PrefillRate
 
 
-class SimWorker:
+class SimWorker(leap.Leaping):
     def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
                  profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
                  block_size: int, num_blocks: int, keep_token_times: bool = False,
@@ -52,6 +53,7 @@ class SimWorker:
         self.budget, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.block_size, self.num_blocks = block_size, num_blocks
         self.keep_token_times = keep_token_times
+        self._leaps = not keep_token_times  # every token's time kept: step by step
         self.used_blocks = 0
         self.waiting: deque[SimRequest] = deque()
         self.prefilling: list[SimRequest] = []
@@ -59,8 +61,7 @@ class SimWorker:
         self.arrived: list[SimRequest] = []  # KV here, admitted before the next step
         self.decoding = DecodeBatch(block_size)
         self.steps = 0
-        self._leap = None  # (start, steps, a, c, context, batch) of the leap under way
-        self._leap_epoch = 0
+        self._leap: leap.Run | None = None  # the leap under way
         self._admissions = itertools.count(1)  # entries into the running set: "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
@@ -71,6 +72,9 @@ class SimWorker:
         self.preemptions = 0
         self.neighbours: list[SimWorker] = []  # workers on the same host (contention)
         self.heartbeat = Heartbeat(self, heartbeat_s)
+        self._load: WorkerLoad | None = None  # load()'s last answer, and what it came from
+        self._load_record: tuple | None = None
+        self._load_sent = 0
         # the router's hooks: a prefill ended (prefill worker), a first token, an end, and
         # "my load changed"
         self.on_prefilled: Callable[[SimRequest], None] = lambda r: None
@@ -84,9 +88,18 @@ class SimWorker:
         """As the router sees it: the last heartbeat's figures, its own in-flight count,
         and the prefill queue it reported or what the router sent since, if more
         (router.ledger)."""
-        free, running, waiting, queued = self.heartbeat.record
-        return WorkerLoad(self.worker_id, free, self.num_blocks, self.block_size, running,
-                          waiting, max(queued, self.sent_tokens), self.in_flight)
+        record, sent, in_flight = self.heartbeat.record, self.sent_tokens, self.in_flight
+        load = self._load
+        # the same figures give the same object back, so the router's index sees "no
+        # change" by identity (a heartbeat record is a new tuple whenever it changes)
+        if (load is not None and record is self._load_record and sent == self._load_sent
+                and in_flight == load.in_flight):
+            return load
+        free, running, waiting, queued = record
+        load = WorkerLoad(self.worker_id, free, self.num_blocks, self.block_size, running,
+                          waiting, max(queued, sent), in_flight)
+        self._load, self._load_record, self._load_sent = load, record, sent
+        return load
 
     def warm_up(self) -> None:
         """Start with the meters a warm-up leaves: the prefill rate of a full chunk (up to
@@ -100,10 +113,10 @@ class SimWorker:
         """Free now. A leap took the blocks of all its steps at its start; those of the
         steps not begun yet are not taken, as stepping one by one they would not be."""
         used = self.used_blocks
-        if self._leap is not None:
-            t0, m, a, c, context, batch = self._leap
-            k = leap.steps_done(a, c, context, batch, self.loop.now - t0)
-            used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + m)
+        run = self._leap
+        if run is not None:
+            k = run.steps_done(self.loop.now)
+            used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + run.m)
         return self.num_blocks - used
 
     def report(self) -> tuple[int, int, int, int]:
@@ -112,7 +125,17 @@ class SimWorker:
                 len(self.waiting), self.queued_tokens)
 
     def meters(self) -> tuple[float, float]:
-        return self.rate.tokens_per_s, self.step_time.seconds
+        """The prefill rate and decode step time now; mid-leap, with the leap's steps done
+        so far observed, as stepping one by one they would have been."""
+        run = self._leap
+        k = run.steps_done(self.loop.now) if run is not None else 0
+        if not k:
+            return self.rate.tokens_per_s, self.step_time.seconds
+        rate = copy.copy(self.rate)
+        rate.flush()  # a decode-only step with no backlog takes the sample gathered
+        meter = self.step_time
+        return rate.tokens_per_s, leap.ewma(meter.seconds, meter.weight,
+                                            run.a + run.c * run.context, run.c * run.batch, k)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -123,12 +146,15 @@ class SimWorker:
         """Hold the prompt's blocks for its KV; False when they do not fit now (the
         router's view of the worker was stale)."""
         need = self.blocks_for(r.prompt_len)
-        if need > self.free_blocks():
+        # a leap holds the blocks of all its steps: what fits beside them leaves the leap
+        # as it is (stepping one by one, no step of it would run short)
+        beside_leap = need <= self.num_blocks - self.used_blocks
+        if not beside_leap and need > self.free_blocks():
             return False
         r.blocks = need
         self.used_blocks += need
         r.decode = self
-        if self._leap is not None:  # the blocks the leap counted on may be gone: step again
+        if self._leap is not None and not beside_leap:  # its later steps may run short
             self._cut_leap()
         return True
 
@@ -158,15 +184,35 @@ class SimWorker:
 
     def _start_step(self) -> None:
         now = self.loop.now
-        for r in self.arrived:  # KV that came during the last step: first token now
-            r.t_first = now
-            r.generated = 1
-            self._emit(r)
-            self.on_first_token(r)
-            self._join_or_finish(r)
-        self.arrived.clear()
+        if self.arrived:
+            for r in self.arrived:  # KV that came during the last step: first token now
+                r.t_first = now
+                r.generated = 1
+                self._emit(r)
+                self.on_first_token(r)
+                self._join_or_finish(r)
+            self.arrived.clear()
         self._grow_decodes()
-        budget = self.budget - self.decoding.size
+        decodes = self.decoding.size
+        if not self.prefilling and not self.waiting:  # decodes only (a decode worker's lot)
+            if not decodes:
+                self.busy = False
+                self.rate.flush()
+                return
+            # busy before: no neighbour starts to contend now (_compute's first part)
+            if self.busy and self._leaps and not self._contended():
+                if not self._start_leap():
+                    self._compute([], 0, decodes, leap=False)
+                return
+            chunks, pairs = [], 0
+        else:
+            chunks, pairs = self._chunks(now, decodes)
+        self._compute(chunks, pairs, decodes)
+
+    def _chunks(self, now: float, decodes: int) -> tuple[list[tuple[SimRequest, int]], int]:
+        """The prompt chunks the next step computes (taking their blocks), and their
+        attention pairs."""
+        budget = self.budget - decodes
         chunks: list[tuple[SimRequest, int]] = []
         pairs = 0
         for r in self.prefilling:
@@ -193,7 +239,12 @@ class SimWorker:
             chunks.append((r, n))
             pairs += chunk_pairs(r.computed, n)
             budget -= n
-        decodes = self.decoding.size
+        return chunks, pairs
+
+    def _compute(self, chunks: list[tuple[SimRequest, int]], pairs: int, decodes: int,
+                 leap: bool = True) -> None:
+        """Start the step (or a leap, unless `leap` is False: tried already), or go idle when
+        there is nothing to compute."""
         if not chunks and not decodes:
             self.busy = False
             self.rate.flush()
@@ -203,7 +254,7 @@ class SimWorker:
                 if n._leap is not None and self._contends():
                     n._cut_leap()
         contended = self._contended()
-        if not chunks and not self.waiting and not self.keep_token_times and not contended \
+        if leap and not chunks and not self.waiting and self._leaps and not contended \
                 and self._start_leap():
             return
         backlog = bool(self.queued_tokens)
@@ -241,63 +292,11 @@ class SimWorker:
     def _contended(self) -> bool:
         """A neighbour on this host computes now (its step slows this one's). A host of
         neighbours steps one by one: their steps' times depend on each other."""
-        return self._contends() and any(n.busy for n in self.neighbours)
+        return bool(self.neighbours) and self._contends() and any(n.busy
+                                                                  for n in self.neighbours)
 
     def _contends(self) -> bool:
         return self.profile.contention_decode > 0 or self.profile.contention_prefill > 0
-
-    # -- leaps: a run of decode steps with the same batch (bench.sim.leap) ---------------------
-
-    def _start_leap(self) -> bool:
-        """Run the steps up to the next finish as one event, if there are several and their
-        blocks fit (the first step's are taken already)."""
-        finish = self.decoding.next_finish()
-        m = finish - self.steps if finish is not None else 0
-        if m < 2:
-            return False
-        batch = self.decoding.size
-        more = self.decoding.blocks_over(self.steps + 2, self.steps + m)
-        if more > self.num_blocks - self.used_blocks:
-            return False
-        self.used_blocks += more
-        step = self.profile.step
-        a = (step.base_s + max(step.floor_s, step.token_s * batch)
-             + (step.seq_s + self.profile.serve_seq_s) * batch)
-        context = self.decoding.context
-        self._leap_epoch += 1
-        self._leap = (self.loop.now, m, a, step.context_s, context, batch)
-        self.busy = True
-        self.loop.after(leap.run_s(a, step.context_s, context, batch, m),
-                        self._end_leap, self._leap_epoch, m)
-        return True
-
-    def _cut_leap(self) -> None:
-        """Something came for this worker mid-leap: end the leap at the end of the step in
-        progress, so the next step takes it, as the engine would."""
-        t0, m, a, c, context, batch = self._leap
-        done = leap.steps_done(a, c, context, batch, self.loop.now - t0)
-        j = min(m, done + 1)
-        if j >= m:
-            return  # the leap's own end comes first
-        self._leap_epoch += 1
-        self.loop.at(t0 + leap.run_s(a, c, context, batch, j), self._end_leap,
-                     self._leap_epoch, j)
-
-    def _end_leap(self, epoch: int, j: int) -> None:
-        if epoch != self._leap_epoch:
-            return
-        t0, m, a, c, context, batch = self._leap
-        self._leap = None
-        self.used_blocks -= self.decoding.blocks_over(self.steps + j + 1, self.steps + m)
-        seconds = leap.run_s(a, c, context, batch, j)
-        self.busy_s += seconds
-        for i in range(max(0, j - 4), j):  # the meter weighs recent steps most
-            self.step_time.observe(0, batch, a + c * (context + i * batch))
-        self.rate.observe(0, seconds, False)
-        self.steps += j
-        self.decoding.advance(j)
-        self._finish_due()
-        self._start_step()
 
     def _finish_due(self) -> None:
         """End the decoding sequences whose last token the steps so far produced."""

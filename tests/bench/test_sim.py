@@ -9,13 +9,16 @@ import random
 import pytest
 
 from pdserve.bench.metrics import Slo
+from pdserve.bench.sim import leap
 from pdserve.bench.sim.cluster import Deployment, simulate
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
+from pdserve.bench.sim.worker import SimWorker
 from pdserve.bench.workload import arrival_times
 from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import WorkerLoad, choose_decode, choose_prefill
+from pdserve.worker.rate import DecodeStepTime
 
 STEP_S = 0.01
 FLAT = StepModel(0.0, STEP_S, 0.0, 0.0, 0.0)  # every step 10 ms, whatever it computes
@@ -181,3 +184,66 @@ def test_neighbours_on_a_host_slow_each_other_only_while_both_compute():
     leapt = simulate(d, contended, prompts, outputs, arrivals, keep_itl=False)
     for a, b in zip(stepped.results, leapt.results, strict=True):
         assert a.latency == pytest.approx(b.latency, rel=1e-9, abs=1e-9)
+
+
+def test_leaping_changes_no_request_when_admission_weighs_the_step_time():
+    """With SLOs sent, the router passes a local prefill over workers whose decodes it would
+    stall, from the decode step time they publish: a run of steps as one event publishes
+    what stepping one by one would."""
+    prompts, outputs, arrivals = _workload(300, seed=11)
+    d, slo = Deployment(0, 0, 2, max_num_seqs=16), Slo(5000, 60)
+    stepped = simulate(d, profile(CPU_LIKE), prompts, outputs, arrivals, sent_slo=slo)
+    leapt = simulate(d, profile(CPU_LIKE), prompts, outputs, arrivals, sent_slo=slo,
+                     keep_itl=False)
+    assert leapt.events < stepped.events
+    for a, b in zip(stepped.results, leapt.results, strict=True):
+        assert (a.success, a.refused) == (b.success, b.refused)
+        assert a.latency == pytest.approx(b.latency, rel=1e-9, abs=1e-9)
+
+
+def test_the_meter_over_a_run_is_the_meter_stepped():
+    rng = random.Random(2)
+    for _ in range(200):
+        meter = DecodeStepTime()
+        meter.seconds = rng.choice([0.0, rng.uniform(0.001, 0.05)])
+        before = meter.seconds
+        a, c, context, batch = rng.uniform(1e-3, 1e-2), rng.uniform(1e-9, 1e-7), \
+            rng.randint(0, 300_000), rng.randint(1, 256)
+        k = rng.randint(0, 300)
+        for i in range(k):
+            meter.observe(0, batch, a + c * (context + i * batch))
+        got = leap.ewma(before, meter.weight, a + c * context, c * batch, k)
+        assert got == pytest.approx(meter.seconds, rel=1e-12)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS[:2] + DEPLOYMENTS[4:5],
+                         ids=lambda d: f"{d.name}-{d.num_blocks}")
+def test_every_leap_ends_once_and_no_stale_end_acts(deployment, monkeypatch):
+    """A cut leap's first end event surfaces later, stale: it must change nothing."""
+    started, ended = [], []
+    start, end = SimWorker._start_leap, SimWorker._end_leap
+
+    def spy_start(self):
+        ok = start(self)
+        if ok:
+            started.append(self._leap)
+        return ok
+
+    def spy_end(self, run, j):
+        live = run is self._leap and j == run.to
+        steps = self.steps
+        end(self, run, j)
+        if live:
+            ended.append(run)
+            assert self.steps == steps + j and j <= run.m
+        else:
+            assert self.steps == steps  # stale: nothing moved
+
+    monkeypatch.setattr(SimWorker, "_start_leap", spy_start)
+    monkeypatch.setattr(SimWorker, "_end_leap", spy_end)
+    prompts, outputs, arrivals = _workload(300, seed=5)
+    run = simulate(deployment, profile(CPU_LIKE), prompts, outputs, arrivals, keep_itl=False)
+    assert started and len(ended) == len(started)
+    assert {id(r) for r in ended} == {id(r) for r in started}  # each once, none left
+    assert any(r.to < r.m for r in ended)  # some were cut
+    assert all(not any(s.values()) for s in run.final_state.values())
