@@ -119,8 +119,11 @@ class Door:
             # the prompts waiting in this router's queue will go ahead of this one: their
             # tokens spread over the workers that may prefill them
             share = queued // len(workers) if workers else 0
-            return {w.worker_id: replace(s, queued_tokens=s.queued_tokens + share)
-                    for w in workers if (s := side_of(w, self.ledger, hits))}
+            out = {}
+            for w in workers:
+                s = side_of(w, self.ledger, hits)
+                out[w.worker_id] = replace(s, queued_tokens=s.queued_tokens + share)
+            return out
 
         local = sides(holders, self.queue.queued_tokens_of(False))
         unfit = {wid for wid, s in local.items() if not self.interference.fits(

@@ -80,9 +80,10 @@ class RouterQueue:
         prefill worker `prefer_prefill` (it holds the prompt's KV) is the only one
         considered while it is listed.
 
-        First come, first served within each line (disaggregated, local): only the head of
-        a line picks workers. Without it every waiter raced for each freed slot, and an
-        unlucky one could wait without bound behind later arrivals. `deadline` (when its
+        Earliest deadline first within each line (disaggregated, local), arrival order among
+        equal deadlines: only the head of a line picks workers. Without it every waiter
+        raced for each freed slot, and an unlucky one could wait without bound behind later
+        arrivals. `deadline` (when its
         first token is due; None: none) orders the line. A `retry` (admitted before, failed
         by a worker) goes to the head of its line: it has waited its turn. `hits` and `slo`
         (router.placement) are what a placement by predicted cost needs; without them, or
