@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.protocol import CurveKeys
+from pdserve.router.controller.decide import ControllerConfig
 from pdserve.router.limits import InputLimits
 from pdserve.router.policy import Policy
 from pdserve.router.security import ApiSecurity
@@ -34,6 +35,9 @@ class RouterConfig:
     # the cluster's CURVE keys: the token stream then admits only the cluster's workers
     # (router.stream); None leaves it open (loopback only)
     curve: CurveKeys | None = field(default=None, repr=False)
+    # the cluster's controller, which this router may be elected to run (router.controller);
+    # None: the cluster has no adaptive worker
+    controller: ControllerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
