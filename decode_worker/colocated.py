@@ -4,8 +4,7 @@ worker, without a KV receiver: every job is a local one (decode_worker/worker.py
 
 from __future__ import annotations
 
-from pdserve.decode_worker.jobs import DecodeJobs
-from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.decode_worker.worker import DecodeWorker, colocated_jobs
 from pdserve.protocol import WorkerRole
 from pdserve.worker.base import Worker
 from pdserve.worker.config import WorkerConfig
@@ -15,6 +14,6 @@ class ColocatedWorker(Worker):
     role = WorkerRole.COLOCATED
 
     def __init__(self, config: WorkerConfig):
-        super().__init__(config, lambda engine, publisher: DecodeJobs(engine, None, publisher))
+        super().__init__(config, {WorkerRole.COLOCATED: colocated_jobs})
 
     generate = DecodeWorker.generate  # every job is local

@@ -27,24 +27,35 @@ from __future__ import annotations
 import time
 
 from pdserve.decode_worker.jobs import DecodeJobs
+from pdserve.engine import Engine
 from pdserve.kvtransfer.transports import make_receiver
 from pdserve.protocol import DecodeOrder, WorkerRole
-from pdserve.worker.base import Worker
+from pdserve.worker.base import Worker, publisher_for
 from pdserve.worker.config import WorkerConfig
+
+
+def decode_jobs(config: WorkerConfig, engine: Engine) -> DecodeJobs:
+    """The decode role's job table on `engine`, with its KV receiver (into its cache)."""
+    cache = engine.kv_cache
+    receiver = make_receiver(config.transport, config.kv_spec, cache.k, cache.v,
+                             f"tcp://{config.kv_host}:*", curve=config.curve)
+    return DecodeJobs(engine, receiver, publisher_for(config))
+
+
+def colocated_jobs(config: WorkerConfig, engine: Engine) -> DecodeJobs:
+    """The colocated role's job table on `engine`: every job is local, nothing received."""
+    return DecodeJobs(engine, None, publisher_for(config))
 
 
 class DecodeWorker(Worker):
     role = WorkerRole.DECODE
 
     def __init__(self, config: WorkerConfig):
-        def make_jobs(engine, publisher):
-            cache = engine.kv_cache
-            receiver = make_receiver(config.transport, config.kv_spec, cache.k, cache.v,
-                                     f"tcp://{config.kv_host}:*", curve=config.curve)
-            return DecodeJobs(engine, receiver, publisher)
+        super().__init__(config, {WorkerRole.DECODE: decode_jobs})
 
-        super().__init__(config, make_jobs)
-        self._receiver = self._jobs.receiver
+    @property
+    def _receiver(self):
+        return self._jobs.receiver
 
     def kv_endpoint(self) -> str:
         return self._receiver.endpoint

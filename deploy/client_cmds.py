@@ -84,12 +84,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = await client.cluster_status(timeout=args.timeout)
         now = time.time()
         print(f"router {status.router_id}: {len(status.workers)} workers")
-        print(f"{'worker':14} {'role':10} {'node':16} {'running':>7} {'waiting':>7} "
-              f"{'queued pf':>9} {'in flight':>9} {'leases':>6} {'KV used':>8} {'beat age':>9}")
+        print(f"{'worker':14} {'role':10} {'state':9} {'node':16} {'running':>7} "
+              f"{'waiting':>7} {'queued pf':>9} {'in flight':>9} {'leases':>6} {'KV used':>8} "
+              f"{'beat age':>9}")
         for w in status.workers:
-            print(f"{w.worker_id:14} {w.role:10} {w.node[:16]:16} {w.running:>7} "
-                  f"{w.waiting:>7} {w.queued_prefill_tokens:>9} {w.in_flight:>9} "
-                  f"{w.leases:>6} {100 * w.kv_usage:>7.1f}% {now - w.last_heartbeat:>8.1f}s")
+            # an adaptive worker's role is marked: the controller may change it
+            role = f"{w.role}*" if w.adaptive else w.role
+            print(f"{w.worker_id:14} {role:10} {w.state or 'serving':9} {w.node[:16]:16} "
+                  f"{w.running:>7} {w.waiting:>7} {w.queued_prefill_tokens:>9} "
+                  f"{w.in_flight:>9} {w.leases:>6} {100 * w.kv_usage:>7.1f}% "
+                  f"{now - w.last_heartbeat:>8.1f}s")
+        if any(w.adaptive for w in status.workers):
+            _print_switches(status, now)
         # The router answers from its last view of the registry; when every heartbeat it
         # holds is old, that view is stale (most likely it cannot read Redis).
         ages = [now - w.last_heartbeat for w in status.workers]
@@ -100,6 +106,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
     return _rpc(run)
+
+
+def _print_switches(status, now: float) -> None:
+    """The adaptive workers' controller and the role switches it ordered, newest first."""
+    holder = (f"{status.controller} (epoch {status.controller_epoch})" if status.controller
+              else "none elected yet")
+    print(f"* adaptive: roles set by the controller, held by {holder}")
+    print(f"role switches: {len(status.role_switches)}")
+    for e in status.role_switches:
+        print(f"  {now - e.time:>7.1f}s ago  {e.worker_id:14} {e.from_role:>9} -> "
+              f"{e.to_role:9} {e.reason}")
 
 
 def _client(args: argparse.Namespace) -> PdServeClient:

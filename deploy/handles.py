@@ -25,7 +25,8 @@ from typing import Any
 from pdserve.deploy.call_pool import CallPool
 from pdserve.engine import NoFreeBlocksError
 from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRecord
-from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.handles import NoRoom, NotServing, WorkerGone
+from pdserve.worker.switch import NotServing as WorkerNotServing
 
 DEFAULT_CALL_TIMEOUT_S = 5.0
 
@@ -94,6 +95,8 @@ class WorkerHandle:
             return await self._calls(method, arg, withdraw=withdraw)
         except NoFreeBlocksError as e:  # before `gone`: it is a RuntimeError
             raise NoRoom(str(e)) from e
+        except WorkerNotServing as e:  # before `gone`: it is a RuntimeError
+            raise NotServing(str(e)) from e
         except ValueError:
             raise
         except CallTimeout as e:  # before `gone`: it is an OSError

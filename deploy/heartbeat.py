@@ -20,6 +20,12 @@ Life of a heartbeat:
              every block of `cached`, not only the deltas: the index it fed may be gone.
              Then BEATING again.
 5. STOPPED   `stop()` ends the thread and removes the entry at once (an orderly shutdown).
+
+An adaptive worker's beat also carries its role as it stands now (role, state, KV
+endpoint: worker.switch), and then reads the role the cluster's controller wants it in
+(router.controller.store): one that differs from the role it serves, or drains toward,
+is passed to `switch_role`. Targets are fenced by the controller's epoch: one older than
+a target this heartbeat has followed is ignored.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pdserve.protocol import WorkerRecord, WorkerRole
+from pdserve.protocol import WorkerRecord, WorkerRole, WorkerState
+from pdserve.router.controller.store import read_target
 from pdserve.router.registry import (
     RegistryErrors,
     index_prefixes,
@@ -37,6 +45,9 @@ from pdserve.router.registry import (
     sync_client,
     unpublish,
 )
+
+if TYPE_CHECKING:
+    from pdserve.worker.switch import RoleStatus
 
 log = logging.getLogger(__name__)
 MAX_PENDING_REMOVALS = 1 << 16
@@ -69,9 +80,13 @@ class Heartbeat:
     `kv_endpoint()` and `drain_prefix_events()`, and this heartbeat is the only caller of
     the last."""
 
-    def __init__(self, config: HeartbeatConfig, worker, worker_id: str, role: WorkerRole):
+    def __init__(self, config: HeartbeatConfig, worker, worker_id: str, role: WorkerRole,
+                 adaptive: bool = False):
+        """`role`: the worker's; with `adaptive`, the one it starts in (the worker then
+        also offers `role_status()` and `switch_role(role)`)."""
         self.config = config
-        self.worker_id, self.role = worker_id, role
+        self.worker_id, self.role, self.adaptive = worker_id, role, adaptive
+        self.epoch = 0  # of the latest controller target followed
         self._worker = worker
         self._kv_endpoint = worker.kv_endpoint()
         self._client = sync_client(config.redis_url)
@@ -122,13 +137,17 @@ class Heartbeat:
             # which only bias routing, rather than this set growing without bound
             self._removed.clear()
         e = load.engine
+        role = self._worker.role_status() if self.adaptive else None
         try:
             fresh = publish(self._client, WorkerRecord(
-                self.worker_id, self.role, self.config.node, self._kv_endpoint,
+                self.worker_id, role.role if role else self.role, self.config.node,
+                role.kv_endpoint if role else self._kv_endpoint,
                 self.config.block_size, e.num_total_blocks, e.num_free_blocks, e.num_running,
                 e.num_waiting, e.num_queued_prefill_tokens, time.time(), self._started,
                 load.prefill_tokens_per_s, load.num_leases, load.decode_step_s,
-                e.num_prefix_query_tokens, e.num_prefix_hit_tokens, load.chunk_tokens),
+                e.num_prefix_query_tokens, e.num_prefix_hit_tokens, load.chunk_tokens,
+                role.state if role else WorkerState.SERVING, self.adaptive,
+                role.since if role else self._started),
                 self.config.ttl_s)
             if fresh or self._resync:
                 index_prefixes(self._client, self.worker_id, self.cached, self._removed)
@@ -140,6 +159,20 @@ class Heartbeat:
         self._resync = False
         self._added.clear()
         self._removed.clear()
+        if role is not None:
+            self._follow(role)
+
+    def _follow(self, status: RoleStatus) -> None:
+        """Pass the controller's target for this worker on, if it is new to it."""
+        target = read_target(self._client, self.worker_id)
+        if target is None or target.epoch < self.epoch:
+            return
+        self.epoch = target.epoch
+        if target.role is not (status.target or status.role):
+            log.warning("worker %s: the controller (epoch %d) moves it %s -> %s: %s",
+                        self.worker_id, target.epoch, status.role.value, target.role.value,
+                        target.reason)
+            self._worker.switch_role(target.role)
 
     def stop(self, unregister: bool = True) -> None:
         self._stop.set()

@@ -34,13 +34,16 @@ from collections.abc import Callable
 from multiprocessing.managers import BaseManager
 
 from pdserve.decode_worker import ColocatedWorker, DecodeWorker
+from pdserve.deploy.adaptive_worker import AdaptiveWorker
 from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.logs import configure_logging
 from pdserve.prefill_worker import PrefillWorker
 from pdserve.protocol import WorkerRole
 from pdserve.worker import Worker, WorkerConfig
 
-_COMMON = ("abort", "job_state", "load", "kv_endpoint", "drain_prefix_events", "close")
+_COMMON = ("abort", "job_state", "load", "kv_endpoint", "drain_prefix_events", "close",
+           "role_status", "switch_role")
+_ANY_ROLE = ("submit", "reserve", "generate")
 _CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
             WorkerRole.DECODE: (DecodeWorker, ("reserve", "generate")),
             WorkerRole.COLOCATED: (ColocatedWorker, ("generate",))}
@@ -51,13 +54,16 @@ class WorkerStartError(RuntimeError):
 
 
 def build_worker(config: WorkerConfig) -> Worker:
-    """The worker of `config.role`, in this process (loads the model)."""
+    """The worker of `config.role` (any role, if adaptive), in this process (loads the
+    model)."""
+    if config.adaptive:
+        return AdaptiveWorker(config)
     return _CLASSES[config.role][0](config)
 
 
-def exposed_methods(role: WorkerRole) -> tuple[str, ...]:
-    """The methods a worker of `role` offers its callers."""
-    return _CLASSES[role][1] + _COMMON
+def exposed_methods(role: WorkerRole, adaptive: bool = False) -> tuple[str, ...]:
+    """The methods a worker of `role` (or an adaptive one) offers its callers."""
+    return (_ANY_ROLE if adaptive else _CLASSES[role][1]) + _COMMON
 
 
 class _Manager(BaseManager):
@@ -149,7 +155,7 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
         if num_threads:
             torch.set_num_threads(num_threads)
         worker = build(config)
-        beat = (Heartbeat(heartbeat, worker, config.worker_id, config.role)
+        beat = (Heartbeat(heartbeat, worker, config.worker_id, config.role, config.adaptive)
                 if heartbeat is not None else None)
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))
@@ -158,7 +164,8 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
     class Server(BaseManager):
         pass
 
-    Server.register("worker", callable=lambda: worker, exposed=exposed_methods(config.role))
+    Server.register("worker", callable=lambda: worker,
+                    exposed=exposed_methods(config.role, config.adaptive))
     server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
 
     def shutdown(signum, frame):

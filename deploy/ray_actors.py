@@ -60,7 +60,7 @@ class WorkerHost:
         self.heartbeat = Heartbeat(
             HeartbeatConfig(redis_url, ray.get_runtime_context().get_node_id(),
                             spec.block_size, spec.heartbeat_s, spec.heartbeat_ttl_s),
-            self.worker, worker_id, role)
+            self.worker, worker_id, role, config.adaptive)
         self._closing = threading.Event()
         threading.Thread(target=exit_when_broken,
                          args=(self.worker, self._closing, spec.heartbeat_s),

@@ -26,6 +26,16 @@ def add_serve(sub) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers (%(default)s)")
     p.add_argument("--colocated", type=int, default=0,
                    help="colocated workers, prefill and decode in one (%(default)s)")
+    p.add_argument("--adaptive", type=int, default=0, metavar="N",
+                   help="workers whose role the cluster's controller sets as the load asks: "
+                        "each drains (finishes its jobs, takes no new ones) and switches "
+                        "between prefill, decode and colocated without a restart. One starts "
+                        "colocated, more start half prefill, half decode; combines with the "
+                        "pools above (%(default)s)")
+    p.add_argument("--adaptive-dwell", type=float, default=30.0, metavar="SECONDS",
+                   help="an adaptive worker keeps a role at least this long; the controller "
+                        "moves one worker at a time, and at most one per third of this "
+                        "(%(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (%(default)s)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one")
     p.add_argument("--http-port", type=int, default=8000,
@@ -121,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.spec import ClusterSpec, CurveMode
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
+    from pdserve.router.controller import ControllerConfig
     from pdserve.router.http import HttpConfig
     from pdserve.router.router import RouterConfig
 
@@ -137,8 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
         return 2
+    controller = None if args.adaptive <= 0 else ControllerConfig(
+        dwell_s=args.adaptive_dwell, cooldown_s=args.adaptive_dwell / 3)
     spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
-                       colocated=args.colocated, block_size=args.block_size,
+                       colocated=args.colocated, adaptive=args.adaptive,
+                       block_size=args.block_size,
                        num_blocks=args.num_blocks,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        transport=TransportKind(args.transport), curve=CurveMode(args.curve),
@@ -155,13 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_attempts=args.max_attempts,
                            migration_limit=args.migration_limit,
                            input_limits=input_limits(args), security=security,
+                           controller=controller,
                            **apply_trace_flags(args)))
     stop = threading.Event()
-    n = args.prefill + args.decode + args.colocated
+    n = args.prefill + args.decode + args.colocated + args.adaptive
     where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"
     print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
-          f"decode, {args.colocated} colocated) on {where}, and the router...",
-          file=sys.stderr)
+          f"decode, {args.colocated} colocated, {args.adaptive} adaptive) on {where}, and "
+          "the router...", file=sys.stderr)
     t0 = time.monotonic()
     address = f"{args.host}:{args.port}"
     http = None if args.no_http else HttpConfig(args.host, args.http_port,

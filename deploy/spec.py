@@ -59,6 +59,9 @@ class ClusterSpec:
     prefill: int = 1
     decode: int = 1
     colocated: int = 0
+    # workers whose role the cluster's controller sets (router.controller); they start as
+    # `adaptive_roles()` says
+    adaptive: int = 0
     block_size: int = 16
     num_blocks: int = 512
     max_num_batched_tokens: int = 2048
@@ -79,6 +82,7 @@ class ClusterSpec:
     # a worker ends the jobs of a router whose token stream has been unreachable this long
     # (worker.publisher)
     router_stream_grace_s: float = 5.0
+    drain_timeout_s: float = 60.0  # a role switch ends the jobs still live after this long
     router: RouterConfig = field(default_factory=RouterConfig)
     curve: CurveMode = CurveMode.AUTO
     curve_keys: CurveKeys | None = field(default=None, repr=False)  # made by `secured`
@@ -86,9 +90,9 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if self.curve is CurveMode.OFF and self.curve_keys is not None:
             raise ValueError("curve is off but CURVE keys were given")
-        if min(self.prefill, self.decode, self.colocated) < 0:
+        if min(self.prefill, self.decode, self.colocated, self.adaptive) < 0:
             raise ValueError("worker counts must be >= 0")
-        if self.decode + self.colocated == 0:
+        if self.decode + self.colocated + self.adaptive == 0:
             raise ValueError("at least one decode or colocated worker is needed")
         for name, value in (("worker_call_timeout_s", self.worker_call_timeout_s),
                             ("router_stream_grace_s", self.router_stream_grace_s),
@@ -113,10 +117,24 @@ class ClusterSpec:
         return replace(self, curve_keys=make_curve_keys())
 
     def roles(self) -> list[tuple[str, WorkerRole]]:
-        """(worker id, role) of every worker, prefill first."""
+        """(worker id, role) of every worker, prefill first, the adaptive ones last with
+        the role they start in."""
         return ([(f"prefill-{i}", WorkerRole.PREFILL) for i in range(self.prefill)]
                 + [(f"decode-{i}", WorkerRole.DECODE) for i in range(self.decode)]
-                + [(f"colocated-{i}", WorkerRole.COLOCATED) for i in range(self.colocated)])
+                + [(f"colocated-{i}", WorkerRole.COLOCATED) for i in range(self.colocated)]
+                + self.adaptive_roles())
+
+    def adaptive_roles(self) -> list[tuple[str, WorkerRole]]:
+        """(worker id, first role) of the adaptive workers: one alone is colocated (it
+        must serve whole requests); more start half prefill (rounded down), half decode."""
+        if self.adaptive == 1:
+            return [("adaptive-0", WorkerRole.COLOCATED)]
+        prefill = self.adaptive // 2
+        return [(f"adaptive-{i}", WorkerRole.PREFILL if i < prefill else WorkerRole.DECODE)
+                for i in range(self.adaptive)]
+
+    def is_adaptive(self, worker_id: str) -> bool:
+        return any(worker_id == w for w, _ in self.adaptive_roles())
 
     def worker_config(self, worker_id: str, role: WorkerRole,
                       kv_host: str = "127.0.0.1") -> WorkerConfig:
@@ -136,4 +154,5 @@ class ClusterSpec:
                             ack_timeout_s=self.ack_timeout_s, keepalive_s=self.keepalive_s,
                             hold_s=self.router.lease_s,
                             stream_grace_s=self.router_stream_grace_s,
-                            curve=self.curve_keys)
+                            curve=self.curve_keys, adaptive=self.is_adaptive(worker_id),
+                            drain_timeout_s=self.drain_timeout_s)

@@ -28,6 +28,10 @@ a router or a test could see: every block free, the prefix cache empty and no pr
 recorded (the cluster's prefix index never hears of its blocks), the load counters at zero,
 the shared sampling generator untouched.
 
+Modes: `set_mode` changes the mode of an engine that holds no request (a worker that
+switches role: the same weights and KV cache, another scheduler mode); its prefix cache
+stays, every block free.
+
 Threading: one thread drives the engine (`step`, `add_request`, `abort`,
 `admit_prefilled`, `stats`). `reserve` and `validate` may also be called from any other
 thread, so a decode worker answers a reservation without waiting for the step in progress:
@@ -41,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -113,6 +117,17 @@ class Engine:
     @property
     def mode(self) -> EngineMode:
         return self.config.scheduler.mode
+
+    def set_mode(self, mode: EngineMode) -> None:
+        """Run in `mode` from the next call on (see Modes). Raises RuntimeError while the
+        engine holds a request in any state (queued, running, reserved, held)."""
+        with self._lock:
+            if self.scheduler.requests:
+                raise RuntimeError(f"cannot change mode with {len(self.scheduler.requests)} "
+                                   "requests in the engine")
+            scheduler = replace(self.config.scheduler, mode=mode)
+            self.config = replace(self.config, scheduler=scheduler)
+            self.scheduler.config = scheduler
 
     @property
     def kv_cache(self) -> PagedKVCache:

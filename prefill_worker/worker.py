@@ -38,25 +38,28 @@ from __future__ import annotations
 
 import time
 
+from pdserve.engine import Engine
 from pdserve.kvtransfer.transports import make_sender
 from pdserve.prefill_worker.jobs import PrefillJobs
 from pdserve.protocol import PrefillOrder, WorkerRole
-from pdserve.worker.base import Worker
+from pdserve.worker.base import Worker, publisher_for
 from pdserve.worker.config import WorkerConfig
+
+
+def prefill_jobs(config: WorkerConfig, engine: Engine) -> PrefillJobs:
+    """The prefill role's job table on `engine`, with its KV sender."""
+    sender = make_sender(config.transport, config.kv_spec, device=config.engine.device,
+                         handshake_timeout_s=config.handshake_timeout_s,
+                         ack_timeout_s=config.ack_timeout_s,
+                         keepalive_s=config.keepalive_s, curve=config.curve)
+    return PrefillJobs(engine, sender, publisher_for(config), config.hold_s)
 
 
 class PrefillWorker(Worker):
     role = WorkerRole.PREFILL
 
     def __init__(self, config: WorkerConfig):
-        def make_jobs(engine, publisher):
-            sender = make_sender(config.transport, config.kv_spec, device=config.engine.device,
-                                 handshake_timeout_s=config.handshake_timeout_s,
-                                 ack_timeout_s=config.ack_timeout_s,
-                                 keepalive_s=config.keepalive_s, curve=config.curve)
-            return PrefillJobs(engine, sender, publisher, config.hold_s)
-
-        super().__init__(config, make_jobs)
+        super().__init__(config, {WorkerRole.PREFILL: prefill_jobs})
 
     def submit(self, order: PrefillOrder) -> bool:
         """Queue a prefill job and return; its PrefillOutcome reaches `order.notify_endpoint`

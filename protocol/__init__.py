@@ -21,7 +21,7 @@ from pdserve.protocol.orders import (
 )
 from pdserve.protocol.prefix import block_hashes, hash_block
 from pdserve.protocol.record import WorkerRecord
-from pdserve.protocol.roles import WorkerRole
+from pdserve.protocol.roles import WorkerRole, WorkerState
 from pdserve.protocol.sampling import InvalidField, SamplingParams
 from pdserve.protocol.stamps import DecodeStamps, Handoff, PrefillStamps
 from pdserve.protocol.stream import PrefillReport, TokenBatch, TokenChunk
@@ -30,6 +30,6 @@ __all__ = [
     "CostProfile", "CurveKeys", "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff",
     "IncrementalDetokenizer", "InvalidField", "ModelLimits", "PrefillOrder", "PrefillOutcome",
     "PrefillReport", "PrefillStamps", "PrefillStatus", "SamplingParams", "StepModel", "TokenBatch",
-    "TokenChunk", "TransferModel", "WorkerRecord", "WorkerRole", "block_hashes", "hash_block",
-    "read_model_limits", "chunk_pairs",
+    "TokenChunk", "TransferModel", "WorkerRecord", "WorkerRole", "WorkerState", "block_hashes",
+    "hash_block", "read_model_limits", "chunk_pairs",
 ]

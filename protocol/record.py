@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 
-from pdserve.protocol.roles import WorkerRole
+from pdserve.protocol.roles import WorkerRole, WorkerState
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,14 @@ class WorkerRecord:
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
     chunk_tokens: int = 0  # tokens per engine step (its prefill chunk); 0: not reported
+    state: WorkerState = WorkerState.SERVING
+    adaptive: bool = False  # the cluster's controller may change its role
+    role_since: float = 0.0  # Unix seconds: when it took its present role (0.0: unknown)
+
+    @property
+    def serving(self) -> bool:
+        """Whether routers may send it new orders of its role."""
+        return self.state is WorkerState.SERVING
 
     def without_room(self) -> WorkerRecord:
         """This record, seen as full (until the worker's next heartbeat says otherwise)."""
@@ -39,6 +47,8 @@ class WorkerRecord:
         """Flat string fields (a Redis hash)."""
         values = asdict(self)
         values["role"] = self.role.value
+        values["state"] = self.state.value
+        values["adaptive"] = int(self.adaptive)
         return {k: str(v) for k, v in values.items()}
 
     @classmethod
@@ -53,9 +63,11 @@ class WorkerRecord:
                 if f.name not in text and f.default is not MISSING:
                     continue  # a field newer than the worker that wrote the record
                 value = text[f.name]
-                values[f.name] = (WorkerRole(value) if f.name == "role" else int(value)
-                                  if f.type == "int" else float(value) if f.type == "float"
-                                  else value)
+                values[f.name] = _PARSE.get(f.type, str)(value)
         except (KeyError, ValueError) as e:
             raise ValueError(f"bad worker record {text.get('worker_id', '?')!r}: {e!r}") from e
         return cls(**values)
+
+
+_PARSE = {"WorkerRole": WorkerRole, "WorkerState": WorkerState, "int": int, "float": float,
+          "bool": lambda v: bool(int(v))}

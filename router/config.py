@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.protocol import CostProfile, CurveKeys
+from pdserve.router.controller.decide import ControllerConfig
 from pdserve.router.limits import InputLimits
 from pdserve.router.policy import Policy
 from pdserve.router.security import ApiSecurity
@@ -38,6 +39,9 @@ class RouterConfig:
     # each request is placed and admitted by predicted TTFT and TPOT (router.placement);
     # None: by `disaggregation_threshold` and the queue-token bound (router.admission)
     cost_profile: CostProfile | None = field(default=None, repr=False)
+    # the cluster's controller, which this router may be elected to run (router.controller);
+    # None: the cluster has no adaptive worker
+    controller: ControllerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

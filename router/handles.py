@@ -11,6 +11,8 @@ Contract:
   re-sends the KV of the held job its `resend_of` names (nothing is computed again), False
   when the prompt is computed.
 - No call waits for an engine step or stays open for a job's life.
+- `reserve`, `generate` and `submit` raise NotServing when the worker takes no such order
+  now (it drains before a role switch, or serves another role): nothing is held.
 - `abort` is idempotent and never raises for an unknown id, a dead or a hung worker.
 - Any other call raises WorkerGone when the worker cannot be reached (dead process, lost
   actor, closed worker) or does not answer within the call timeout (a hung worker; the
@@ -29,6 +31,10 @@ from pdserve.protocol import DecodeOrder, PrefillOrder
 
 class NoRoom(Exception):
     """The decode worker has no free KV blocks for this prompt right now."""
+
+
+class NotServing(Exception):
+    """The worker takes no order of this kind now (it drains, or changed role)."""
 
 
 class WorkerGone(Exception):

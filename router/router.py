@@ -14,7 +14,8 @@ Life of a request:
 3. DISPATCHED  the router opens the request's stream queue, then either reserves on a
                decode worker and submits the prefill job naming its KV endpoint
                (disaggregated), or has the decode/colocated worker prefill locally. No call
-               stays open: the prefill worker reports its outcome on the stream.
+               stays open: the prefill worker reports its outcome on the stream. A worker
+               draining for a role switch refuses (NotServing): the request waits for another.
 4. STREAMING   chunks from the decode worker are detokenized incrementally and yielded.
                The first chunk means the decode worker holds the KV: the prefill job is
                over (its slot is given back, its late outcome or death no longer matters).
@@ -62,14 +63,11 @@ from pdserve.protocol import (
 from pdserve.router import telemetry
 from pdserve.router.chunks import token_chunks
 from pdserve.router.config import RouterConfig
+from pdserve.router.controller.loop import controller_for
 from pdserve.router.door import Door
-from pdserve.router.errors import (
-    RequestError,
-    unavailable,
-    worker_failed,
-)
+from pdserve.router.errors import RequestError, unavailable, worker_failed
 from pdserve.router.final import Retries, final_response
-from pdserve.router.handles import NoRoom, WorkerGone
+from pdserve.router.handles import NoRoom, NotServing, WorkerGone
 from pdserve.router.intake import Intake
 from pdserve.router.interference import decoding
 from pdserve.router.ledger import PrefillLedger
@@ -86,8 +84,6 @@ from pdserve.router.view import ClusterView, HandleFactory, LiveWorker
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
 _OUTCOMES = {"RESOURCE_EXHAUSTED": RequestOutcome.REFUSED,
              "INVALID_ARGUMENT": RequestOutcome.INVALID}
 
@@ -110,15 +106,20 @@ class Router:
         # validates requests for every front end (gRPC, HTTP): one bound on their work
         self.intake = Intake(tokenizer, config.input_limits)
         self._refresher: asyncio.Task | None = None
+        self.controller = controller_for(config, redis, self.view, self.queue, self.observers)
 
     async def start(self) -> None:
         self.stream.start()
         await self.view.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        if self.controller is not None:
+            self.controller.start()
 
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self.controller is not None:
+            await self.controller.close()
         await self.stream.close()
         telemetry.close(self.observers)
 
@@ -138,14 +139,9 @@ class Router:
         """The request's chunks, then its final message. `deadline` (time.time(), None for
         none) is the client's: it goes into the orders, so workers drop the job by itself.
         `trace`: its place in the client's trace (router.tracecontext; None: a trace of
-        its own), for the observers.
-
-        A worker that fails the request (it died, hung, or lost the KV transfer) does not
-        fail it: before the first token the request is dispatched again, up to
-        `max_attempts` dispatches in all; after tokens have streamed it migrates: prompt
-        and tokens so far go to another worker as a new prompt (prefilled anew), the
-        stream goes on, up to `migration_limit` times. Either is counted in the final
-        message (`attempts`, `migrations`, `timing.retry_ms`)."""
+        its own), for the observers. A worker that fails it costs a dispatch or a
+        migration (the module's RETRIED), counted in the final message (`attempts`,
+        `migrations`, `timing.retry_ms`)."""
         arrival = time.time()
         request_id = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
         token_times: list[tuple[float, int]] = []
@@ -293,9 +289,7 @@ class Router:
             if decode is not None:
                 self.door.interference.left(decode.worker_id, tid)
             self.stream.close_queue(tid)
-            for w in (decode, prefill):
-                if w is not None:
-                    w.in_flight.pop(tid, None)
+            _leave(tid, decode, prefill)
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
                 await asyncio.shield(self._abort(tid, decode,
@@ -322,6 +316,7 @@ class Router:
                     retry=retry, deadline=route.deadline, hits=route.hits, slo=route.slo)
                 decode.in_flight[tid] = queue
                 dispatched = time.time()
+                endpoint = ""
                 try:
                     if prefill is None:
                         self.ledger.started(decode.worker_id, tid, len(req.prompt_token_ids))
@@ -341,12 +336,16 @@ class Router:
                     return decode, prefill, dispatched
                 except NoRoom:  # its heartbeat was stale: wait for room like the others
                     self.ledger.ended(tid)
-                    decode.in_flight.pop(tid, None)
+                    _leave(tid, decode)
                     decode.record = decode.record.without_room()
+                except NotServing as e:  # a role switch the view had not seen yet
+                    self.ledger.ended(tid)
+                    _leave(tid, decode, prefill)
+                    if endpoint:  # the reservation is under this id: a new dispatch
+                        await asyncio.shield(self._abort(tid, decode, None))
+                        raise worker_failed(str(e), prefill.worker_id) from e
                 except BaseException:
-                    for w in (decode, prefill):
-                        if w is not None:
-                            w.in_flight.pop(tid, None)
+                    _leave(tid, decode, prefill)
                     await asyncio.shield(self._abort(tid, decode, prefill))
                     raise
         finally:
@@ -357,6 +356,9 @@ class Router:
         """A handle call; a worker that cannot be reached leaves the view (UNAVAILABLE)."""
         try:
             return await call
+        except NotServing:
+            self.view.not_serving(worker.worker_id)
+            raise
         except WorkerGone as e:
             self.view.drop(worker.worker_id)
             raise worker_failed(f"worker {worker.worker_id} is gone: {e}",
@@ -380,4 +382,12 @@ class Router:
                 log.info("abort of %s on %s failed: %s", tid, worker.worker_id, result)
 
     def status(self) -> pb.ClusterStatus:
-        return self.view.status(self.config.router_id)
+        status = self.view.status(self.config.router_id)
+        return self.controller.describe(status) if self.controller else status
+
+
+def _leave(tid: str, *workers: LiveWorker | None) -> None:
+    """The request's attempt `tid` no longer holds a job on these workers."""
+    for w in workers:
+        if w is not None:
+            w.in_flight.pop(tid, None)

@@ -3,8 +3,9 @@ each, and which of this router's requests each one holds.
 
 Life of a worker in the view:
 1. JOINED   `refresh` finds its record in the registry and makes a handle (`connect`).
-2. LISTED   each refresh updates its record (load, free blocks); requests put themselves in
-            its `in_flight` while it holds their job, and take themselves out after.
+2. LISTED   each refresh updates its record (load, free blocks, role, state); requests put
+            themselves in its `in_flight` while it holds their job, and take themselves out
+            after. While its record says DRAINING (a role switch) it gets no new order.
 3. DROPPED  its record expired or a new incarnation replaced it (`refresh`), or a call to it
             found it gone (`drop`): each request it held gets a `Gone` in its stream queue,
             so it fails with UNAVAILABLE instead of waiting for tokens that never come.
@@ -32,9 +33,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from pdserve.protocol import WorkerRecord, WorkerRole
+from pdserve.protocol import WorkerRecord, WorkerRole, WorkerState
 from pdserve.router.policy import WorkerLoad
 from pdserve.router.registry import RegistryErrors, read_registry
 from pdserve.rpc import pdserve_pb2 as pb
@@ -145,7 +146,16 @@ class ClusterView:
             q.put_nowait(Gone(worker_id))
 
     def of_role(self, *roles: WorkerRole) -> list[LiveWorker]:
-        return [w for w in self.workers.values() if w.record.role in roles]
+        """The workers of `roles` that take new orders: a worker draining before a role
+        switch is left out, while the requests it holds go on."""
+        return [w for w in self.workers.values() if w.record.role in roles and w.record.serving]
+
+    def not_serving(self, worker_id: str) -> None:
+        """A worker refused an order as not serving (it drains, or changed role): it is
+        left out of `of_role` until its next record says otherwise."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.record = replace(worker.record, state=WorkerState.DRAINING)
 
     async def notify(self) -> None:
         """Wake the requests that wait for a worker, a slot or blocks."""
@@ -169,5 +179,6 @@ class ClusterView:
                 total_blocks=r.total_blocks, free_blocks=r.free_blocks, running=r.running,
                 waiting=r.waiting, queued_prefill_tokens=r.queued_prefill_tokens,
                 in_flight=len(w.in_flight), last_heartbeat=r.heartbeat, kv_usage=used,
-                leases=r.leases))
+                leases=r.leases, state=r.state.value, adaptive=r.adaptive,
+                role_since=r.role_since))
         return pb.ClusterStatus(workers=workers, router_id=router_id)

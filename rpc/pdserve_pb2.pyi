@@ -176,7 +176,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "node", "kv_endpoint", "total_blocks", "free_blocks", "running", "waiting", "queued_prefill_tokens", "in_flight", "last_heartbeat", "kv_usage", "leases")
+    __slots__ = ("worker_id", "role", "node", "kv_endpoint", "total_blocks", "free_blocks", "running", "waiting", "queued_prefill_tokens", "in_flight", "last_heartbeat", "kv_usage", "leases", "state", "adaptive", "role_since")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,9 @@ class WorkerStatus(_message.Message):
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_SINCE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     node: str
@@ -203,12 +206,37 @@ class WorkerStatus(_message.Message):
     last_heartbeat: float
     kv_usage: float
     leases: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., kv_usage: _Optional[float] = ..., leases: _Optional[int] = ...) -> None: ...
+    state: str
+    adaptive: bool
+    role_since: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., kv_usage: _Optional[float] = ..., leases: _Optional[int] = ..., state: _Optional[str] = ..., adaptive: _Optional[bool] = ..., role_since: _Optional[float] = ...) -> None: ...
+
+class RoleSwitch(_message.Message):
+    __slots__ = ("time", "worker_id", "from_role", "to_role", "reason", "epoch")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    worker_id: str
+    from_role: str
+    to_role: str
+    reason: str
+    epoch: int
+    def __init__(self, time: _Optional[float] = ..., worker_id: _Optional[str] = ..., from_role: _Optional[str] = ..., to_role: _Optional[str] = ..., reason: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("workers", "router_id")
+    __slots__ = ("workers", "router_id", "role_switches", "controller", "controller_epoch")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     router_id: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., router_id: _Optional[str] = ...) -> None: ...
+    role_switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
+    controller: str
+    controller_epoch: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., router_id: _Optional[str] = ..., role_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., controller: _Optional[str] = ..., controller_epoch: _Optional[int] = ...) -> None: ...

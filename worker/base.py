@@ -13,6 +13,9 @@ Life of a worker:
              which applies it between two steps: no call waits for a step, and no call
              stays open for the life of a job; outcomes and tokens go to the router's
              stream endpoint. `load()` is the last snapshot; `job_state()` a published copy.
+   An adaptive worker changes role between SERVING periods (worker.switch): it drains,
+   then the same engine serves under the new role's job table; `role_status()` says
+   where it stands.
 3. CLOSED    `close()` stops the loop after the step in progress; the job table ends every
              live job (an error chunk or outcome to its router) and closes its sockets. A
              broken loop (a fault outside any one request: the engine's books, the job
@@ -37,13 +40,14 @@ import enum
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from pdserve.engine import Engine, WarmUp
 from pdserve.protocol import WorkerRole
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.loop import EngineLoop, LoadReport, LoopHandler
 from pdserve.worker.publisher import StreamPublisher
+from pdserve.worker.switch import RoleStatus, RoleSwitch, TableFactory
 
 log = logging.getLogger(__name__)
 TOMBSTONE_S = 60.0  # how long an abort of an unknown transfer id ends a late order for it
@@ -132,24 +136,52 @@ class JobTable(LoopHandler):
                 self.abort(tid, f"the router's stream {endpoint} is gone")
 
 
-class Worker:
-    role: WorkerRole
+def publisher_for(config: WorkerConfig) -> StreamPublisher:
+    """A job table's stream to the routers."""
+    return StreamPublisher(config.worker_id, config.stream_grace_s, curve=config.curve)
 
-    def __init__(self, config: WorkerConfig,
-                 make_jobs: Callable[[Engine, StreamPublisher], JobTable]):
-        if config.role is not self.role:
-            raise ValueError(f"{type(self).__name__} needs a {self.role.value} config, got "
+
+class Worker:
+    role: WorkerRole  # a fixed-role worker's; an adaptive one's is its present role
+
+    def __init__(self, config: WorkerConfig, tables: Mapping[WorkerRole, TableFactory]):
+        """`tables`: the job table of each role the worker may serve, built on its engine;
+        `config.role` is the one it starts in."""
+        if config.role not in tables:
+            raise ValueError(f"{type(self).__name__} needs a "
+                             f"{' or '.join(r.value for r in tables)} config, got "
                              f"{config.role.value}")
-        self.config = config
         self.engine = Engine(config.engine)
         self.warmup: WarmUp = self.engine.warm_up()
         log.info("worker %s warmed up in %.2fs (%d prefill and %d decode steps)",
                  config.worker_id, self.warmup.seconds, self.warmup.prefill_steps,
                  self.warmup.decode_steps)
-        self._jobs = make_jobs(self.engine,
-                               StreamPublisher(config.worker_id, config.stream_grace_s,
-                                               curve=config.curve))
-        self._loop = EngineLoop(self.engine, self._jobs, name=f"{config.worker_id}-loop")
+        self._switch = RoleSwitch(config, self.engine, tables)
+        self._loop = EngineLoop(self.engine, self._switch, name=f"{config.worker_id}-loop")
+
+    @property
+    def config(self) -> WorkerConfig:
+        """Its configuration in its present role."""
+        return self._switch.config
+
+    @property
+    def _jobs(self) -> JobTable:
+        """The present role's job table (another object after a switch)."""
+        return self._switch.table
+
+    def role_status(self) -> RoleStatus:
+        """Its role, whether it takes new orders, and where it drains to (worker.switch)."""
+        return self._switch.status()
+
+    def switch_role(self, role: WorkerRole) -> bool:
+        """Drain, then serve as `role` (worker.switch); returns at once, True when this
+        changed anything. Raises ValueError for a worker that is not adaptive (asked for
+        another role) and RuntimeError once it is closed."""
+        if not self.config.adaptive and role is not self._switch.status().role:
+            raise ValueError(f"worker {self.worker_id} is not adaptive: it stays "
+                             f"{self._switch.status().role.value}")
+        self._check_open()
+        return self._switch.request(role, self._loop.post)
 
     @property
     def worker_id(self) -> str:

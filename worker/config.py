@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pdserve.engine import EngineConfig, EngineMode
@@ -33,6 +33,10 @@ class WorkerConfig:
     # the cluster's CURVE keys (protocol.keys): the KV transfer and the token stream are then
     # authenticated and encrypted; None leaves both open (loopback only)
     curve: CurveKeys | None = field(default=None, repr=False)
+    # the cluster's controller may change its role at run time (worker.switch)
+    adaptive: bool = False
+    # a role switch ends the jobs still live this long after its drain began
+    drain_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         want = ENGINE_MODES[self.role]
@@ -45,6 +49,13 @@ class WorkerConfig:
             raise ValueError(f"hold_s must be > 0, got {self.hold_s}")
         if not self.stream_grace_s > 0:
             raise ValueError(f"stream_grace_s must be > 0, got {self.stream_grace_s}")
+        if not self.drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+
+    def for_role(self, role: WorkerRole) -> WorkerConfig:
+        """This configuration for `role`, its engine in that role's mode."""
+        scheduler = replace(self.engine.scheduler, mode=ENGINE_MODES[role])
+        return replace(self, role=role, engine=replace(self.engine, scheduler=scheduler))
 
     @property
     def kv_spec(self) -> KVSpec:

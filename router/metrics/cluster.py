@@ -1,5 +1,6 @@
 """Gauges of the router's state and its view of the workers, read when Prometheus scrapes:
-requests running and waiting in this router, and per worker (labelled by worker and role)
+requests running and waiting in this router, the cluster's controller (role switches,
+adaptive workers by role and state, the lease), and per worker (labelled by worker and role)
 what its last heartbeat in the registry says: KV blocks used and free, running and waiting
 requests, queued prefill tokens, leases, prefix-cache lookups and hits.
 
@@ -43,7 +44,33 @@ class ClusterCollector(Collector):
         for role, n in sorted(by_role.items()):
             family.add_metric((role,), n)
         yield family
+        if self.router.controller is not None:
+            yield from self._controller(self.router.controller)
         yield from self._per_worker(workers)
+
+    def _controller(self, controller) -> Iterator:
+        """Role switches the cluster's controller ordered (the totals in Redis, the same on
+        every router), its adaptive workers by role and state, and whether this router
+        leads."""
+        switches = CounterMetricFamily(PREFIX + "role_switches",
+                                       "Role switches the controller ordered, cluster-wide.",
+                                       labels=("from_role", "to_role"))
+        for (from_role, to_role), n in sorted(controller.totals.items()):
+            switches.add_metric((from_role, to_role), n)
+        yield switches
+        adaptive = GaugeMetricFamily(PREFIX + "num_adaptive_workers",
+                                     "Adaptive workers in this router's view, by role and "
+                                     "state (serving, draining).", labels=("role", "state"))
+        for (role, state), n in sorted(controller.per_role().items(),
+                                       key=lambda kv: (kv[0][0].value, kv[0][1])):
+            adaptive.add_metric((role.value, state), n)
+        yield adaptive
+        yield GaugeMetricFamily(PREFIX + "controller_leader",
+                                "1 when this router's controller holds the lease.",
+                                value=int(controller.leads))
+        yield GaugeMetricFamily(PREFIX + "controller_epoch",
+                                "The epoch of the controller's lease (its fencing token).",
+                                value=controller.holder[1])
 
     def _per_worker(self, workers) -> Iterator:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:

@@ -1,0 +1,195 @@
+"""The controller's rule: from one snapshot of the cluster to the role each adaptive worker
+should have. Pure: no I/O, no clock (the snapshot carries `now`), so it is tested on
+synthetic snapshots and the simulator could run it as is.
+
+The rule:
+1. Pressures, each 1.0 at the edge of what the side can take:
+   - prefill: the larger of the wait the queued prompt tokens (on the serving workers
+     that take prompts, and in the routers' queues) mean at the measured prefill rate,
+     over the TTFT target; the share of SLO requests that missed their TTFT, over
+     `miss_budget`; and the share of requests refused at the door, over `miss_budget`
+     (admission refuses on queued prefill work first).
+   - decode: the larger of the decode workers' mean batch fill (running over
+     `batch_cap`, or the KV share in use when higher), 1.0 when requests wait in their
+     engines, and the share that missed their TPOT, over `miss_budget`.
+2. Hysteresis: one side must be at or above `high` while the other is at or below `low`
+   (a band, so values in between never move anyone); no move while a switch is under way
+   (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
+   or of a worker that took its role less than `dwell_s` ago.
+3. One move at a time: toward prefill, a decode (else colocated) worker becomes prefill;
+   toward decode, a prefill (else colocated) worker becomes decode; the least loaded
+   candidate goes first. A move that would leave no serving worker able to take prompts
+   (prefill, colocated) or to decode (decode, colocated) once done, or none able to decode
+   while it drains, is not made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.protocol import WorkerRole, WorkerState
+
+_DEFAULT_PREFILL_RATE = 100.0  # tokens/s, until a worker has measured its own
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    interval_s: float = 1.0  # a decision (and a lease renewal) this often
+    lease_ttl_s: float = 5.0  # another router takes over this long after the holder stops
+    dwell_s: float = 30.0  # a worker keeps a role at least this long
+    cooldown_s: float = 10.0  # between two switches in the cluster
+    high: float = 0.8  # a side at or above this asks for a worker
+    low: float = 0.3  # ... which the other side gives only at or below this
+    miss_budget: float = 0.1  # the share of SLO misses (or refusals) that is full pressure
+    window_s: float = 30.0  # SLO attainment and refusals are counted over this window
+    ttft_target_s: float = 2.0  # the prefill wait that is full pressure
+    batch_cap: int = 64  # a decode worker's running batch at full pressure (max_num_seqs)
+    history: int = 100  # switches kept in Redis
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"need 0 <= low < high, got {self.low}, {self.high}")
+        if not self.lease_ttl_s > self.interval_s > 0:
+            raise ValueError("need lease_ttl_s > interval_s > 0")
+        for name in ("dwell_s", "cooldown_s", "ttft_target_s", "miss_budget", "window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_cap < 1 or self.history < 1:
+            raise ValueError("batch_cap and history must be >= 1")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the controller knows of one worker (its registry record and its target)."""
+
+    worker_id: str
+    role: WorkerRole
+    state: WorkerState = WorkerState.SERVING
+    adaptive: bool = False
+    role_since: float = 0.0
+    target: WorkerRole | None = None  # the role the controller set, if any
+    queued_prefill_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 1
+    total_blocks: int = 1
+
+    @property
+    def switching(self) -> bool:
+        return self.state is WorkerState.DRAINING or (
+            self.target is not None and self.target is not self.role)
+
+
+@dataclass(frozen=True)
+class RouterSignals:
+    """The routers' queues and their SLO attainment over the window, summed."""
+
+    queued: int = 0  # requests waiting in the routers' queues
+    queued_tokens: int = 0
+    finished: int = 0
+    refused: int = 0
+    ttft_requests: int = 0  # requests with a TTFT SLO that ended
+    ttft_misses: int = 0
+    tpot_requests: int = 0
+    tpot_misses: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float  # time.time()
+    workers: tuple[WorkerInfo, ...]
+    routers: RouterSignals = RouterSignals()
+    last_switch: float = 0.0  # time of the latest switch ordered (0.0: none)
+
+
+@dataclass(frozen=True)
+class Pressures:
+    prefill: float
+    decode: float
+
+
+@dataclass(frozen=True)
+class Move:
+    worker_id: str
+    from_role: WorkerRole
+    to_role: WorkerRole
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    targets: dict[str, WorkerRole]  # every adaptive worker's role after this decision
+    moves: tuple[Move, ...]
+    pressures: Pressures
+    why: str  # what the rule concluded, moves or not
+
+
+def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
+    serving = [w for w in snap.workers if w.state is WorkerState.SERVING]
+    r = snap.routers
+    takers = [w for w in serving if w.role.prefills]
+    rate = sum(w.prefill_tokens_per_s or _DEFAULT_PREFILL_RATE for w in takers)
+    queued = sum(w.queued_prefill_tokens for w in takers) + r.queued_tokens
+    wait_s = queued / rate if rate else (math.inf if queued else 0.0)
+    ended = r.finished + r.refused
+    prefill = max(wait_s / config.ttft_target_s,
+                  _share(r.ttft_misses, r.ttft_requests) / config.miss_budget,
+                  _share(r.refused, ended) / config.miss_budget)
+    decoders = [w for w in serving if w.role.decodes]
+    fills = [max(w.running / config.batch_cap, 1 - w.free_blocks / max(w.total_blocks, 1),
+                 1.0 if w.waiting else 0.0) for w in decoders]
+    decode = max(sum(fills) / len(fills) if fills else 1.0,
+                 _share(r.tpot_misses, r.tpot_requests) / config.miss_budget)
+    return Pressures(prefill, decode)
+
+
+def decide(snap: Snapshot, config: ControllerConfig) -> Decision:
+    """The module's rule, on `snap`."""
+    p = pressures(snap, config)
+    targets = {w.worker_id: w.target or w.role for w in snap.workers if w.adaptive}
+
+    def hold(why: str) -> Decision:
+        return Decision(targets, (), p, why)
+
+    if not targets:
+        return hold("no adaptive worker")
+    if any(w.switching for w in snap.workers):
+        return hold("a switch is under way")
+    if snap.now - snap.last_switch < config.cooldown_s:
+        return hold("cooling down after the last switch")
+    if p.prefill >= config.high and p.decode <= config.low:
+        to, sources = WorkerRole.PREFILL, (WorkerRole.DECODE, WorkerRole.COLOCATED)
+        reason = f"prefill pressure {p.prefill:.2f} >= {config.high}, decode {p.decode:.2f}"
+    elif p.decode >= config.high and p.prefill <= config.low:
+        to, sources = WorkerRole.DECODE, (WorkerRole.PREFILL, WorkerRole.COLOCATED)
+        reason = f"decode pressure {p.decode:.2f} >= {config.high}, prefill {p.prefill:.2f}"
+    else:
+        return hold("pressures within the band")
+    candidates = [w for w in snap.workers
+                  if w.adaptive and w.state is WorkerState.SERVING and w.role in sources
+                  and snap.now - w.role_since >= config.dwell_s]
+    candidates.sort(key=lambda w: (sources.index(w.role), _load(w), w.worker_id))
+    for w in candidates:
+        if _keeps_service(snap.workers, w, to):
+            targets[w.worker_id] = to
+            return Decision(targets, (Move(w.worker_id, w.role, to, reason),), p, reason)
+    return hold(f"{reason}, but no worker can move (dwell time, or the last of its kind)")
+
+
+def _keeps_service(workers: Sequence[WorkerInfo], moving: WorkerInfo, to: WorkerRole) -> bool:
+    others = [w.role for w in workers
+              if w.state is WorkerState.SERVING and w.worker_id != moving.worker_id]
+    after = [*others, to]
+    return (any(r.decodes for r in others) and any(r.decodes for r in after)
+            and any(r.prefills for r in after))
+
+
+def _load(w: WorkerInfo) -> int:
+    return w.running + w.waiting + w.queued_prefill_tokens
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0

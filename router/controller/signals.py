@@ -1,0 +1,72 @@
+"""What one router tells the cluster's controller: its queue, and over the last `window_s`
+the requests that ended, the refusals, and SLO attainment (a RequestObserver,
+router.observe). Every router publishes its own (router.controller.store); the controller
+sums them.
+
+SLO attainment follows DESIGN §6 as the request summary computes it
+(router.request_summary): TTFT as the first token's, TPOT = (E2EL - TTFT) / (output tokens
+- 1); a request with an SLO that did not finish (failed, cancelled) misses it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdserve.router.controller.decide import RouterSignals
+from pdserve.router.observe import RequestOutcome, RequestRecord
+from pdserve.router.request_summary import RequestSummary
+
+
+@dataclass(frozen=True)
+class _Ended:
+    time: float
+    finished: bool
+    refused: bool
+    ttft: bool | None  # None: no TTFT SLO; else whether it was met
+    tpot: bool | None
+
+
+class SignalWindow:
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.time):
+        self.window_s = window_s
+        self._clock = clock
+        self._ended: collections.deque[_Ended] = collections.deque()
+
+    def request_ended(self, record: RequestRecord) -> None:
+        finished = record.outcome is RequestOutcome.FINISHED
+        ttft = tpot = None
+        if finished and (record.slo_ttft_ms is not None or record.slo_tpot_ms is not None):
+            f = RequestSummary.of(record).fields
+            if record.slo_ttft_ms is not None:
+                ttft = f["first_token_ms"] <= record.slo_ttft_ms
+            if record.slo_tpot_ms is not None:
+                tpot = f["tpot_ms"] is None or f["tpot_ms"] <= record.slo_tpot_ms
+        elif record.outcome is not RequestOutcome.REFUSED:
+            ttft = False if record.slo_ttft_ms is not None else None
+            tpot = False if record.slo_tpot_ms is not None else None
+        self._ended.append(_Ended(self._clock(), finished,
+                                  record.outcome is RequestOutcome.REFUSED, ttft, tpot))
+        self._expire()
+
+    def front_end_refused(self) -> None:
+        """A refusal the front end made before the router saw the request."""
+        self._ended.append(_Ended(self._clock(), False, True, None, None))
+
+    def signals(self, queued: int = 0, queued_tokens: int = 0) -> RouterSignals:
+        self._expire()
+        e = self._ended
+        return RouterSignals(
+            queued=queued, queued_tokens=queued_tokens,
+            finished=sum(x.finished for x in e), refused=sum(x.refused for x in e),
+            ttft_requests=sum(x.ttft is not None for x in e),
+            ttft_misses=sum(x.ttft is False for x in e),
+            tpot_requests=sum(x.tpot is not None for x in e),
+            tpot_misses=sum(x.tpot is False for x in e))
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self.window_s
+        while self._ended and self._ended[0].time < cutoff:
+            self._ended.popleft()

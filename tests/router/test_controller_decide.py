@@ -1,0 +1,131 @@
+"""The controller's rule (router.controller.decide) on synthetic snapshots: it moves toward
+the side under pressure, never flaps under noise inside its band, waits out dwell times
+and cool-downs, one move at a time, and never leaves the cluster unable to take prompts
+or to decode."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from pdserve.protocol import WorkerRole, WorkerState
+from pdserve.router.controller.decide import (
+    ControllerConfig,
+    RouterSignals,
+    Snapshot,
+    WorkerInfo,
+    decide,
+    pressures,
+)
+
+P, D, C = WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.COLOCATED
+CONFIG = ControllerConfig(dwell_s=30, cooldown_s=10, ttft_target_s=2.0, batch_cap=10)
+NOW = 1_000.0
+
+
+def worker(wid, role, adaptive=True, **kw) -> WorkerInfo:
+    kw.setdefault("prefill_tokens_per_s", 100.0)
+    kw.setdefault("total_blocks", 100)
+    kw.setdefault("free_blocks", 100)
+    return WorkerInfo(wid, role, adaptive=adaptive, role_since=NOW - 100, **kw)
+
+
+def cluster(prefill_queue=0, decode_running=0, **signals) -> Snapshot:
+    """Two static workers (P, D) and three adaptive ones (P, D, D), loaded as asked."""
+    workers = (worker("p0", P, adaptive=False, queued_prefill_tokens=prefill_queue),
+               worker("a0", P, queued_prefill_tokens=prefill_queue),
+               worker("d0", D, adaptive=False, running=decode_running),
+               worker("a1", D, running=decode_running),
+               worker("a2", D, running=max(0, decode_running - 1)))
+    return Snapshot(NOW, workers, RouterSignals(**signals))
+
+
+def test_long_prefill_queues_move_a_decode_worker_to_prefill():
+    decision = decide(cluster(prefill_queue=400, decode_running=1), CONFIG)
+    (move,) = decision.moves
+    assert (move.from_role, move.to_role) == (D, P)
+    assert move.worker_id == "a2"  # the least loaded decode worker goes
+    assert decision.targets == {"a0": P, "a1": D, "a2": P}
+    assert "prefill pressure" in move.reason
+
+
+def test_saturated_decode_batches_move_a_prefill_worker_to_decode():
+    decision = decide(cluster(prefill_queue=0, decode_running=10), CONFIG)
+    (move,) = decision.moves
+    assert (move.worker_id, move.from_role, move.to_role) == ("a0", P, D)
+
+
+def test_tpot_misses_count_as_decode_pressure_and_ttft_misses_as_prefill():
+    tpot = decide(cluster(tpot_requests=20, tpot_misses=5), CONFIG)
+    assert [m.to_role for m in tpot.moves] == [D]
+    ttft = decide(cluster(ttft_requests=20, ttft_misses=5), CONFIG)
+    assert [m.to_role for m in ttft.moves] == [P]
+    refusals = decide(cluster(finished=10, refused=5), CONFIG)
+    assert [m.to_role for m in refusals.moves] == [P]
+
+
+def test_both_sides_under_pressure_or_neither_moves_nobody():
+    assert not decide(cluster(prefill_queue=400, decode_running=10), CONFIG).moves
+    assert not decide(cluster(prefill_queue=20, decode_running=1), CONFIG).moves
+
+
+def test_noise_inside_the_band_never_flaps():
+    rng = random.Random(0)
+    moves = 0
+    for _ in range(500):
+        # prefill pressure wanders around 0.55, decode around 0.5: between low and high
+        snap = cluster(prefill_queue=int(110 * rng.uniform(0.8, 1.2)),
+                       decode_running=rng.choice([4, 5, 6]))
+        p = pressures(snap, CONFIG)
+        assert CONFIG.low < p.prefill < CONFIG.high and CONFIG.low < p.decode < CONFIG.high
+        moves += len(decide(snap, CONFIG).moves)
+    assert moves == 0
+
+
+def test_a_worker_keeps_its_role_for_the_dwell_time():
+    snap = cluster(prefill_queue=400)
+    young = tuple(replace(w, role_since=NOW - 5) if w.adaptive else w for w in snap.workers)
+    decision = decide(replace(snap, workers=young), CONFIG)
+    assert not decision.moves and "dwell" in decision.why
+
+
+def test_no_move_during_a_cool_down_or_while_a_switch_is_under_way():
+    snap = cluster(prefill_queue=400)
+    assert not decide(replace(snap, last_switch=NOW - 3), CONFIG).moves
+    draining = tuple(replace(w, state=WorkerState.DRAINING) if w.worker_id == "a1" else w
+                     for w in snap.workers)
+    assert decide(replace(snap, workers=draining), CONFIG).why == "a switch is under way"
+    pending = tuple(replace(w, target=P) if w.worker_id == "a1" else w for w in snap.workers)
+    decision = decide(replace(snap, workers=pending), CONFIG)
+    assert not decision.moves and decision.targets["a1"] is P
+
+
+def test_the_last_worker_of_a_kind_stays():
+    # one adaptive prefill worker and one decode worker: neither can go
+    workers = (worker("a0", P, queued_prefill_tokens=0), worker("a1", D, running=10))
+    decision = decide(Snapshot(NOW, workers), CONFIG)
+    assert not decision.moves and "last of its kind" in decision.why
+    workers = (worker("a0", P, queued_prefill_tokens=900), worker("a1", D))
+    assert not decide(Snapshot(NOW, workers), CONFIG).moves
+
+
+def test_a_colocated_worker_moves_only_while_others_decode():
+    lone = (worker("a0", C, queued_prefill_tokens=900),)
+    assert not decide(Snapshot(NOW, lone), CONFIG).moves
+    with_decode = (worker("a0", C, queued_prefill_tokens=900), worker("d0", D, adaptive=False))
+    (move,) = decide(Snapshot(NOW, with_decode), CONFIG).moves
+    assert (move.worker_id, move.to_role) == ("a0", P)
+
+
+def test_static_workers_are_never_moved():
+    workers = (worker("p0", P, adaptive=False, queued_prefill_tokens=900),
+               worker("d0", D, adaptive=False), worker("d1", D, adaptive=False))
+    decision = decide(Snapshot(NOW, workers), CONFIG)
+    assert not decision.moves and decision.why == "no adaptive worker"
+
+
+def test_a_bad_band_is_refused():
+    with pytest.raises(ValueError, match="low < high"):
+        ControllerConfig(low=0.8, high=0.5)
