@@ -37,15 +37,16 @@ class _Index:
         for w in members:
             self.update(w)
 
-    def update(self, worker) -> None:
-        """The worker's load changed: rank it anew. A worker whose `load()` returns the
-        object it returned last time (SimWorker keeps it while its figures stand) costs a
-        lookup."""
+    def update(self, worker, load: WorkerLoad | None = None) -> None:
+        """The worker's load changed: rank it anew. `load`: its `load()`, when the caller
+        has it. A worker whose `load()` returns the object it returned last time (SimWorker
+        keeps it while its figures stand) costs a lookup."""
         wid = worker.worker_id
         seen = self._seen.get(wid, _ABSENT)
         if seen is _ABSENT:
             return  # not one of this index's workers
-        load = worker.load()
+        if load is None:
+            load = worker.load()
         if load is seen:
             return  # the same load: its entry stands (an equal new one is ranked again,
             # to the same place)

@@ -62,10 +62,17 @@ class SimWorker(leap.Leaping):
         self.decoding = DecodeBatch(block_size)
         self.steps = 0
         self._leap: leap.Run | None = None  # the leap under way
+        self._step_a: dict[int, float] = {}  # batch size -> a leap's step cost but context
+        self._context_s = profile.step.context_s
         self._admissions = itertools.count(1)  # entries into the running set: "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
         self.sent_tokens = 0  # prompt tokens the router sent it, no first token yet (ditto)
+        # (the router's) the worker indexes it is in, the load they ranked it by, and the
+        # prefill rate the router has summed for it
+        self.indexes: list = []
+        self.ranked: WorkerLoad | None = None
+        self.summed_rate = 0.0
         self.rate = PrefillRate()
         self.step_time = DecodeStepTime()
         self.busy_s = 0.0
@@ -192,15 +199,17 @@ class SimWorker(leap.Leaping):
                 self.on_first_token(r)
                 self._join_or_finish(r)
             self.arrived.clear()
-        self._grow_decodes()
-        decodes = self.decoding.size
+        decoding = self.decoding
+        if decoding.blocks_at(self.steps + 1):  # the next step starts blocks
+            self._grow_decodes()
+        decodes = decoding.size
         if not self.prefilling and not self.waiting:  # decodes only (a decode worker's lot)
             if not decodes:
                 self.busy = False
                 self.rate.flush()
                 return
             # busy before: no neighbour starts to contend now (_compute's first part)
-            if self.busy and self._leaps and not self._contended():
+            if self.busy and self._leaps and not (self.neighbours and self._contended()):
                 if not self._start_leap():
                     self._compute([], 0, decodes, leap=False)
                 return
