@@ -33,7 +33,7 @@ class _Index:
         for w in members:
             self._seen[w.worker_id] = None
             self._version[w.worker_id] = 0
-        self._size = len(self._seen)
+        self._compact_at = 4 * len(self._seen) + 64  # heap entries, most of them stale
         for w in members:
             self.update(w)
 
@@ -42,7 +42,8 @@ class _Index:
         has it. A worker whose `load()` returns the object it returned last time (SimWorker
         keeps it while its figures stand) costs a lookup."""
         wid = worker.worker_id
-        seen = self._seen.get(wid, _ABSENT)
+        seen_of = self._seen
+        seen = seen_of.get(wid, _ABSENT)
         if seen is _ABSENT:
             return  # not one of this index's workers
         if load is None:
@@ -50,12 +51,13 @@ class _Index:
         if load is seen:
             return  # the same load: its entry stands (an equal new one is ranked again,
             # to the same place)
-        self._seen[wid] = load
+        seen_of[wid] = load
         version = self._version[wid] + 1
         self._version[wid] = version
         if load.in_flight < self.max_in_flight:
-            heapq.heappush(self._heap, (self._rank(load), version, worker))
-            if len(self._heap) > 4 * self._size + 64:
+            heap = self._heap
+            heapq.heappush(heap, (self._rank(load), version, worker))
+            if len(heap) > self._compact_at:
                 self._compact()
 
     def first(self, fits: Callable[[WorkerLoad], bool]):

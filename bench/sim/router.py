@@ -251,7 +251,10 @@ class SimRouter:
         r.t_kv = self.loop.now
         r.prefill.release_held(r)
         r.decode.kv_arrived(r)
-        self._changed(r.decode)
+        # nothing the router sees of the decode worker changed (its load is the last
+        # heartbeat's and the router's counts): only the queue may move, the worker's
+        # blocks having changed
+        self._kick()
 
     def _first_token(self, r: SimRequest) -> None:
         (r.prefill if r.disagg else r.decode).sent_tokens -= r.prompt_len
@@ -282,7 +285,8 @@ class SimRouter:
             w.ranked = load
             for index in w.indexes:
                 index.update(w, load)
-        self._kick()
+        if self.queued and not self._kicking:
+            self._kick()
 
     def _end(self, r: SimRequest, state: State, why: str) -> None:
         self.open -= 1
