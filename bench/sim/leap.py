@@ -32,10 +32,10 @@ def steps_done(a: float, c: float, context: int, batch: int, elapsed: float) -> 
         k = int((-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa))
     else:
         k = int(elapsed / qb) if qb > 0 else 0
-    # the root's rounding: settle on the exact count
-    while k > 0 and run_s(a, c, context, batch, k) > elapsed:
+    # the root's rounding: settle on the exact count (run_s, inline: this is hot)
+    while k > 0 and k * a + c * (k * context + batch * k * (k - 1) / 2) > elapsed:
         k -= 1
-    while run_s(a, c, context, batch, k + 1) <= elapsed:
+    while (k + 1) * a + c * ((k + 1) * context + batch * (k + 1) * k / 2) <= elapsed:
         k += 1
     return k
 
