@@ -60,17 +60,27 @@ class _Index:
             if len(heap) > self._compact_at:
                 self._compact()
 
-    def first(self, fits: Callable[[WorkerLoad], bool]):
-        """The first worker in rank order (with a free slot) whose load `fits`."""
-        heap, skipped, chosen = self._heap, [], None
-        version, seen, pop = self._version, self._seen, heapq.heappop
+    def first(self, fits: Callable[..., bool] | None, *args):
+        """The first worker in rank order (with a free slot) whose load `fits(load, *args)`
+        (None: any)."""
+        heap, version, seen, pop = self._heap, self._version, self._seen, heapq.heappop
+        while heap:  # the usual: the top entry is current and fits
+            entry = heap[0]
+            wid = entry[2].worker_id
+            if entry[1] != version[wid]:
+                pop(heap)
+                continue
+            if fits is None or fits(seen[wid], *args):  # the load it was ranked by: current
+                return entry[2]
+            break
+        skipped, chosen = [], None
         while heap:
             entry = heap[0]
             wid = entry[2].worker_id
             if entry[1] != version[wid]:
                 pop(heap)
                 continue
-            if fits(seen[wid]):  # the load it was ranked by: current
+            if fits(seen[wid], *args):
                 chosen = entry[2]
                 break
             skipped.append(pop(heap))
@@ -88,8 +98,7 @@ class DecodePicker(_Index):
         super().__init__(workers, max_in_flight, decode_rank)
 
     def pick(self, num_prompt_tokens: int):
-        return self.first(lambda load: decode_fits(load, num_prompt_tokens,
-                                                    self.max_in_flight))
+        return self.first(decode_fits, num_prompt_tokens, self.max_in_flight)
 
 
 class PrefillPicker(_Index):
@@ -97,4 +106,4 @@ class PrefillPicker(_Index):
         super().__init__(workers, max_in_flight, lambda load: prefill_rank(load, 1, {}))
 
     def pick(self):
-        return self.first(lambda load: True)
+        return self.first(None)

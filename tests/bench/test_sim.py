@@ -259,11 +259,11 @@ def test_whenever_the_router_picks_every_worker_is_ranked_by_its_load_now(deploy
     first = picker._Index.first
     checked = []
 
-    def spy_first(self, fits):
+    def spy_first(self, fits, *args):
         for w in members[id(self)]:
             assert self._seen[w.worker_id] is w.load(), w.worker_id
         checked.append(1)
-        return first(self, fits)
+        return first(self, fits, *args)
 
     members: dict[int, list] = {}
     init = picker._Index.__init__
