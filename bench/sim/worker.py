@@ -42,7 +42,7 @@ from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
 from pdserve.protocol.cost_profile import CostProfile, chunk_pairs
 from pdserve.router.policy import WorkerLoad
-from pdserve.worker.rate import DecodeStepTime, PrefillRate
+from pdserve.worker.rate import MIN_PREFILL_TOKENS, DecodeStepTime, PrefillRate
 
 
 class SimWorker(leap.Leaping, Blocks):
@@ -117,30 +117,41 @@ class SimWorker(leap.Leaping, Blocks):
         self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1) + self.profile.serve_seq_s
         self.heartbeat.publish_meters(*self.meters())
 
-    def free_blocks(self) -> int:
+    def free_blocks(self, k: int | None = None) -> int:
         """Free now. A leap took the blocks of all its steps at its start; those of the
-        steps not begun yet are not taken, as stepping one by one they would not be."""
+        steps not begun yet are not taken, as stepping one by one they would not be.
+        `k`: the leap's steps done by now, when the caller has worked it out."""
         used = self.used_blocks
         run = self._leap
         if run is not None:
-            k = run.steps_done(self.loop.now)
+            if k is None:
+                k = run.steps_done(self.loop.now)
             used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + run.m)
         return self.num_blocks - used
 
-    def report(self) -> tuple[int, int, int, int]:
-        """What a heartbeat publishes now: free blocks, running, waiting, queued tokens."""
-        return (self.free_blocks(), self.decoding.size + len(self.prefilling),
-                len(self.waiting), self.queued_tokens)
-
-    def meters(self) -> tuple[float, float]:
-        """The prefill rate and decode step time now; mid-leap, with the leap's steps done
-        so far observed, as stepping one by one they would have been."""
+    def published(self) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
+        """What a heartbeat publishes now: free blocks, running, waiting, queued tokens;
+        and the meters (`meters`)."""
         run = self._leap
         k = run.steps_done(self.loop.now) if run is not None else 0
+        return ((self.free_blocks(k), self.decoding.size + len(self.prefilling),
+                 len(self.waiting), self.queued_tokens), self.meters(k))
+
+    def meters(self, k: int | None = None) -> tuple[float, float]:
+        """The prefill rate and decode step time now; mid-leap, with the leap's `k` steps
+        done so far (worked out when None) observed, as stepping one by one they would
+        have been."""
+        run = self._leap
+        if k is None:
+            k = run.steps_done(self.loop.now) if run is not None else 0
         if not k:
             return self.rate.tokens_per_s, self.step_time.seconds
-        rate = copy.copy(self.rate)
-        rate.flush()  # a decode-only step with no backlog takes the sample gathered
+        rate = self.rate
+        # a decode-only step with no backlog takes the sample gathered; one too small to
+        # count leaves the rate as it is (PrefillRate.flush), so it is not copied to tell
+        if rate._tokens >= MIN_PREFILL_TOKENS:
+            rate = copy.copy(rate)
+            rate.flush()
         meter = self.step_time
         return rate.tokens_per_s, leap.ewma(meter.seconds, meter.weight,
                                             run.a + run.c * run.context, run.c * run.batch, k)
