@@ -98,8 +98,9 @@ class Leaping:
     """A SimWorker's leaps (mixed into it): `_start_leap` runs the steps up to the batch's
     next finish as one event when nothing else is due, `_cut_leap` ends the one under way
     at the end of the step in progress, `_end_leap` settles its steps. Uses the worker's
-    `decoding`, `steps`, `used_blocks`, `num_blocks`, `profile`, `loop`, meters, `_leap`
-    and `_finish_due` / `_start_step`."""
+    `decoding`, `steps`, `used_blocks`, `num_blocks`, `profile`, `loop`, meters, `_leap`,
+    `_step_a` (a step's cost but context, by batch size), `_context_s` and `_finish_due` /
+    `_start_step`."""
 
     def _start_leap(self) -> bool:
         """Run the steps up to the next finish as one event, if there are several and their
