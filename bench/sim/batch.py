@@ -64,6 +64,11 @@ class DecodeBatch:
                 out.append(r)
         return out
 
+    def finishes_by(self, steps: int) -> bool:
+        """Whether a finish (maybe of a sequence that left since) is due by step `steps`."""
+        heap = self._finishes
+        return bool(heap) and heap[0][0] <= steps
+
     def next_finish(self) -> int | None:
         """The step of the soonest finish, or None."""
         heap = self._finishes

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 class Heartbeat:
     def __init__(self, worker, period_s: float):
-        """`worker`: a SimWorker (its `report()`, `meters()` and `on_change` hook)."""
+        """`worker`: a SimWorker (its `published()` and `on_change` hook)."""
         self.worker, self.period_s = worker, period_s
         self.record = (worker.num_blocks, 0, 0, 0)  # free, running, waiting, queued tokens
         self.rate = 0.0  # the prefill rate it last published
@@ -31,7 +31,7 @@ class Heartbeat:
         self.record = (0, *self.record[1:])
 
     def _beat(self) -> None:
-        record, meters = self.worker.report(), self.worker.meters()
+        record, meters = self.worker.published()
         if record != self.record or meters != (self.rate, self.step_s):
             self.record = record
             self.rate, self.step_s = meters

@@ -32,10 +32,10 @@ def steps_done(a: float, c: float, context: int, batch: int, elapsed: float) -> 
         k = int((-qb + math.sqrt(qb * qb + 4 * qa * elapsed)) / (2 * qa))
     else:
         k = int(elapsed / qb) if qb > 0 else 0
-    # the root's rounding: settle on the exact count
-    while k > 0 and run_s(a, c, context, batch, k) > elapsed:
+    # the root's rounding: settle on the exact count (run_s, inline: this is hot)
+    while k > 0 and k * a + c * (k * context + batch * k * (k - 1) / 2) > elapsed:
         k -= 1
-    while run_s(a, c, context, batch, k + 1) <= elapsed:
+    while (k + 1) * a + c * ((k + 1) * context + batch * (k + 1) * k / 2) <= elapsed:
         k += 1
     return k
 
@@ -98,28 +98,34 @@ class Leaping:
     """A SimWorker's leaps (mixed into it): `_start_leap` runs the steps up to the batch's
     next finish as one event when nothing else is due, `_cut_leap` ends the one under way
     at the end of the step in progress, `_end_leap` settles its steps. Uses the worker's
-    `decoding`, `steps`, `used_blocks`, `num_blocks`, `profile`, `loop`, meters, `_leap`
-    and `_finish_due` / `_start_step`."""
+    `decoding`, `steps`, `used_blocks`, `num_blocks`, `profile`, `loop`, meters, `_leap`,
+    `_step_a` (a step's cost but context, by batch size), `_context_s` and `_finish_due` /
+    `_start_step`."""
 
     def _start_leap(self) -> bool:
         """Run the steps up to the next finish as one event, if there are several and their
         blocks fit (the first step's are taken already)."""
         decoding = self.decoding
         finish = decoding.next_finish()
-        m = finish - self.steps if finish is not None else 0
+        steps = self.steps
+        m = finish - steps if finish is not None else 0
         if m < 2:
             return False
         batch = decoding.size
-        more = decoding.blocks_over(self.steps + 2, self.steps + m)
+        more = decoding.blocks_over(steps + 2, steps + m)
         if more > self.num_blocks - self.used_blocks:
             return False
         self.used_blocks += more
-        step = self.profile.step
-        a = (step.base_s + max(step.floor_s, step.token_s * batch)
-             + (step.seq_s + self.profile.serve_seq_s) * batch)
-        run = self._leap = Run(self.loop.now, m, a, step.context_s, decoding.context, batch)
+        a = self._step_a.get(batch)
+        if a is None:  # a step's cost but for context depends on its batch size alone
+            step = self.profile.step
+            a = self._step_a[batch] = (step.base_s + max(step.floor_s, step.token_s * batch)
+                                       + (step.seq_s + self.profile.serve_seq_s) * batch)
+        loop = self.loop
+        c, context = self._context_s, decoding.context
+        run = self._leap = Run(loop.now, m, a, c, context, batch)
         self.busy = True
-        self.loop.after(run.seconds(m), self._end_leap, run, m)
+        loop.after(m * a + c * (m * context + batch * m * (m - 1) / 2), self._end_leap, run, m)
         return True
 
     def _cut_leap(self) -> None:
@@ -136,14 +142,18 @@ class Leaping:
         if run is not self._leap or j != run.to:
             return  # cut since, or a later leap's
         self._leap = None
-        self.used_blocks -= self.decoding.blocks_over(self.steps + j + 1, self.steps + run.m)
-        seconds = run.seconds(j)
+        decoding = self.decoding
+        steps = self.steps
+        if j < run.m:  # cut: the blocks of the steps not run go back
+            self.used_blocks -= decoding.blocks_over(steps + j + 1, steps + run.m)
+        a, c, context, batch = run.a, run.c, run.context, run.batch
+        seconds = j * a + c * (j * context + batch * j * (j - 1) / 2)  # run_s
         self.busy_s += seconds
         meter = self.step_time  # every step of the run observed, as stepping one by one
-        meter.seconds = ewma(meter.seconds, meter.weight, run.a + run.c * run.context,
-                             run.c * run.batch, j)
+        meter.seconds = ewma(meter.seconds, meter.weight, a + c * context, c * batch, j)
         self.rate.observe(0, seconds, False)
-        self.steps += j
-        self.decoding.advance(j)
-        self._finish_due()
+        self.steps = steps = steps + j
+        decoding.context += decoding.size * j  # advance(j)
+        if decoding.finishes_by(steps):
+            self._finish_due()
         self._start_step()

@@ -33,41 +33,54 @@ class _Index:
         for w in members:
             self._seen[w.worker_id] = None
             self._version[w.worker_id] = 0
-        self._size = len(self._seen)
+        self._compact_at = 4 * len(self._seen) + 64  # heap entries, most of them stale
         for w in members:
             self.update(w)
 
-    def update(self, worker) -> None:
-        """The worker's load changed: rank it anew. A worker whose `load()` returns the
-        object it returned last time (SimWorker keeps it while its figures stand) costs a
-        lookup."""
+    def update(self, worker, load: WorkerLoad | None = None) -> None:
+        """The worker's load changed: rank it anew. `load`: its `load()`, when the caller
+        has it. A worker whose `load()` returns the object it returned last time (SimWorker
+        keeps it while its figures stand) costs a lookup."""
         wid = worker.worker_id
-        seen = self._seen.get(wid, _ABSENT)
+        seen_of = self._seen
+        seen = seen_of.get(wid, _ABSENT)
         if seen is _ABSENT:
             return  # not one of this index's workers
-        load = worker.load()
+        if load is None:
+            load = worker.load()
         if load is seen:
             return  # the same load: its entry stands (an equal new one is ranked again,
             # to the same place)
-        self._seen[wid] = load
+        seen_of[wid] = load
         version = self._version[wid] + 1
         self._version[wid] = version
         if load.in_flight < self.max_in_flight:
-            heapq.heappush(self._heap, (self._rank(load), version, worker))
-            if len(self._heap) > 4 * self._size + 64:
+            heap = self._heap
+            heapq.heappush(heap, (self._rank(load), version, worker))
+            if len(heap) > self._compact_at:
                 self._compact()
 
-    def first(self, fits: Callable[[WorkerLoad], bool]):
-        """The first worker in rank order (with a free slot) whose load `fits`."""
-        heap, skipped, chosen = self._heap, [], None
-        version, seen, pop = self._version, self._seen, heapq.heappop
+    def first(self, fits: Callable[..., bool] | None, *args):
+        """The first worker in rank order (with a free slot) whose load `fits(load, *args)`
+        (None: any)."""
+        heap, version, seen, pop = self._heap, self._version, self._seen, heapq.heappop
+        while heap:  # the usual: the top entry is current and fits
+            entry = heap[0]
+            wid = entry[2].worker_id
+            if entry[1] != version[wid]:
+                pop(heap)
+                continue
+            if fits is None or fits(seen[wid], *args):  # the load it was ranked by: current
+                return entry[2]
+            break
+        skipped, chosen = [], None
         while heap:
             entry = heap[0]
             wid = entry[2].worker_id
             if entry[1] != version[wid]:
                 pop(heap)
                 continue
-            if fits(seen[wid]):  # the load it was ranked by: current
+            if fits(seen[wid], *args):
                 chosen = entry[2]
                 break
             skipped.append(pop(heap))
@@ -85,8 +98,7 @@ class DecodePicker(_Index):
         super().__init__(workers, max_in_flight, decode_rank)
 
     def pick(self, num_prompt_tokens: int):
-        return self.first(lambda load: decode_fits(load, num_prompt_tokens,
-                                                    self.max_in_flight))
+        return self.first(decode_fits, num_prompt_tokens, self.max_in_flight)
 
 
 class PrefillPicker(_Index):
@@ -94,4 +106,4 @@ class PrefillPicker(_Index):
         super().__init__(workers, max_in_flight, lambda load: prefill_rank(load, 1, {}))
 
     def pick(self):
-        return self.first(lambda load: True)
+        return self.first(None)

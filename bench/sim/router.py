@@ -72,12 +72,15 @@ class SimRouter:
         limit = config.max_in_flight_per_worker
         self._disagg_pick = DecodePicker(self.decodes, limit)
         self._prefill_pick = PrefillPicker(self.prefills, limit)
+        for w in workers:  # a colocated worker joins the local indexes when they are made
+            w.indexes = ([self._prefill_pick] if w.role is WorkerRole.PREFILL
+                         else [self._disagg_pick] if w.role is WorkerRole.DECODE else [])
+            w.ranked = w.load()
         # for prompts prefilled where they decode; made at the first such prompt (a
         # deployment that disaggregates everything never pays for keeping them)
         self._local: tuple[DecodePicker, PrefillPicker] | None = None
         # the prefill rates the workers published, summed over the prefill workers (False)
         # and the local ones (True), with how many have published none yet
-        self._rate_of: dict[str, float] = {w.worker_id: 0.0 for w in workers}
         self._rates = {False: [len(self.prefills), 0.0], True: [len(self.holders), 0.0]}
         self._lines: dict[bool, deque[SimRequest]] = {True: deque(), False: deque()}
         self.queued = 0
@@ -217,6 +220,9 @@ class SimRouter:
         if self._local is None:
             limit = self.config.max_in_flight_per_worker
             self._local = (DecodePicker(self.holders, limit), PrefillPicker(self.holders, limit))
+            for w in self.holders:  # ranked now by their current loads
+                w.indexes = [*w.indexes, *self._local]
+                w.ranked = w.load()
         return self._local
 
     def _pick_local(self, r: SimRequest):
@@ -245,7 +251,10 @@ class SimRouter:
         r.t_kv = self.loop.now
         r.prefill.release_held(r)
         r.decode.kv_arrived(r)
-        self._changed(r.decode)
+        # nothing the router sees of the decode worker changed (its load is the last
+        # heartbeat's and the router's counts): only the queue may move, the worker's
+        # blocks having changed
+        self._kick()
 
     def _first_token(self, r: SimRequest) -> None:
         (r.prefill if r.disagg else r.decode).sent_tokens -= r.prompt_len
@@ -265,20 +274,19 @@ class SimRouter:
         self._changed(r.decode)
 
     def _changed(self, w: SimWorker) -> None:
-        if (rate := w.heartbeat.rate) != (old := self._rate_of[w.worker_id]):
-            self._rate_of[w.worker_id] = rate
+        """`w`'s load or meters may have changed: keep the sums and indexes current, then
+        try the queue. Every index holding `w` was last ranked by `w.ranked`."""
+        if (rate := w.heartbeat.rate) != (old := w.summed_rate):
+            w.summed_rate = rate
             agg = self._rates[w.role is not WorkerRole.PREFILL]
             agg[0] += (rate <= 0) - (old <= 0)
             agg[1] += rate - old
-        if w.role is WorkerRole.PREFILL:
-            self._prefill_pick.update(w)
-        else:
-            if self._local is not None:
-                self._local[0].update(w)
-                self._local[1].update(w)
-            if w.role is WorkerRole.DECODE:
-                self._disagg_pick.update(w)
-        self._kick()
+        if (load := w.load()) is not w.ranked:
+            w.ranked = load
+            for index in w.indexes:
+                index.update(w, load)
+        if self.queued and not self._kicking:
+            self._kick()
 
     def _end(self, r: SimRequest, state: State, why: str) -> None:
         self.open -= 1

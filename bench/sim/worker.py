@@ -35,16 +35,17 @@ from collections.abc import Callable
 
 from pdserve.bench.sim import leap
 from pdserve.bench.sim.batch import DecodeBatch
+from pdserve.bench.sim.blocks import Blocks
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.heartbeat import Heartbeat
 from pdserve.bench.sim.request import SimRequest, State
 from pdserve.protocol import WorkerRole
 from pdserve.protocol.cost_profile import CostProfile, chunk_pairs
 from pdserve.router.policy import WorkerLoad
-from pdserve.worker.rate import DecodeStepTime, PrefillRate
+from pdserve.worker.rate import MIN_PREFILL_TOKENS, DecodeStepTime, PrefillRate
 
 
-class SimWorker(leap.Leaping):
+class SimWorker(leap.Leaping, Blocks):
     def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
                  profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
                  block_size: int, num_blocks: int, keep_token_times: bool = False,
@@ -62,10 +63,17 @@ class SimWorker(leap.Leaping):
         self.decoding = DecodeBatch(block_size)
         self.steps = 0
         self._leap: leap.Run | None = None  # the leap under way
+        self._step_a: dict[int, float] = {}  # batch size -> a leap's step cost but context
+        self._context_s = profile.step.context_s
         self._admissions = itertools.count(1)  # entries into the running set: "the newest"
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
         self.sent_tokens = 0  # prompt tokens the router sent it, no first token yet (ditto)
+        # (the router's) the worker indexes it is in, the load they ranked it by, and the
+        # prefill rate the router has summed for it
+        self.indexes: list = []
+        self.ranked: WorkerLoad | None = None
+        self.summed_rate = 0.0
         self.rate = PrefillRate()
         self.step_time = DecodeStepTime()
         self.busy_s = 0.0
@@ -109,30 +117,41 @@ class SimWorker(leap.Leaping):
         self.step_time.seconds = self.profile.step.step_s(1, 0, n, 1) + self.profile.serve_seq_s
         self.heartbeat.publish_meters(*self.meters())
 
-    def free_blocks(self) -> int:
+    def free_blocks(self, k: int | None = None) -> int:
         """Free now. A leap took the blocks of all its steps at its start; those of the
-        steps not begun yet are not taken, as stepping one by one they would not be."""
+        steps not begun yet are not taken, as stepping one by one they would not be.
+        `k`: the leap's steps done by now, when the caller has worked it out."""
         used = self.used_blocks
         run = self._leap
         if run is not None:
-            k = run.steps_done(self.loop.now)
+            if k is None:
+                k = run.steps_done(self.loop.now)
             used -= self.decoding.blocks_over(self.steps + k + 2, self.steps + run.m)
         return self.num_blocks - used
 
-    def report(self) -> tuple[int, int, int, int]:
-        """What a heartbeat publishes now: free blocks, running, waiting, queued tokens."""
-        return (self.free_blocks(), self.decoding.size + len(self.prefilling),
-                len(self.waiting), self.queued_tokens)
-
-    def meters(self) -> tuple[float, float]:
-        """The prefill rate and decode step time now; mid-leap, with the leap's steps done
-        so far observed, as stepping one by one they would have been."""
+    def published(self) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
+        """What a heartbeat publishes now: free blocks, running, waiting, queued tokens;
+        and the meters (`meters`)."""
         run = self._leap
         k = run.steps_done(self.loop.now) if run is not None else 0
+        return ((self.free_blocks(k), self.decoding.size + len(self.prefilling),
+                 len(self.waiting), self.queued_tokens), self.meters(k))
+
+    def meters(self, k: int | None = None) -> tuple[float, float]:
+        """The prefill rate and decode step time now; mid-leap, with the leap's `k` steps
+        done so far (worked out when None) observed, as stepping one by one they would
+        have been."""
+        run = self._leap
+        if k is None:
+            k = run.steps_done(self.loop.now) if run is not None else 0
         if not k:
             return self.rate.tokens_per_s, self.step_time.seconds
-        rate = copy.copy(self.rate)
-        rate.flush()  # a decode-only step with no backlog takes the sample gathered
+        rate = self.rate
+        # a decode-only step with no backlog takes the sample gathered; one too small to
+        # count leaves the rate as it is (PrefillRate.flush), so it is not copied to tell
+        if rate._tokens >= MIN_PREFILL_TOKENS:
+            rate = copy.copy(rate)
+            rate.flush()
         meter = self.step_time
         return rate.tokens_per_s, leap.ewma(meter.seconds, meter.weight,
                                             run.a + run.c * run.context, run.c * run.batch, k)
@@ -192,15 +211,17 @@ class SimWorker(leap.Leaping):
                 self.on_first_token(r)
                 self._join_or_finish(r)
             self.arrived.clear()
-        self._grow_decodes()
-        decodes = self.decoding.size
+        decoding = self.decoding
+        if decoding.blocks_at(self.steps + 1):  # the next step starts blocks
+            self._grow_decodes()
+        decodes = decoding.size
         if not self.prefilling and not self.waiting:  # decodes only (a decode worker's lot)
             if not decodes:
                 self.busy = False
                 self.rate.flush()
                 return
             # busy before: no neighbour starts to contend now (_compute's first part)
-            if self.busy and self._leaps and not self._contended():
+            if self.busy and self._leaps and not (self.neighbours and self._contended()):
                 if not self._start_leap():
                     self._compute([], 0, decodes, leap=False)
                 return
@@ -345,53 +366,3 @@ class SimWorker(leap.Leaping):
         self.used_blocks -= r.blocks
         r.blocks = 0
         self.on_finished(r)
-
-    # -- blocks ----------------------------------------------------------------------------------
-
-    def _take_blocks(self, r: SimRequest, tokens: int) -> bool:
-        need = self.blocks_for(tokens) - self._blocks_of(r)
-        if need <= 0:
-            return True
-        if need > self.num_blocks - self.used_blocks:
-            return False
-        self.used_blocks += need
-        self._set_blocks(r, self._blocks_of(r) + need)
-        return True
-
-    def _blocks_of(self, r: SimRequest) -> int:
-        """What `r` holds here: a prefill worker's blocks are its own (`held`), apart
-        from the reservation on its decode worker."""
-        return r.held if self.role is WorkerRole.PREFILL else r.blocks
-
-    def _set_blocks(self, r: SimRequest, blocks: int) -> None:
-        setattr(r, "held" if self.role is WorkerRole.PREFILL else "blocks", blocks)
-
-    def _grow_decodes(self) -> None:
-        """Blocks for the sequences whose next token starts a block; while they do not fit,
-        preempt the newest running request."""
-        step = self.steps + 1
-        while self.decoding.blocks_at(step) > self.num_blocks - self.used_blocks:
-            self._preempt_newest()
-        self.used_blocks += self.decoding.blocks_at(step)
-
-    def _preempt_newest(self) -> None:
-        newest_decode = self.decoding.newest()
-        newest_prefill = max(self.prefilling, key=lambda r: r.admitted, default=None)
-        if newest_prefill is not None and (newest_decode is None
-                                           or newest_prefill.admitted > newest_decode.admitted):
-            r = newest_prefill
-            self.prefilling.remove(r)
-            self.queued_tokens += r.computed
-        else:
-            r = newest_decode
-            self.decoding.members.pop()
-            done = self._leave_batch(r)
-            r.generated += done
-            r.target = r.prompt_len + r.generated
-            self.queued_tokens += r.target
-        self.used_blocks -= self._blocks_of(r)
-        self._set_blocks(r, 0)
-        r.computed = 0
-        r.state = State.QUEUED
-        self.preemptions += 1
-        self.waiting.appendleft(r)

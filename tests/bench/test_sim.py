@@ -247,3 +247,35 @@ def test_every_leap_ends_once_and_no_stale_end_acts(deployment, monkeypatch):
     assert {id(r) for r in ended} == {id(r) for r in started}  # each once, none left
     assert any(r.to < r.m for r in ended)  # some were cut
     assert all(not any(s.values()) for s in run.final_state.values())
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: f"{d.name}-{d.num_blocks}")
+def test_whenever_the_router_picks_every_worker_is_ranked_by_its_load_now(deployment,
+                                                                           monkeypatch):
+    """The router re-ranks a worker only when its load object changed (`ranked`); every
+    index holding it must then hold the load `load()` gives at the moment of a pick."""
+    from pdserve.bench.sim import picker
+
+    first = picker._Index.first
+    checked = []
+
+    def spy_first(self, fits, *args):
+        for w in members[id(self)]:
+            assert self._seen[w.worker_id] is w.load(), w.worker_id
+        checked.append(1)
+        return first(self, fits, *args)
+
+    members: dict[int, list] = {}
+    init = picker._Index.__init__
+
+    def spy_init(self, workers, max_in_flight, rank):
+        members[id(self)] = list(workers)
+        init(self, members[id(self)], max_in_flight, rank)
+
+    monkeypatch.setattr(picker._Index, "first", spy_first)
+    monkeypatch.setattr(picker._Index, "__init__", spy_init)
+    prompts, outputs, arrivals = _workload(300, seed=3)
+    prompts = [min(p, 4000) for p in prompts]
+    simulate(deployment, profile(CPU_LIKE), prompts, outputs, arrivals,
+             sent_slo=Slo(2000, 100))
+    assert checked
