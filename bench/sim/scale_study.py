@@ -35,7 +35,7 @@ RATIOS = [(1, 3), (1, 2), (1, 1), (2, 1), (3, 1)]
 
 
 def study(profile: CostProfile, trace: str, workers: int, per_gpu: int | None,
-          bisections: int, progress: bool) -> dict:
+          bisections: int, progress: bool, ratios=RATIOS) -> dict:
     cfg = STUDIES[trace]
     per_gpu = per_gpu or cfg["requests_per_gpu"]
     args = argparse.Namespace(
@@ -46,7 +46,7 @@ def study(profile: CostProfile, trace: str, workers: int, per_gpu: int | None,
         burstiness=1.0, seeds=[0], slo_ttft_ms=cfg["slo"].ttft_ms,
         slo_tpot_ms=cfg["slo"].tpot_ms, send_slo=False, workers=workers,
         chunk_sizes=[8192], batch_caps=[256], disaggregation_thresholds=[1],
-        no_colocated=False, pd_ratios=RATIOS, attainment=0.9, start_rate=workers * 1.0,
+        no_colocated=False, pd_ratios=list(ratios), attainment=0.9, start_rate=workers * 1.0,
         bisections=bisections)
     t0 = time.perf_counter()
     found = plan(Prober(profile, args, cfg["slo"]), args, progress=progress)
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-gpu", type=int, default=None,
                     help="requests per GPU in each probe (default: the trace's, STUDIES)")
     ap.add_argument("--bisections", type=int, default=4)
+    ap.add_argument("--ratios", nargs="+", default=None, metavar="P:D",
+                    help="the prefill:decode ratios to search (default: "
+                         f"{' '.join(f'{p}:{d}' for p, d in RATIOS)}; colocated always)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sim/scale"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other (trace, GPUs) points of --out/scale.json and replace "
@@ -112,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                    {(t, g) for t in args.traces for g in args.gpus}]
     for trace in args.traces:
         for gpus in args.gpus:
-            r = study(profile, trace, gpus, args.requests_per_gpu, args.bisections, True)
+            ratios = ([tuple(int(x) for x in r.split(":")) for r in args.ratios]
+                      if args.ratios else RATIOS)
+            r = study(profile, trace, gpus, args.requests_per_gpu, args.bisections, True,
+                      ratios)
             best = r["deployments"][0]
             print(f"{trace} on {gpus} GPUs: best {best['deployment']} "
                   f"{best['goodput_per_gpu']:.3f} req/s per GPU ({r['wall_s']:.0f} s)")
