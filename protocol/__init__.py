@@ -16,6 +16,7 @@ from pdserve.protocol.orders import (
     PrefillOrder,
     PrefillOutcome,
     PrefillStatus,
+    Reservation,
 )
 from pdserve.protocol.prefix import block_hashes, hash_block
 from pdserve.protocol.record import WorkerRecord
@@ -27,6 +28,6 @@ from pdserve.protocol.stream import PrefillReport, TokenBatch, TokenChunk
 __all__ = [
     "CurveKeys", "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff", "IncrementalDetokenizer",
     "InvalidField", "ModelLimits", "PrefillOrder", "PrefillOutcome", "PrefillReport",
-    "PrefillStamps", "PrefillStatus", "SamplingParams", "TokenBatch", "TokenChunk",
+    "PrefillStamps", "PrefillStatus", "Reservation", "SamplingParams", "TokenBatch", "TokenChunk",
     "WorkerRecord", "WorkerRole", "block_hashes", "hash_block", "read_model_limits",
 ]
