@@ -104,6 +104,7 @@ class PdServeBackend(Backend):
                     result.output_len = f.usage.completion_tokens
                     result.stages = {s: getattr(f.timing, s) for s in TIMINGS}
                     result.disaggregated = f.disaggregated
+                    result.kv_bytes = f.kv_transfer_bytes
                     if f.disaggregated and f.timing.kv_received:
                         result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
                     continue
@@ -188,5 +189,6 @@ def _stages(result: RequestResult, extension: dict) -> None:
     timing = extension.get("timing", {})
     result.stages = {s: timing.get(s, 0.0) for s in TIMINGS}
     result.disaggregated = bool(extension.get("disaggregated"))
+    result.kv_bytes = int(extension.get("kv_transfer_bytes", 0))
     if result.disaggregated and timing.get("kv_received"):
         result.kv_window_s = timing["kv_received"] - timing.get("prefill_start", 0.0)
