@@ -199,7 +199,10 @@ def test_a_resend_of_a_job_not_held_computes_the_prompt(collector, prefill, deco
 def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):
     (victim,) = spawn([slow_prefill_config(tiny_llama_dir, "p-victim")])
     try:
-        start(collector, victim.worker, decode.worker, "kill-p", lease_s=4.0)
+        # uncached on the decode side too: with LONG in its prefix cache (an earlier test
+        # decoded it there) only the last tokens would travel, at the prefill's very end
+        start(collector, victim.worker, decode.worker, "kill-p", uncached_long(6),
+              lease_s=4.0)
         wait_state(decode.worker, "kill-p", DecodeState.RECEIVING)
         victim.kill()
     finally:
