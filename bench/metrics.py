@@ -39,7 +39,9 @@ class RequestResult:
     stages: dict[str, float] = field(default_factory=dict)  # ms, from the server
     disaggregated: bool = False
     kv_window_s: float = 0.0  # prefill start -> all KV at the decode worker
-    kv_bytes: int = 0  # KV bytes the server says it moved (0: not reported)
+    # KV bytes the decode worker received (0: not reported); less than the prompt's when
+    # its prefix cache held the leading blocks
+    kv_bytes: int = 0
     refused: bool = False  # turned away at admission, before any token (never a success)
     code: str = ""  # the failure's status: a gRPC code name or "HTTP <n>"
 
@@ -118,10 +120,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
         out[f"disagg_mean_{stage}"] = float(np.mean(values)) if values else 0.0
     out.update(prediction_errors(ok))
     moved = [r for r in ok if r.disaggregated]
-    # what the server reports it sent (the decode side's cached prefix is not sent), else
-    # the whole prompt's KV
-    kv_bytes = (sum(r.kv_bytes for r in moved) if any(r.kv_bytes for r in moved)
-                else sum(r.prompt_len for r in moved) * kv_bytes_per_token)
+    # what the server reports it moved, else what the whole prompt's KV would be
+    kv_bytes = sum(r.kv_bytes or r.prompt_len * kv_bytes_per_token for r in moved)
     window = sum(r.kv_window_s for r in moved)
     out["disagg_requests"] = len(moved)
     out["disagg_kv_bytes"] = kv_bytes

@@ -46,9 +46,10 @@ OUTPUT_TOKENS = 8
 
 def run_disaggregated(collector, prefill, decode, tid, prompt, params) -> dict[str, float]:
     t0 = time.time()
-    endpoint = decode.reserve(DecodeOrder(tid, prompt, params, collector.endpoint))
+    reservation = decode.reserve(DecodeOrder(tid, prompt, params, collector.endpoint))
     t1 = time.time()
-    prefill.submit(PrefillOrder(tid, prompt, params, endpoint, collector.endpoint))
+    prefill.submit(PrefillOrder(tid, prompt, params, reservation.kv_endpoint,
+                                collector.endpoint, kv_start=reservation.num_cached_tokens))
     stream = collector.wait_final(tid)
     outcome = collector.wait_outcome(tid)
     if outcome.status is not PrefillStatus.DONE:

@@ -1,9 +1,11 @@
 """The job table of a decode or colocated worker; every method runs on the engine loop's
 thread (a job's life opens decode_worker/worker.py).
 
-Ownership: the engine owns every KV block. A reserved job's blocks are lent to the KV
+Ownership: the engine owns every KV block. A reserved job's fresh blocks are lent to the KV
 receiver from `expect` until the transfer is DONE or FAILED, or the job is aborted (the
-receiver's transfer is released first, so it stops writing before the engine frees them).
+receiver's transfer is released first, so it stops writing before the engine frees them);
+its cached prefix blocks are never lent, and the engine drops its references on them
+wherever the job ends, as it frees the fresh ones.
 Every job ends with exactly one final chunk (finish, stamps) to its router.
 """
 

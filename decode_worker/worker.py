@@ -2,10 +2,13 @@
 (DESIGN §2, steps 2, 4-6).
 
 Life of a disaggregated job, keyed by the router's `transfer_id`:
-1. RESERVED   `reserve(order)` holds blocks for the prompt (the engine allocates them, in the
-              caller's thread, without waiting for the step in progress) and expects its KV
-              under a lease of `order.lease_s`; it returns this worker's KV endpoint for the
-              prefill worker. No room: NoFreeBlocksError, nothing held.
+1. RESERVED   `reserve(order)` holds blocks for the prompt (the engine takes them, in the
+              caller's thread, without waiting for the step in progress: a reference on
+              each block of the prompt's longest cached prefix, fresh blocks for the rest)
+              and expects the KV of the rest under a lease of `order.lease_s`; it returns a
+              Reservation: this worker's KV endpoint and how many leading tokens it holds
+              already, which the prefill worker then does not send. No room:
+              NoFreeBlocksError, nothing held.
 2. RECEIVING  KV frames arrive and the receiver scatters them into the reserved blocks.
 3. DECODING   once every layer, the first token and the hand-off note are in, the engine
               admits the request into the running batch; the first token is pushed at once,
@@ -18,6 +21,10 @@ Life of a disaggregated job, keyed by the router's `transfer_id`:
 A local job (`generate`: a prompt too short to send away) goes QUEUED -> PREFILLING ->
 DECODING -> ENDED in this engine.
 
+Ownership at the seams: the engine owns every block, cached prefix ones included, from
+`reserve` to the job's end and frees them all then (the cached ones stay in its prefix
+cache, one reference fewer); the receiver is lent only the fresh blocks, for the transfer.
+
 Threading: the public methods are thread-safe and never wait for a step; the job table,
 the receiver's bookkeeping and the stream sockets live on the loop's thread.
 """
@@ -29,7 +36,7 @@ import time
 from pdserve.decode_worker.jobs import DecodeJobs
 from pdserve.engine import Engine
 from pdserve.kvtransfer.transports import make_receiver
-from pdserve.protocol import DecodeOrder, WorkerRole
+from pdserve.protocol import DecodeOrder, Reservation, WorkerRole
 from pdserve.worker.base import Worker, publisher_for
 from pdserve.worker.config import WorkerConfig
 
@@ -60,21 +67,24 @@ class DecodeWorker(Worker):
     def kv_endpoint(self) -> str:
         return self._receiver.endpoint
 
-    def reserve(self, order: DecodeOrder) -> str:
-        """Hold blocks for the order's prompt KV under its lease; this worker's KV endpoint.
+    def reserve(self, order: DecodeOrder) -> Reservation:
+        """Hold blocks for the order's prompt KV under its lease: the prompt's cached prefix
+        (whole blocks, referenced now, so it cannot be evicted before the job ends) and
+        fresh ones for the rest. Where to send the KV and from which position on.
         Raises NoFreeBlocksError (no room now), ValueError (a bad order) or RuntimeError
         (closed), holding nothing."""
         self._check_open()
         received = time.time()
         tid = order.transfer_id
-        blocks = self.engine.reserve(tid, order.prompt_token_ids, order.sampling)
+        held = self.engine.reserve(tid, order.prompt_token_ids, order.sampling)
         try:
-            self._receiver.expect(tid, blocks, len(order.prompt_token_ids), order.lease_s)
+            self._receiver.expect(tid, held.fresh_block_ids, len(order.prompt_token_ids),
+                                  order.lease_s, held.num_cached_tokens)
             self._apply(lambda: self._jobs.add_reserved(order, received))
         except BaseException:
             self._loop.post(lambda: self.engine.abort(tid))
             raise
-        return self._receiver.endpoint
+        return Reservation(self._receiver.endpoint, held.num_cached_tokens)
 
     def generate(self, order: DecodeOrder) -> None:
         """Prefill the order's prompt here and decode it (no KV transfer); returns at once.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pdserve.decode_worker.worker import DecodeWorker, colocated_jobs, decode_jobs
 from pdserve.prefill_worker.worker import PrefillWorker, prefill_jobs
-from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
+from pdserve.protocol import DecodeOrder, PrefillOrder, Reservation, WorkerRole
 from pdserve.worker.base import Worker
 from pdserve.worker.config import WorkerConfig
 
@@ -44,7 +44,7 @@ class AdaptiveWorker(Worker):
             self._switch.check(WorkerRole.PREFILL)
             return PrefillWorker.submit(self, order)
 
-    def reserve(self, order: DecodeOrder) -> str:
+    def reserve(self, order: DecodeOrder) -> Reservation:
         """DecodeWorker.reserve while it serves as decode, else NotServing."""
         with self._switch.lock:
             self._switch.check(WorkerRole.DECODE)

@@ -24,7 +24,7 @@ from typing import Any
 
 from pdserve.deploy.call_pool import CallPool
 from pdserve.engine import NoFreeBlocksError
-from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRecord
+from pdserve.protocol import DecodeOrder, PrefillOrder, Reservation, WorkerRecord
 from pdserve.router.handles import NoRoom, NotServing, WorkerGone
 from pdserve.worker.switch import NotServing as WorkerNotServing
 
@@ -75,7 +75,7 @@ class WorkerHandle:
         self.worker_id = worker_id
         self._calls = calls or ThreadCalls(name=worker_id)
 
-    async def reserve(self, order: DecodeOrder) -> str:
+    async def reserve(self, order: DecodeOrder) -> Reservation:
         return await self._call(self.target.reserve, order)
 
     async def generate(self, order: DecodeOrder) -> None:

@@ -29,7 +29,7 @@ from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.local import build_worker
 from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.spec import ClusterSpec
-from pdserve.protocol import DecodeOrder, PrefillOrder, WorkerRole
+from pdserve.protocol import DecodeOrder, PrefillOrder, Reservation, WorkerRole
 
 NAMESPACE = "pdserve"
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class WorkerHost:
     def submit(self, order: PrefillOrder) -> bool:
         return self.worker.submit(order)
 
-    def reserve(self, order: DecodeOrder) -> str:
+    def reserve(self, order: DecodeOrder) -> Reservation:
         return self.worker.reserve(order)
 
     def generate(self, order: DecodeOrder) -> None:

@@ -13,7 +13,12 @@ from pdserve.engine.config import (
 from pdserve.engine.engine import Engine, EngineStats, StepKVHook, WarmUp
 from pdserve.engine.llm import LLM, CompletionOutput
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest
+from pdserve.engine.scheduler import (
+    RequestOutput,
+    ReservedBlocks,
+    ScheduledBatch,
+    ScheduledRequest,
+)
 from pdserve.models import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
 from pdserve.protocol import SamplingParams
 
@@ -33,6 +38,7 @@ __all__ = [
     "Request",
     "RequestOutput",
     "RequestStatus",
+    "ReservedBlocks",
     "SamplingParams",
     "ScheduledBatch",
     "ScheduledRequest",

@@ -4,7 +4,8 @@ Life of a request (DESIGN §2, §4):
 1. `add_request` validates it and queues it (mixed and decode-only modes run prompts
    locally; prefill-only mode runs only prompts).
    Decode-only mode also has `reserve`: blocks are held for a prompt whose KV a KV receiver
-   writes into `kv_cache`, then `admit_prefilled` hands over the first token.
+   writes into `kv_cache` (all but a cached prefix, which the reservation takes from the
+   prefix cache), then `admit_prefilled` hands over the first token.
 2. `step()` = schedule -> run the model -> sample -> update. Each call returns the tokens
    produced this step, one `RequestOutput` per request that sampled.
 3. A request leaves when it finishes (its last `RequestOutput` has `finished=True`) or is
@@ -56,7 +57,13 @@ from pdserve.engine.model.llama import LayerKVHook
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SampleFailure, Sampler
-from pdserve.engine.scheduler import RequestOutput, ScheduledBatch, ScheduledRequest, Scheduler
+from pdserve.engine.scheduler import (
+    RequestOutput,
+    ReservedBlocks,
+    ScheduledBatch,
+    ScheduledRequest,
+    Scheduler,
+)
 from pdserve.protocol import SamplingParams
 
 # Given the step's batch before the model runs, returns the per-layer KV hook for that step
@@ -159,14 +166,22 @@ class Engine:
 
     def reserve(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> list[int]:
-        """Decode-only: hold blocks for the prompt's KV and return their ids.
+    ) -> ReservedBlocks:
+        """Decode-only: hold blocks for the prompt's KV; which ones, and how much of the
+        prompt they hold already.
 
-        The caller writes the prompt's KV (positions 0..n-1) into those blocks of `kv_cache`
-        and then calls `admit_prefilled`, or gives up with `abort`. The engine keeps ownership
-        of the blocks throughout and frees them itself; the caller never frees them.
-        Raises NoFreeBlocksError when they do not fit now, ValueError for bad input.
-        Callable from any thread (see Threading).
+        The prompt's longest cached prefix (whole blocks, never the last prompt token) is
+        taken from the prefix cache, a reference per block, and fresh blocks are held for
+        the rest. The caller writes the KV of positions [num_cached_tokens, n) into the
+        fresh blocks of `kv_cache`, never into the cached ones, and then calls
+        `admit_prefilled`, or gives up with `abort`. The engine keeps ownership of every
+        block throughout and frees them itself (the cached ones go back to the cache,
+        unreferenced); the caller never frees them. Because the references are taken here,
+        a cached block cannot be evicted between this call and the request's end.
+        Raises NoFreeBlocksError when they do not fit now, ValueError for bad input;
+        nothing is held then. Callable from any thread (see Threading): a cached block it
+        takes is full and registered, so no step writes it, and the lock keeps the cache's
+        books consistent with the scheduler's.
         """
         request = self._new_request(request_id, prompt_token_ids, params)
         with self._lock:

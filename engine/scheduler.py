@@ -68,6 +68,21 @@ class ScheduledBatch:
 
 
 @dataclass(frozen=True)
+class ReservedBlocks:
+    """A decode-only reservation: the blocks that hold the prompt's first
+    `num_cached_tokens` tokens already (prefix-cache hits, whole blocks) and the fresh ones
+    for positions [num_cached_tokens, prompt length), in token order."""
+
+    cached_block_ids: tuple[int, ...]
+    fresh_block_ids: tuple[int, ...]
+    num_cached_tokens: int
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [*self.cached_block_ids, *self.fresh_block_ids]
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -108,23 +123,38 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def reserve(self, request: Request) -> list[int]:
+    def reserve(self, request: Request) -> ReservedBlocks:
         """Decode-only: hold blocks for the prompt's KV, which the caller writes in.
 
-        Returns the block ids (a copy; the scheduler keeps the references). The caller
-        must end the reservation with `admit_prefilled` or `abort`; either way the blocks
-        are freed by the scheduler, never by the caller.
-        Raises NoFreeBlocksError when the prompt does not fit now.
+        The prompt's longest cached prefix (full blocks, never the last prompt token, as in
+        a local prefix hit) is taken from the prefix cache with a reference per block;
+        fresh blocks hold the rest. The caller writes only the fresh blocks. The scheduler
+        keeps every reference, so no cached block is evicted before the request ends, and
+        the request must end with `admit_prefilled` or `abort`; either way the scheduler
+        frees the blocks (the cached ones stay cached), never the caller.
+        Raises NoFreeBlocksError when the prompt does not fit now; nothing is held then.
         """
         if self.config.mode is not EngineMode.DECODE_ONLY:
             raise ValueError(f"reserve needs a decode-only engine, this one is {self.config.mode}")
         self._check_new(request)
-        num_blocks = self.block_manager.blocks_needed(request.num_prompt_tokens)
-        request.block_ids = self.block_manager.allocate(num_blocks)
+        bm = self.block_manager
+        hits, hashes = bm.match_prefix(request.all_token_ids,
+                                       (request.num_prompt_tokens - 1) // bm.block_size)
+        num_fresh = bm.blocks_needed(request.num_prompt_tokens) - len(hits)
+        if num_fresh > bm.num_free_after_acquire(hits):
+            raise NoFreeBlocksError(f"asked for {num_fresh} blocks beside {len(hits)} cached, "
+                                    f"{bm.num_free_after_acquire(hits)} free")
+        bm.acquire(hits)
+        fresh = bm.allocate(num_fresh)
+        request.block_ids = hits + fresh
+        request.block_hashes = hashes
+        request.num_cached_tokens = len(hits) * bm.block_size
+        self.num_prefix_query_tokens += request.num_prompt_tokens
+        self.num_prefix_hit_tokens += request.num_cached_tokens
         request.status = RequestStatus.RESERVED
         self.requests[request.request_id] = request
         self.reserved[request.request_id] = request
-        return list(request.block_ids)
+        return ReservedBlocks(tuple(hits), tuple(fresh), request.num_cached_tokens)
 
     def admit_prefilled(self, request_id: str, first_token_id: int) -> RequestOutput:
         """Decode-only: the prompt's KV is in the reserved blocks; start decoding.
@@ -336,6 +366,7 @@ class Scheduler:
 __all__ = [
     "NoFreeBlocksError",
     "RequestOutput",
+    "ReservedBlocks",
     "ScheduledBatch",
     "ScheduledRequest",
     "Scheduler",

@@ -1,8 +1,10 @@
 """Receiver-side bookkeeping, shared by every transport.
 
 An `Assembly` checks each arriving frame of one transfer against what was expected (layer,
-token range, dtype, shape, checksum, no overlap with a frame already taken), scatters it
-into the reserved blocks, and decides DONE or FAILED. `AssemblingReceiver` keeps the
+token range within [start, num_tokens), dtype, shape, checksum, no overlap with a frame
+already taken), scatters it into the reserved blocks (which hold the range from their
+first slot on: the decode engine's cached prefix blocks are never named here), and decides
+DONE or FAILED. `AssemblingReceiver` keeps the
 assemblies of one receiver behind a lock, implements the bookkeeping half of `KVReceiver`
 and takes frames and Done messages (`take_frame`, `take_done`); a transport adds how they
 arrive.
@@ -31,13 +33,15 @@ class FrameError(ValueError):
 
 class Assembly:
     def __init__(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-                 spec: KVSpec, lease_s: float):
-        if num_tokens < 1:
-            raise ValueError(f"transfer {transfer_id!r}: num_tokens must be >= 1")
+                 spec: KVSpec, lease_s: float, start: int = 0):
+        if not 0 <= start < num_tokens:
+            raise ValueError(f"transfer {transfer_id!r}: start {start} outside "
+                             f"[0, {num_tokens})")
         self.transfer_id = transfer_id
         self.block_ids = list(block_ids)
         self._table: torch.Tensor | None = None  # block_ids on the cache's device, made once
         self.num_tokens = num_tokens
+        self.start = start  # the receiver holds [0, start); block_ids hold [start, num_tokens)
         self.spec = spec
         self.lease_s = lease_s
         self.deadline = time.monotonic() + lease_s  # renewed by every sign of progress
@@ -88,9 +92,9 @@ class Assembly:
         spec = self.spec
         if not 0 <= header.layer < spec.num_layers:
             raise FrameError(f"layer {header.layer} outside [0, {spec.num_layers})")
-        if not 0 <= header.start < header.end <= self.num_tokens:
+        if not self.start <= header.start < header.end <= self.num_tokens:
             raise FrameError(f"token range [{header.start}, {header.end}) outside "
-                             f"[0, {self.num_tokens})")
+                             f"[{self.start}, {self.num_tokens})")
         expected = (_dtype_name(spec.dtype), spec.num_kv_heads, spec.head_dim)
         got = (header.dtype, header.num_kv_heads, header.head_dim)
         if got != expected:
@@ -117,8 +121,8 @@ class Assembly:
         if self._table is None:
             self._table = torch.tensor(self.block_ids, dtype=torch.long, device=k_cache.device)
         # one slot index for K and V: the index ops cost as much as a small frame's copy
-        idx = slot_index(self._table, k_cache.shape[2], header.start, header.end,
-                         k_cache.device)
+        idx = slot_index(self._table, k_cache.shape[2], header.start - self.start,
+                         header.end - self.start, k_cache.device)
         for cache, part in ((k_cache, kv[0]), (v_cache, kv[1])):
             cache[header.layer].flatten(0, 1).index_copy_(
                 0, idx, part.to(device=cache.device, dtype=cache.dtype))
@@ -134,8 +138,11 @@ class Assembly:
         if done.num_tokens != self.num_tokens:
             return self.fail(f"sender sent {done.num_tokens} tokens, {self.num_tokens} "
                              "were reserved")
+        if done.start != self.start:
+            return self.fail(f"sender sent from position {done.start}, the receiver "
+                             f"expected {self.start}")
         for layer, taken in enumerate(self._ranges):
-            if sum(e - s for s, e in taken) != self.num_tokens:
+            if sum(e - s for s, e in taken) != self.num_tokens - self.start:
                 return self.fail(f"layer {layer} is missing tokens")
         self.status, self.first_token_id = TransferStatus.DONE, done.first_token_id
         self.note = done.note
@@ -150,19 +157,19 @@ class AssemblingReceiver(KVReceiver):
         self._assemblies: dict[str, Assembly] = {}
 
     def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-               lease_s: float) -> None:
+               lease_s: float, start: int = 0) -> None:
         with self._lock:
             if transfer_id in self._assemblies:
                 raise ValueError(f"transfer {transfer_id!r} is already expected")
             num_blocks, block_size = self.k_cache.shape[1], self.k_cache.shape[2]
-            if num_tokens > len(block_ids) * block_size:
-                raise ValueError(f"transfer {transfer_id!r}: {num_tokens} tokens do not fit "
-                                 f"in {len(block_ids)} blocks of {block_size}")
+            if num_tokens - start > len(block_ids) * block_size:
+                raise ValueError(f"transfer {transfer_id!r}: {num_tokens - start} tokens do "
+                                 f"not fit in {len(block_ids)} blocks of {block_size}")
             if any(not 0 <= b < num_blocks for b in block_ids):
                 raise ValueError(f"transfer {transfer_id!r}: block ids outside "
                                  f"[0, {num_blocks})")
             self._assemblies[transfer_id] = Assembly(
-                transfer_id, block_ids, num_tokens, self.spec, lease_s)
+                transfer_id, block_ids, num_tokens, self.spec, lease_s, start)
 
     def poll(self, transfer_id: str) -> TransferResult:
         with self._lock:

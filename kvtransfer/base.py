@@ -2,19 +2,24 @@
 
 Life of a transfer (keyed by the router's `transfer_id`, never a worker-local id):
 1. PENDING       the receiver `expect`s it (blocks reserved by the decode engine) and the
-                 sender `begin`s it (the receiver's endpoint is known).
+                 sender `begin`s it (the receiver's endpoint is known). Both are told the
+                 same `start`: the receiver holds positions [0, start) already (the decode
+                 engine's prefix cache), so only [start, num_tokens) travels.
 2. TRANSFERRING  the sender streams one frame per (layer, token range) as prefill computes
                  them; the receiver checks each frame (checksum, shape, range, no duplicate)
                  and scatters it into the reserved blocks.
 3. DONE          the sender's `finish` carries the first token; the receiver has every layer
-                 of every token, acknowledges, and the decode engine can admit the request.
+                 of every token from `start` on, acknowledges, and the decode engine can
+                 admit the request.
    FAILED        a bad frame, an abort on either side, a lease or ack deadline, or a peer
                  that vanished or refused the handshake. Both sides stop touching the
                  transfer's memory.
 
 Ownership: the receiver writes only into the blocks named in `expect`, and only until the
 transfer is DONE or FAILED; the blocks stay the decode engine's, which frees them (on
-FAILED too). The sender does not copy on the caller's thread: `send_layer` keeps references
+FAILED too). With a `start` past 0 the receiver is never given the blocks of [0, start)
+(cached blocks other requests may read), so no frame can reach them.
+The sender does not copy on the caller's thread: `send_layer` keeps references
 to the K and V it is given and the sender's own thread copies them into staging memory the
 sender owns (frames of at most `max_frame_bytes`), then drops the references. The caller
 hands over tensors that nothing writes again (a layer's freshly computed K/V), never a
@@ -90,12 +95,16 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def expect(self, transfer_id: str, block_ids: Sequence[int], num_tokens: int,
-               lease_s: float) -> None:
-        """Announce a transfer of `num_tokens` tokens into `block_ids`, under a lease: it
-        fails when `lease_s` pass with no sign of progress from the sender (a frame, or the
-        keep-alive it sends while its job waits or computes), so the lease measures the
-        sender's silence, not the prefill queue. Raises ValueError for a transfer id already
-        expected, and for block ids outside the cache or too few to hold `num_tokens`."""
+               lease_s: float, start: int = 0) -> None:
+        """Announce a transfer of positions [start, num_tokens) into `block_ids`, which
+        hold them from their first slot on (position `start` at slot 0 of the first block;
+        so `start` is a whole number of this cache's blocks), under a lease: it fails when
+        `lease_s` pass with no sign of progress from the sender (a frame, or the keep-alive
+        it sends while its job waits or computes), so the lease measures the sender's
+        silence, not the prefill queue. Frames outside that range fail the transfer, and
+        it is DONE only once every layer covers all of it. Raises ValueError for a
+        transfer id already expected, a `start` outside [0, num_tokens), and block ids
+        outside the cache or too few to hold the range."""
 
     @abstractmethod
     def poll(self, transfer_id: str) -> TransferResult:
@@ -118,14 +127,17 @@ class KVSender(ABC):
     """Prefill side: streams a transfer's KV, layer by layer, to a receiver's endpoint."""
 
     @abstractmethod
-    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
-        """Open a transfer to `endpoint`. Raises ValueError for an id already begun."""
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int, start: int = 0) -> None:
+        """Open a transfer of positions [start, num_tokens) to `endpoint` (the receiver
+        holds [0, start) already and was told the same `start`). Raises ValueError for an
+        id already begun or a `start` outside [0, num_tokens)."""
 
     @abstractmethod
     def send_layer(self, transfer_id: str, layer: int, start: int, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         """Queue K and V `[tokens, kv_heads, head_dim]` of positions [start, start + tokens)
         of one layer, and return at once: no copy, no checksum, never the network.
+        Positions below the transfer's `start` are dropped (the receiver holds them).
 
         `k` and `v` may be non-contiguous views (a column slice of a fused qkv output) and
         inference-mode tensors. The sender holds references to them until its I/O thread has

@@ -18,7 +18,7 @@ from pdserve.kvtransfer.assembly import AssemblingReceiver
 from pdserve.kvtransfer.base import KVSender, KVSpec, TransferResult, TransferStatus
 from pdserve.kvtransfer.frames import check_kv, stage_frames
 from pdserve.kvtransfer.messages import Done
-from pdserve.kvtransfer.outgoing import OutgoingBook
+from pdserve.kvtransfer.outgoing import OutgoingBook, clip
 
 TRANSPORT = "inproc"
 
@@ -97,8 +97,8 @@ class InProcSender(KVSender):
         self.hub, self.spec, self.max_frame_bytes = hub, spec, max_frame_bytes
         self._book = OutgoingBook()
 
-    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
-        self._book.begin(transfer_id, endpoint, num_tokens)
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int, start: int = 0) -> None:
+        self._book.begin(transfer_id, endpoint, num_tokens, start)
         receiver = self.hub.lookup(endpoint)
         if receiver is None:
             self._book.fail(transfer_id, f"no receiver at {endpoint}")
@@ -111,6 +111,9 @@ class InProcSender(KVSender):
         receiver = self._live_receiver(transfer_id)
         if receiver is None:
             return
+        if (part := clip(self._book.get(transfer_id), start, k, v)) is None:
+            return
+        start, k, v = part
         # Fresh buffers (the default alloc): several threads may send through one sender.
         for frame in stage_frames(transfer_id, layer, start, k, v, self.max_frame_bytes):
             payload = memoryview(frame.payload.numpy())
@@ -126,7 +129,7 @@ class InProcSender(KVSender):
         if receiver is None:
             return
         entry = self._book.get(transfer_id)
-        done = Done(transfer_id, entry.num_tokens, first_token_id, bytes(note))
+        done = Done(transfer_id, entry.num_tokens, first_token_id, bytes(note), entry.start)
         self._book.settle(transfer_id, receiver.take_done(done))
 
     def poll(self, transfer_id: str) -> TransferResult:

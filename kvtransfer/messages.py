@@ -17,8 +17,9 @@ import msgpack
 import xxhash
 
 # 2: Done carries the prefill's hand-off note (bytes); 3: KeepAlive renews a lease;
-# 4: the torch transport's rendezvous travels here (StoreRequest, StoreReply)
-PROTOCOL_VERSION = 4
+# 4: the torch transport's rendezvous travels here (StoreRequest, StoreReply);
+# 5: a transfer may start past position 0 (Done.start: the receiver holds the prefix)
+PROTOCOL_VERSION = 5
 
 
 # The receiver's Ack reason to a sender it has not (or no longer) accepted: it restarted, or
@@ -96,13 +97,16 @@ class ChunkHeader:
 
 @dataclass(frozen=True)
 class Done:
-    """Every layer and token range of the transfer was sent; carries the first token and an
-    opaque note from the sending side (msgpack bin) that the receiver hands out with DONE."""
+    """Every layer and token range of the transfer, positions [start, num_tokens), was
+    sent; carries the first token and an opaque note from the sending side (msgpack bin)
+    that the receiver hands out with DONE. `start` is the transfer's, as both sides were
+    told it: the receiver fails a transfer whose sender started elsewhere."""
 
     transfer_id: str
     num_tokens: int
     first_token_id: int
     note: bytes = b""
+    start: int = 0
 
 
 @dataclass(frozen=True)

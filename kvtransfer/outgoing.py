@@ -15,6 +15,7 @@ from pdserve.kvtransfer.base import TransferResult, TransferStatus
 class Outgoing:
     endpoint: str
     num_tokens: int
+    start: int = 0  # first position sent: the receiver holds [0, start)
     result: TransferResult = field(
         default_factory=lambda: TransferResult(TransferStatus.PENDING))
     ack_deadline: float | None = None  # set by finish()
@@ -26,11 +27,15 @@ class OutgoingBook:
         self.lock = threading.Lock()
         self._transfers: dict[str, Outgoing] = {}
 
-    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> Outgoing:
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int,
+              start: int = 0) -> Outgoing:
+        if not 0 <= start < num_tokens:
+            raise ValueError(f"transfer {transfer_id!r}: start {start} outside "
+                             f"[0, {num_tokens})")
         with self.lock:
             if transfer_id in self._transfers:
                 raise ValueError(f"transfer {transfer_id!r} was already begun")
-            entry = self._transfers[transfer_id] = Outgoing(endpoint, num_tokens)
+            entry = self._transfers[transfer_id] = Outgoing(endpoint, num_tokens, start)
             return entry
 
     def get(self, transfer_id: str) -> Outgoing:
@@ -40,9 +45,9 @@ class OutgoingBook:
             raise ValueError(f"transfer {transfer_id!r} was never begun")
         return entry
 
-    def sending(self, transfer_id: str) -> str | None:
-        """A layer is being sent: the endpoint, or None once the transfer has ended.
-        Raises ValueError for an id never begun."""
+    def sending(self, transfer_id: str) -> Outgoing | None:
+        """A layer is being sent: the transfer, or None once it has ended. Raises
+        ValueError for an id never begun."""
         with self.lock:
             entry = self._transfers.get(transfer_id)
             if entry is None:
@@ -51,7 +56,7 @@ class OutgoingBook:
                 return None
             if entry.result.status is TransferStatus.PENDING:
                 entry.result = TransferResult(TransferStatus.TRANSFERRING)
-            return entry.endpoint
+            return entry
 
     def finishing(self, transfer_id: str, first_token_id: int, ack_deadline: float) -> Outgoing:
         """Everything was queued: the Ack is due by `ack_deadline`. Raises ValueError for an
@@ -120,3 +125,14 @@ class OutgoingBook:
     def release(self, transfer_id: str) -> None:
         with self.lock:
             self._transfers.pop(transfer_id, None)
+
+
+def clip(entry: Outgoing, start: int, k, v):
+    """`(start, k, v)` without the positions below the transfer's start (the receiver holds
+    them), or None when nothing is left to send."""
+    skip = entry.start - start
+    if skip <= 0:
+        return start, k, v
+    if skip >= k.shape[0]:
+        return None
+    return entry.start, k[skip:], v[skip:]

@@ -54,7 +54,7 @@ from pdserve.kvtransfer.messages import (
     decode,
     encode,
 )
-from pdserve.kvtransfer.outgoing import OutgoingBook
+from pdserve.kvtransfer.outgoing import OutgoingBook, clip
 
 # Longest sleep with no deadline due: nothing needs the I/O thread then, so it stays off
 # the prefill's core; the bound only guards against a lost wake-up.
@@ -91,8 +91,8 @@ class Sender(KVSender):
 
     # -- public, any thread ----------------------------------------------------------------
 
-    def begin(self, transfer_id: str, endpoint: str, num_tokens: int) -> None:
-        self._book.begin(transfer_id, endpoint, num_tokens)
+    def begin(self, transfer_id: str, endpoint: str, num_tokens: int, start: int = 0) -> None:
+        self._book.begin(transfer_id, endpoint, num_tokens, start)
         # Wake the I/O thread to connect and handshake while the prefill computes; an
         # endpoint already connected needs nothing before the first chunk.
         self._commands.put(Connect(endpoint), wake=endpoint not in self._links)
@@ -100,9 +100,10 @@ class Sender(KVSender):
     def send_layer(self, transfer_id: str, layer: int, start: int, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         check_kv(k, v)
-        endpoint = self._book.sending(transfer_id)
-        if endpoint is not None:
-            cmd = SendChunk(endpoint, transfer_id, layer, start, k, v, ready_event(k))
+        entry = self._book.sending(transfer_id)
+        if entry is not None and (part := clip(entry, start, k, v)) is not None:
+            start, k, v = part
+            cmd = SendChunk(entry.endpoint, transfer_id, layer, start, k, v, ready_event(k))
             # Each wake-up takes the prefill's core from it (a context switch, the GIL, a
             # batch of ZMQ sends instead of one): batch small layers. Unlocked: a lost
             # update between two calling threads only moves a wake-up by one chunk.
@@ -115,7 +116,7 @@ class Sender(KVSender):
     def finish(self, transfer_id: str, first_token_id: int, note: bytes = b"") -> None:
         entry = self._book.finishing(transfer_id, first_token_id,
                                      time.monotonic() + self.ack_timeout_s)
-        done = Done(transfer_id, entry.num_tokens, first_token_id, bytes(note))
+        done = Done(transfer_id, entry.num_tokens, first_token_id, bytes(note), entry.start)
         self._commands.put(SendDone(entry.endpoint, done))
 
     def poll(self, transfer_id: str) -> TransferResult:

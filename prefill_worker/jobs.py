@@ -55,7 +55,9 @@ class _Job:
     order: PrefillOrder  # the current transfer's; a re-send replaces it
     engine_id: str  # the engine request's id: the first transfer's id
     state: PrefillState = PrefillState.QUEUED
-    sent_upto: int = 0  # KV of positions [0, sent_upto) is computed (and was sent, unless HELD)
+    # KV of positions [0, sent_upto) is computed (and [kv_start, sent_upto) was sent, unless
+    # HELD)
+    sent_upto: int = 0
     num_cached_tokens: int = 0
     stamps: PrefillStamps = field(default_factory=PrefillStamps)
     first_token_id: int | None = None  # once the prefill ended
@@ -155,7 +157,8 @@ class PrefillJobs(JobTable):
         for entry, item, offset in self._step_sends:
             if entry.state is PrefillState.HELD:
                 continue  # no transfer to send to until a re-send order comes
-            tid, lo = entry.order.transfer_id, entry.sent_upto
+            # the decode side holds [0, kv_start): neither sent nor gathered
+            tid, lo = entry.order.transfer_id, max(entry.sent_upto, entry.order.kv_start)
             if not entry.stamps.kv_send_start:
                 entry.stamps.kv_send_start = time.time()
             if item.start > lo:  # prefix-cache hit: copied now, the cache blocks may move on
@@ -255,14 +258,15 @@ class PrefillJobs(JobTable):
         entry.stamps.kv_send_start = 0.0
         tid = order.transfer_id
         self.jobs[tid] = entry
-        if entry.sent_upto:
+        lo = order.kv_start  # the new decode worker's cached prefix is not sent
+        if entry.sent_upto > lo:
             blocks = self.engine.kv_block_ids(entry.engine_id)
             entry.stamps.kv_send_start = time.time()
             for layer in range(self.engine.kv_cache.num_layers):
                 cache_k, cache_v = self.engine.kv_cache.layer(layer)
-                self.sender.send_layer(tid, layer, 0,
-                                       gather_tokens(cache_k, blocks, 0, entry.sent_upto),
-                                       gather_tokens(cache_v, blocks, 0, entry.sent_upto))
+                self.sender.send_layer(tid, layer, lo,
+                                       gather_tokens(cache_k, blocks, lo, entry.sent_upto),
+                                       gather_tokens(cache_v, blocks, lo, entry.sent_upto))
         if entry.first_token_id is not None:
             self._finish_transfer(entry)
         else:

@@ -11,7 +11,9 @@ Life of a job, keyed by the router's `transfer_id`:
                  job's tokens go to the sender, whose I/O thread stages and sends them while
                  layer L+1 computes. Tokens served by the prefix cache are sent from the
                  cache with the first chunk; a range already sent is never sent again
-                 (preemption recomputes).
+                 (preemption recomputes). Positions below `order.kv_start`, which the
+                 decode worker's prefix cache holds, are computed but never sent: every
+                 layer's frames cover [kv_start, prompt length) only.
 4. TRANSFERRING  the step that computes the last prompt token samples the first token, and
                  `sender.finish` carries it and a hand-off note (prefix hits, prefill
                  stamps) to the decode worker. The job keeps its blocks until the ack.
@@ -74,7 +76,7 @@ class PrefillWorker(Worker):
         # Begun here, not on the loop thread: a step in progress may take longer than the
         # decode side's lease, and the keep-alives that hold it start with the transfer.
         try:
-            sender.begin(tid, order.kv_endpoint, len(order.prompt_token_ids))
+            sender.begin(tid, order.kv_endpoint, len(order.prompt_token_ids), order.kv_start)
             begun = True
         except ValueError:  # the id is live here already: the job table reports the refusal
             begun = False

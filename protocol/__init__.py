@@ -18,6 +18,7 @@ from pdserve.protocol.orders import (
     PrefillOrder,
     PrefillOutcome,
     PrefillStatus,
+    Reservation,
 )
 from pdserve.protocol.prefix import block_hashes, hash_block
 from pdserve.protocol.record import WorkerRecord
@@ -29,7 +30,7 @@ from pdserve.protocol.stream import PrefillReport, TokenBatch, TokenChunk
 __all__ = [
     "CostProfile", "CurveKeys", "DecodeOrder", "DecodeStamps", "FinishReason", "Handoff",
     "IncrementalDetokenizer", "InvalidField", "ModelLimits", "PrefillOrder", "PrefillOutcome",
-    "PrefillReport", "PrefillStamps", "PrefillStatus", "SamplingParams", "StepModel", "TokenBatch",
-    "TokenChunk", "TransferModel", "WorkerRecord", "WorkerRole", "WorkerState", "block_hashes",
-    "hash_block", "read_model_limits", "chunk_pairs",
+    "PrefillReport", "PrefillStamps", "PrefillStatus", "Reservation", "SamplingParams",
+    "StepModel", "TokenBatch", "TokenChunk", "TransferModel", "WorkerRecord", "WorkerRole",
+    "WorkerState", "block_hashes", "hash_block", "read_model_limits", "chunk_pairs",
 ]

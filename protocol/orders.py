@@ -2,7 +2,9 @@
 
 A request is one `transfer_id` per attempt, chosen by the router. Disaggregated: the
 router reserves with a DecodeOrder on a decode worker, then submits a PrefillOrder naming
-the KV endpoint that reservation returned. Local (colocated, or a short prompt): one
+the KV endpoint that reservation returned (a Reservation) and where the KV it sends
+starts: the decode worker's prefix cache may hold the prompt's leading blocks already
+(see Delta transfers). Local (colocated, or a short prompt): one
 DecodeOrder that the worker prefills itself. Tokens and outcomes come back on the router's
 stream endpoint (protocol.stream), never as the return value of a call.
 
@@ -20,6 +22,16 @@ was midway) for the worker's `hold_s`. A PrefillOrder with `resend_of` naming th
 moves it to the new transfer: the KV computed so far goes to the new decode worker from
 the blocks, the rest as it is computed, and nothing is computed twice. The router that
 does not re-send aborts the held job; a held job no order claims ends when `hold_s` pass.
+
+Delta transfers: a reservation takes references on the decode worker's cached blocks for
+the prompt's longest cached prefix (whole blocks, never the last prompt token) and holds
+fresh blocks for the rest; `Reservation.num_cached_tokens` says how many tokens that is,
+and the router passes it on as `PrefillOrder.kv_start`. The prefill worker still computes
+the whole prompt (from its own prefix cache where it can) but sends only the KV of
+positions [kv_start, prompt length), at least the last token's. Ownership does not move:
+the decode engine holds one reference per cached block from `reserve` until the job ends
+(admitted and finished, aborted, lease expired, failed transfer), so the blocks cannot be
+evicted between the match and their use, and it drops exactly those references then.
 """
 
 from __future__ import annotations
@@ -73,6 +85,22 @@ class DecodeOrder:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """A decode worker's answer to a reservation: where the KV goes, and how many leading
+    prompt tokens (whole blocks of that worker) its prefix cache holds for the job already,
+    so they are not sent (see Delta transfers)."""
+
+    kv_endpoint: str
+    num_cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.kv_endpoint:
+            raise ValueError("kv_endpoint must not be empty")
+        if self.num_cached_tokens < 0:
+            raise ValueError(f"num_cached_tokens must be >= 0, got {self.num_cached_tokens}")
+
+
+@dataclass(frozen=True)
 class PrefillOrder:
     """Prefill `prompt_token_ids`, stream their KV to `kv_endpoint` under `transfer_id`, and
     report the outcome (a PrefillOutcome) to `notify_endpoint`, the router's stream."""
@@ -86,6 +114,9 @@ class PrefillOrder:
     # the transfer id of a job of this prompt that the worker holds (see Re-sends): its KV
     # goes to `kv_endpoint` under `transfer_id`, without computing it again
     resend_of: str = ""
+    # the decode side holds positions [0, kv_start) (its Reservation's num_cached_tokens):
+    # only the KV from there on is sent (see Delta transfers)
+    kv_start: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", _check_ids(
@@ -93,6 +124,9 @@ class PrefillOrder:
             notify_endpoint=self.notify_endpoint))
         if self.resend_of == self.transfer_id:
             raise ValueError("resend_of must name another transfer id")
+        if not 0 <= self.kv_start < len(self.prompt_token_ids):
+            raise ValueError(f"kv_start must be in [0, {len(self.prompt_token_ids)}), got "
+                             f"{self.kv_start}: the last prompt token's KV is always sent")
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

@@ -3,8 +3,10 @@ actor calls or calls into worker objects (in this process or a child process); t
 never imports a worker.
 
 Contract:
-- `reserve` returns the decode worker's KV endpoint, or raises NoRoom (no free blocks now:
-  nothing is held) or ValueError (a bad order: nothing is held).
+- `reserve` returns a Reservation: the decode worker's KV endpoint and how many leading
+  prompt tokens its prefix cache holds for the job (the prefill order's `kv_start`: they
+  are not sent), or raises NoRoom (no free blocks now: nothing is held) or ValueError (a
+  bad order: nothing is held).
 - `generate` starts a local prefill + decode on a decode or colocated worker.
 - `submit` returns once the prefill worker queued the job; its outcome comes later, on the
   router's stream endpoint (the order's `notify_endpoint`). It returns True when the order
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pdserve.protocol import DecodeOrder, PrefillOrder
+from pdserve.protocol import DecodeOrder, PrefillOrder, Reservation
 
 
 class NoRoom(Exception):
@@ -42,7 +44,7 @@ class WorkerGone(Exception):
 
 
 class DecodeHandle(Protocol):
-    async def reserve(self, order: DecodeOrder) -> str: ...
+    async def reserve(self, order: DecodeOrder) -> Reservation: ...
 
     async def generate(self, order: DecodeOrder) -> None: ...
 

@@ -12,10 +12,12 @@ Life of a request:
                decode, the blocks, first come, first served (router.queue). No live
                worker of a needed role: UNAVAILABLE.
 3. DISPATCHED  the router opens the request's stream queue, then either reserves on a
-               decode worker and submits the prefill job naming its KV endpoint
-               (disaggregated), or has the decode/colocated worker prefill locally. No call
-               stays open: the prefill worker reports its outcome on the stream. A worker
-               draining for a role switch refuses (NotServing): the request waits for another.
+               decode worker and submits the prefill job naming its KV endpoint and the
+               prompt tokens the decode worker's prefix cache holds, which are not sent
+               (disaggregated; protocol.orders, Delta transfers), or has the
+               decode/colocated worker prefill locally. No call stays open: the prefill
+               worker reports its outcome on the stream. A worker draining for a role
+               switch refuses (NotServing): the request waits for another.
 4. STREAMING   chunks from the decode worker are detokenized incrementally and yielded.
                The first chunk means the decode worker holds the KV: the prefill job is
                over (its slot is given back, its late outcome or death no longer matters).
@@ -322,16 +324,17 @@ class Router:
                         self.ledger.started(decode.worker_id, tid, len(req.prompt_token_ids))
                         await self._call(decode, decode.handle.generate(order))
                         return decode, None, dispatched
-                    endpoint = await self._call(decode, decode.handle.reserve(order))
+                    reservation = await self._call(decode, decode.handle.reserve(order))
                     prefill.in_flight[tid] = queue
                     resend = held if held and held.prefill_id == prefill.worker_id else None
                     self.ledger.started(prefill.worker_id, tid, len(req.prompt_token_ids))
                     if resend is not None:
                         held = None  # the order below re-sends it or the worker ended it
                     if await self._call(prefill, prefill.handle.submit(PrefillOrder(
-                            tid, req.prompt_token_ids, req.sampling, endpoint,
+                            tid, req.prompt_token_ids, req.sampling, reservation.kv_endpoint,
                             self.stream.endpoint, deadline,
-                            resend_of=resend.transfer_id if resend else ""))):
+                            resend_of=resend.transfer_id if resend else "",
+                            kv_start=reservation.num_cached_tokens))):
                         resends.append(resend)
                     return decode, prefill, dispatched
                 except NoRoom:  # its heartbeat was stale: wait for room like the others

@@ -16,6 +16,7 @@ from pdserve.protocol import (
     FinishReason,
     PrefillOrder,
     PrefillOutcome,
+    Reservation,
     SamplingParams,
 )
 
@@ -31,8 +32,8 @@ class Outcome:
 
 def reserve(collector: StreamCollector, decode, tid: str, prompt: Sequence[int],
             params: SamplingParams, lease_s: float = 30.0, wait_s: float = 60.0,
-            deadline: float | None = None) -> str:
-    """Reserve on `decode`, waiting for room as the router's queue does; the KV endpoint."""
+            deadline: float | None = None) -> Reservation:
+    """Reserve on `decode`, waiting for room as the router's queue does."""
     order = DecodeOrder(tid, tuple(prompt), params, collector.endpoint, lease_s, deadline)
     deadline = time.monotonic() + wait_s
     while True:
@@ -45,9 +46,11 @@ def reserve(collector: StreamCollector, decode, tid: str, prompt: Sequence[int],
 
 
 def submit(collector: StreamCollector, prefill, tid: str, prompt: Sequence[int],
-           params: SamplingParams, endpoint: str, deadline: float | None = None) -> None:
-    prefill.submit(PrefillOrder(tid, tuple(prompt), params, endpoint, collector.endpoint,
-                                deadline))
+           params: SamplingParams, reservation: Reservation,
+           deadline: float | None = None) -> None:
+    prefill.submit(PrefillOrder(tid, tuple(prompt), params, reservation.kv_endpoint,
+                                collector.endpoint, deadline,
+                                kv_start=reservation.num_cached_tokens))
 
 
 def run_disaggregated(collector: StreamCollector, prefill, decode, tid: str,

@@ -40,6 +40,14 @@ def test_tpot_is_decode_time_over_tokens_after_the_first():
     assert RequestResult(10, False, "boom").tpot is None
 
 
+def test_kv_moved_is_what_the_server_reports_else_the_whole_prompts_kv():
+    delta, full, local = ok(0.1, 1.0, 4, prompt=100), ok(0.1, 1.0, 4, prompt=30), ok(0.1, 1.0, 4)
+    delta.disaggregated = full.disaggregated = True
+    delta.kv_bytes = 36 * 10  # the decode worker held 64 of the 100 prompt tokens
+    s = summarize([delta, full, local], duration_s=1.0, kv_bytes_per_token=10)
+    assert s["disagg_requests"] == 2 and s["disagg_kv_bytes"] == 360 + 30 * 10
+
+
 def test_summary_uses_vllm_keys_and_counts_failures_as_slo_misses():
     results = [ok(0.1, 1.0, 10), ok(0.2, 3.0, 10), RequestResult(10, False, "UNAVAILABLE")]
     s = summarize(results, duration_s=4.0, slo=Slo(ttft_ms=150, tpot_ms=200))

@@ -122,7 +122,7 @@ def test_prefill_only_to_decode_only_handoff(tiny_llama_dir, alone, p_budget):
 
     tokens = {}
     for rid, prompt in PROMPTS.items():
-        blocks = decode.reserve(rid, prompt, greedy(NEW_TOKENS))
+        blocks = decode.reserve(rid, prompt, greedy(NEW_TOKENS)).block_ids
         for layer, pieces in capture.kv[rid].items():
             for start, k, v in pieces:
                 k_layer, v_layer = decode.kv_cache.layer(layer)

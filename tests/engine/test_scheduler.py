@@ -170,8 +170,9 @@ def test_prefill_only_mode_finishes_after_the_first_token():
 def test_reserve_and_admit():
     s = make_scheduler(mode=EngineMode.DECODE_ONLY, num_blocks=8, block_size=4)
     r = req("x", 10, max_tokens=3)
-    blocks = s.reserve(r)
-    assert len(blocks) == 3 and s.block_manager.num_free_blocks == 5
+    held = s.reserve(r)
+    assert len(held.block_ids) == 3 and s.block_manager.num_free_blocks == 5
+    assert held.num_cached_tokens == 0 and held.fresh_block_ids == tuple(held.block_ids)
     assert not s.has_work()  # reserved requests wait for their KV, they do not run
     with pytest.raises(NoFreeBlocksError):
         s.reserve(req("big", 30))

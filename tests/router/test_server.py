@@ -12,7 +12,7 @@ from rpc_helpers import Recorded, collect, greedy_request, stub_for, wait_cluste
 
 from pdserve.deploy.local_cluster import LocalCluster
 from pdserve.deploy.spec import ClusterSpec
-from pdserve.engine import SamplingParams
+from pdserve.engine import ModelConfig, SamplingParams
 from pdserve.router.observe import RequestOutcome
 from pdserve.router.router import RouterConfig
 from pdserve.rpc import pdserve_pb2 as pb
@@ -88,6 +88,31 @@ def test_chat_messages_and_stop_strings(stub, smollm2_llm):
     text, _, final = collect(stub, req)
     assert text == want_cut.text and stop not in text
     assert final.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_a_second_chat_turn_moves_only_the_kv_the_decode_worker_lacks(stub, smollm2_llm,
+                                                                      smollm2_dir):
+    """The second turn's prompt starts with the first's and its answer, which the decode
+    worker computed: the router passes on what its prefix cache holds, so the transfer
+    carries whole blocks fewer, and the answer is still LLM's."""
+    conv = [{"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "What is a prime number?"}]
+
+    def ask(messages):
+        req = greedy_request(max_tokens=24, disaggregation=pb.DISAGGREGATION_ALWAYS)
+        req.messages.extend(pb.ChatMessage(**m) for m in messages)
+        return collect(stub, req)
+
+    first, _, final1 = ask(conv)
+    conv2 = conv + [{"role": "assistant", "content": first},
+                    {"role": "user", "content": "Give one example."}]
+    second, _, final2 = ask(conv2)
+    want = smollm2_llm.chat([conv, conv2], SamplingParams(max_tokens=24, temperature=0.0))
+    assert [first, second] == [w.text for w in want]
+    per_block = 16 * ModelConfig.from_pretrained(smollm2_dir).kv_bytes_per_token(4)
+    saved = final2.usage.prompt_tokens * per_block // 16 - final2.kv_transfer_bytes
+    assert saved % per_block == 0 and final1.kv_transfer_bytes > 0
+    assert saved >= final1.usage.prompt_tokens // 16 * per_block  # the first prompt, at least
 
 
 def test_the_request_path_makes_no_wasted_call(cluster, stub, smollm2_llm):

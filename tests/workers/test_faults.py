@@ -24,7 +24,14 @@ from worker_procs import spawn, stop_all, worker_config
 from pdserve.decode_worker import DecodeState
 from pdserve.engine import LLM
 from pdserve.prefill_worker import PrefillState
-from pdserve.protocol import DecodeOrder, FinishReason, PrefillOrder, PrefillStatus, WorkerRole
+from pdserve.protocol import (
+    DecodeOrder,
+    FinishReason,
+    PrefillOrder,
+    PrefillStatus,
+    Reservation,
+    WorkerRole,
+)
 from pdserve.router.router import RouterConfig
 
 LONG = tuple((i * 37) % 251 for i in range(400))
@@ -101,9 +108,10 @@ def resend(collector, prefill, decode, old: str, new: str, prompt=LONG, params=N
     """Reserve on `decode` under `new` and order the prefill worker to re-send `old`'s KV
     there; whether it took the held job."""
     params = params or greedy(4)
-    endpoint = reserve(collector, decode, new, prompt, params)
-    return prefill.submit(PrefillOrder(new, tuple(prompt), params, endpoint,
-                                       collector.endpoint, resend_of=old))
+    reservation = reserve(collector, decode, new, prompt, params)
+    return prefill.submit(PrefillOrder(new, tuple(prompt), params, reservation.kv_endpoint,
+                                       collector.endpoint, resend_of=old,
+                                       kv_start=reservation.num_cached_tokens))
 
 
 def test_decode_worker_killed_mid_transfer_the_kv_is_resent_without_recompute(
@@ -191,7 +199,10 @@ def test_a_resend_of_a_job_not_held_computes_the_prompt(collector, prefill, deco
 def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):
     (victim,) = spawn([slow_prefill_config(tiny_llama_dir, "p-victim")])
     try:
-        start(collector, victim.worker, decode.worker, "kill-p", lease_s=4.0)
+        # uncached on the decode side too: with LONG in its prefix cache (an earlier test
+        # decoded it there) only the last tokens would travel, at the prefill's very end
+        start(collector, victim.worker, decode.worker, "kill-p", uncached_long(6),
+              lease_s=4.0)
         wait_state(decode.worker, "kill-p", DecodeState.RECEIVING)
         victim.kill()
     finally:
@@ -215,7 +226,8 @@ def test_a_refused_prefill_order_is_reported_and_holds_nothing(collector, prefil
     prompt = uncached_long(5)
     start(collector, prefill, decode.worker, "twice", prompt)
     wait_state(prefill, "twice", PrefillState.PREFILLING)
-    submit(collector, prefill, "twice", prompt, greedy(4), decode.worker.kv_endpoint())
+    submit(collector, prefill, "twice", prompt, greedy(4),
+           Reservation(decode.worker.kv_endpoint()))
     outcome = collector.wait_outcome("twice")
     assert outcome.status is PrefillStatus.FAILED and "already in use" in outcome.reason
     prefill.abort("twice")

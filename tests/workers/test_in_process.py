@@ -56,8 +56,8 @@ def test_a_refused_handshake_fails_the_prefill_job_and_names_the_field(
     p = PrefillWorker(worker_config(WorkerRole.PREFILL, tiny_llama_dir, "p"))
     d = DecodeWorker(worker_config(WorkerRole.DECODE, tiny_qwen2_dir, "d"))
     try:
-        endpoint = reserve(collector, d, "mismatch", PROMPTS[0], greedy(4))
-        submit(collector, p, "mismatch", PROMPTS[0], greedy(4), endpoint)
+        reservation = reserve(collector, d, "mismatch", PROMPTS[0], greedy(4))
+        submit(collector, p, "mismatch", PROMPTS[0], greedy(4), reservation)
         outcome = collector.wait_outcome("mismatch", timeout=10)
         # the prefill had begun: its KV waits for a re-send to a decode worker that fits
         assert outcome.status in (PrefillStatus.HELD, PrefillStatus.FAILED)
@@ -75,8 +75,8 @@ def test_a_refused_handshake_fails_the_prefill_job_and_names_the_field(
 def test_closing_workers_ends_their_live_jobs(tiny_llama_dir, collector):
     p, d = pair(tiny_llama_dir, max_num_batched_tokens=1)
     prompt = [i % 250 for i in range(400)]
-    endpoint = reserve(collector, d, "live", prompt, greedy(4))
-    submit(collector, p, "live", prompt, greedy(4), endpoint)
+    reservation = reserve(collector, d, "live", prompt, greedy(4))
+    submit(collector, p, "live", prompt, greedy(4), reservation)
     wait_state(p, "live", PrefillState.PREFILLING)
     wait_state(d, "live", DecodeState.RECEIVING)
     p.close()
@@ -85,7 +85,7 @@ def test_closing_workers_ends_their_live_jobs(tiny_llama_dir, collector):
     final = collector.wait_final("live").final  # the prefill worker told the decode worker
     assert final.finish is FinishReason.ERROR and "prefill worker closed" in final.error
     with pytest.raises(RuntimeError, match="closed"):
-        submit(collector, p, "late", prompt, greedy(4), endpoint)
+        submit(collector, p, "late", prompt, greedy(4), reservation)
 
     reserve(collector, d, "waiting", prompt, greedy(4))
     d.close()
@@ -137,12 +137,12 @@ def test_reserve_submit_and_generate_do_not_wait_for_the_step_in_progress(tiny_l
         # each worker is now inside a step that cannot end
         d.generate(DecodeOrder("busy-d", PROMPTS[1], greedy(2), collector.endpoint))
         c.generate(DecodeOrder("busy-c", PROMPTS[1], greedy(2), collector.endpoint))
-        endpoint = reserve(collector, d, "busy-p", PROMPTS[1], greedy(2))
-        submit(collector, p, "busy-p", PROMPTS[1], greedy(2), endpoint)
+        reservation = reserve(collector, d, "busy-p", PROMPTS[1], greedy(2))
+        submit(collector, p, "busy-p", PROMPTS[1], greedy(2), reservation)
         for h in held:
             assert h.running.wait(10)
-        endpoint = _in_thread(lambda: reserve(collector, d, "next", PROMPTS[0], greedy(3)))
-        _in_thread(lambda: submit(collector, p, "next", PROMPTS[0], greedy(3), endpoint))
+        reservation = _in_thread(lambda: reserve(collector, d, "next", PROMPTS[0], greedy(3)))
+        _in_thread(lambda: submit(collector, p, "next", PROMPTS[0], greedy(3), reservation))
         _in_thread(lambda: c.generate(DecodeOrder("next-c", PROMPTS[0], greedy(3),
                                                   collector.endpoint)))
         assert d.engine.stats().num_reserved == 2  # held while the step is still running
