@@ -43,8 +43,10 @@ DEPLOYMENTS = {
     "vllm": Deployment("vllm", 1, ()),
     # two workers whose roles the cluster's controller sets, each request placed by the
     # cost profile this machine measured (relative to the working directory)
+    # (a role kept at least 10 s: a sweep's run lasts about a minute)
     "adaptive": Deployment("adaptive", 2, ("--prefill", "0", "--decode", "0", "--adaptive",
-                                           "2", "--cost-profile", str(COST_PROFILE))),
+                                           "2", "--adaptive-dwell", "10",
+                                           "--cost-profile", str(COST_PROFILE))),
 }
 
 

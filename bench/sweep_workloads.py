@@ -64,8 +64,9 @@ WORKLOADS = {
                          "up to 2,048 tokens, answers up to 64, the trace's bursts",
                          trace="mooncake", length_scale=0.05, max_output=64),
     "shifting": Workload("shifting", 0, 0, 0.0, (0.25, 0.5, 0.75, 1.0), 0.5, 5.0, 2.0,
-                         "chat-like and summarize-like phases alternating every 60 s",
-                         phases=("chat", "summarize")),
+                         "chat-like and summarize-like phases alternating every 30 s (a "
+                         "run of 48 requests at 0.5 req/s sees three)",
+                         phases=("chat", "summarize"), phase_s=30.0),
 }
 
 
