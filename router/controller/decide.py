@@ -5,7 +5,9 @@ synthetic snapshots and the simulator could run it as is.
 The rule:
 1. Pressures, each 1.0 at the edge of what the side can take:
    - prefill: the larger of the wait the queued prompt tokens (on the serving workers
-     that take prompts, and in the routers' queues) mean at the measured prefill rate,
+     that take prompts: prefill and colocated ones, or the decode workers when there is
+     none, since the router then has them prefill every prompt locally; and in the
+     routers' queues) mean at the measured prefill rate,
      over the TTFT target; the share of SLO requests that missed their TTFT, over
      `miss_budget`; and the share of requests refused at the door, over `miss_budget`
      (admission refuses on queued prefill work first).
@@ -18,9 +20,11 @@ The rule:
    or of a worker that took its role less than `dwell_s` ago.
 3. One move at a time: toward prefill, a decode (else colocated) worker becomes prefill;
    toward decode, a prefill (else colocated) worker becomes decode; the least loaded
-   candidate goes first. A move that would leave no serving worker able to take prompts
-   (prefill, colocated) or to decode (decode, colocated) once done, or none able to decode
-   while it drains, is not made.
+   candidate goes first. A move that would leave no serving worker able to decode (decode,
+   colocated) once done, or none while it drains, is not made; prompts are always taken,
+   since a decode worker prefills locally what no prefill worker takes. So two adaptive
+   workers move between one prefill + one decode worker and two decode workers (serving
+   as two colocated ones).
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ class Decision:
 def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
     serving = [w for w in snap.workers if w.state is WorkerState.SERVING]
     r = snap.routers
-    takers = [w for w in serving if w.role.prefills]
+    takers = ([w for w in serving if w.role.prefills]
+              or [w for w in serving if w.role.decodes])
     rate = sum(w.prefill_tokens_per_s or _DEFAULT_PREFILL_RATE for w in takers)
     queued = sum(w.queued_prefill_tokens for w in takers) + r.queued_tokens
     wait_s = queued / rate if rate else (math.inf if queued else 0.0)
@@ -183,8 +188,7 @@ def _keeps_service(workers: Sequence[WorkerInfo], moving: WorkerInfo, to: Worker
     others = [w.role for w in workers
               if w.state is WorkerState.SERVING and w.worker_id != moving.worker_id]
     after = [*others, to]
-    return (any(r.decodes for r in others) and any(r.decodes for r in after)
-            and any(r.prefills for r in after))
+    return any(r.decodes for r in others) and any(r.decodes for r in after)
 
 
 def _load(w: WorkerInfo) -> int:

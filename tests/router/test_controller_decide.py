@@ -1,7 +1,7 @@
 """The controller's rule (router.controller.decide) on synthetic snapshots: it moves toward
 the side under pressure, never flaps under noise inside its band, waits out dwell times
-and cool-downs, one move at a time, and never leaves the cluster unable to take prompts
-or to decode."""
+and cool-downs, one move at a time, and never leaves the cluster unable to decode (a
+decode worker prefills locally what no prefill worker takes)."""
 
 from __future__ import annotations
 
@@ -102,13 +102,21 @@ def test_no_move_during_a_cool_down_or_while_a_switch_is_under_way():
     assert not decision.moves and decision.targets["a1"] is P
 
 
-def test_the_last_worker_of_a_kind_stays():
-    # one adaptive prefill worker and one decode worker: neither can go
+def test_two_workers_move_between_1p1d_and_two_decode_workers():
+    # saturated decode, idle prefill: the prefill worker decodes too (each then prefills
+    # its own prompts, as colocated workers do)
     workers = (worker("a0", P, queued_prefill_tokens=0), worker("a1", D, running=10))
+    (move,) = decide(Snapshot(NOW, workers), CONFIG).moves
+    assert (move.worker_id, move.from_role, move.to_role) == ("a0", P, D)
+    # two decode workers whose local prefill queues grew: one becomes a prefill worker
+    workers = (worker("a0", D, queued_prefill_tokens=300), worker("a1", D,
+                                                                  queued_prefill_tokens=300))
+    (move,) = decide(Snapshot(NOW, workers), CONFIG).moves
+    assert move.to_role is P
+    # the last decoder never goes, however long the prompts' queue
+    workers = (worker("a0", P, queued_prefill_tokens=900), worker("a1", D))
     decision = decide(Snapshot(NOW, workers), CONFIG)
     assert not decision.moves and "last of its kind" in decision.why
-    workers = (worker("a0", P, queued_prefill_tokens=900), worker("a1", D))
-    assert not decide(Snapshot(NOW, workers), CONFIG).moves
 
 
 def test_a_colocated_worker_moves_only_while_others_decode():
