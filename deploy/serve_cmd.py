@@ -11,7 +11,6 @@ import time
 from pdserve.deploy.input_flags import add_input_limit_flags, input_limits
 from pdserve.deploy.security_flags import add_security_flags, api_security, exposure_refusal
 from pdserve.deploy.trace_flags import add_trace_flags, apply_trace_flags
-from pdserve.protocol import CostProfile
 
 
 def add_serve(sub) -> None:
@@ -131,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.deploy.spec import ClusterSpec, CurveMode
     from pdserve.deploy.supervisor import RestartPolicy
     from pdserve.kvtransfer.transports import TransportKind
+    from pdserve.protocol import CostProfile
     from pdserve.router.controller import ControllerConfig
     from pdserve.router.http import HttpConfig
     from pdserve.router.router import RouterConfig

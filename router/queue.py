@@ -24,7 +24,7 @@ import math
 from dataclasses import replace
 
 from pdserve.protocol import WorkerRole, block_hashes
-from pdserve.router.errors import check_fits, overloaded, unavailable
+from pdserve.router.errors import check_fits, overloaded, unavailable, worker_failed
 from pdserve.router.ledger import PrefillLedger
 from pdserve.router.placement import Slo, candidates, choose, side_of
 from pdserve.router.policy import (
@@ -115,7 +115,7 @@ class RouterQueue:
                     prefills = (preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
                                 if disagg else [])
                     if disagg and not prefills:
-                        raise unavailable("no live prefill worker")
+                        raise _no_prefill_worker()
                     prefills = [w for w in prefills
                                 if w.worker_id == prefer_prefill] or prefills
                     if (picked := self._place(req, decodes, prefills, disagg, hits, slo)):
@@ -126,7 +126,7 @@ class RouterQueue:
                 if disagg:
                     prefills = preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
                     if not prefills:
-                        raise unavailable("no live prefill worker")
+                        raise _no_prefill_worker()
                     prefills = [w for w in prefills
                                 if w.worker_id == prefer_prefill] or prefills
                     prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
@@ -200,6 +200,12 @@ class RouterQueue:
         sent = self.ledger.tokens(w.worker_id)
         return replace(load, queued_prefill_tokens=sent) \
             if sent > load.queued_prefill_tokens else load
+
+
+def _no_prefill_worker():
+    """The prefill workers left (died, or switched role) while the request waited: a
+    failure another dispatch recovers from, since it then prefills where it decodes."""
+    return worker_failed("no live prefill worker")
 
 
 def preferring(workers: list[LiveWorker], avoid: set[str]) -> list[LiveWorker]:
