@@ -98,6 +98,9 @@ class Door:
             return stall_s(worker.record, num_tokens)
         return self.predictor.local(side_of(worker, self.ledger, {}), num_tokens).stall_s
 
+    def _others_ratio(self, side, step_s: float, stall: float) -> float:
+        return self.interference.worst_ratio(side.record.worker_id, step_s, stall)
+
     def place(self, req: ValidRequest, hits: dict[str, int]) -> Placed:
         """Where the request runs, by predicted cost (needs a predictor; `hits`: the
         prompt's leading blocks each worker's prefix cache holds). Raises
@@ -131,7 +134,8 @@ class Door:
         options = candidates(self.predictor, n,
                              list(sides(prefills, self.queue.queued_tokens_of(True)).values()),
                              list(sides(fit, 0).values()),
-                             [s for wid, s in local.items() if wid not in unfit])
+                             [s for wid, s in local.items() if wid not in unfit],
+                             others=self._others_ratio)
         best = choose(options, slo := self.slo(req))
         if best is None:
             raise overloaded(

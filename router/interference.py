@@ -69,6 +69,14 @@ class InterferenceBook:
         return all(d.meets(step, stall) for d in self._on.get(record.worker_id, {}).values()
                    if d.meets(step))
 
+    def worst_ratio(self, worker_id: str, step_s: float, stall: float) -> float:
+        """The worst TPOT over its SLO, among the requests on the worker that still meet
+        theirs, once `stall` is charged to them at a step time of `step_s`; 0.0 with none
+        (those already past it cannot be saved, as in `fits`)."""
+        return max((d.tpot_with(step_s, stall) / d.tpot_s
+                    for d in self._on.get(worker_id, {}).values() if d.meets(step_s)),
+                   default=0.0)
+
     def protected(self, worker_id: str) -> int:
         """Requests on the worker with a TPOT SLO."""
         return len(self._on.get(worker_id, {}))

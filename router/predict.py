@@ -54,6 +54,9 @@ class Prediction:
     ttft_s: float
     tpot_s: float
     stall_s: float = 0.0  # what a local prefill adds to each decoding request's time there
+    # the worst TPOT, over its SLO, of the requests already decoding there once a local
+    # prefill's stall is charged to them (router.interference); 0.0: none to protect
+    others_tpot_ratio: float = 0.0
 
 
 class Predictor:

@@ -127,3 +127,19 @@ def test_the_queue_serves_the_earliest_deadline_first():
         await asyncio.gather(*tasks)
         assert order == ["soon", "late", "none"]
     asyncio.run(main())
+
+
+def test_a_local_prefill_that_would_crowd_the_decode_batchs_slos_goes_remote():
+    async def main():
+        from pdserve.router.interference import decoding
+
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE))
+        req = _request(300, slo_ttft_ms=10_000)
+        assert not router.door.place(req, {}).disaggregated  # nothing to protect: local
+        # a request decoding on d, 10 tokens under a 45 ms TPOT SLO: the local prefill's
+        # 0.3 s stall takes it to 30 ms, within its SLO (local still fits) but at 2/3 of
+        # it, less headroom (0.33) than the remote placement leaves the new request (0.97)
+        router.door.interference.joined("d", "t1", 0.0, decoding(45.0, 11))
+        placed = router.door.place(req, {})
+        assert placed.disaggregated and placed.placement.prefill_id == "p"
+    asyncio.run(main())
