@@ -16,6 +16,7 @@ With a cost profile (`predictor`), `place` replaces both the threshold and the q
 bound: the request's placement (remote or local, and where) is the one with the most SLO
 headroom by predicted TTFT and TPOT (router.placement), and the request is refused at once
 when even that one's predicted first token, plus the wait for a slot, is past its TTFT SLO;
+and when its predicted TPOT there (the decode batch it would join) is past its TPOT SLO;
 the refusal names the prediction.
 """
 
@@ -143,12 +144,17 @@ class Door:
                 f"decode would stall the requests decoding there past their TPOT SLO on "
                 "every worker; retry later")
         wait = best.prediction.ttft_s + slot_wait_s(self.queue.queued, self.slots.per_s())
+        where = (f"prefilled on {best.prefill_id}, decoded on {best.decode_id}"
+                 if best.prefill_id else f"on {best.decode_id}")
         if slo.ttft_s and wait > slo.ttft_s:
-            where = (f"prefilled on {best.prefill_id}, decoded on {best.decode_id}"
-                     if best.prefill_id else f"on {best.decode_id}")
             raise overloaded(
                 f"refused at admission: predicted time to first token {wait:.2f} s at best "
                 f"({where}) is beyond its TTFT SLO of {slo.ttft_s:.2f} s; retry later")
+        if slo.tpot_s and best.prediction.tpot_s > slo.tpot_s:
+            raise overloaded(
+                f"refused at admission: predicted time per output token "
+                f"{best.prediction.tpot_s * 1e3:.0f} ms at best ({where}) is beyond its TPOT "
+                f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later")
         return Placed(best, unfit, wait)
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:

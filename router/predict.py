@@ -16,8 +16,10 @@ prefill computes; what is left once the last layer is computed is that layer's s
 whatever the wire could not keep up with. Only the blocks the decode worker lacks are sent.
 Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. The
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
-every block the worker holds, and the prompt); a local prefill stalls the worker's
-decodes by what its mixed steps take beyond the decode-only steps they replace.
+every block the worker holds, and the prompt), scaled by what the worker measures of its
+own decode steps against the profile's for its reported batch (within SCALE_BOUNDS: the
+profile may be of another day); a local prefill stalls the worker's decodes by what its
+mixed steps take beyond the decode-only steps they replace.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from dataclasses import dataclass
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
 
 DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
+# how far a worker's measured decode step may move the profile's (a profile from another
+# day, or a host now shared, is off by tens of percent; more is a measurement glitch)
+SCALE_BOUNDS = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,20 @@ class Predictor:
         return (self.step.step_s(tokens + seqs, pairs, context, seqs)
                 + self.profile.serve_seq_s * seqs)
 
+    def decode_scale(self, side: Side) -> float:
+        """The worker's measured decode step over the profile's for its reported batch
+        (1.0 until it has measured one)."""
+        r = side.record
+        if r.decode_step_s <= 0 or r.running <= 0:
+            return 1.0
+        predicted = self.decode_step_s(r.running, side.context)
+        lo, hi = SCALE_BOUNDS
+        return min(max(r.decode_step_s / predicted, lo), hi) if predicted > 0 else 1.0
+
     def tpot_s(self, decode: Side, prompt: int) -> float:
         """The request's time per output token on the decode side, with it in the batch."""
-        return self.decode_step_s(decode.batch + 1, decode.context + prompt)
+        return (self.decode_step_s(decode.batch + 1, decode.context + prompt)
+                * self.decode_scale(decode))
 
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile
@@ -110,7 +126,7 @@ class Predictor:
         tail = p.transfer.latency_s + wire / p.num_layers + max(0.0, wire - own)
         tpot = self.tpot_s(decode, prompt)
         # the KV is admitted between two steps: half the step in progress, on average
-        admit = self.decode_step_s(decode.batch, decode.context) / 2
+        admit = self.decode_step_s(decode.batch, decode.context) * self.decode_scale(decode) / 2
         return Prediction(p.router_s + compute + tail + admit + p.stream_s, tpot)
 
     def local(self, decode: Side, prompt: int) -> Prediction:

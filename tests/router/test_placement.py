@@ -143,3 +143,15 @@ def test_a_local_prefill_that_would_crowd_the_decode_batchs_slos_goes_remote():
         placed = router.door.place(req, {})
         assert placed.disaggregated and placed.placement.prefill_id == "p"
     asyncio.run(main())
+
+
+def test_admission_refuses_a_request_whose_predicted_tpot_misses_its_slo():
+    async def main():
+        busy = _worker("d", WorkerRole.DECODE, running=30)  # a 30 ms step: 1 ms per token
+        router = _router(_worker("p", WorkerRole.PREFILL), busy)
+        assert router.door.place(_request(100, slo_tpot_ms=50.0), {}).ttft_s > 0
+        with pytest.raises(RequestError) as e:
+            router.door.place(_request(100, slo_tpot_ms=25.0), {})
+        assert "predicted time per output token 31 ms" in str(e.value)
+        assert "TPOT SLO of 25 ms" in str(e.value)
+    asyncio.run(main())

@@ -100,3 +100,19 @@ def test_candidates_pair_the_best_workers_and_every_cache_holder():
     out = candidates(p, 2000, prefills, decodes, [], width=2)
     pairs = {(c.prefill_id, c.decode_id) for c in out}
     assert pairs == {(pw, dw) for pw in ("p0", "p1", "p-hit") for dw in ("d0", "d1")}
+
+
+def test_a_workers_measured_decode_step_scales_the_profiles_within_bounds():
+    p = Predictor(_profile())
+
+    def side(measured: float) -> Side:
+        record = WorkerRecord("d", WorkerRole.DECODE, "n", "", 16, 1000, 1000, 10, 0, 0, 0.0,
+                              0.0, decode_step_s=measured, chunk_tokens=1000)
+        return Side(record, 0, 10)
+
+    profile_step = 0.01 + 0.02 + 10e-3  # the profile's step for the reported batch of 10
+    assert p.decode_scale(side(0.0)) == 1.0  # not measured yet
+    assert p.decode_scale(side(1.5 * profile_step)) == pytest.approx(1.5)
+    assert p.decode_scale(side(100 * profile_step)) == 2.0  # a glitch moves it at most 2x
+    assert p.tpot_s(side(1.5 * profile_step), 10) == pytest.approx(
+        1.5 * (0.01 + 0.02 + 11e-3))
