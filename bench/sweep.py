@@ -77,7 +77,7 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
     plan = [(rate, seed, samples_for(w, n, seed, i + 1, rate))
             for i, rate in enumerate(w.rates) for seed in seeds]
     warmup = warmup_samples([s for _, _, samples in plan for s in samples], WARMUP, seed=98)
-    backend = server.backend(slo if send_slo else None)
+    backend = server.backend(slo) if send_slo else server.backend()
     runs = []
     try:
         for s in warmup:
