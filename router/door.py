@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
 from pdserve.router.errors import check_fits, overloaded
-from pdserve.router.interference import InterferenceBook, stall_s
+from pdserve.router.interference import stall_s
 from pdserve.router.ledger import PrefillLedger
 from pdserve.router.placement import Placement, Route, Slo, candidates, choose, side_of
 from pdserve.router.policy import Hint, should_disaggregate
@@ -55,11 +55,12 @@ class Door:
     def __init__(self, config, view: ClusterView, queue: RouterQueue, ledger: PrefillLedger,
                  predictor: Predictor | None = None):
         """`config`: the router's RouterConfig (the default TTFT SLO). `predictor`: from
-        the cost profile, None without one."""
+        the cost profile, None without one. The interference book is the queue's (both
+        judge a local prefill by it)."""
         self.config, self.view, self.queue, self.ledger = config, view, queue, ledger
         self.predictor = predictor
         self.slots = SlotRate()
-        self.interference = InterferenceBook()
+        self.interference = queue.interference
 
     async def route(self, req: ValidRequest, arrival: float) -> tuple[Route, set[str]]:
         """Admit the request (or raise, as `admit` and `place` do) and decide its route:
@@ -99,9 +100,6 @@ class Door:
             return stall_s(worker.record, num_tokens)
         return self.predictor.local(side_of(worker, self.ledger, {}), num_tokens).stall_s
 
-    def _others_ratio(self, side, step_s: float, stall: float) -> float:
-        return self.interference.worst_ratio(side.record.worker_id, step_s, stall)
-
     def place(self, req: ValidRequest, hits: dict[str, int]) -> Placed:
         """Where the request runs, by predicted cost (needs a predictor; `hits`: the
         prompt's leading blocks each worker's prefix cache holds). Raises
@@ -136,7 +134,7 @@ class Door:
                              list(sides(prefills, self.queue.queued_tokens_of(True)).values()),
                              list(sides(fit, 0).values()),
                              [s for wid, s in local.items() if wid not in unfit],
-                             others=self._others_ratio)
+                             others=self.interference.others_ratio)
         best = choose(options, slo := self.slo(req))
         if best is None:
             raise overloaded(

@@ -77,6 +77,10 @@ class InterferenceBook:
                     for d in self._on.get(worker_id, {}).values() if d.meets(step_s)),
                    default=0.0)
 
+    def others_ratio(self, side, step_s: float, stall: float) -> float:
+        """`worst_ratio` on a placement side's worker: router.placement's `others`."""
+        return self.worst_ratio(side.record.worker_id, step_s, stall)
+
     def protected(self, worker_id: str) -> int:
         """Requests on the worker with a TPOT SLO."""
         return len(self._on.get(worker_id, {}))

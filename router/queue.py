@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from pdserve.protocol import WorkerRole, block_hashes
 from pdserve.router.errors import check_fits, overloaded, unavailable, worker_failed
+from pdserve.router.interference import InterferenceBook
 from pdserve.router.ledger import PrefillLedger
 from pdserve.router.placement import Slo, candidates, choose, side_of
 from pdserve.router.policy import (
@@ -43,12 +44,16 @@ from pdserve.router.view import ClusterView, LiveWorker
 
 class RouterQueue:
     def __init__(self, config, view: ClusterView, redis, ledger: PrefillLedger,
-                 predictor: Predictor | None = None):
+                 predictor: Predictor | None = None,
+                 interference: InterferenceBook | None = None):
         """`config` is the router's RouterConfig (limits, policy, refresh period);
         `ledger` what this router sent each worker to prefill (router.ledger);
-        `predictor` the cost profile's, None without one."""
+        `predictor` the cost profile's, None without one; `interference` the requests
+        decoding on each worker (the door's book: a local prefill's placement counts the
+        TPOT it leaves them)."""
         self.config, self.view, self.redis, self.ledger = config, view, redis, ledger
         self.predictor = predictor
+        self.interference = interference or InterferenceBook()
         self.queued = 0
         self.queued_tokens = 0
         self._tokens = {True: 0, False: 0}
@@ -111,28 +116,16 @@ class RouterQueue:
                     names = " or ".join(r.value for r in decode_roles)
                     raise unavailable(f"no live {names} worker")
                 check_fits(decodes, len(req.prompt_token_ids))
+                prefills = self._prefills(avoid, prefer_prefill) if disagg else []
                 if self.predictor is not None and hits is not None and slo is not None:
-                    prefills = (preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
-                                if disagg else [])
-                    if disagg and not prefills:
-                        raise _no_prefill_worker()
-                    prefills = [w for w in prefills
-                                if w.worker_id == prefer_prefill] or prefills
                     if (picked := self._place(req, decodes, prefills, disagg, hits, slo)):
                         return picked
-                    await self.view.wait_for_change(self.config.refresh_s)
-                    continue
-                prefill = None
-                if disagg:
-                    prefills = preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
-                    if not prefills:
-                        raise _no_prefill_worker()
-                    prefills = [w for w in prefills
-                                if w.worker_id == prefer_prefill] or prefills
-                    prefill = await self._pick_prefill(prefills, req.prompt_token_ids)
-                decode = self._pick_decode(decodes, len(req.prompt_token_ids))
-                if decode is not None and (prefill is not None or not disagg):
-                    return decode, prefill
+                else:
+                    prefill = (await self._pick_prefill(prefills, req.prompt_token_ids)
+                               if disagg else None)
+                    decode = self._pick_decode(decodes, len(req.prompt_token_ids))
+                    if decode is not None and (prefill is not None or not disagg):
+                        return decode, prefill
                 await self.view.wait_for_change(self.config.refresh_s)  # a slot, blocks
         finally:
             self.queued -= 1
@@ -146,6 +139,14 @@ class RouterQueue:
                 task = asyncio.get_running_loop().create_task(self.view.notify())
                 self._notifies.add(task)
                 task.add_done_callback(self._notifies.discard)
+
+    def _prefills(self, avoid: set[str], prefer: str | None) -> list[LiveWorker]:
+        """The prefill workers to pick from: `prefer` alone while it is listed, else those
+        not in `avoid` (all, when none is left)."""
+        prefills = preferring(self.view.of_role(WorkerRole.PREFILL), avoid)
+        if not prefills:
+            raise _no_prefill_worker()
+        return [w for w in prefills if w.worker_id == prefer] or prefills
 
     def _place(self, req: ValidRequest, decodes: list[LiveWorker],
                prefills: list[LiveWorker], disagg: bool, hits: dict[str, int],
@@ -164,7 +165,8 @@ class RouterQueue:
                                  sides(w for w in prefills if len(w.in_flight) < limit),
                                  sides(free), [])
         else:
-            options = candidates(self.predictor, n, [], [], sides(free))
+            options = candidates(self.predictor, n, [], [], sides(free),
+                                 others=self.interference.others_ratio)
         best = choose(options, slo)
         if best is None:
             return None

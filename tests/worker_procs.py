@@ -8,6 +8,7 @@ from pathlib import Path
 from pdserve.deploy.local import WorkerProcess
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import WorkerRole
+from pdserve.router.router import RouterConfig
 from pdserve.worker import WorkerConfig
 
 
@@ -21,6 +22,14 @@ def worker_config(role: WorkerRole, model_dir: Path, worker_id: str, *, block_si
                        device="cpu", handshake_timeout_s=3.0, ack_timeout_s=ack_timeout_s,
                        keepalive_s=keepalive_s,
                        **spec).worker_config(worker_id, role)
+
+
+def slow_prefill_config(model_dir: Path, worker_id: str) -> WorkerConfig:
+    """A prefill worker that computes one token per step, so a prompt streams for hundreds
+    of steps (long enough to act while it does); a held KV waits 3 s for its re-send
+    (hold_s follows the router's lease)."""
+    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=1,
+                         max_num_seqs=1, ack_timeout_s=5.0, router=RouterConfig(lease_s=3.0))
 
 
 def spawn(configs: list[WorkerConfig]) -> list[WorkerProcess]:

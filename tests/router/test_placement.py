@@ -155,3 +155,54 @@ def test_admission_refuses_a_request_whose_predicted_tpot_misses_its_slo():
         assert "predicted time per output token 31 ms" in str(e.value)
         assert "TPOT SLO of 25 ms" in str(e.value)
     asyncio.run(main())
+
+
+def test_the_queue_places_a_local_prefill_away_from_the_batch_it_would_crowd():
+    """The queue chooses as the door does: a local prefill's headroom counts the TPOT it
+    leaves the requests already decoding on the worker (the interference book)."""
+    async def main():
+        from pdserve.router.interference import decoding
+
+        router = _router(_worker("a", WorkerRole.COLOCATED), _worker("b", WorkerRole.COLOCATED))
+        req = _request(300, slo_ttft_ms=10_000)
+        # one request on a, 10 tokens under a 45 ms TPOT SLO: a's 0.3 s stall leaves it at
+        # 2/3 of its SLO; b, equally loaded, protects no one
+        router.door.interference.joined("a", "t1", 0.0, decoding(45.0, 11))
+        for first in ("a", "b"):  # whichever the workers are listed in
+            router.view.workers = dict(sorted(router.view.workers.items(),
+                                              key=lambda kv: kv[0] != first))
+            decode, prefill = await router.queue.wait(
+                req, False, set(), hits={}, slo=router.door.slo(req))
+            assert (decode.worker_id, prefill) == ("b", None)
+    asyncio.run(main())
+
+
+def test_a_queued_request_whose_prefill_worker_leaves_is_retried_locally():
+    """The only prefill worker leaves (dies, or switches role) while a disaggregated
+    request waits for a decode slot: the wait fails as a worker failure (retryable), and
+    the next dispatch's route prefills where it decodes."""
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE))
+        object.__setattr__(router.config, "max_in_flight_per_worker", 1)
+        d = router.view.workers["d"]
+        d.in_flight["other"] = asyncio.Queue()  # d's one slot is taken
+        req = _request(300, slo_ttft_ms=10_000, hint=Hint.ALWAYS)
+        placed = router.door.place(req, {})
+        assert placed.disaggregated
+        waiting = asyncio.create_task(router.queue.wait(
+            req, True, set(), hits={}, slo=router.door.slo(req)))
+        while router.queue.queued < 1:
+            await asyncio.sleep(0)
+        del router.view.workers["p"]
+        await router.view.notify()
+        with pytest.raises(RequestError) as e:
+            await waiting
+        assert e.value.code == "UNAVAILABLE" and e.value.retryable
+        assert "no live prefill worker" in str(e.value)
+        assert router.queue.queued == 0 and router.queue.queued_tokens == 0
+        assert not router.door.disaggregates(req, set(), decided=placed.disaggregated)
+        d.in_flight.clear()
+        decode, prefill = await router.queue.wait(
+            req, False, set(), hits={}, slo=router.door.slo(req))
+        assert (decode.worker_id, prefill) == ("d", None)
+    asyncio.run(main())

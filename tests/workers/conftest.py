@@ -14,3 +14,15 @@ def collector():
     yield c
     assert not c.errors, c.errors
     c.close()
+
+
+@pytest.fixture(scope="module")
+def prefill(procs):
+    """The prefill worker of a module whose `procs` spawns (prefill, decode)."""
+    return procs[0].worker
+
+
+@pytest.fixture(scope="module")
+def decode(procs):
+    """The decode worker of a module whose `procs` spawns (prefill, decode)."""
+    return procs[1].worker

@@ -14,7 +14,7 @@ import pytest
 from driver import reserve, run_disaggregated, submit
 from helpers import greedy
 from worker_driver import wait_idle, wait_state
-from worker_procs import spawn, stop_all, worker_config
+from worker_procs import slow_prefill_config, spawn, stop_all, worker_config
 
 from pdserve.decode_worker import DecodeState
 from pdserve.engine import LLM, ModelConfig
@@ -26,14 +26,8 @@ from pdserve.protocol import (
     PrefillStatus,
     WorkerRole,
 )
-from pdserve.router.router import RouterConfig
 
 SHARED = tuple((i * 13 + 5) % 251 for i in range(120))  # 30 blocks of 4
-
-
-def slow_prefill_config(model_dir, worker_id):
-    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=1,
-                         max_num_seqs=1, ack_timeout_s=5.0, router=RouterConfig(lease_s=3.0))
 
 
 def follow_up(seed: int, n: int = 300) -> tuple[int, ...]:
@@ -50,16 +44,6 @@ def procs(tiny_llama_dir, collector):
     run_disaggregated(collector, p, d, "warm", SHARED, greedy(1))
     yield procs
     stop_all(procs)
-
-
-@pytest.fixture(scope="module")
-def prefill(procs):
-    return procs[0].worker
-
-
-@pytest.fixture(scope="module")
-def decode(procs):
-    return procs[1].worker
 
 
 @pytest.fixture(autouse=True)

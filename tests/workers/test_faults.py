@@ -19,7 +19,7 @@ import pytest
 from driver import reserve, run_disaggregated, submit
 from helpers import greedy, wait_for
 from worker_driver import wait_idle, wait_state
-from worker_procs import spawn, stop_all, worker_config
+from worker_procs import slow_prefill_config, spawn, stop_all, worker_config
 
 from pdserve.decode_worker import DecodeState
 from pdserve.engine import LLM
@@ -32,7 +32,6 @@ from pdserve.protocol import (
     Reservation,
     WorkerRole,
 )
-from pdserve.router.router import RouterConfig
 
 LONG = tuple((i * 37) % 251 for i in range(400))
 SHORT = (5, 6, 7, 8, 9)
@@ -43,23 +42,12 @@ def uncached_long(seed: int) -> tuple[int, ...]:
     return tuple((i * 37 + seed * 101) % 251 for i in range(400))
 
 
-def slow_prefill_config(model_dir, worker_id):
-    # a held KV waits 3 s for its re-send (hold_s follows the router's lease)
-    return worker_config(WorkerRole.PREFILL, model_dir, worker_id, max_num_batched_tokens=1,
-                         max_num_seqs=1, ack_timeout_s=5.0, router=RouterConfig(lease_s=3.0))
-
-
 @pytest.fixture(scope="module")
 def procs(tiny_llama_dir):
     procs = spawn([slow_prefill_config(tiny_llama_dir, "p-slow"),
                    worker_config(WorkerRole.DECODE, tiny_llama_dir, "d-main")])
     yield procs
     stop_all(procs)
-
-
-@pytest.fixture(scope="module")
-def prefill(procs):
-    return procs[0].worker
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +227,20 @@ def test_a_job_queued_longer_than_its_lease_keeps_its_reservation(collector, pre
                                                                  short_expected):
     """The lease measures the prefill side's silence, not its queue: a job that waits behind
     a long prefill for several of its leases (its sender renewing it) is served in full."""
-    start(collector, prefill, decode.worker, "lease-blocker", uncached_long(1))
-    wait_state(prefill, "lease-blocker", PrefillState.PREFILLING)
+    # two 400-token prompts ahead, one token a step: several of its leases however fast
+    # the machine is
+    blockers = ("lease-blocker-1", "lease-blocker-2")
+    for seed, tid in zip((1, 8), blockers):
+        start(collector, prefill, decode.worker, tid, uncached_long(seed))
+    wait_state(prefill, blockers[0], PrefillState.PREFILLING)
     start(collector, prefill, decode.worker, "patient", SHORT, greedy(6), lease_s=0.4)
     streamed = collector.wait_final("patient", timeout=60)
     assert streamed.final.error == "" and streamed.token_ids == short_expected
     stamps = collector.wait_outcome("patient").stamps
     assert stamps.prefill_start - stamps.received > 0.4  # it waited past its lease
-    collector.wait_outcome("lease-blocker", timeout=60)
-    collector.wait_final("lease-blocker", timeout=60)
+    for tid in blockers:
+        collector.wait_outcome(tid, timeout=60)
+        collector.wait_final(tid, timeout=60)
 
 
 def test_a_job_whose_deadline_passes_while_queued_never_prefills(collector, prefill, decode):

@@ -58,16 +58,6 @@ def procs(long_tiny_dir):
     stop_all(procs)
 
 
-@pytest.fixture(scope="module")
-def prefill(procs):
-    return procs[0].worker
-
-
-@pytest.fixture(scope="module")
-def decode(procs):
-    return procs[1].worker
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(prefill, decode):
     yield
