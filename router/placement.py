@@ -11,7 +11,8 @@ default TTFT SLO when it has none; an SLO that is not set leaves its term out, a
 neither the headroom is -TTFT in seconds, so the fastest first token wins). The choice is
 the placement with the most headroom: one that meets both SLOs beats any that does not,
 and among those that do, the one with the most slack; among those that do not, the one
-that misses by least. A local placement must also fit the TPOT SLOs of the requests
+that misses by least; among equals, the one that stalls the requests already decoding
+least, then the earliest first token. A local placement must also fit the TPOT SLOs of the requests
 already decoding on its worker (router.interference, with the predicted stall).
 
 The candidates are bounded for large clusters: the `width` best prefill workers by
@@ -112,6 +113,10 @@ def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
 
 
 def choose(placements: Sequence[Placement], slo: Slo) -> Placement | None:
-    """The placement with the most headroom (see the module); ties to the earlier TTFT."""
-    return max(placements, key=lambda c: (slo.headroom(c.prediction), -c.prediction.ttft_s),
-               default=None)
+    """The placement with the most headroom (see the module). Among equals, the one that
+    stalls the requests already decoding least, then the earlier TTFT: when the same TPOT
+    term binds a local and a remote placement on one decode worker, a local prefill would
+    spend the batch's slack on a first token that had room to spare."""
+    return max(placements, key=lambda c: (slo.headroom(c.prediction),
+                                          -c.prediction.others_tpot_ratio,
+                                          -c.prediction.ttft_s), default=None)

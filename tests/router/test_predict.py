@@ -92,6 +92,18 @@ def test_choose_prefers_meeting_both_slos_then_the_most_headroom():
     assert choose([], slo) is None
 
 
+def test_equal_headroom_goes_to_the_placement_that_stalls_the_batch_least():
+    """Both bound by the same TPOT term on one decode worker: the local prefill's faster
+    first token does not buy the batch's slack."""
+    slo = Slo(10.0, 0.1)
+    local = Placement("d", "", Prediction(0.5, 0.08, 0.2, others_tpot_ratio=0.7))
+    remote = Placement("d", "p", Prediction(1.5, 0.08))
+    assert choose([local, remote], slo) is remote
+    assert choose([local, Placement("d", "p", Prediction(9.0, 0.08))], slo) is local
+    quiet = Placement("d", "", Prediction(0.5, 0.08, 0.2))  # nobody decoding to stall
+    assert choose([quiet, remote], slo) is quiet
+
+
 def test_candidates_pair_the_best_workers_and_every_cache_holder():
     p = Predictor(_profile())
     prefills = [_side(f"p{i}", WorkerRole.PREFILL, queued=1000 * i) for i in range(10)]
