@@ -230,7 +230,7 @@ def test_a_job_queued_longer_than_its_lease_keeps_its_reservation(collector, pre
     # two 400-token prompts ahead, one token a step: several of its leases however fast
     # the machine is
     blockers = ("lease-blocker-1", "lease-blocker-2")
-    for seed, tid in zip((1, 8), blockers):
+    for seed, tid in zip((1, 8), blockers, strict=True):
         start(collector, prefill, decode.worker, tid, uncached_long(seed))
     wait_state(prefill, blockers[0], PrefillState.PREFILLING)
     start(collector, prefill, decode.worker, "patient", SHORT, greedy(6), lease_s=0.4)
