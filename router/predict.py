@@ -18,8 +18,10 @@ Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. Th
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
 every block the worker holds, and the prompt), scaled by what the worker measures of its
 own decode steps against the profile's for its reported batch (within SCALE_BOUNDS: the
-profile may be of another day); a local prefill stalls the worker's decodes by what its
-mixed steps take beyond the decode-only steps they replace.
+profile may be of another day). A TTFT is scaled by what the router measured of those it
+predicted for prompts prefilled on the same worker (router.calibration). A local prefill
+stalls the worker's decodes by what its mixed steps take beyond the decode-only steps they
+replace.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
+from pdserve.router.calibration import TtftCalibration
 
 DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
 # how far a worker's measured decode step may move the profile's (a profile from another
@@ -65,9 +68,13 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, profile: CostProfile):
+    def __init__(self, profile: CostProfile, calibration: TtftCalibration | None = None):
+        """`calibration`: what the router measured of the TTFTs predicted per worker (a
+        fresh one, every scale 1.0, by default); the router reports finished requests to
+        it (router.calibration)."""
         self.profile = profile
         self.step = profile.step
+        self.calibration = calibration or TtftCalibration()
 
     def decode_step_s(self, seqs: int, context: int) -> float:
         """A decode-only step of `seqs` sequences reading `context` KV tokens in all."""
@@ -127,12 +134,14 @@ class Predictor:
         tpot = self.tpot_s(decode, prompt)
         # the KV is admitted between two steps: half the step in progress, on average
         admit = self.decode_step_s(decode.batch, decode.context) * self.decode_scale(decode) / 2
-        return Prediction(p.router_s + compute + tail + admit + p.stream_s, tpot)
+        ttft = p.router_s + compute + tail + admit + p.stream_s
+        return Prediction(ttft * self.calibration.scale(prefill.record.worker_id), tpot)
 
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(decode.cached_tokens, prompt - 1)
         compute, stall = self.prefill_s(decode.queued_tokens, prompt - hit, hit, decode.chunk,
                                         decode.batch, decode.context)
-        return Prediction(p.router_s + compute + p.stream_s, self.tpot_s(decode, prompt),
-                          stall)
+        ttft = (p.router_s + compute + p.stream_s) * self.calibration.scale(
+            decode.record.worker_id)
+        return Prediction(ttft, self.tpot_s(decode, prompt), stall)

@@ -105,6 +105,8 @@ class Router:
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
+        if predictor is not None:  # its predictions follow what the requests measure
+            self.observers.append(predictor.calibration)
         # validates requests for every front end (gRPC, HTTP): one bound on their work
         self.intake = Intake(tokenizer, config.input_limits)
         self._refresher: asyncio.Task | None = None
