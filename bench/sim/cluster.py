@@ -1,6 +1,14 @@
 """One simulated run: a deployment (how many workers of each role, their batch and chunk
 settings, the router's) under a workload, on a cost profile; the results are the
 RequestResults a measured run gives, summarized by the same `bench.metrics.summarize`.
+
+Adaptive workers (`adaptive`) start in the roles deploy.spec gives them (one alone
+colocated; more, half prefill rounded down, the rest decode) after the fixed pools; with
+the router's `controller` settings (RouterConfig.controller, as `pdserve serve --adaptive`
+sets them) the controller (bench.sim.controller) moves them, and the run keeps its moves.
+The router's cost profile (RouterConfig.cost_profile) is what its predictions use; the
+profile `simulate` is given is what the steps cost: the two may differ, as a router's
+profile may be of another day.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.bench.metrics import RequestResult, Slo, summarize
+from pdserve.bench.sim.controller import SimController, Switch
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.request import SimRequest
 from pdserve.bench.sim.router import SimRouter
@@ -36,24 +45,36 @@ class Deployment:
     # the machine it measured), else 1 (a GPU each)
     host_size: int | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
+    adaptive: int = 0  # workers whose role the controller sets (after the others)
 
     def __post_init__(self) -> None:
-        if min(self.prefill, self.decode, self.colocated) < 0:
+        if min(self.prefill, self.decode, self.colocated, self.adaptive) < 0:
             raise ValueError("worker counts must be >= 0")
-        if self.decode + self.colocated == 0:
+        if self.decode + self.colocated + self.adaptive == 0:
             raise ValueError("a deployment needs a decode or colocated worker")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.block_size < 1:
             raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be >= 1")
 
     @property
     def workers(self) -> int:
-        return self.prefill + self.decode + self.colocated
+        return self.prefill + self.decode + self.colocated + self.adaptive
 
     @property
     def name(self) -> str:
         parts = [f"{n}{tag}" for n, tag in ((self.prefill, "P"), (self.decode, "D"),
-                                             (self.colocated, "C")) if n]
+                                             (self.colocated, "C"), (self.adaptive, "A")) if n]
         return "".join(parts)
+
+    def roles(self) -> list[tuple[WorkerRole, bool]]:
+        """(first role, adaptive) of every worker, as deploy.spec orders and starts them."""
+        fixed = ([WorkerRole.PREFILL] * self.prefill + [WorkerRole.DECODE] * self.decode
+                 + [WorkerRole.COLOCATED] * self.colocated)
+        if self.adaptive == 1:
+            adaptive = [WorkerRole.COLOCATED]
+        else:
+            adaptive = [WorkerRole.PREFILL if i < self.adaptive // 2 else WorkerRole.DECODE
+                        for i in range(self.adaptive)]
+        return [(r, False) for r in fixed] + [(r, True) for r in adaptive]
 
 
 @dataclass
@@ -65,6 +86,8 @@ class SimRun:
     busy: dict[str, float]  # worker id -> busy share of the run
     # worker id -> what it still holds at the end (all zero: nothing leaked)
     final_state: dict[str, dict[str, int]] = field(default_factory=dict)
+    switches: list[Switch] = field(default_factory=list)  # the controller's moves
+    roles: dict[str, str] = field(default_factory=dict)  # worker id -> its role at the end
 
     def summary(self, slo: Slo | None, kv_bytes_per_token: int = 0) -> dict:
         return summarize(self.results, self.duration_s, slo,
@@ -85,14 +108,15 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
     loop = EventLoop()
     num_blocks = deployment.num_blocks or max(
         1, profile.kv_capacity_tokens // deployment.block_size)
-    roles = ([WorkerRole.PREFILL] * deployment.prefill + [WorkerRole.DECODE] * deployment.decode
-             + [WorkerRole.COLOCATED] * deployment.colocated)
-    workers = [SimWorker(f"{role.value}-{i}", role, loop, profile,
-                         max_num_batched_tokens=deployment.max_num_batched_tokens,
-                         max_num_seqs=deployment.max_num_seqs,
-                         block_size=deployment.block_size, num_blocks=num_blocks,
-                         keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
-               for i, role in enumerate(roles)]
+    workers = []
+    for i, (role, adaptive) in enumerate(deployment.roles()):
+        w = SimWorker(f"{'adaptive' if adaptive else role.value}-{i}", role, loop, profile,
+                      max_num_batched_tokens=deployment.max_num_batched_tokens,
+                      max_num_seqs=deployment.max_num_seqs,
+                      block_size=deployment.block_size, num_blocks=num_blocks,
+                      keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
+        w.adaptive = adaptive
+        workers.append(w)
     host = deployment.host_size or (int(profile.machine.get("cores_usable", 1))
                                      if profile.source == "measured" else 1)
     for i in range(0, len(workers), host):
@@ -104,6 +128,10 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
     router = SimRouter(loop, deployment.router, workers, profile, sent_slo)
     for i, w in enumerate(workers):  # heartbeats spread over a period, as threads started apart
         w.heartbeat.start(deployment.heartbeat_s * i / len(workers), lambda: router.open > 0)
+    controller = None
+    if deployment.adaptive and deployment.router.controller is not None:
+        controller = SimController(deployment.router.controller, loop, router, workers)
+        controller.start(lambda: router.open > 0)
     requests = [SimRequest(i, p, o, a) for i, (p, o, a)
                 in enumerate(zip(prompt_lens, output_lens, arrivals, strict=True))]
     if keep_itl:
@@ -124,7 +152,9 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
     duration = max((r.t_end + stream_s for r in requests), default=0.0)
     return SimRun(results, duration, loop.processed, sum(w.preemptions for w in workers),
                   {w.worker_id: w.busy_s / duration if duration else 0.0 for w in workers},
-                  {w.worker_id: holding(w) for w in workers})
+                  {w.worker_id: holding(w) for w in workers},
+                  controller.switches if controller else [],
+                  {w.worker_id: w.role.value for w in workers})
 
 
 def holding(w: SimWorker) -> dict[str, int]:
@@ -132,4 +162,5 @@ def holding(w: SimWorker) -> dict[str, int]:
     return {"used_blocks": w.used_blocks, "in_flight": w.in_flight,
             "batch": w.decoding.size, "context": w.decoding.context,
             "queued_tokens": w.queued_tokens, "waiting": len(w.waiting),
-            "prefilling": len(w.prefilling), "sent_tokens": w.sent_tokens}
+            "prefilling": len(w.prefilling), "sent_tokens": w.sent_tokens,
+            "draining": int(not w.serving)}

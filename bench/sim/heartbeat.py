@@ -3,7 +3,8 @@
 load (free blocks, running, waiting, queued prefill tokens) and its meters (prefill rate,
 decode step time). The router sees only the last report (plus its own counts); a report
 that changed nothing is not passed on. `without_room` marks the worker full until the next
-report, as WorkerRecord.without_room does after a refused reservation.
+report, as WorkerRecord.without_room does after a refused reservation. A beat also reads
+the worker's target role, if the controller set a new one (bench.sim.switch).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Heartbeat:
         self.record = (0, *self.record[1:])
 
     def _beat(self) -> None:
+        if self.worker.ordered is not None:  # a controller's target, read as a beat does
+            self.worker.read_order()
         record, meters = self.worker.published()
         if record != self.record or meters != (self.rate, self.step_s):
             self.record = record

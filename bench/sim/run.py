@@ -7,6 +7,14 @@ worker). The workload flags are `pdserve bench`'s; the deployment flags `pdserve
         --prefill 1 --decode 1 --disaggregation-threshold 1 \\
         --dataset random --input-len 768 --output-len 48 --range-ratio 0.25 \\
         --request-rate 0.15 0.3 0.45 0.6 --seeds 0 1 2 --slo-ttft-ms 5090 --slo-tpot-ms 51
+
+The sweep's adaptive deployment (bench.server: two workers whose roles the controller sets,
+each request placed by the router's cost profile) on its shifting workload:
+
+    pdserve simulate --profile bench/results/costmodel/profile_cpu.json \\
+        --prefill 0 --decode 0 --adaptive 2 --adaptive-dwell 10 --cost-profile \\
+        --num-blocks 1024 --sweep-workload shifting --num-prompts 48 --request-rate 0.5 \\
+        --slo-ttft-ms 7597 --slo-tpot-ms 93.9 --send-slo
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from tqdm import tqdm
 
 from pdserve.bench.metrics import Slo, goodput_per_worker
 from pdserve.bench.sim.cluster import Deployment, simulate
-from pdserve.bench.sim.workload import EXACT_UP_TO, requests
+from pdserve.bench.sim.workload import EXACT_UP_TO, requests, sweep_requests
+from pdserve.bench.sweep_workloads import WORKLOADS
 from pdserve.bench.workload import DEFAULT_TRACES_DIR, TRACES
 from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
+from pdserve.router.controller.decide import ControllerConfig
+
+OWN_PROFILE = "-"  # --cost-profile without a path: the router predicts with --profile
 
 
 def add_deployment_flags(ap: argparse.ArgumentParser) -> None:
@@ -44,14 +56,34 @@ def add_deployment_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=256)
     g.add_argument("--default-ttft-slo", type=float, default=30.0,
                    help="admission's TTFT bound, seconds (0: none)")
+    g.add_argument("--adaptive", type=int, default=0, metavar="N",
+                   help="workers whose role the controller sets (one starts colocated, more "
+                        "half prefill, half decode), after the pools above")
+    g.add_argument("--adaptive-dwell", type=float, default=30.0, metavar="SECONDS",
+                   help="an adaptive worker keeps a role at least this long; the controller "
+                        "moves at most one per third of this (%(default)s)")
+    g.add_argument("--cost-profile", nargs="?", const=OWN_PROFILE, default=None,
+                   metavar="PATH", help="the router places and admits each request by the "
+                   "TTFT and TPOT this profile predicts (without PATH: --profile's)")
 
 
-def deployment_from(args) -> Deployment:
+def deployment_from(args, profile: CostProfile | None = None) -> Deployment:
+    """`profile`: the simulation's, which `--cost-profile` without a path names."""
+    cost = None
+    if getattr(args, "cost_profile", None) is not None:
+        cost = profile if args.cost_profile == OWN_PROFILE else CostProfile.load(
+            Path(args.cost_profile))
+    adaptive = getattr(args, "adaptive", 0)
+    controller = (ControllerConfig(dwell_s=args.adaptive_dwell,
+                                   cooldown_s=args.adaptive_dwell / 3)
+                  if adaptive > 0 else None)  # as `pdserve serve --adaptive` sets it
     router = RouterConfig(disaggregation_threshold=args.disaggregation_threshold,
                           max_in_flight_per_worker=args.max_in_flight_per_worker,
-                          max_queue=args.max_queue, default_ttft_slo_s=args.default_ttft_slo)
+                          max_queue=args.max_queue, default_ttft_slo_s=args.default_ttft_slo,
+                          cost_profile=cost, controller=controller)
     return Deployment(args.prefill, args.decode, args.colocated, args.max_num_batched_tokens,
-                      args.max_num_seqs, args.block_size, args.num_blocks, router=router)
+                      args.max_num_seqs, args.block_size, args.num_blocks, router=router,
+                      adaptive=adaptive)
 
 
 def add_workload_flags(ap: argparse.ArgumentParser) -> None:
@@ -83,10 +115,15 @@ def add_workload_flags(ap: argparse.ArgumentParser) -> None:
 def run_point(deployment: Deployment, profile: CostProfile, args, rate: float, seed: int,
               slo: Slo | None, keep_itl: bool = True) -> dict:
     """One (rate, seed) run: its summary, as `pdserve bench` writes it."""
-    reqs = requests(args, seed)
+    if getattr(args, "sweep_workload", None):
+        prompts, outputs, arrivals = sweep_requests(
+            args.sweep_workload, args.num_prompts, seed, args.request_rate.index(rate), rate)
+    else:
+        reqs = requests(args, seed)
+        prompts, outputs = reqs.prompt_lens, reqs.output_lens
+        arrivals = reqs.arrivals(rate, args.burstiness, seed)
     t0 = time.perf_counter()
-    run = simulate(deployment, profile, reqs.prompt_lens, reqs.output_lens,
-                   reqs.arrivals(rate, args.burstiness, seed),
+    run = simulate(deployment, profile, prompts, outputs, arrivals,
                    sent_slo=slo if args.send_slo else None, keep_itl=keep_itl)
     result = run.summary(slo, profile.kv_bytes_per_token)
     if not keep_itl:  # a run too large for per-request lists in its JSON
@@ -97,7 +134,13 @@ def run_point(deployment: Deployment, profile: CostProfile, args, rate: float, s
                    "num_workers": deployment.workers, "request_rate": rate, "seed": seed,
                    "dataset": args.dataset, "burstiness": args.burstiness,
                    "sim_events": run.events, "sim_preemptions": run.preemptions,
-                   "sim_wall_s": time.perf_counter() - t0, "sim_busy": run.busy})
+                   "sim_wall_s": time.perf_counter() - t0, "sim_busy": run.busy,
+                   "sim_switches": [vars(m) | {"from_role": m.from_role.value,
+                                               "to_role": m.to_role.value}
+                                    for m in run.switches],
+                   "sim_roles": run.roles})
+    if getattr(args, "sweep_workload", None):
+        result["dataset"] = f"sweep:{args.sweep_workload}"
     return result
 
 
@@ -134,17 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     add_deployment_flags(ap)
     add_workload_flags(ap)
+    ap.add_argument("--sweep-workload", choices=sorted(WORKLOADS), default=None,
+                    help="send a `pdserve bench sweep` workload's requests instead (its "
+                         "prompts and arrivals, the i-th rate's as the sweep draws them)")
     args = ap.parse_args(argv)
     profile = CostProfile.load(args.profile)
     slo = (Slo(args.slo_ttft_ms, args.slo_tpot_ms)
            if args.slo_ttft_ms is not None and args.slo_tpot_ms is not None else None)
-    result = simulate_sweep(deployment_from(args), profile, args, slo)
+    result = simulate_sweep(deployment_from(args, profile), profile, args, slo)
     for run in result["runs"]:
         line = (f"{result['deployment']} @ {run['request_rate']:g} req/s seed {run['seed']}: "
                 f"TTFT p50 {run['median_ttft_ms']:.0f} ms, TPOT p50 {run['median_tpot_ms']:.1f}"
                 f" ms, completed {run['completed']}/{run['num_prompts']}")
         if slo is not None:
             line += f", SLO attainment {run['slo_attainment']:.1%}"
+        if run["sim_switches"]:
+            line += ", role switches: " + ", ".join(
+                f"{m['worker_id']} {m['from_role']} -> {m['to_role']} at {m['time']:.0f} s"
+                for m in run["sim_switches"])
         print(line)
     if "summary" in result:
         s = result["summary"]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pdserve.bench.metrics import Slo, goodput_per_worker
 from pdserve.bench.sim.cluster import Deployment, simulate
-from pdserve.bench.sweep import Workload, samples_for
-from pdserve.bench.workload import arrival_times
+from pdserve.bench.sim.workload import sweep_requests
+from pdserve.bench.sweep import Workload
 from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
 
@@ -46,9 +46,9 @@ def validate_sweep(data: dict, profile: CostProfile) -> dict:
                 continue
             simulated = []
             for seed in seeds:
-                samples = samples_for(w, n, seed, i + 1)
-                run = simulate(deployment, profile, [len(s.prompt) for s in samples],
-                               [s.output_len for s in samples], arrival_times(n, rate, 1.0, seed),
+                # the run's requests as the sweep sent them (a trace's or the shifting
+                # workload's arrivals follow the rate)
+                run = simulate(deployment, profile, *sweep_requests(w, n, seed, i, rate),
                                warm=True)  # the sweep warms each deployment up first
                 simulated.append(run.summary(slo))
             row = {"workload": w.name, "deployment": name, "rate": rate}

@@ -14,6 +14,7 @@ Roles: a prefill worker only prefills (its KV stays held until the decode side h
 decode worker decodes what arrives by KV transfer and prefills locally what the router
 sends it whole; a colocated worker prefills and decodes everything it gets. Arrived KV is
 admitted between steps, its first token streamed at once, as decode_worker/jobs.py does.
+An adaptive worker changes role by draining first (bench.sim.switch).
 
 A step's time is the profile's step model, plus the serving path's cost per decoding
 sequence, times the contention factor while a neighbour on the same host computes.
@@ -39,13 +40,14 @@ from pdserve.bench.sim.blocks import Blocks
 from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.heartbeat import Heartbeat
 from pdserve.bench.sim.request import SimRequest, State
+from pdserve.bench.sim.switch import Switching
 from pdserve.protocol import WorkerRole
 from pdserve.protocol.cost_profile import CostProfile, chunk_pairs
 from pdserve.router.policy import WorkerLoad
 from pdserve.worker.rate import MIN_PREFILL_TOKENS, DecodeStepTime, PrefillRate
 
 
-class SimWorker(leap.Leaping, Blocks):
+class SimWorker(leap.Leaping, Blocks, Switching):
     def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
                  profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
                  block_size: int, num_blocks: int, keep_token_times: bool = False,
@@ -192,6 +194,7 @@ class SimWorker(leap.Leaping, Blocks):
         """(prefill worker) the decode side has the KV: free what the job held."""
         self.used_blocks -= r.held
         r.held = 0
+        self.drained()
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -217,8 +220,7 @@ class SimWorker(leap.Leaping, Blocks):
         decodes = decoding.size
         if not self.prefilling and not self.waiting:  # decodes only (a decode worker's lot)
             if not decodes:
-                self.busy = False
-                self.rate.flush()
+                self._idle()
                 return
             # busy before: no neighbour starts to contend now (_compute's first part)
             if self.busy and self._leaps and not (self.neighbours and self._contended()):
@@ -229,6 +231,11 @@ class SimWorker(leap.Leaping, Blocks):
         else:
             chunks, pairs = self._chunks(now, decodes)
         self._compute(chunks, pairs, decodes)
+
+    def _idle(self) -> None:
+        self.busy = False
+        self.rate.flush()
+        self.drained()  # a draining worker that holds nothing now takes its new role
 
     def _chunks(self, now: float, decodes: int) -> tuple[list[tuple[SimRequest, int]], int]:
         """The prompt chunks the next step computes (taking their blocks), and their
@@ -267,8 +274,7 @@ class SimWorker(leap.Leaping, Blocks):
         """Start the step (or a leap, unless `leap` is False: tried already), or go idle when
         there is nothing to compute."""
         if not chunks and not decodes:
-            self.busy = False
-            self.rate.flush()
+            self._idle()
             return
         if not self.busy and self.neighbours:  # starting to compute: neighbours slow down
             for n in self.neighbours:

@@ -9,6 +9,10 @@ shared prefix) and a trace is replayed as many times as it takes, each copy afte
 Arrivals: the trace's own times scaled by `--time-scale`, or, with a rate, gamma gaps as
 `pdserve bench` draws them (bench.workload.arrival_times); `rate_scaled` stretches a
 trace's gaps to a given rate instead.
+
+`sweep_requests` draws a `pdserve bench sweep` run's requests instead (bench.sweep_workloads:
+chat, summarize, the traces, shifting), the prompts and arrivals of that run as the sweep
+sends them (its run_load: the samples' own arrival times where they have them).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.bench.serve_bench import build_samples
+from pdserve.bench.sweep_workloads import WORKLOADS, Workload, samples_for
 from pdserve.bench.workload import TRACES, _azure_rows, _mooncake_rows, arrival_times
 
 EXACT_UP_TO = 20_000
@@ -93,3 +98,17 @@ def _tiled_trace(args) -> Requests:
 def with_args(args: argparse.Namespace, **changes) -> argparse.Namespace:
     """A copy of parsed flags with some changed."""
     return argparse.Namespace(**{**vars(args), **changes})
+
+
+def sweep_requests(workload: str | Workload, n: int, seed: int, rate_index: int, rate: float
+                   ) -> tuple[list[int], list[int], list[float]]:
+    """(prompt lengths, output lengths, arrival times) of the sweep's run of `n` requests
+    of `workload` (a name, or the sweep JSON's Workload) at `rate`, the `rate_index`-th
+    (from 0) of its rates, with `seed`."""
+    w = WORKLOADS[workload] if isinstance(workload, str) else workload
+    samples = samples_for(w, n, seed, rate_index + 1, rate)
+    if all(s.arrival is not None for s in samples):
+        times = [s.arrival for s in samples]
+    else:
+        times = arrival_times(n, rate, 1.0, seed)
+    return [len(s.prompt) for s in samples], [s.output_len for s in samples], times

@@ -96,8 +96,9 @@ def test_every_request_ends_and_nothing_is_left_held(deployment):
             assert r.ttft > 0 and r.latency >= r.ttft
     assert finished  # far above capacity: most are refused, what is admitted finishes
     state = run.final_state
-    assert all(s == {"used_blocks": 0, "in_flight": 0, "batch": 0, "context": 0,
-                     "queued_tokens": 0, "waiting": 0, "prefilling": 0, "sent_tokens": 0}
+    assert all(s == dict.fromkeys(("used_blocks", "in_flight", "batch", "context",
+                                   "queued_tokens", "waiting", "prefilling", "sent_tokens",
+                                   "draining"), 0)
                for s in state.values()), state
     if deployment.num_blocks:
         assert run.preemptions > 0  # the tight cases did exercise preemption
