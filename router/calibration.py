@@ -1,19 +1,22 @@
-"""Online correction of the predicted time to first token, per worker: what the router
-measures of the requests it placed against what it predicted for them.
+"""Online correction of the predicted time to first token and per output token, per
+worker: what the router measures of the requests it placed against what it predicted for
+them.
 
 The cost profile is measured once (`pdserve profile`), often on another day or under
 another load; a worker then runs steadily faster or slower than it predicts (a host now
-shared, a warmer cache, a queue the profile's per-chunk cost compounds). Each finished
-request whose admission predicted its first token (`timing.predicted_ttft_ms`) moves the
-scale of the worker that prefilled it (the prefill worker, or the decode worker for a
-local prefill) by a step toward measured / predicted, in log space: the predictions it
-multiplies then err as often long as short (the scale's fixed point is the median
-ratio). The scale stays within SCALE_BOUNDS, as the decode step's does (router.predict):
-more than that is a glitch, not a trend.
+shared, a warmer cache, a queue the profile's per-chunk cost compounds, a decode batch
+that shrinks while a request decodes). Each finished request whose admission predicted
+its first token (`timing.predicted_ttft_ms`) moves the TTFT scale of the worker that
+prefilled it (the prefill worker, or the decode worker for a local prefill), and one that
+predicted its time per output token (`timing.predicted_tpot_ms`, with two tokens or more)
+the TPOT scale of its decode worker, each by a step toward measured / predicted in log
+space: the predictions a scale multiplies then err as often long as short (its fixed point
+is the median ratio). A scale stays within SCALE_BOUNDS, as the decode step's does
+(router.predict): more than that is a glitch, not a trend.
 
 A RequestObserver (router.observe), on the router's event loop; nothing is persisted: a
 new router starts at 1.0 for every worker. A request dispatched more than once is left
-out (its first token waited for a failure, not for the worker's queue).
+out (it waited for a failure, not for the worker).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ SCALE_BOUNDS = (0.5, 2.0)
 STEP = 0.2  # of the log ratio per request: about ten requests to follow a shift
 
 
-class TtftCalibration:
+class Scales:
+    """One kind of prediction's scale per worker."""
+
     def __init__(self, step: float = STEP):
         if not 0 < step <= 1:
             raise ValueError(f"step must be in (0, 1], got {step}")
@@ -34,18 +39,24 @@ class TtftCalibration:
         self._log: dict[str, float] = {}
 
     def scale(self, worker_id: str) -> float:
-        """What the profile's TTFT predictions for prompts prefilled on the worker are
-        multiplied by (1.0 until one of its requests has finished)."""
+        """What the profile's predictions for the worker are multiplied by (1.0 until one
+        of its requests has finished)."""
         return math.exp(self._log.get(worker_id, 0.0))
 
     def observe(self, worker_id: str, predicted_s: float, measured_s: float) -> None:
-        """One request prefilled on `worker_id`: predicted (with the scale of the time)
-        against measured. Ignored without both."""
+        """One request on `worker_id`: predicted (with the scale of the time) against
+        measured. Ignored without both."""
         if predicted_s <= 0 or measured_s <= 0 or not worker_id:
             return
         lo, hi = (math.log(b) for b in SCALE_BOUNDS)
         moved = self._log.get(worker_id, 0.0) + self.step * math.log(measured_s / predicted_s)
         self._log[worker_id] = min(max(moved, lo), hi)
+
+
+class Calibration:
+    def __init__(self, step: float = STEP):
+        self.ttft = Scales(step)  # by the worker that prefilled
+        self.tpot = Scales(step)  # by the decode worker
 
     def request_ended(self, record: RequestRecord) -> None:
         final = record.final
@@ -53,5 +64,9 @@ class TtftCalibration:
                 or final.attempts > 1):
             return
         t = final.timing
-        self.observe(final.prefill_worker or final.decode_worker,
-                     t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
+        self.ttft.observe(final.prefill_worker or final.decode_worker,
+                          t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
+        n = final.usage.completion_tokens
+        if n > 1:
+            self.tpot.observe(final.decode_worker, t.predicted_tpot_ms / 1e3,
+                              t.decode_ms / 1e3 / (n - 1))

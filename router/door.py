@@ -73,8 +73,8 @@ class Door:
             return Route(deadline, None, None, 0.0, disagg), self.admit(req, disagg)
         hits = await self.queue.hits(req.prompt_token_ids)
         placed = self.place(req, hits)
-        return (Route(deadline, hits, slo, placed.ttft_s, placed.disaggregated),
-                placed.unfit)
+        return (Route(deadline, hits, slo, placed.ttft_s, placed.disaggregated,
+                      placed.placement.prediction.tpot_s), placed.unfit)
 
     def disaggregates(self, req: ValidRequest, avoid: set[str] = frozenset(),
                       decided: bool | None = None) -> bool:

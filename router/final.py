@@ -52,15 +52,15 @@ def final_response(request_id: str, req: ValidRequest, finish: FinishReason,
                    completion_tokens: int, worker: TokenChunk, arrival: float,
                    dispatched: float, first_token: float, decode_worker: str,
                    prefill_worker: str, retries: Retries = Retries(),
-                   predicted_ttft_s: float = 0.0) -> pb.GenerateResponse:
+                   predicted: tuple[float, float] = (0.0, 0.0)) -> pb.GenerateResponse:
     """The last message of a request's stream: finish reason, usage, and the timing
     breakdown from the router's own stamps and the decode worker's, all Unix seconds in one
     clock. `worker` is the latest chunk that came with the decode worker's stamps (which
     hold the prefill worker's too) and prefix-cache hits: the job's final chunk, or its
-    first when a stop string ended the request earlier. `predicted_ttft_s`: admission's
-    prediction (router.placement; 0.0 without a cost profile)."""
+    first when a stop string ended the request earlier. `predicted`: admission's TTFT and
+    TPOT (router.placement; 0.0 without a cost profile)."""
     t = timing(arrival, dispatched, first_token, time.time(), worker.stamps, retries.retry_s)
-    t.predicted_ttft_ms = predicted_ttft_s * 1e3
+    t.predicted_ttft_ms, t.predicted_tpot_ms = (x * 1e3 for x in predicted)
     slo = pb.Slo()
     if req.slo_ttft_ms is not None:
         slo.ttft_ms = req.slo_ttft_ms

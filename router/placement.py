@@ -58,13 +58,15 @@ class Placement:
 class Route:
     """What admission decided for a request, for each of its dispatches: its place in the
     queue's deadline order, the prompt's prefix hits and the SLOs placement judges by
-    (None without a cost profile), the predicted TTFT (0.0: none), disaggregated or not."""
+    (None without a cost profile), disaggregated or not, the predicted TTFT and TPOT (0.0:
+    none)."""
 
     deadline: float | None
     hits: dict[str, int] | None
     slo: Slo | None
     predicted_ttft_s: float
     disaggregated: bool
+    predicted_tpot_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ request's TPOT is one decode step of the worker's batch with the request in it (
 every block the worker holds, and the prompt), scaled by what the worker measures of its
 own decode steps against the profile's for its reported batch (within SCALE_BOUNDS: the
 profile may be of another day). A TTFT is scaled by what the router measured of those it
-predicted for prompts prefilled on the same worker (router.calibration). A local prefill
+predicted for prompts prefilled on the same worker, a TPOT by those it predicted for
+requests decoded there (router.calibration). A local prefill
 stalls the worker's decodes by what its mixed steps take beyond the decode-only steps they
 replace.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
-from pdserve.router.calibration import TtftCalibration
+from pdserve.router.calibration import Calibration
 
 DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
 # how far a worker's measured decode step may move the profile's (a profile from another
@@ -68,13 +69,13 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, profile: CostProfile, calibration: TtftCalibration | None = None):
-        """`calibration`: what the router measured of the TTFTs predicted per worker (a
-        fresh one, every scale 1.0, by default); the router reports finished requests to
-        it (router.calibration)."""
+    def __init__(self, profile: CostProfile, calibration: Calibration | None = None):
+        """`calibration`: what the router measured of the TTFTs and TPOTs it predicted,
+        per worker (a fresh one, every scale 1.0, by default); the router reports
+        finished requests to it (router.calibration)."""
         self.profile = profile
         self.step = profile.step
-        self.calibration = calibration or TtftCalibration()
+        self.calibration = calibration or Calibration()
 
     def decode_step_s(self, seqs: int, context: int) -> float:
         """A decode-only step of `seqs` sequences reading `context` KV tokens in all."""
@@ -120,8 +121,9 @@ class Predictor:
 
     def tpot_s(self, decode: Side, prompt: int) -> float:
         """The request's time per output token on the decode side, with it in the batch."""
-        return (self.decode_step_s(decode.batch + 1, decode.context + prompt)
-                * self.decode_scale(decode))
+        step = self.decode_step_s(decode.batch + 1, decode.context + prompt)
+        return (step * self.decode_scale(decode)
+                * self.calibration.tpot.scale(decode.record.worker_id))
 
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile
@@ -135,13 +137,13 @@ class Predictor:
         # the KV is admitted between two steps: half the step in progress, on average
         admit = self.decode_step_s(decode.batch, decode.context) * self.decode_scale(decode) / 2
         ttft = p.router_s + compute + tail + admit + p.stream_s
-        return Prediction(ttft * self.calibration.scale(prefill.record.worker_id), tpot)
+        return Prediction(ttft * self.calibration.ttft.scale(prefill.record.worker_id), tpot)
 
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(decode.cached_tokens, prompt - 1)
         compute, stall = self.prefill_s(decode.queued_tokens, prompt - hit, hit, decode.chunk,
                                         decode.batch, decode.context)
-        ttft = (p.router_s + compute + p.stream_s) * self.calibration.scale(
+        ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft.scale(
             decode.record.worker_id)
         return Prediction(ttft, self.tpot_s(decode, prompt), stall)

@@ -216,7 +216,7 @@ class Router:
                                 arrival, attempt.dispatched, first_token,
                                 attempt.decode_id, attempt.prefill_id,
                                 Retries(attempts, migrations, retry_s, len(resends)),
-                                route.predicted_ttft_s)
+                                (route.predicted_ttft_s, route.predicted_tpot_s))
                             return
             except RequestError as e:
                 if not e.retryable:

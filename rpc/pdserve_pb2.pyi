@@ -98,7 +98,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("arrival", "dispatched", "prefill_start", "prefill_end", "kv_received", "decode_admitted", "first_token", "finished", "router_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "decode_queue_ms", "first_token_ms", "decode_ms", "retry_ms", "predicted_ttft_ms")
+    __slots__ = ("arrival", "dispatched", "prefill_start", "prefill_end", "kv_received", "decode_admitted", "first_token", "finished", "router_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "decode_queue_ms", "first_token_ms", "decode_ms", "retry_ms", "predicted_ttft_ms", "predicted_tpot_ms")
     ARRIVAL_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_START_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class Timing(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     RETRY_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     arrival: float
     dispatched: float
     prefill_start: float
@@ -133,7 +134,8 @@ class Timing(_message.Message):
     decode_ms: float
     retry_ms: float
     predicted_ttft_ms: float
-    def __init__(self, arrival: _Optional[float] = ..., dispatched: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., kv_received: _Optional[float] = ..., decode_admitted: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ..., router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., retry_ms: _Optional[float] = ..., predicted_ttft_ms: _Optional[float] = ...) -> None: ...
+    predicted_tpot_ms: float
+    def __init__(self, arrival: _Optional[float] = ..., dispatched: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., kv_received: _Optional[float] = ..., decode_admitted: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ..., router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., retry_ms: _Optional[float] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ...) -> None: ...
 
 class FinalResponse(_message.Message):
     __slots__ = ("request_id", "finish_reason", "usage", "timing", "disaggregated", "prefill_worker", "decode_worker", "slo", "attempts", "migrations", "kv_resends", "kv_transfer_bytes")

@@ -100,6 +100,10 @@ class RequestMetrics:
             "time_to_first_token_prediction_ratio", "Measured over predicted time to first "
             "token, for requests the router placed by its cost profile (1: exact).",
             RATIO_BUCKETS)
+        self.tpot_prediction = histogram(
+            "time_per_output_token_prediction_ratio", "Measured over predicted time per "
+            "output token, for requests the router placed by its cost profile (1: exact).",
+            RATIO_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request.",
                                     TOKEN_BUCKETS)
         self.output_len = histogram("request_generation_tokens",
@@ -181,6 +185,8 @@ class RequestMetrics:
         self.ttft.observe(ttft)
         if t.predicted_ttft_ms > 0:
             self.ttft_prediction.observe(t.first_token_ms / t.predicted_ttft_ms)
+        if t.predicted_tpot_ms > 0 and n > 1:
+            self.tpot_prediction.observe(t.decode_ms / (n - 1) / t.predicted_tpot_ms)
         self.e2e.observe(e2e)
         self.queue.observe(t.router_queue_ms / 1e3)
         self.prefill_queue.observe(t.prefill_queue_ms / 1e3)

@@ -71,6 +71,8 @@ def test_request_metrics_count_what_the_records_say():
                             "10 s"), _failed(""))))
     predicted = _final(900.0)
     predicted.timing.predicted_ttft_ms = 1000.0
+    # 3 tokens over 100 ms after the first: 50 ms each, predicted 40 ms
+    predicted.timing.decode_ms, predicted.timing.predicted_tpot_ms = 100.0, 40.0
     metrics.request_ended(_record(final=predicted, slo_ttft_ms=500.0))
     metrics.request_ended(_record(RequestOutcome.FAILED, code="UNAVAILABLE",
                                   slo_tpot_ms=50.0,
@@ -96,6 +98,8 @@ def test_request_metrics_count_what_the_records_say():
     assert get_value("pdserve:time_to_first_token_prediction_ratio_count") == 1
     assert get_value("pdserve:time_to_first_token_prediction_ratio_bucket", le="0.9") == 1
     assert get_value("pdserve:time_to_first_token_prediction_ratio_bucket", le="0.8") == 0
+    assert get_value("pdserve:time_per_output_token_prediction_ratio_count") == 1
+    assert get_value("pdserve:time_per_output_token_prediction_ratio_sum") == 1.25
     assert get_value("pdserve:prompt_tokens_total") == 30
     assert get_value("pdserve:generation_tokens_total") == 9
 
