@@ -25,7 +25,9 @@ import math
 
 from pdserve.router.observe import RequestOutcome, RequestRecord
 
-SCALE_BOUNDS = (0.5, 2.0)
+# how far measurement may move the profile's predictions: a profile from another day, or a
+# host now shared or quieter, is off by up to 2-3x; more is a glitch, not a trend
+SCALE_BOUNDS = (0.25, 4.0)
 STEP = 0.2  # of the log ratio per request: about ten requests to follow a shift
 
 

@@ -17,7 +17,10 @@ bound: the request's placement (remote or local, and where) is the one with the 
 headroom by predicted TTFT and TPOT (router.placement), and the request is refused at once
 when even that one's predicted first token, plus the wait for a slot, is past its TTFT SLO;
 and when its predicted TPOT there (the decode batch it would join) is past its TPOT SLO;
-the refusal names the prediction.
+the refusal names the prediction. A request with nothing ahead of it (no prompt queued
+and no sequence decoding on its workers, none waiting in the router) is admitted whatever
+is predicted: refusing it frees nothing for anyone, and its outcome corrects the
+predictions (router.calibration) that a stale profile would otherwise keep refusing by.
 """
 
 from __future__ import annotations
@@ -128,11 +131,11 @@ class Door:
             return out
 
         local = sides(holders, self.queue.queued_tokens_of(False))
+        remote = sides(prefills, self.queue.queued_tokens_of(True))
+        decode = sides(fit, 0)
         unfit = {wid for wid, s in local.items() if not self.interference.fits(
             s.record, self.predictor.local(s, n).stall_s)}
-        options = candidates(self.predictor, n,
-                             list(sides(prefills, self.queue.queued_tokens_of(True)).values()),
-                             list(sides(fit, 0).values()),
+        options = candidates(self.predictor, n, list(remote.values()), list(decode.values()),
                              [s for wid, s in local.items() if wid not in unfit],
                              others=self.interference.others_ratio)
         best = choose(options, slo := self.slo(req))
@@ -144,6 +147,10 @@ class Door:
         wait = best.prediction.ttft_s + slot_wait_s(self.queue.queued, self.slots.per_s())
         where = (f"prefilled on {best.prefill_id}, decoded on {best.decode_id}"
                  if best.prefill_id else f"on {best.decode_id}")
+        used = ([remote[best.prefill_id], decode[best.decode_id]] if best.prefill_id
+                else [local[best.decode_id]])
+        if not self.queue.queued and not any(s.queued_tokens or s.batch for s in used):
+            return Placed(best, unfit, wait)  # idle: see the module
         if slo.ttft_s and wait > slo.ttft_s:
             raise overloaded(
                 f"refused at admission: predicted time to first token {wait:.2f} s at best "

@@ -17,8 +17,8 @@ whatever the wire could not keep up with. Only the blocks the decode worker lack
 Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. The
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
 every block the worker holds, and the prompt), scaled by what the worker measures of its
-own decode steps against the profile's for its reported batch (within SCALE_BOUNDS: the
-profile may be of another day). A TTFT is scaled by what the router measured of those it
+own decode steps against the profile's for its reported batch (within the calibration's
+SCALE_BOUNDS: the profile may be of another day, or another machine's speed). A TTFT is scaled by what the router measured of those it
 predicted for prompts prefilled on the same worker, a TPOT by those it predicted for
 requests decoded there (router.calibration). A local prefill
 stalls the worker's decodes by what its mixed steps take beyond the decode-only steps they
@@ -30,12 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
-from pdserve.router.calibration import Calibration
+from pdserve.router.calibration import SCALE_BOUNDS, Calibration
 
 DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
-# how far a worker's measured decode step may move the profile's (a profile from another
-# day, or a host now shared, is off by tens of percent; more is a measurement glitch)
-SCALE_BOUNDS = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,7 @@ class Predictor:
         self.profile = profile
         self.step = profile.step
         self.calibration = calibration or Calibration()
+        self._decode_scales: dict[str, float] = {}  # the last measured, per worker
 
     def decode_step_s(self, seqs: int, context: int) -> float:
         """A decode-only step of `seqs` sequences reading `context` KV tokens in all."""
@@ -110,14 +108,17 @@ class Predictor:
                 + self.profile.serve_seq_s * seqs)
 
     def decode_scale(self, side: Side) -> float:
-        """The worker's measured decode step over the profile's for its reported batch
-        (1.0 until it has measured one)."""
+        """The worker's measured decode step over the profile's for its reported batch;
+        while it decodes nothing, the last such ratio (1.0 until it has measured one)."""
         r = side.record
         if r.decode_step_s <= 0 or r.running <= 0:
-            return 1.0
+            return self._decode_scales.get(r.worker_id, 1.0)
         predicted = self.decode_step_s(r.running, side.context)
+        if predicted <= 0:
+            return 1.0
         lo, hi = SCALE_BOUNDS
-        return min(max(r.decode_step_s / predicted, lo), hi) if predicted > 0 else 1.0
+        scale = self._decode_scales[r.worker_id] = min(max(r.decode_step_s / predicted, lo), hi)
+        return scale
 
     def tpot_s(self, decode: Side, prompt: int) -> float:
         """The request's time per output token on the decode side, with it in the batch."""

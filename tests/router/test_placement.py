@@ -206,3 +206,21 @@ def test_a_queued_request_whose_prefill_worker_leaves_is_retried_locally():
             req, False, set(), hits={}, slo=router.door.slo(req))
         assert (decode.worker_id, prefill) == ("d", None)
     asyncio.run(main())
+
+
+def test_an_idle_cluster_admits_what_it_predicts_would_miss():
+    """Nothing ahead of the request: refusing frees nothing, and its outcome corrects a
+    stale profile's predictions (router.calibration), which would else refuse forever."""
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE))
+        req = _request(500, slo_ttft_ms=100, slo_tpot_ms=1.0)  # both past any prediction
+        assert router.door.place(req, {}).ttft_s > 0.1
+        busy = _router(_worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE,
+                                                                 running=1))
+        with pytest.raises(RequestError, match="refused at admission"):
+            busy.door.place(req, {})
+        queued = _router(_worker("p", WorkerRole.PREFILL, queued=10),
+                         _worker("d", WorkerRole.DECODE, queued=10))
+        with pytest.raises(RequestError, match="refused at admission"):
+            queued.door.place(req, {})
+    asyncio.run(main())

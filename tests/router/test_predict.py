@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.protocol import CostProfile, StepModel, TransferModel, WorkerRecord, WorkerRole
+from pdserve.router.calibration import SCALE_BOUNDS
 from pdserve.router.placement import Placement, Slo, candidates, choose
 from pdserve.router.predict import Prediction, Predictor, Side
 
@@ -125,6 +128,9 @@ def test_a_workers_measured_decode_step_scales_the_profiles_within_bounds():
     profile_step = 0.01 + 0.02 + 10e-3  # the profile's step for the reported batch of 10
     assert p.decode_scale(side(0.0)) == 1.0  # not measured yet
     assert p.decode_scale(side(1.5 * profile_step)) == pytest.approx(1.5)
-    assert p.decode_scale(side(100 * profile_step)) == 2.0  # a glitch moves it at most 2x
     assert p.tpot_s(side(1.5 * profile_step), 10) == pytest.approx(
         1.5 * (0.01 + 0.02 + 11e-3))
+    idle = Side(replace(side(1.5 * profile_step).record, running=0), 0, 0)
+    assert p.decode_scale(idle) == pytest.approx(1.5)  # its last measured ratio
+    assert p.decode_scale(side(100 * profile_step)) == SCALE_BOUNDS[1]  # a glitch: bounded
+    assert p.decode_scale(side(profile_step / 100)) == SCALE_BOUNDS[0]
