@@ -18,11 +18,11 @@ Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. Th
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
 every block the worker holds, and the prompt), scaled by what the worker measures of its
 own decode steps against the profile's for its reported batch (within the calibration's
-SCALE_BOUNDS: the profile may be of another day, or another machine's speed). A TTFT is scaled by what the router measured of those it
-predicted for prompts prefilled on the same worker, a TPOT by those it predicted for
-requests decoded there (router.calibration). A local prefill
-stalls the worker's decodes by what its mixed steps take beyond the decode-only steps they
-replace.
+SCALE_BOUNDS: the profile may be of another day, or another machine's speed). A TTFT is
+scaled by what the router measured of those it predicted for prompts prefilled on the same
+worker, a TPOT by those it predicted for requests decoded there (router.calibration). A
+local prefill stalls the worker's decodes by what its mixed steps take beyond the
+decode-only steps they replace.
 """
 
 from __future__ import annotations
