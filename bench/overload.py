@@ -2,8 +2,9 @@
 measured capacity; what was refused at admission, what failed after it, and whether the
 requests let in met their SLO.
 
-For each trace (lengths scaled to this machine, `REPLAYS`) and deployment (1P1D and 2
-colocated, each started through `pdserve serve --no-ray --pin-cores`):
+For each trace (lengths scaled to this machine, `REPLAYS`) and deployment (1P1D, 2
+colocated, or 2 adaptive workers placed by the cost profile, each started through
+`pdserve serve --no-ray --pin-cores`):
 0. warm-up requests (none of them measured) so every worker has measured its prefill rate,
    which admission needs; then, on the first deployment of a trace, the SLO calibration:
    median unloaded TTFT and TPOT of trace requests of typical lengths sent one at a time,
@@ -211,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", nargs="+", choices=sorted(REPLAYS),
                     default=["mooncake", "azure-conv"])
-    ap.add_argument("--deployments", nargs="+", choices=["1p1d", "2colo"],
+    ap.add_argument("--deployments", nargs="+", choices=["1p1d", "2colo", "adaptive"],
                     default=["1p1d", "2colo"],
-                    help="the SLOs are calibrated on the first (default: %(default)s)")
+                    help="the SLOs are calibrated on the first (default: %(default)s); "
+                    "adaptive: 2 workers whose roles the controller sets, placed and "
+                    "admitted by the cost profile")
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                     help="request rates as multiples of the measured capacity")
     ap.add_argument("--num-prompts", type=int, default=32, help="measured requests per run")
