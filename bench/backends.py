@@ -106,6 +106,7 @@ class PdServeBackend(Backend):
                     result.stages = {s: getattr(f.timing, s) for s in TIMINGS}
                     result.disaggregated = f.disaggregated
                     result.kv_bytes = f.kv_transfer_bytes
+                    result.cached_tokens = f.usage.cached_prompt_tokens
                     if f.disaggregated and f.timing.kv_received:
                         result.kv_window_s = f.timing.kv_received - f.timing.prefill_start
                     continue
@@ -169,6 +170,8 @@ class OpenAIBackend(Backend):
                     event = json.loads(data)
                     if event.get("usage"):
                         result.output_len = event["usage"]["completion_tokens"]
+                        details = event["usage"].get("prompt_tokens_details") or {}
+                        result.cached_tokens = int(details.get("cached_tokens") or 0)
                     if event.get("pdserve"):
                         _stages(result, event["pdserve"])
                     choices = event.get("choices") or []

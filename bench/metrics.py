@@ -42,6 +42,7 @@ class RequestResult:
     # KV bytes the decode worker received (0: not reported); less than the prompt's when
     # its prefix cache held the leading blocks
     kv_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens a prefix cache held (as the server reports)
     refused: bool = False  # turned away at admission, before any token (never a success)
     code: str = ""  # the failure's status: a gRPC code name or "HTTP <n>"
 
@@ -124,6 +125,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     kv_bytes = sum(r.kv_bytes or r.prompt_len * kv_bytes_per_token for r in moved)
     window = sum(r.kv_window_s for r in moved)
     out["disagg_requests"] = len(moved)
+    out["disagg_prompt_tokens"] = sum(r.prompt_len for r in moved)
+    out["cached_prompt_tokens"] = sum(r.cached_tokens for r in ok)
     out["disagg_kv_bytes"] = kv_bytes
     out["disagg_kv_gbps"] = kv_bytes / window / 1e9 if window > 0 else 0.0
     out["ttfts"] = [r.ttft for r in results]
