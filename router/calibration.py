@@ -10,9 +10,11 @@ its first token (`timing.predicted_ttft_ms`) moves the TTFT scale of the worker 
 prefilled it (the prefill worker, or the decode worker for a local prefill), and one that
 predicted its time per output token (`timing.predicted_tpot_ms`, with two tokens or more)
 the TPOT scale of its decode worker, each by a step toward measured / predicted in log
-space: the predictions a scale multiplies then err as often long as short (its fixed point
-is the median ratio). A scale stays within SCALE_BOUNDS, as the decode step's does
-(router.predict): more than that is a glitch, not a trend.
+space (the mean of the ratios seen, until there are 1 / STEP of them: a run's first
+requests, or warm-up, find a stale profile corrected already): the predictions a scale
+multiplies then err as often long as short (its fixed point is the median ratio). A scale
+stays within SCALE_BOUNDS, as the decode step's does (router.predict): more than that is
+a glitch, not a trend.
 
 A RequestObserver (router.observe), on the router's event loop; nothing is persisted: a
 new router starts at 1.0 for every worker. A request dispatched more than once is left
@@ -39,6 +41,7 @@ class Scales:
             raise ValueError(f"step must be in (0, 1], got {step}")
         self.step = step
         self._log: dict[str, float] = {}
+        self._seen: dict[str, int] = {}
 
     def scale(self, worker_id: str) -> float:
         """What the profile's predictions for the worker are multiplied by (1.0 until one
@@ -51,7 +54,12 @@ class Scales:
         if predicted_s <= 0 or measured_s <= 0 or not worker_id:
             return
         lo, hi = (math.log(b) for b in SCALE_BOUNDS)
-        moved = self._log.get(worker_id, 0.0) + self.step * math.log(measured_s / predicted_s)
+        seen = self._seen.get(worker_id, 0)
+        self._seen[worker_id] = seen + 1
+        # the mean of the first ratios, then the moving step: the first request already
+        # corrects a profile that is 2x off, instead of the first ten
+        step = max(self.step, 1 / (seen + 1))
+        moved = self._log.get(worker_id, 0.0) + step * math.log(measured_s / predicted_s)
         self._log[worker_id] = min(max(moved, lo), hi)
 
 

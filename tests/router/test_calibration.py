@@ -6,6 +6,7 @@ and the one that decodes (TPOT); the router feeds it."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -49,6 +50,20 @@ def test_a_scale_follows_a_steadily_slow_worker_to_its_ratio():
     for _ in range(60):  # the host quietens: it follows back
         s.observe("a", 1.0 * s.scale("a"), 0.8)
     assert s.scale("a") == pytest.approx(0.8, rel=0.01)
+
+
+def test_the_first_ratios_are_averaged_so_one_request_corrects_a_stale_profile():
+    s = Scales()
+    s.observe("a", 1.0, 0.5)  # the profile is 2x slow: one request says so
+    assert s.scale("a") == pytest.approx(0.5)
+    # the next runs at the profile's speed (measured 1.0 where the scaled prediction
+    # said 0.5): the geometric mean of the two ratios to the profile, 0.5 and 1.0
+    s.observe("a", 0.5, 1.0)
+    assert s.scale("a") == pytest.approx(math.sqrt(0.5))
+    for _ in range(3):
+        s.observe("a", 1.0, 1.0)
+    s.observe("a", 1.0, math.e)  # the 6th moves by the step alone
+    assert s.scale("a") == pytest.approx(math.sqrt(0.5) * math.exp(0.2))
 
 
 def test_a_scale_stays_within_bounds_and_ignores_what_it_cannot_use():
