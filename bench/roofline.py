@@ -31,20 +31,9 @@ from pathlib import Path
 
 import torch
 
+from pdserve.bench.costmodel.machine import matmul_flops
 from pdserve.bench.decode_floor import copy_bandwidth, measure, weight_bytes
 from pdserve.engine import LLM, ModelConfig, SamplingParams
-
-
-def gemm_flops(n: int, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n x n x n fp32 matmul, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def head_params(cfg: ModelConfig) -> int:
@@ -129,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    roofs = {"gemm_flops": gemm_flops(args.gemm_n), "bandwidth_Bps": copy_bandwidth(),
+    roofs = {"gemm_flops": matmul_flops(n=args.gemm_n), "bandwidth_Bps": copy_bandwidth(),
              "torch_threads": torch.get_num_threads(), "gemm_n": args.gemm_n}
     log(f"roofs: {roofs['gemm_flops'] / 1e9:.1f} GFLOP/s fp32 GEMM, "
         f"{roofs['bandwidth_Bps'] / 1e9:.1f} GB/s copy, {roofs['torch_threads']} threads")

@@ -34,15 +34,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_flops(repeats: int = 5) -> float:
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+def matmul_flops(repeats: int = 5, n: int = MATMUL_N) -> float:
+    """Achieved FLOP/s of an n x n x n fp32 matmul, best of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_N ** 3 / best
+    return 2 * n ** 3 / best
 
 
 def describe(threads: int, cores_usable: int) -> dict:
