@@ -67,6 +67,9 @@ class Calibration:
     def __init__(self, step: float = STEP):
         self.ttft = Scales(step)  # by the worker that prefilled
         self.tpot = Scales(step)  # by the decode worker
+        # each worker's last measured decode step over the profile's (router.predict's
+        # decode_scale): what it holds while the worker decodes nothing
+        self.decode: dict[str, float] = {}
 
     def request_ended(self, record: RequestRecord) -> None:
         final = record.final

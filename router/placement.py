@@ -12,8 +12,9 @@ neither the headroom is -TTFT in seconds, so the fastest first token wins). The 
 the placement with the most headroom: one that meets both SLOs beats any that does not,
 and among those that do, the one with the most slack; among those that do not, the one
 that misses by least; among equals, the one that stalls the requests already decoding
-least, then the earliest first token. A local placement must also fit the TPOT SLOs of the requests
-already decoding on its worker (router.interference, with the predicted stall).
+least, then the earliest first token. A local placement must also fit the TPOT SLOs of
+the requests already decoding on its worker (router.interference, with the predicted
+stall).
 
 The candidates are bounded for large clusters: the `width` best prefill workers by
 predicted prefill finish and the `width` best decode workers by batch, plus every worker

@@ -73,7 +73,6 @@ class Predictor:
         self.profile = profile
         self.step = profile.step
         self.calibration = calibration or Calibration()
-        self._decode_scales: dict[str, float] = {}  # the last measured, per worker
 
     def decode_step_s(self, seqs: int, context: int) -> float:
         """A decode-only step of `seqs` sequences reading `context` KV tokens in all."""
@@ -112,12 +111,13 @@ class Predictor:
         while it decodes nothing, the last such ratio (1.0 until it has measured one)."""
         r = side.record
         if r.decode_step_s <= 0 or r.running <= 0:
-            return self._decode_scales.get(r.worker_id, 1.0)
+            return self.calibration.decode.get(r.worker_id, 1.0)
         predicted = self.decode_step_s(r.running, side.context)
         if predicted <= 0:
             return 1.0
         lo, hi = SCALE_BOUNDS
-        scale = self._decode_scales[r.worker_id] = min(max(r.decode_step_s / predicted, lo), hi)
+        scale = self.calibration.decode[r.worker_id] = min(max(r.decode_step_s / predicted,
+                                                               lo), hi)
         return scale
 
     def tpot_s(self, decode: Side, prompt: int) -> float:

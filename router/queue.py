@@ -44,16 +44,15 @@ from pdserve.router.view import ClusterView, LiveWorker
 
 class RouterQueue:
     def __init__(self, config, view: ClusterView, redis, ledger: PrefillLedger,
-                 predictor: Predictor | None = None,
-                 interference: InterferenceBook | None = None):
+                 predictor: Predictor | None = None):
         """`config` is the router's RouterConfig (limits, policy, refresh period);
         `ledger` what this router sent each worker to prefill (router.ledger);
-        `predictor` the cost profile's, None without one; `interference` the requests
-        decoding on each worker (the door's book: a local prefill's placement counts the
-        TPOT it leaves them)."""
+        `predictor` the cost profile's, None without one."""
         self.config, self.view, self.redis, self.ledger = config, view, redis, ledger
         self.predictor = predictor
-        self.interference = interference or InterferenceBook()
+        # the requests decoding on each worker (the door shares it): a local prefill's
+        # placement counts the TPOT it leaves them
+        self.interference = InterferenceBook()
         self.queued = 0
         self.queued_tokens = 0
         self._tokens = {True: 0, False: 0}
