@@ -1,20 +1,25 @@
 """Online correction of the predicted time to first token and per output token, per
-worker: what the router measures of the requests it placed against what it predicted for
-them.
+worker: what the router measures against what the cost profile predicts.
 
 The cost profile is measured once (`pdserve profile`), often on another day or under
 another load; a worker then runs steadily faster or slower than it predicts (a host now
-shared, a warmer cache, a queue the profile's per-chunk cost compounds, a decode batch
-that shrinks while a request decodes). Each finished request whose admission predicted
-its first token (`timing.predicted_ttft_ms`) moves the TTFT scale of the worker that
-prefilled it (the prefill worker, or the decode worker for a local prefill), and one that
-predicted its time per output token (`timing.predicted_tpot_ms`, with two tokens or more)
-the TPOT scale of its decode worker, each by a step toward measured / predicted in log
-space (the mean of the ratios seen, until there are 1 / STEP of them: a run's first
-requests, or warm-up, find a stale profile corrected already): the predictions a scale
-multiplies then err as often long as short (its fixed point is the median ratio). A scale
-stays within SCALE_BOUNDS, as the decode step's does (router.predict): more than that is
-a glitch, not a trend.
+shared, a warmer cache, a queue the profile's per-chunk cost compounds). Each finished
+request whose admission predicted its first token (`timing.predicted_ttft_ms`) moves the
+TTFT scale of the worker that prefilled it (the prefill worker, or the decode worker for
+a local prefill) by a step toward measured / predicted in log space (the mean of the
+ratios seen, until there are 1 / STEP of them: a run's first requests, or warm-up, find a
+stale profile corrected already): the predictions it multiplies then err as often long as
+short (its fixed point is the median ratio). A scale stays within SCALE_BOUNDS: more than
+that is a glitch, not a trend.
+
+A TPOT is corrected by the decode worker's own measure instead: its decode step time
+against the profile's for the batch it reports (router.predict's decode_scale, every
+heartbeat while it decodes; `decode` keeps the last one for while it decodes nothing).
+Not by the requests' measured TPOTs: a request's TPOT is the step time of the batches it
+decoded in, which grew or shrank with what was admitted after it, so a scale learned from
+them would apply a past load's growth to predictions that already count today's batch (a
+burst's first requests, measured 1.5x their prediction, had the router refuse on a batch
+the worker decoded within its SLO).
 
 A RequestObserver (router.observe), on the router's event loop; nothing is persisted: a
 new router starts at 1.0 for every worker. A request dispatched more than once is left
@@ -66,7 +71,6 @@ class Scales:
 class Calibration:
     def __init__(self, step: float = STEP):
         self.ttft = Scales(step)  # by the worker that prefilled
-        self.tpot = Scales(step)  # by the decode worker
         # each worker's last measured decode step over the profile's (router.predict's
         # decode_scale): what it holds while the worker decodes nothing
         self.decode: dict[str, float] = {}
@@ -79,7 +83,3 @@ class Calibration:
         t = final.timing
         self.ttft.observe(final.prefill_worker or final.decode_worker,
                           t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
-        n = final.usage.completion_tokens
-        if n > 1:
-            self.tpot.observe(final.decode_worker, t.predicted_tpot_ms / 1e3,
-                              t.decode_ms / 1e3 / (n - 1))

@@ -32,6 +32,7 @@ from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal
 from pdserve.router.errors import check_fits, overloaded
 from pdserve.router.interference import stall_s
 from pdserve.router.ledger import PrefillLedger
+from pdserve.router.observe import Shortage
 from pdserve.router.placement import Placement, Route, Slo, candidates, choose, side_of
 from pdserve.router.policy import Hint, should_disaggregate
 from pdserve.router.predict import Predictor
@@ -159,7 +160,7 @@ class Door:
             raise overloaded(
                 f"refused at admission: predicted time per output token "
                 f"{best.prediction.tpot_s * 1e3:.0f} ms at best ({where}) is beyond its TPOT "
-                f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later")
+                f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later", Shortage.DECODE)
         return Placed(best, unfit, wait)
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pdserve.router.observe import Shortage
 from pdserve.router.retry import Held
 from pdserve.router.view import LiveWorker
 
@@ -12,19 +13,22 @@ from pdserve.router.view import LiveWorker
 class RequestError(Exception):
     """Ends a request with a gRPC status; `code` is a grpc.StatusCode name. `retryable`:
     a worker failed the request (another may serve it); `worker_ids`: the workers at
-    fault, when known."""
+    fault, when known; `short_of`: what a refusal says the cluster lacks."""
 
     def __init__(self, code: str, message: str, retryable: bool = False,
-                 worker_ids: tuple[str, ...] = (), held: Held | None = None):
+                 worker_ids: tuple[str, ...] = (), held: Held | None = None,
+                 short_of: Shortage | None = None):
         super().__init__(message)
+        self.short_of = short_of
         self.code = code
         self.retryable = retryable
         self.worker_ids = worker_ids
         self.held = held  # the failed attempt's prefill job keeps its KV for a re-send
 
 
-def overloaded(message: str) -> RequestError:
-    return RequestError("RESOURCE_EXHAUSTED", message)
+def overloaded(message: str, short_of: Shortage = Shortage.PREFILL) -> RequestError:
+    """A refusal at admission, for lack of `short_of`."""
+    return RequestError("RESOURCE_EXHAUSTED", message, short_of=short_of)
 
 
 def unavailable(message: str) -> RequestError:

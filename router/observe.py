@@ -37,6 +37,14 @@ class RequestOutcome(enum.Enum):
     CANCELLED = "cancelled"  # the client went away or its deadline passed
 
 
+class Shortage(enum.Enum):
+    """What a refusal says the cluster lacks: the cluster's controller moves a worker
+    toward that side (router.controller)."""
+
+    PREFILL = "prefill"  # prompt work ahead would delay the first token, or stall decodes
+    DECODE = "decode"  # the decode batch it would join steps slower than its TPOT SLO
+
+
 @dataclass(frozen=True)
 class Dispatch:
     """One dispatch of a request: its transfer id, when it began waiting for workers
@@ -73,6 +81,7 @@ class RequestRecord:
     # the request's SLO (None where it set none), whether or not it finished
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    short_of: Shortage | None = None  # REFUSED only: what it was refused for
 
 
 class RequestObserver(Protocol):

@@ -20,9 +20,8 @@ every block the worker holds, and the prompt), scaled by what the worker measure
 own decode steps against the profile's for its reported batch (within the calibration's
 SCALE_BOUNDS: the profile may be of another day, or another machine's speed). A TTFT is
 scaled by what the router measured of those it predicted for prompts prefilled on the same
-worker, a TPOT by those it predicted for requests decoded there (router.calibration). A
-local prefill stalls the worker's decodes by what its mixed steps take beyond the
-decode-only steps they replace.
+worker (router.calibration). A local prefill stalls the worker's decodes by what its mixed
+steps take beyond the decode-only steps they replace.
 """
 
 from __future__ import annotations
@@ -67,9 +66,9 @@ class Prediction:
 
 class Predictor:
     def __init__(self, profile: CostProfile, calibration: Calibration | None = None):
-        """`calibration`: what the router measured of the TTFTs and TPOTs it predicted,
-        per worker (a fresh one, every scale 1.0, by default); the router reports
-        finished requests to it (router.calibration)."""
+        """`calibration`: what the router measured of the TTFTs it predicted, and of the
+        workers' decode steps, per worker (a fresh one, every scale 1.0, by default); the
+        router reports finished requests to it (router.calibration)."""
         self.profile = profile
         self.step = profile.step
         self.calibration = calibration or Calibration()
@@ -123,8 +122,7 @@ class Predictor:
     def tpot_s(self, decode: Side, prompt: int) -> float:
         """The request's time per output token on the decode side, with it in the batch."""
         step = self.decode_step_s(decode.batch + 1, decode.context + prompt)
-        return (step * self.decode_scale(decode)
-                * self.calibration.tpot.scale(decode.record.worker_id))
+        return step * self.decode_scale(decode)
 
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile

@@ -151,7 +151,7 @@ class Router:
         token_times: list[tuple[float, int]] = []
         ended: list[pb.FinalResponse] = []
         dispatches: list[Dispatch] = []
-        outcome, code, error = RequestOutcome.CANCELLED, "CANCELLED", ""
+        outcome, code, error, short_of = RequestOutcome.CANCELLED, "CANCELLED", "", None
         try:
             async for response in self._generate(req, deadline, request_id, arrival,
                                                  dispatches):
@@ -163,6 +163,7 @@ class Router:
                 yield response
         except RequestError as e:
             outcome, code, error = _OUTCOMES.get(e.code, RequestOutcome.FAILED), e.code, str(e)
+            short_of = e.short_of
             raise
         except ValueError as e:  # a worker refused the job
             outcome, code, error = RequestOutcome.INVALID, "INVALID_ARGUMENT", str(e)
@@ -175,7 +176,7 @@ class Router:
                 request_id, outcome, arrival, time.time(), len(req.prompt_token_ids),
                 sum(n for _, n in token_times), tuple(token_times),
                 ended[0] if ended else None, code, error, trace or TraceContext.start(),
-                tuple(dispatches), req.slo_ttft_ms, req.slo_tpot_ms))
+                tuple(dispatches), req.slo_ttft_ms, req.slo_tpot_ms, short_of))
 
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
                         arrival: float, dispatches: list[Dispatch]

@@ -9,11 +9,14 @@ The rule:
      none, since the router then has them prefill every prompt locally; and in the
      routers' queues) mean at the measured prefill rate,
      over the TTFT target; the share of SLO requests that missed their TTFT, over
-     `miss_budget`; and the share of requests refused at the door, over `miss_budget`
-     (admission refuses on queued prefill work first).
+     `miss_budget`; and the share of requests refused at the door for prompt work (the
+     work queued ahead, or a local prefill's stall of the decoding requests), over
+     `miss_budget`.
    - decode: the larger of the decode workers' mean batch fill (running over
      `batch_cap`, or the KV share in use when higher), 1.0 when requests wait in their
-     engines, and the share that missed their TPOT, over `miss_budget`.
+     engines, the share that missed their TPOT, over `miss_budget`, and the share
+     refused because the decode batch they would join steps slower than their TPOT SLO,
+     over `miss_budget`.
 2. Hysteresis: one side must be at or above `high` while the other is at or below `low`
    (a band, so values in between never move anyone); no move while a switch is under way
    (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
@@ -94,7 +97,8 @@ class RouterSignals:
     queued: int = 0  # requests waiting in the routers' queues
     queued_tokens: int = 0
     finished: int = 0
-    refused: int = 0
+    refused: int = 0  # all refusals, those below included
+    refused_decode: int = 0  # refused for the decode batch they would join (its TPOT)
     ttft_requests: int = 0  # requests with a TTFT SLO that ended
     ttft_misses: int = 0
     tpot_requests: int = 0
@@ -142,12 +146,13 @@ def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
     ended = r.finished + r.refused
     prefill = max(wait_s / config.ttft_target_s,
                   _share(r.ttft_misses, r.ttft_requests) / config.miss_budget,
-                  _share(r.refused, ended) / config.miss_budget)
+                  _share(r.refused - r.refused_decode, ended) / config.miss_budget)
     decoders = [w for w in serving if w.role.decodes]
     fills = [max(w.running / config.batch_cap, 1 - w.free_blocks / max(w.total_blocks, 1),
                  1.0 if w.waiting else 0.0) for w in decoders]
     decode = max(sum(fills) / len(fills) if fills else 1.0,
-                 _share(r.tpot_misses, r.tpot_requests) / config.miss_budget)
+                 _share(r.tpot_misses, r.tpot_requests) / config.miss_budget,
+                 _share(r.refused_decode, ended) / config.miss_budget)
     return Pressures(prefill, decode)
 
 

@@ -1,5 +1,6 @@
 """What one router tells the cluster's controller: its queue, and over the last `window_s`
-the requests that ended, the refusals, and SLO attainment (a RequestObserver,
+the requests that ended, the refusals (those for a slow decode batch apart), and SLO
+attainment (a RequestObserver,
 router.observe). Every router publishes its own (router.controller.store); the controller
 sums them.
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.router.controller.decide import RouterSignals
-from pdserve.router.observe import RequestOutcome, RequestRecord
+from pdserve.router.observe import RequestOutcome, RequestRecord, Shortage
 from pdserve.router.request_summary import RequestSummary
 
 
@@ -25,6 +26,7 @@ class _Ended:
     time: float
     finished: bool
     refused: bool
+    refused_decode: bool  # refused for the decode batch it would join
     ttft: bool | None  # None: no TTFT SLO; else whether it was met
     tpot: bool | None
 
@@ -47,13 +49,14 @@ class SignalWindow:
         elif record.outcome is not RequestOutcome.REFUSED:
             ttft = False if record.slo_ttft_ms is not None else None
             tpot = False if record.slo_tpot_ms is not None else None
-        self._ended.append(_Ended(self._clock(), finished,
-                                  record.outcome is RequestOutcome.REFUSED, ttft, tpot))
+        refused = record.outcome is RequestOutcome.REFUSED
+        self._ended.append(_Ended(self._clock(), finished, refused,
+                                  refused and record.short_of is Shortage.DECODE, ttft, tpot))
         self._expire()
 
     def front_end_refused(self) -> None:
         """A refusal the front end made before the router saw the request."""
-        self._ended.append(_Ended(self._clock(), False, True, None, None))
+        self._ended.append(_Ended(self._clock(), False, True, False, None, None))
 
     def signals(self, queued: int = 0, queued_tokens: int = 0) -> RouterSignals:
         self._expire()
@@ -61,6 +64,7 @@ class SignalWindow:
         return RouterSignals(
             queued=queued, queued_tokens=queued_tokens,
             finished=sum(x.finished for x in e), refused=sum(x.refused for x in e),
+            refused_decode=sum(x.refused_decode for x in e),
             ttft_requests=sum(x.ttft is not None for x in e),
             ttft_misses=sum(x.ttft is False for x in e),
             tpot_requests=sum(x.tpot is not None for x in e),

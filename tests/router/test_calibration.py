@@ -1,7 +1,7 @@
-"""The online correction of predicted TTFT and TPOT (router.calibration): it follows a
+"""The online correction of predicted TTFT and TPOT (router.calibration): a TTFT follows a
 worker that runs steadily slower or faster than the profile predicts, within bounds, from
-the requests the router places; the predictor applies it to the worker that prefills (TTFT)
-and the one that decodes (TPOT); the router feeds it."""
+the requests the router places (the predictor applies it to the worker that prefills; the
+router feeds it); a TPOT follows the decode worker's measured step time alone."""
 
 from __future__ import annotations
 
@@ -79,18 +79,31 @@ def test_a_scale_stays_within_bounds_and_ignores_what_it_cannot_use():
         Scales(step=0.0)
 
 
-def test_a_finished_request_moves_the_workers_that_served_it():
+def test_a_finished_request_moves_the_ttft_scale_of_the_worker_that_prefilled_it():
     cal = Calibration()
     cal.request_ended(_finished((1000.0, 2000.0), (50.0, 25.0), prefill="p"))
     assert cal.ttft.scale("p") > 1.0 and cal.ttft.scale("d") == 1.0
-    assert cal.tpot.scale("d") < 1.0 and cal.tpot.scale("p") == 1.0
     cal.request_ended(_finished((1000.0, 500.0), prefill=""))  # local: its decode worker
     assert cal.ttft.scale("d") < 1.0
-    before = [(s.scale("p"), s.scale("d")) for s in (cal.ttft, cal.tpot)]
+    before = (cal.ttft.scale("p"), cal.ttft.scale("d"))
     cal.request_ended(_finished((1000.0, 9000.0), (50.0, 90.0), attempts=2))  # a failure
-    cal.request_ended(_finished((0.0, 1.0), (50.0, 90.0), tokens=1))  # no TPOT with 1 token
     cal.request_ended(RequestRecord("x", RequestOutcome.FAILED, 0.0, 1.0, 10, 0))
-    assert [(s.scale("p"), s.scale("d")) for s in (cal.ttft, cal.tpot)] == before
+    assert (cal.ttft.scale("p"), cal.ttft.scale("d")) == before
+
+
+def test_the_tpot_follows_the_workers_measured_step_not_the_requests_measured_tpots():
+    cal = Calibration()
+    predictor = Predictor(PROFILE, cal)
+    d = _side("d", WorkerRole.DECODE)
+    before = predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s
+    # a burst's first requests decoded in a batch that grew after them: 2x their
+    # prediction; a prediction made now counts the batch as it is, so it stays
+    for _ in range(20):
+        cal.request_ended(_finished((1000.0, 1000.0), (before * 1e3, 2 * before * 1e3)))
+    assert predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s == before
+    cal.decode["d"] = 0.5  # the worker measured its steps at half the profile's
+    assert predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s == \
+        pytest.approx(0.5 * before)
 
 
 def test_predictions_scale_by_the_serving_workers_calibration():
@@ -100,12 +113,9 @@ def test_predictions_scale_by_the_serving_workers_calibration():
     before, local = predictor.remote(p, d, 500), predictor.local(d, 500)
     for _ in range(60):
         cal.ttft.observe("p", cal.ttft.scale("p"), 2.0)
-        cal.tpot.observe("d", cal.tpot.scale("d"), 0.5)
     after = predictor.remote(p, d, 500)
     assert after.ttft_s == pytest.approx(2 * before.ttft_s, rel=0.01)
-    assert after.tpot_s == pytest.approx(0.5 * before.tpot_s, rel=0.01)
     assert predictor.local(d, 500).ttft_s == local.ttft_s  # d's TTFT scale is untouched
-    assert predictor.local(d, 500).tpot_s == pytest.approx(0.5 * local.tpot_s, rel=0.01)
 
 
 def test_the_router_reports_its_finished_requests_to_the_calibration():
@@ -114,7 +124,7 @@ def test_the_router_reports_its_finished_requests_to_the_calibration():
         try:
             notify(router.observers, _finished((1000.0, 1500.0), (40.0, 20.0), prefill="p"))
             calibration = router.queue.predictor.calibration
-            assert calibration.ttft.scale("p") > 1.0 and calibration.tpot.scale("d") < 1.0
+            assert calibration.ttft.scale("p") > 1.0
             assert router.door.predictor is router.queue.predictor
         finally:
             await router.stream.close()

@@ -64,6 +64,10 @@ def test_tpot_misses_count_as_decode_pressure_and_ttft_misses_as_prefill():
     assert [m.to_role for m in ttft.moves] == [P]
     refusals = decide(cluster(finished=10, refused=5), CONFIG)
     assert [m.to_role for m in refusals.moves] == [P]
+    # refused for the decode batch they would join: the decode side lacks a worker
+    slow_batch = decide(cluster(finished=10, refused=5, refused_decode=5), CONFIG)
+    assert [m.to_role for m in slow_batch.moves] == [D]
+    assert pressures(cluster(finished=10, refused=5, refused_decode=5), CONFIG).prefill == 0
 
 
 def test_both_sides_under_pressure_or_neither_moves_nobody():

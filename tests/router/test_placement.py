@@ -18,6 +18,7 @@ from pdserve.protocol import (
     WorkerRole,
 )
 from pdserve.router.errors import RequestError
+from pdserve.router.observe import Shortage
 from pdserve.router.policy import Hint
 from pdserve.router.router import Router, RouterConfig
 from pdserve.router.validate import ValidRequest
@@ -154,6 +155,10 @@ def test_admission_refuses_a_request_whose_predicted_tpot_misses_its_slo():
             router.door.place(_request(100, slo_tpot_ms=25.0), {})
         assert "predicted time per output token 31 ms" in str(e.value)
         assert "TPOT SLO of 25 ms" in str(e.value)
+        assert e.value.short_of is Shortage.DECODE  # the controller's signal
+        with pytest.raises(RequestError) as e:  # a first token too late: prompt work
+            router.door.place(_request(100, slo_ttft_ms=1e-3), {})
+        assert e.value.short_of is Shortage.PREFILL
     asyncio.run(main())
 
 
