@@ -17,9 +17,9 @@ from pdserve.bench.metrics import STAGES, RequestResult, Slo
 from pdserve.bench.workload import Sample
 
 # what a result keeps of the server's timing: the stages, the router's own TTFT (the
-# client's minus it is what the API and the network add), and the router's prediction of
-# it (with a cost profile)
-TIMINGS = (*STAGES, "first_token_ms", "predicted_ttft_ms")
+# client's minus it is what the API and the network add), and the router's predictions of
+# it and of the TPOT (with a cost profile)
+TIMINGS = (*STAGES, "first_token_ms", "predicted_ttft_ms", "predicted_tpot_ms")
 
 
 class _StreamClock:

@@ -138,16 +138,20 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
 
 
 def prediction_errors(ok: Sequence[RequestResult]) -> dict:
-    """How well the router predicted each request's TTFT (its own, arrival to first token
-    sent) at admission: the median of |predicted - measured| / measured, and of the signed
-    error (> 0: predicted too long), over the requests that carry a prediction."""
-    pairs = [(r.stages["predicted_ttft_ms"], r.stages["first_token_ms"]) for r in ok
-             if r.stages.get("predicted_ttft_ms") and r.stages.get("first_token_ms")]
-    errors = [(p - m) / m for p, m in pairs]
-    return {"predicted_ttft_requests": len(pairs),
-            "predicted_ttft_median_abs_error": float(np.median(np.abs(errors)))
-            if errors else None,
-            "predicted_ttft_median_error": float(np.median(errors)) if errors else None}
+    """How well the router predicted at admission each request's TTFT (its own, arrival to
+    first token sent) and TPOT (as the client measures it): the median of |predicted -
+    measured| / measured, and of the signed error (> 0: predicted too long), over the
+    requests that carry a prediction."""
+    out = {}
+    for name, measured in (("ttft", lambda r: r.stages.get("first_token_ms")),
+                           ("tpot", lambda r: r.tpot * 1e3 if r.tpot else None)):
+        pairs = [(r.stages.get(f"predicted_{name}_ms"), measured(r)) for r in ok]
+        errors = [(p - m) / m for p, m in pairs if p and m]
+        out[f"predicted_{name}_requests"] = len(errors)
+        out[f"predicted_{name}_median_abs_error"] = (float(np.median(np.abs(errors)))
+                                                     if errors else None)
+        out[f"predicted_{name}_median_error"] = float(np.median(errors)) if errors else None
+    return out
 
 
 def required_slo_scale(r: RequestResult, base: Slo) -> float:

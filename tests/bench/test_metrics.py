@@ -16,6 +16,7 @@ from pdserve.bench.metrics import (
     attainment_rate,
     goodput_per_worker,
     min_slo_scale,
+    prediction_errors,
     summarize,
 )
 from pdserve.bench.workload import (
@@ -46,6 +47,20 @@ def test_kv_moved_is_what_the_server_reports_else_the_whole_prompts_kv():
     delta.kv_bytes = 36 * 10  # the decode worker held 64 of the 100 prompt tokens
     s = summarize([delta, full, local], duration_s=1.0, kv_bytes_per_token=10)
     assert s["disagg_requests"] == 2 and s["disagg_kv_bytes"] == 360 + 30 * 10
+
+
+def test_prediction_errors_compare_the_routers_predictions_with_what_was_measured():
+    a, b, unplaced = ok(0.5, 2.5, 5), ok(1.0, 1.9, 10), ok(0.5, 1.0, 3)  # TPOT 500, 100 ms
+    a.stages = {"first_token_ms": 400.0, "predicted_ttft_ms": 500.0, "predicted_tpot_ms": 400.0}
+    b.stages = {"first_token_ms": 1000.0, "predicted_ttft_ms": 900.0,
+                "predicted_tpot_ms": 130.0}
+    e = prediction_errors([a, b, unplaced])
+    assert e["predicted_ttft_requests"] == e["predicted_tpot_requests"] == 2
+    assert e["predicted_ttft_median_abs_error"] == pytest.approx((0.25 + 0.1) / 2)
+    assert e["predicted_ttft_median_error"] == pytest.approx((0.25 - 0.1) / 2)
+    assert e["predicted_tpot_median_abs_error"] == pytest.approx((0.2 + 0.3) / 2)
+    assert e["predicted_tpot_median_error"] == pytest.approx((-0.2 + 0.3) / 2)
+    assert prediction_errors([unplaced])["predicted_tpot_median_error"] is None
 
 
 def test_summary_uses_vllm_keys_and_counts_failures_as_slo_misses():
