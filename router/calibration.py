@@ -17,9 +17,10 @@ against the profile's for the batch it reports (router.predict's decode_scale, e
 heartbeat while it decodes; `decode` keeps the last one for while it decodes nothing).
 Not by the requests' measured TPOTs: a request's TPOT is the step time of the batches it
 decoded in, which grew or shrank with what was admitted after it, so a scale learned from
-them would apply a past load's growth to predictions that already count today's batch (a
-burst's first requests, measured 1.5x their prediction, had the router refuse on a batch
-the worker decoded within its SLO).
+them would apply a past load's growth to predictions that already count today's batch
+(the first requests of a burst decode in the batch the burst grew, and would teach it a
+ratio that then refuses the burst's later requests on a batch the worker decodes within
+their SLO).
 
 A RequestObserver (router.observe), on the router's event loop; nothing is persisted: a
 new router starts at 1.0 for every worker. A request dispatched more than once is left

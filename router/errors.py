@@ -19,11 +19,11 @@ class RequestError(Exception):
                  worker_ids: tuple[str, ...] = (), held: Held | None = None,
                  short_of: Shortage | None = None):
         super().__init__(message)
-        self.short_of = short_of
         self.code = code
         self.retryable = retryable
         self.worker_ids = worker_ids
         self.held = held  # the failed attempt's prefill job keeps its KV for a re-send
+        self.short_of = short_of
 
 
 def overloaded(message: str, short_of: Shortage = Shortage.PREFILL) -> RequestError:

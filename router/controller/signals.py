@@ -1,8 +1,7 @@
 """What one router tells the cluster's controller: its queue, and over the last `window_s`
 the requests that ended, the refusals (those for a slow decode batch apart), and SLO
-attainment (a RequestObserver,
-router.observe). Every router publishes its own (router.controller.store); the controller
-sums them.
+attainment (a RequestObserver, router.observe). Every router publishes its own
+(router.controller.store); the controller sums them.
 
 SLO attainment follows DESIGN §6 as the request summary computes it
 (router.request_summary): TTFT as the first token's, TPOT = (E2EL - TTFT) / (output tokens
