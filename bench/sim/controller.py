@@ -85,7 +85,8 @@ class SimController:
         workers = tuple(WorkerInfo(
             w.worker_id, w.role, w.state, w.adaptive, w.role_since,
             self.targets.get(w.worker_id), w.heartbeat.record[3], w.heartbeat.rate,
-            w.heartbeat.record[1], w.heartbeat.record[2], w.heartbeat.record[0], w.num_blocks)
+            w.heartbeat.record[1], w.heartbeat.record[2], w.heartbeat.record[0], w.num_blocks,
+            w.heartbeat.step_s)
             for w in self.workers)
         signals = self.window.signals(self.router.queued, self.router.queued_tokens)
         last = self.switches[-1].time if self.switches else -math.inf

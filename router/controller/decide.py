@@ -3,20 +3,23 @@ should have. Pure: no I/O, no clock (the snapshot carries `now`), so it is teste
 synthetic snapshots and the simulator could run it as is.
 
 The rule:
-1. Pressures, each 1.0 at the edge of what the side can take:
+1. Pressures, each 1.0 at the edge of what the side can take, judged by the SLOs the
+   requests ask for (the mean over the window; the config's targets while none is seen):
    - prefill: the larger of the wait the queued prompt tokens (on the serving workers
      that take prompts: prefill and colocated ones, or the decode workers when there is
      none, since the router then has them prefill every prompt locally; and in the
-     routers' queues) mean at the measured prefill rate,
-     over the TTFT target; the share of SLO requests that missed their TTFT, over
-     `miss_budget`; and the share of requests refused at the door for prompt work (the
-     work queued ahead, or a local prefill's stall of the decoding requests), over
-     `miss_budget`.
-   - decode: the larger of the decode workers' mean batch fill (running over
-     `batch_cap`, or the KV share in use when higher), 1.0 when requests wait in their
-     engines, the share that missed their TPOT, over `miss_budget`, and the share
-     refused because the decode batch they would join steps slower than their TPOT SLO,
-     over `miss_budget`.
+     routers' queues) mean at the measured prefill rate, over the TTFT SLO (else
+     `ttft_target_s`); the share of SLO requests that missed their TTFT while waiting
+     mostly for prompt work (their prefill's queue and compute), over `miss_budget`; and
+     the share of requests refused at the door for prompt work (the work queued ahead,
+     or a local prefill's stall of the decoding requests), over `miss_budget`.
+   - decode: the larger of the decode workers' mean fill (each one's measured decode step
+     over the TPOT SLO, else its running batch over `batch_cap`; the KV share in use
+     when higher; 1.0 when requests wait in its engine); the share that missed their
+     TPOT, and the share that missed their TTFT while waiting mostly elsewhere (a slot in
+     the router's queue, the decode side's admission), each over `miss_budget`; and the
+     share refused because the decode batch they would join steps slower than their
+     TPOT SLO, over `miss_budget`.
 2. Hysteresis: one side must be at or above `high` while the other is at or below `low`
    (a band, so values in between never move anyone); no move while a switch is under way
    (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
@@ -51,8 +54,9 @@ class ControllerConfig:
     low: float = 0.3  # ... which the other side gives only at or below this
     miss_budget: float = 0.1  # the share of SLO misses (or refusals) that is full pressure
     window_s: float = 30.0  # SLO attainment and refusals are counted over this window
-    ttft_target_s: float = 2.0  # the prefill wait that is full pressure
-    batch_cap: int = 64  # a decode worker's running batch at full pressure (max_num_seqs)
+    ttft_target_s: float = 2.0  # the prefill wait that is full pressure, without TTFT SLOs
+    # a decode worker's running batch at full pressure (max_num_seqs), without TPOT SLOs
+    batch_cap: int = 64
     history: int = 100  # switches kept in Redis
 
     def __post_init__(self) -> None:
@@ -83,6 +87,7 @@ class WorkerInfo:
     waiting: int = 0
     free_blocks: int = 1
     total_blocks: int = 1
+    decode_step_s: float = 0.0  # its measured decode step (0.0: none yet)
 
     @property
     def switching(self) -> bool:
@@ -100,9 +105,12 @@ class RouterSignals:
     refused: int = 0  # all refusals, those below included
     refused_decode: int = 0  # refused for the decode batch they would join (its TPOT)
     ttft_requests: int = 0  # requests with a TTFT SLO that ended
-    ttft_misses: int = 0
+    ttft_misses: int = 0  # all misses, those below included
+    ttft_misses_decode: int = 0  # misses whose first token waited mostly for the decode side
     tpot_requests: int = 0
     tpot_misses: int = 0
+    ttft_slo_ms_sum: int = 0  # over the ttft_requests: their mean is the TTFT SLO judged by
+    tpot_slo_ms_sum: int = 0  # over the tpot_requests
 
 
 @dataclass(frozen=True)
@@ -144,15 +152,21 @@ def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
     queued = sum(w.queued_prefill_tokens for w in takers) + r.queued_tokens
     wait_s = queued / rate if rate else (math.inf if queued else 0.0)
     ended = r.finished + r.refused
-    prefill = max(wait_s / config.ttft_target_s,
-                  _share(r.ttft_misses, r.ttft_requests) / config.miss_budget,
-                  _share(r.refused - r.refused_decode, ended) / config.miss_budget)
+    ttft_s = _share(r.ttft_slo_ms_sum, r.ttft_requests) / 1e3 or config.ttft_target_s
+    tpot_s = _share(r.tpot_slo_ms_sum, r.tpot_requests) / 1e3
+    budget = config.miss_budget
+    prefill = max(wait_s / ttft_s,
+                  _share(r.ttft_misses - r.ttft_misses_decode, r.ttft_requests) / budget,
+                  _share(r.refused - r.refused_decode, ended) / budget)
     decoders = [w for w in serving if w.role.decodes]
-    fills = [max(w.running / config.batch_cap, 1 - w.free_blocks / max(w.total_blocks, 1),
-                 1.0 if w.waiting else 0.0) for w in decoders]
+    fills = [max(w.decode_step_s / tpot_s if tpot_s and w.running and w.decode_step_s
+                 else w.running / config.batch_cap,
+                 1 - w.free_blocks / max(w.total_blocks, 1), 1.0 if w.waiting else 0.0)
+             for w in decoders]
     decode = max(sum(fills) / len(fills) if fills else 1.0,
-                 _share(r.tpot_misses, r.tpot_requests) / config.miss_budget,
-                 _share(r.refused_decode, ended) / config.miss_budget)
+                 _share(r.tpot_misses, r.tpot_requests) / budget,
+                 _share(r.ttft_misses_decode, r.ttft_requests) / budget,
+                 _share(r.refused_decode, ended) / budget)
     return Pressures(prefill, decode)
 
 

@@ -5,7 +5,11 @@ attainment (a RequestObserver, router.observe). Every router publishes its own
 
 SLO attainment follows DESIGN §6 as the request summary computes it
 (router.request_summary): TTFT as the first token's, TPOT = (E2EL - TTFT) / (output tokens
-- 1); a request with an SLO that did not finish (failed, cancelled) misses it.
+- 1); a request with an SLO that did not finish (failed, cancelled) misses it. A TTFT miss
+is the decode side's when less than half its first token's wait went to prompt work (its
+prefill's queue and compute, as its stages report them: the rest is a slot in the
+router's queue, the KV's transfer, the decode side's admission); the SLOs asked for are
+summed, for the controller to judge by their mean.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class _Ended:
     refused_decode: bool  # refused for the decode batch it would join
     ttft: bool | None  # None: no TTFT SLO; else whether it was met
     tpot: bool | None
+    ttft_decode: bool = False  # a TTFT miss that waited mostly for the decode side
+    slo_ttft_ms: float = 0.0  # where `ttft` is not None
+    slo_tpot_ms: float = 0.0  # where `tpot` is not None
 
 
 class SignalWindow:
@@ -39,18 +46,25 @@ class SignalWindow:
     def request_ended(self, record: RequestRecord) -> None:
         finished = record.outcome is RequestOutcome.FINISHED
         ttft = tpot = None
+        decode_side = False
         if finished and (record.slo_ttft_ms is not None or record.slo_tpot_ms is not None):
             f = RequestSummary.of(record).fields
             if record.slo_ttft_ms is not None:
                 ttft = f["first_token_ms"] <= record.slo_ttft_ms
+                prompt_work = f["prefill_queue_ms"] + f["prefill_compute_ms"]
+                # without stages (a simulated request) a miss is counted as prompt work
+                decode_side = (not ttft and f["prefill_compute_ms"] > 0
+                               and 2 * prompt_work < f["first_token_ms"])
             if record.slo_tpot_ms is not None:
                 tpot = f["tpot_ms"] is None or f["tpot_ms"] <= record.slo_tpot_ms
         elif record.outcome is not RequestOutcome.REFUSED:
             ttft = False if record.slo_ttft_ms is not None else None
             tpot = False if record.slo_tpot_ms is not None else None
         refused = record.outcome is RequestOutcome.REFUSED
-        self._ended.append(_Ended(self._clock(), finished, refused,
-                                  refused and record.short_of is Shortage.DECODE, ttft, tpot))
+        self._ended.append(_Ended(
+            self._clock(), finished, refused, refused and record.short_of is Shortage.DECODE,
+            ttft, tpot, decode_side, record.slo_ttft_ms if ttft is not None else 0.0,
+            record.slo_tpot_ms if tpot is not None else 0.0))
         self._expire()
 
     def front_end_refused(self) -> None:
@@ -66,8 +80,11 @@ class SignalWindow:
             refused_decode=sum(x.refused_decode for x in e),
             ttft_requests=sum(x.ttft is not None for x in e),
             ttft_misses=sum(x.ttft is False for x in e),
+            ttft_misses_decode=sum(x.ttft_decode for x in e),
             tpot_requests=sum(x.tpot is not None for x in e),
-            tpot_misses=sum(x.tpot is False for x in e))
+            tpot_misses=sum(x.tpot is False for x in e),
+            ttft_slo_ms_sum=round(sum(x.slo_ttft_ms for x in e)),
+            tpot_slo_ms_sum=round(sum(x.slo_tpot_ms for x in e)))
 
     def _expire(self) -> None:
         cutoff = self._clock() - self.window_s

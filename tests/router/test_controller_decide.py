@@ -141,3 +141,27 @@ def test_static_workers_are_never_moved():
 def test_a_bad_band_is_refused():
     with pytest.raises(ValueError, match="low < high"):
         ControllerConfig(low=0.8, high=0.5)
+
+
+def test_pressures_are_judged_by_the_slos_the_requests_ask_for():
+    # 800 queued tokens on two prefill workers at 100 tokens/s each: a 4 s wait, 2x the
+    # 2 s fallback target, but well inside a 10 s TTFT SLO
+    assert pressures(cluster(prefill_queue=400), CONFIG).prefill == pytest.approx(2.0)
+    asked = {"ttft_requests": 4, "ttft_slo_ms_sum": 40_000}
+    assert pressures(cluster(prefill_queue=400, **asked), CONFIG).prefill == \
+        pytest.approx(0.4)
+    # decode workers stepping at 90% of the TPOT SLO are full, whatever their batch
+    slow = Snapshot(NOW, (worker("a0", P), worker("a1", D, running=3, decode_step_s=0.09)),
+                    RouterSignals(tpot_requests=2, tpot_slo_ms_sum=200))
+    assert pressures(slow, CONFIG).decode == pytest.approx(0.9)
+    assert [m.to_role for m in decide(slow, CONFIG).moves] == [D]
+    # without a TPOT SLO: its batch over batch_cap
+    assert pressures(replace(slow, routers=RouterSignals()), CONFIG).decode == \
+        pytest.approx(0.3)
+
+
+def test_ttft_misses_spent_waiting_for_the_decode_side_are_decode_pressure():
+    misses = {"ttft_requests": 20, "ttft_misses": 5}
+    assert [m.to_role for m in decide(cluster(**misses), CONFIG).moves] == [P]
+    decode_side = decide(cluster(**misses, ttft_misses_decode=5), CONFIG)
+    assert [m.to_role for m in decode_side.moves] == [D]

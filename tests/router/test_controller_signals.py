@@ -7,6 +7,7 @@ from __future__ import annotations
 from pdserve.router.controller.decide import RouterSignals
 from pdserve.router.controller.signals import SignalWindow
 from pdserve.router.observe import RequestOutcome, RequestRecord, Shortage
+from pdserve.rpc import pdserve_pb2 as pb
 
 
 class Clock:
@@ -36,3 +37,25 @@ def test_refusals_are_counted_with_the_side_they_were_refused_for_within_the_win
     assert window.signals().tpot_misses == 1
     clock.now += 31
     assert window.signals() == RouterSignals()
+
+
+def finished(first_token_ms: float, prefill_ms: float, slo_ttft_ms: float) -> RequestRecord:
+    final = pb.FinalResponse(decode_worker="d")
+    t = final.timing
+    t.first_token_ms, t.prefill_queue_ms, t.prefill_compute_ms = (
+        first_token_ms, prefill_ms / 2, prefill_ms / 2)
+    t.decode_ms = 100.0
+    final.usage.completion_tokens = 3
+    return RequestRecord("f", RequestOutcome.FINISHED, 0.0, 1.0, 10, 3, final=final,
+                         slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=100.0)
+
+
+def test_a_ttft_miss_is_the_decode_sides_when_its_wait_went_mostly_elsewhere():
+    window = SignalWindow(30.0, Clock())
+    window.request_ended(finished(900.0, 800.0, 500.0))  # missed in its prefill
+    window.request_ended(finished(900.0, 200.0, 500.0))  # missed waiting for decode
+    window.request_ended(finished(300.0, 100.0, 700.0))  # met
+    s = window.signals()
+    assert (s.ttft_requests, s.ttft_misses, s.ttft_misses_decode) == (3, 2, 1)
+    # the SLOs asked for, summed for the controller's mean
+    assert (s.ttft_slo_ms_sum, s.tpot_requests, s.tpot_slo_ms_sum) == (1700, 3, 300)
