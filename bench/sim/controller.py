@@ -79,7 +79,8 @@ class SimController:
             str(r.idx), outcome, EPOCH + r.t_intake, EPOCH + r.t_end, r.prompt_len,
             r.output_len if finished else 0,
             ((EPOCH + r.t_first, 1),) if finished else (),
-            slo_ttft_ms=slo.ttft_ms if slo else None, slo_tpot_ms=slo.tpot_ms if slo else None))
+            slo_ttft_ms=slo.ttft_ms if slo else None, slo_tpot_ms=slo.tpot_ms if slo else None,
+            short_of=r.short_of))
 
     def snapshot(self) -> Snapshot:
         workers = tuple(WorkerInfo(

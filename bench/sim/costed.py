@@ -82,14 +82,13 @@ class CostPlacement:
     def slots(self) -> ClockedSlots:
         return self.door.slots
 
-    def place(self, ask: Ask) -> tuple[Placed | None, str, bool]:
-        """(the placement, "", False), or (None, why, whether it is a bad request rather
-        than an overload)."""
+    def place(self, ask: Ask) -> tuple[Placed | None, RequestError | None]:
+        """(the placement, None), or (None, the refusal or the bad request's error)."""
         self.queue.queued = self.lines.queued  # admission's slot wait reads it
         try:
-            return self.door.place(ask, {}), "", False
+            return self.door.place(ask, {}), None
         except RequestError as e:
-            return None, str(e), e.code == "INVALID_ARGUMENT"
+            return None, e
 
     def slo(self, ask: Ask) -> Slo:
         return self.door.slo(ask)

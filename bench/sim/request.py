@@ -30,7 +30,7 @@ class SimRequest:
                  "prefill", "decode", "target", "computed", "blocks", "held", "generated", "epoch",
                  "join_step", "finish_step", "residue", "admitted", "t_intake", "t_dispatch",
                  "t_prefill_start", "t_prefill_end", "t_kv", "t_first", "t_end", "token_times",
-                 "error")
+                 "error", "short_of")
 
     def __init__(self, idx: int, prompt_len: int, output_len: int, arrival: float):
         self.idx, self.prompt_len, self.output_len = idx, prompt_len, output_len
@@ -53,6 +53,7 @@ class SimRequest:
         self.t_kv = self.t_first = self.t_end = 0.0
         self.token_times: list[float] | None = None  # every token's time, when ITL is kept
         self.error = ""
+        self.short_of = None  # a refusal's router.observe.Shortage
 
     def result(self, stream_s: float) -> RequestResult:
         n = self.prompt_len

@@ -195,9 +195,11 @@ class SimRouter:
         slo = self.sent_slo
         ask = Ask(range(r.prompt_len), Hint.AUTO, slo.ttft_ms if slo else None,
                   slo.tpot_ms if slo else None)
-        placed, why, bad = self.costed.place(ask)
+        placed, error = self.costed.place(ask)
         if placed is None:
-            return self._end(r, State.FAILED if bad else State.REFUSED, why)
+            r.short_of = error.short_of
+            return self._end(r, State.FAILED if error.code == "INVALID_ARGUMENT"
+                             else State.REFUSED, str(error))
         if self.queued >= self.config.max_queue:
             return self._end(r, State.REFUSED, "the router queue is full")
         judged = self.costed.slo(ask)

@@ -81,9 +81,14 @@ def test_the_sims_placement_is_the_real_functions_choice_on_the_same_loads(
     slo = PlacementSlo(slo_ms[0] / 1000 if slo_ms[0] else 30.0,
                        slo_ms[1] / 1000 if slo_ms[1] else None)
     best = choose(candidates(Predictor(PROFILE), n, sides_p, sides_d, sides_d), slo)
-    placed, why, bad = router.costed.place(ask)
+    placed, error = router.costed.place(ask)
     if expect == "refused":
-        assert placed is None and not bad and "refused at admission: predicted" in why
+        assert placed is None and error.code == "RESOURCE_EXHAUSTED"
+        assert "refused at admission: predicted" in str(error)
+        # what the controller hears: a first token too late is prompt work, a TPOT the
+        # decode batch's
+        side = "DECODE" if "time per output token" in str(error) else "PREFILL"
+        assert error.short_of.name == side
         assert not slo.met(best.prediction)
         return
     assert placed is not None and placed.placement == best
