@@ -33,6 +33,8 @@ class WorkerRecord:
     state: WorkerState = WorkerState.SERVING
     adaptive: bool = False  # the cluster's controller may change its role
     role_since: float = 0.0  # Unix seconds: when it took its present role (0.0: unknown)
+    # what prompt chunks add to its decoding steps, per step on average, measured
+    prefill_stall_s: float = 0.0
 
     @property
     def serving(self) -> bool:

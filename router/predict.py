@@ -18,7 +18,9 @@ Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. Th
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
 every block the worker holds, and the prompt), scaled by what the worker measures of its
 own decode steps against the profile's for its reported batch (within the calibration's
-SCALE_BOUNDS: the profile may be of another day, or another machine's speed). A TTFT is
+SCALE_BOUNDS: the profile may be of another day, or another machine's speed), plus what
+the worker measures its prompt chunks to add to each step that decodes (a colocated
+worker's local prefills; none on a decode worker fed by prefill workers). A TTFT is
 scaled by what the router measured of those it predicted for prompts prefilled on the same
 worker (router.calibration). A local prefill stalls the worker's decodes by what its mixed
 steps take beyond the decode-only steps they replace.
@@ -120,9 +122,10 @@ class Predictor:
         return scale
 
     def tpot_s(self, decode: Side, prompt: int) -> float:
-        """The request's time per output token on the decode side, with it in the batch."""
+        """The request's time per output token on the decode side, with it in the batch,
+        and what the worker's prompt chunks add to each of its decoding steps today."""
         step = self.decode_step_s(decode.batch + 1, decode.context + prompt)
-        return step * self.decode_scale(decode)
+        return step * self.decode_scale(decode) + decode.record.prefill_stall_s
 
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile

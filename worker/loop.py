@@ -37,7 +37,7 @@ from typing import TypeVar
 
 from pdserve.engine import Engine, EngineStats, RequestOutput, ScheduledBatch
 from pdserve.engine.model.llama import LayerKVHook
-from pdserve.worker.rate import DecodeStepTime, PrefillRate, prefill_tokens
+from pdserve.worker.rate import DecodeStepTime, PrefillRate, decoding, prefill_tokens
 
 T = TypeVar("T")
 
@@ -54,6 +54,8 @@ class LoadReport:
     num_leases: int = 0  # jobs holding KV under a lease (LoopHandler.num_leases)
     decode_step_s: float = 0.0  # decode-only step time (worker.rate); 0.0: none yet
     chunk_tokens: int = 0  # the engine's token budget per step (its prefill chunk)
+    # what prompt chunks add to its decoding steps, per step on average (worker.rate)
+    prefill_stall_s: float = 0.0
 
     @property
     def is_idle(self) -> bool:
@@ -104,7 +106,7 @@ class EngineLoop:
         self._prefix_events: tuple[set[int], set[int]] | None = None  # None: nobody asked
         self._rate = PrefillRate()
         self._decode_step = DecodeStepTime()
-        self._step_size = 0  # requests in the step that runs
+        self._step_decodes = 0  # sequences decoding in the step that runs
         self._step_prefill_tokens = 0
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -181,7 +183,7 @@ class EngineLoop:
             outputs = self.engine.step(self._before_step)
             seconds = time.perf_counter() - started
             self._rate.observe(self._step_prefill_tokens, seconds, backlog)
-            self._decode_step.observe(self._step_prefill_tokens, self._step_size, seconds)
+            self._decode_step.observe(self._step_prefill_tokens, self._step_decodes, seconds)
             self.handler.after_step(outputs)
         else:
             self._rate.flush()
@@ -237,7 +239,7 @@ class EngineLoop:
 
     def _before_step(self, batch: ScheduledBatch):
         self._step_prefill_tokens = prefill_tokens(batch)
-        self._step_size = len(batch.requests)
+        self._step_decodes = decoding(batch)
         return self.handler.before_step(batch)
 
     def _snapshot(self) -> LoadReport:
@@ -245,4 +247,5 @@ class EngineLoop:
         return LoadReport(self.engine.stats(), self.handler.num_jobs(), time.time(),
                           self._error, self._rate.tokens_per_s, self.handler.num_leases(),
                           self._decode_step.seconds,
-                          self.engine.config.scheduler.max_num_batched_tokens)
+                          self.engine.config.scheduler.max_num_batched_tokens,
+                          self._decode_step.stall_s)

@@ -27,6 +27,11 @@ def prefill_tokens(batch: ScheduledBatch) -> int:
     return total
 
 
+def decoding(batch: ScheduledBatch) -> int:
+    """Sequences the step decodes (past their prompt)."""
+    return sum(1 for item in batch.requests if item.start >= item.request.num_prompt_tokens)
+
+
 class PrefillRate:
     """An exponential moving average of prompt tokens per second of busy time (see the
     module), sampled every WINDOW_S of it, when the backlog drains and when the engine
@@ -61,14 +66,29 @@ class PrefillRate:
 
 class DecodeStepTime:
     """An exponential moving average of the wall time of steps that computed no prompt
-    token (only decodes); 0.0 until the first."""
+    token (only decodes); 0.0 until the first. And what prompt chunks add to the steps
+    that decode, per such step (`stall_s`): a step that carries both takes longer than a
+    decode-only one by the chunk's time, and every sequence decoding there waits for it;
+    averaged over every step that decodes (decode-only ones add nothing), it is what the
+    worker's prefills add to each output token at today's load (a decode worker fed by
+    prefill workers adds none). Its weight is smaller: a chunk's step is rare and long,
+    so a short average would swing with each one."""
 
-    def __init__(self, weight: float = 0.1):
-        self.weight = weight
+    def __init__(self, weight: float = 0.1, stall_weight: float = 0.03):
+        self.weight, self.stall_weight = weight, stall_weight
         self.seconds = 0.0
+        self.stall_s = 0.0
 
     def observe(self, num_prefill_tokens: int, num_decodes: int, seconds: float) -> None:
-        if num_prefill_tokens or not num_decodes:
+        """A step of `num_decodes` decoding sequences and `num_prefill_tokens` prompt
+        tokens took `seconds`."""
+        if not num_decodes:
+            return
+        if num_prefill_tokens:
+            if self.seconds:  # its stall is the excess over a decode-only step
+                self.stall_s += self.stall_weight * (max(seconds - self.seconds, 0.0)
+                                                     - self.stall_s)
             return
         w = self.weight if self.seconds else 1.0
         self.seconds += w * (seconds - self.seconds)
+        self.stall_s -= self.stall_weight * self.stall_s

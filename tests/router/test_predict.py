@@ -134,3 +134,11 @@ def test_a_workers_measured_decode_step_scales_the_profiles_within_bounds():
     assert p.decode_scale(idle) == pytest.approx(1.5)  # its last measured ratio
     assert p.decode_scale(side(100 * profile_step)) == SCALE_BOUNDS[1]  # a glitch: bounded
     assert p.decode_scale(side(profile_step / 100)) == SCALE_BOUNDS[0]
+
+
+def test_a_workers_measured_prefill_stall_adds_to_the_tpot_it_predicts():
+    p = Predictor(_profile())
+    quiet = _side("d", WorkerRole.COLOCATED)
+    stalled = Side(replace(quiet.record, prefill_stall_s=0.05), 0, quiet.batch)
+    assert p.tpot_s(stalled, 10) == pytest.approx(p.tpot_s(quiet, 10) + 0.05)
+    assert p.local(stalled, 10).tpot_s == pytest.approx(p.local(quiet, 10).tpot_s + 0.05)

@@ -42,3 +42,29 @@ def test_the_decode_step_time_counts_only_steps_without_prompt_tokens():
     step.observe(0, 4, 0.04)
     step.observe(0, 4, 0.08)
     assert step.seconds == pytest.approx(0.06)
+
+
+def test_the_stall_is_what_prompt_chunks_add_to_the_steps_that_decode_on_average():
+    step = DecodeStepTime(weight=1.0, stall_weight=0.5)
+    step.observe(100, 3, 1.0)  # no decode-only step to compare with yet: nothing known
+    assert step.stall_s == 0.0
+    step.observe(0, 3, 0.1)
+    step.observe(100, 3, 0.5)  # a chunk's step: 0.4 s more than a decode-only one
+    assert step.stall_s == pytest.approx(0.2)
+    step.observe(0, 3, 0.1)  # decode-only steps dilute it: they add nothing
+    assert step.stall_s == pytest.approx(0.1)
+    step.observe(100, 0, 2.0)  # a prompt alone stalls no one
+    assert step.stall_s == pytest.approx(0.1)
+    assert step.seconds == pytest.approx(0.1)
+
+
+def test_only_sequences_past_their_prompt_count_as_decoding():
+    from types import SimpleNamespace
+
+    from pdserve.worker.rate import decoding
+
+    def item(prompt, start):
+        return SimpleNamespace(request=SimpleNamespace(num_prompt_tokens=prompt), start=start)
+
+    batch = SimpleNamespace(requests=[item(10, 10), item(10, 25), item(10, 4), item(50, 0)])
+    assert decoding(batch) == 2
