@@ -12,7 +12,8 @@ The rule:
      `ttft_target_s`); the share of SLO requests that missed their TTFT while waiting
      mostly for prompt work (their prefill's queue and compute), over `miss_budget`; and
      the share of requests refused at the door for prompt work (the work queued ahead,
-     or a local prefill's stall of the decoding requests), over `miss_budget`.
+     or a local prefill's stall of the decoding requests), over `miss_budget`; and the
+     prompt chunks' part of the TPOT misses (below).
    - decode: the larger of the decode workers' mean fill (each one's measured decode step
      over the TPOT SLO, else its running batch over `batch_cap`; the KV share in use
      when higher; 1.0 when requests wait in its engine); the share that missed their
@@ -20,6 +21,10 @@ The rule:
      the router's queue, the decode side's admission), each over `miss_budget`; and the
      share refused because the decode batch they would join steps slower than their
      TPOT SLO, over `miss_budget`.
+   A TPOT miss is split between the sides as the decoding workers' time per token is:
+   their measured decode steps are the decode side's part, what their prompt chunks add
+   to those steps (local prefills) the prefill side's; a worker prefilling long prompts
+   where it decodes misses TPOTs for lack of prefill workers, not of decode ones.
 2. Hysteresis: one side must be at or above `high` while the other is at or below `low`
    (a band, so values in between never move anyone); no move while a switch is under way
    (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
@@ -88,6 +93,7 @@ class WorkerInfo:
     free_blocks: int = 1
     total_blocks: int = 1
     decode_step_s: float = 0.0  # its measured decode step (0.0: none yet)
+    prefill_stall_s: float = 0.0  # what its prompt chunks add to each decoding step
 
     @property
     def switching(self) -> bool:
@@ -159,12 +165,18 @@ def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
                   _share(r.ttft_misses - r.ttft_misses_decode, r.ttft_requests) / budget,
                   _share(r.refused - r.refused_decode, ended) / budget)
     decoders = [w for w in serving if w.role.decodes]
+    measured = [w for w in decoders if w.running and w.decode_step_s]
+    step = sum(w.decode_step_s for w in measured)
+    stalled = sum(w.prefill_stall_s for w in measured)
+    stall_share = stalled / (step + stalled) if stalled > 0 else 0.0
+    tpot_misses = _share(r.tpot_misses, r.tpot_requests) / budget
+    prefill = max(prefill, tpot_misses * stall_share)
     fills = [max(w.decode_step_s / tpot_s if tpot_s and w.running and w.decode_step_s
                  else w.running / config.batch_cap,
                  1 - w.free_blocks / max(w.total_blocks, 1), 1.0 if w.waiting else 0.0)
              for w in decoders]
     decode = max(sum(fills) / len(fills) if fills else 1.0,
-                 _share(r.tpot_misses, r.tpot_requests) / budget,
+                 tpot_misses * (1 - stall_share),
                  _share(r.ttft_misses_decode, r.ttft_requests) / budget,
                  _share(r.refused_decode, ended) / budget)
     return Pressures(prefill, decode)

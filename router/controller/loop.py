@@ -138,7 +138,8 @@ class Controller:
             r.worker_id, r.role, r.state, r.adaptive, r.role_since,
             targets[r.worker_id].role if r.worker_id in targets else None,
             r.queued_prefill_tokens, r.prefill_tokens_per_s, r.running, r.waiting,
-            r.free_blocks, r.total_blocks, r.decode_step_s) for r in records)
+            r.free_blocks, r.total_blocks, r.decode_step_s, r.prefill_stall_s)
+            for r in records)
         last = self.switches[0].time if self.switches else 0.0
         return Snapshot(now, workers, await read_signals(self.redis), last)
 

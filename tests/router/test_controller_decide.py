@@ -165,3 +165,18 @@ def test_ttft_misses_spent_waiting_for_the_decode_side_are_decode_pressure():
     assert [m.to_role for m in decide(cluster(**misses), CONFIG).moves] == [P]
     decode_side = decide(cluster(**misses, ttft_misses_decode=5), CONFIG)
     assert [m.to_role for m in decode_side.moves] == [D]
+
+
+def test_tpot_misses_split_as_the_decoding_workers_time_per_token_is():
+    misses = RouterSignals(tpot_requests=20, tpot_misses=5)
+    # decode-bound steps: the misses are the decode side's
+    plain = Snapshot(NOW, (worker("a0", P), worker("a1", D, running=3, decode_step_s=0.1)),
+                     misses)
+    assert [m.to_role for m in decide(plain, CONFIG).moves] == [D]
+    # nine tenths of each token's time is the prompts it prefills locally: more decode
+    # workers would not help; that share goes to prefill pressure
+    stalled = Snapshot(NOW, (worker("a0", C), worker("a1", C, running=3, decode_step_s=0.1,
+                                                         prefill_stall_s=0.9)), misses)
+    p = pressures(stalled, CONFIG)
+    assert p.prefill == pytest.approx(2.5 * 0.9) and p.decode == pytest.approx(0.25)
+    assert [m.to_role for m in decide(stalled, CONFIG).moves] == [P]
