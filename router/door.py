@@ -157,10 +157,13 @@ class Door:
                 f"refused at admission: predicted time to first token {wait:.2f} s at best "
                 f"({where}) is beyond its TTFT SLO of {slo.ttft_s:.2f} s; retry later")
         if slo.tpot_s and best.prediction.tpot_s > slo.tpot_s:
+            # mostly what the worker's own prompt chunks add: it lacks prefill workers
+            stall = used[-1].record.prefill_stall_s
+            short = Shortage.PREFILL if 2 * stall > best.prediction.tpot_s else Shortage.DECODE
             raise overloaded(
                 f"refused at admission: predicted time per output token "
                 f"{best.prediction.tpot_s * 1e3:.0f} ms at best ({where}) is beyond its TPOT "
-                f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later", Shortage.DECODE)
+                f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later", short)
         return Placed(best, unfit, wait)
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:

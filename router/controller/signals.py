@@ -6,10 +6,11 @@ attainment (a RequestObserver, router.observe). Every router publishes its own
 SLO attainment follows DESIGN §6 as the request summary computes it
 (router.request_summary): TTFT as the first token's, TPOT = (E2EL - TTFT) / (output tokens
 - 1); a request with an SLO that did not finish (failed, cancelled) misses it. A TTFT miss
-is the decode side's when less than half its first token's wait went to prompt work (its
-prefill's queue and compute, as its stages report them: the rest is a slot in the
-router's queue, the KV's transfer, the decode side's admission); the SLOs asked for are
-summed, for the controller to judge by their mean.
+is the decode side's when more than half its first token's time went to the decode side
+(the KV's transfer and its admission into the decode batch, as its stages report them);
+a wait in the router's queue is not counted for either side, since a slot of either role
+may be what it waited for. The SLOs asked for are summed, for the controller to judge by
+their mean.
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ class SignalWindow:
             f = RequestSummary.of(record).fields
             if record.slo_ttft_ms is not None:
                 ttft = f["first_token_ms"] <= record.slo_ttft_ms
-                prompt_work = f["prefill_queue_ms"] + f["prefill_compute_ms"]
-                # without stages (a simulated request) a miss is counted as prompt work
-                decode_side = (not ttft and f["prefill_compute_ms"] > 0
-                               and 2 * prompt_work < f["first_token_ms"])
+                decode_wait = f["kv_transfer_ms"] + f["decode_queue_ms"]
+                decode_side = not ttft and 2 * decode_wait > f["first_token_ms"]
             if record.slo_tpot_ms is not None:
                 tpot = f["tpot_ms"] is None or f["tpot_ms"] <= record.slo_tpot_ms
         elif record.outcome is not RequestOutcome.REFUSED:

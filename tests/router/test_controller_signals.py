@@ -39,11 +39,14 @@ def test_refusals_are_counted_with_the_side_they_were_refused_for_within_the_win
     assert window.signals() == RouterSignals()
 
 
-def finished(first_token_ms: float, prefill_ms: float, slo_ttft_ms: float) -> RequestRecord:
+def finished(first_token_ms: float, decode_ms: float, slo_ttft_ms: float) -> RequestRecord:
+    """`decode_ms`: what the first token waited for on the decode side (the KV's transfer
+    and its admission)."""
     final = pb.FinalResponse(decode_worker="d")
     t = final.timing
-    t.first_token_ms, t.prefill_queue_ms, t.prefill_compute_ms = (
-        first_token_ms, prefill_ms / 2, prefill_ms / 2)
+    t.first_token_ms, t.kv_transfer_ms, t.decode_queue_ms = (
+        first_token_ms, decode_ms / 2, decode_ms / 2)
+    t.router_queue_ms = first_token_ms - decode_ms  # a slot of either role: neither side
     t.decode_ms = 100.0
     final.usage.completion_tokens = 3
     return RequestRecord("f", RequestOutcome.FINISHED, 0.0, 1.0, 10, 3, final=final,
@@ -52,9 +55,9 @@ def finished(first_token_ms: float, prefill_ms: float, slo_ttft_ms: float) -> Re
 
 def test_a_ttft_miss_is_the_decode_sides_when_its_wait_went_mostly_elsewhere():
     window = SignalWindow(30.0, Clock())
-    window.request_ended(finished(900.0, 800.0, 500.0))  # missed in its prefill
-    window.request_ended(finished(900.0, 200.0, 500.0))  # missed waiting for decode
-    window.request_ended(finished(300.0, 100.0, 700.0))  # met
+    window.request_ended(finished(900.0, 200.0, 500.0))  # missed waiting elsewhere
+    window.request_ended(finished(900.0, 700.0, 500.0))  # missed waiting for decode
+    window.request_ended(finished(300.0, 200.0, 700.0))  # met
     s = window.signals()
     assert (s.ttft_requests, s.ttft_misses, s.ttft_misses_decode) == (3, 2, 1)
     # the SLOs asked for, summed for the controller's mean

@@ -162,6 +162,20 @@ def test_admission_refuses_a_request_whose_predicted_tpot_misses_its_slo():
     asyncio.run(main())
 
 
+def test_a_tpot_refusal_mostly_of_local_prompt_chunks_says_prefill_is_short():
+    async def main():
+        from dataclasses import replace
+
+        busy = _worker("c", WorkerRole.COLOCATED, running=30)
+        busy.record = replace(busy.record, prefill_stall_s=0.05)  # 50 ms a step of chunks
+        router = _router(busy)
+        with pytest.raises(RequestError) as e:
+            router.door.place(_request(100, slo_tpot_ms=25.0), {})
+        assert "predicted time per output token 81 ms" in str(e.value)
+        assert e.value.short_of is Shortage.PREFILL
+    asyncio.run(main())
+
+
 def test_the_queue_places_a_local_prefill_away_from_the_batch_it_would_crowd():
     """The queue chooses as the door does: a local prefill's headroom counts the TPOT it
     leaves the requests already decoding on the worker (the interference book)."""
