@@ -9,18 +9,18 @@ The rule:
      that take prompts: prefill and colocated ones, or the decode workers when there is
      none, since the router then has them prefill every prompt locally; and in the
      routers' queues) mean at the measured prefill rate, over the TTFT SLO (else
-     `ttft_target_s`); the share of SLO requests that missed their TTFT while waiting
-     mostly for prompt work (their prefill's queue and compute), over `miss_budget`; and
-     the share of requests refused at the door for prompt work (the work queued ahead,
-     or a local prefill's stall of the decoding requests), over `miss_budget`; and the
-     prompt chunks' part of the TPOT misses (below).
+     `ttft_target_s`); the share of SLO requests that missed their TTFT, but for those
+     the decode side's (below), over `miss_budget`; the share of requests refused at the
+     door for prompt work (the work queued ahead, a local prefill's stall of the decoding
+     requests, or a TPOT made mostly of the worker's own prompt chunks), over
+     `miss_budget`; and the prompt chunks' part of the TPOT misses (below).
    - decode: the larger of the decode workers' mean fill (each one's measured decode step
      over the TPOT SLO, else its running batch over `batch_cap`; the KV share in use
      when higher; 1.0 when requests wait in its engine); the share that missed their
-     TPOT, and the share that missed their TTFT while waiting mostly elsewhere (a slot in
-     the router's queue, the decode side's admission), each over `miss_budget`; and the
-     share refused because the decode batch they would join steps slower than their
-     TPOT SLO, over `miss_budget`.
+     TPOT, and the share that missed their TTFT while waiting mostly for the decode side
+     (the KV's transfer and decode admission; router.controller.signals), each over
+     `miss_budget`; and the share refused because the decode batch they would join steps
+     slower than their TPOT SLO, over `miss_budget`.
    A TPOT miss is split between the sides as the decoding workers' time per token is:
    their measured decode steps are the decode side's part, what their prompt chunks add
    to those steps (local prefills) the prefill side's; a worker prefilling long prompts
