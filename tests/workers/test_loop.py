@@ -137,3 +137,23 @@ def test_the_load_report_carries_the_prefill_rate_measured_on_prefill_steps(engi
     finally:
         loop.close()
     assert_no_leaks(engine)
+
+
+def test_the_load_report_carries_what_a_prompt_chunk_adds_to_the_decoding_steps(engine):
+    """A prompt prefilled beside a decoding request makes that step longer than a
+    decode-only one: the report's prefill stall says by how much, on average; the
+    decode-only step time leaves it out."""
+    handler = Recorder()
+    loop = EngineLoop(engine, handler)
+    try:
+        loop.call(lambda: engine.add_request("decoding", [1, 2, 3], greedy(60))).result(5)
+        wait_for(lambda: loop.load().decode_step_s > 0, 30, "a measured decode step")
+        assert loop.load().prefill_stall_s == 0.0  # decode-only so far
+        prompt = [1 + i % 250 for i in range(400)]  # the tiny model's vocabulary is 256
+        loop.call(lambda: engine.add_request("long", prompt, greedy(1))).result(5)
+        wait_for(lambda: loop.load().prefill_stall_s > 0, 30, "a measured prefill stall")
+        wait_for(lambda: any(o.finished and o.request_id == "decoding"
+                             for o in handler.outputs), 60, "the decoding request")
+    finally:
+        loop.close()
+    assert_no_leaks(engine)
