@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pdserve.kvtransfer.base import KVReceiver, KVSpec, TransferResult, TransferStatus
-from pdserve.kvtransfer.layout import slot_index
+from pdserve.kvtransfer.layout import HostScatter, slot_index
 from pdserve.kvtransfer.messages import ChunkHeader, Done, checksum
 
 
@@ -40,6 +41,7 @@ class Assembly:
         self.transfer_id = transfer_id
         self.block_ids = list(block_ids)
         self._table: torch.Tensor | None = None  # block_ids on the cache's device, made once
+        self._host_table: np.ndarray | None = None  # block_ids for HostScatter, made once
         self.num_tokens = num_tokens
         self.start = start  # the receiver holds [0, start); block_ids hold [start, num_tokens)
         self.spec = spec
@@ -81,12 +83,14 @@ class Assembly:
         return None
 
     def accept(self, header: ChunkHeader, payload: bytes | memoryview | torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+               k_cache: torch.Tensor, v_cache: torch.Tensor,
+               host: HostScatter | None = None) -> None:
         """Check one frame and scatter it into this transfer's blocks of `k_cache`/`v_cache`
         (`[num_layers, num_blocks, block_size, kv_heads, head_dim]`). Raises FrameError.
 
         `payload` is host bytes, whose checksum is verified, or a uint8 GPU tensor (NCCL),
-        which is not hashed."""
+        which is not hashed. `host`: the caches' HostScatter, for host bytes into a host
+        cache of the wire's dtype."""
         if self.status.is_terminal:
             raise FrameError(f"transfer is already {self.status.value}")
         spec = self.spec
@@ -111,7 +115,24 @@ class Assembly:
         if any(s < header.end and header.start < e for s, e in taken):
             raise FrameError(f"duplicate tokens in layer {header.layer} "
                              f"[{header.start}, {header.end})")
-        if on_gpu:
+        if host is not None and not on_gpu:
+            if self._host_table is None:
+                self._host_table = np.asarray(self.block_ids, dtype=np.int64)
+            rows = host.slots(self._host_table, header.start - self.start,
+                              header.end - self.start)
+            host.scatter(header.layer, rows, payload)
+        else:
+            self._scatter(header, payload, k_cache, v_cache)
+        taken.append((header.start, header.end))
+        self.num_bytes += size
+        self.status = TransferStatus.TRANSFERRING
+        self.deadline = time.monotonic() + self.lease_s
+
+    def _scatter(self, header: ChunkHeader, payload, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> None:
+        """The torch path: a GPU payload or cache, or a cache of another dtype."""
+        spec = self.spec
+        if isinstance(payload, torch.Tensor):
             flat = payload.view(spec.dtype)
         else:
             if isinstance(payload, bytes) or memoryview(payload).readonly:
@@ -126,10 +147,6 @@ class Assembly:
         for cache, part in ((k_cache, kv[0]), (v_cache, kv[1])):
             cache[header.layer].flatten(0, 1).index_copy_(
                 0, idx, part.to(device=cache.device, dtype=cache.dtype))
-        taken.append((header.start, header.end))
-        self.num_bytes += size
-        self.status = TransferStatus.TRANSFERRING
-        self.deadline = time.monotonic() + self.lease_s
 
     def complete(self, done: Done) -> None:
         """The sender says it sent everything: DONE if every layer covers every token."""
@@ -153,6 +170,8 @@ class AssemblingReceiver(KVReceiver):
 
     def __init__(self, spec: KVSpec, k_cache: torch.Tensor, v_cache: torch.Tensor):
         self.spec, self.k_cache, self.v_cache = spec, k_cache, v_cache
+        self._host = (HostScatter(k_cache, v_cache)
+                      if HostScatter.fits(k_cache, v_cache, spec.dtype) else None)
         self._lock = threading.Lock()
         self._assemblies: dict[str, Assembly] = {}
 
@@ -220,7 +239,7 @@ class AssemblingReceiver(KVReceiver):
             if a.expire():
                 return a.reason
             try:
-                a.accept(header, payload, self.k_cache, self.v_cache)
+                a.accept(header, payload, self.k_cache, self.v_cache, self._host)
             except FrameError as e:
                 a.fail(str(e))
                 return a.reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.kvtransfer.messages import ChunkHeader, checksum
@@ -73,7 +74,9 @@ def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: t
         with torch.inference_mode():
             payload = alloc(n * token_bytes)
             kv = payload.view(k.dtype).view(2, n, heads, dim)
-            if payload.device == k.device == v.device:
+            if payload.device.type == k.device.type == v.device.type == "cpu":
+                _host_copy(kv, k[i:i + n], v[i:i + n])
+            elif payload.device == k.device == v.device:
                 torch.stack((k[i:i + n], v[i:i + n]), out=kv)  # one op: less than two copies
             else:  # to or from a GPU
                 kv[0].copy_(k[i:i + n])
@@ -81,6 +84,15 @@ def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: t
         digest = 0 if payload.is_cuda else checksum(memoryview(payload.numpy()))
         yield Frame(ChunkHeader(transfer_id, layer, start + i, start + i + n, dtype, heads, dim,
                                 digest), payload)
+
+
+def _host_copy(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """K and V into `kv` ([2, tokens, heads, dim]) by numpy, as raw bytes: torch's copy
+    wakes its intra-op thread pool above ~32K elements, and on an I/O thread that pool
+    competes for the cores with the engine's own (bench/README.md, "KV transfer")."""
+    out = kv.view(torch.uint8).numpy()
+    for dst, src in ((out[0], k), (out[1], v)):
+        np.copyto(dst, src.view(torch.uint8).numpy())
 
 
 class Scratch:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from pdserve.kvtransfer.layout import gather_tokens, scatter_tokens, slot_index
+from pdserve.kvtransfer.layout import HostScatter, gather_tokens, scatter_tokens, slot_index
 
 
 def _cache(num_blocks, block_size, heads=3, dim=8):
@@ -49,3 +50,26 @@ def test_slot_index_and_range_errors():
         slot_index([3, 1], 4, 5, 2)
     with pytest.raises(ValueError, match="does not match"):
         scatter_tokens(_cache(4, 4), [0], 0, torch.zeros(2, 2, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_scatter_writes_what_the_torch_path_writes(dtype):
+    """Raw frame bytes (read-only, as a ZMQ frame's) into non-consecutive blocks, from a
+    start that is not block-aligned, land where `scatter_tokens` puts the same tokens."""
+    torch.manual_seed(1)
+    layers, blocks, bs, heads, dim = 3, 12, 4, 3, 8
+    k_ref, v_ref = (torch.zeros(layers, blocks, bs, heads, dim, dtype=dtype) for _ in range(2))
+    k, v = torch.zeros_like(k_ref), torch.zeros_like(v_ref)
+    assert HostScatter.fits(k, v, dtype) and not HostScatter.fits(k, v, torch.float16)
+    host = HostScatter(k, v)
+    table = np.array([7, 2, 9, 0], dtype=np.int64)
+    for layer, start, end in [(0, 0, 5), (0, 5, 14), (2, 3, 16)]:
+        kv = torch.randn(2, end - start, heads, dim).to(dtype)
+        payload = bytes(kv.view(torch.uint8).numpy().tobytes())
+        host.scatter(layer, host.slots(table, start, end), memoryview(payload))
+        for ref, part in ((k_ref, kv[0]), (v_ref, kv[1])):
+            scatter_tokens(ref[layer], table.tolist(), start, part)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert k.abs().sum() > 0
+    untouched = [b for b in range(blocks) if b not in table]
+    assert k[:, untouched].abs().sum() == 0 and v[:, untouched].abs().sum() == 0
