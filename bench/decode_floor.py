@@ -26,7 +26,7 @@ from pdserve.engine import LLM, ModelConfig, SamplingParams
 
 CATEGORIES = {
     "linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear",
-               "skinny_linear"),
+               "small_gemm"),
     "attention": ("scaled_dot_product", "flash_attention", "paged_decode_attention"),
     "KV gather/write": ("aten::index", "aten::index_copy_"),
 }

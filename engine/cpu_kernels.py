@@ -1,11 +1,11 @@
-"""C++ kernels for decode on CPU (`csrc/cpu_kernels.cpp`), compiled once per machine.
+"""C++ kernels for decode on CPU (`csrc/`), compiled once per machine.
 
 - `paged_decode_attention`: decode attention through torch ops must first gather every
   sequence's KV out of the paged cache into a padded tensor, then read it again; at batch
   32-64 that copy costs more than the attention itself. The kernel reads K and V in place
   through the block table instead.
-- `skinny_linear`: a linear layer for 1-3 rows streams the weights at close to the memory
-  bandwidth, where MKL and oneDNN reach about a third of it on this kind of CPU.
+- `small_gemm`: a linear layer for decode's 1-64 rows on the plain weight, streamed once
+  per call and register-blocked across rows (engine.model.cpu_linear).
 - `rms_norm`, `fused_add_rms_norm`, `silu_and_mul`, `rotary_embedding`
   (`csrc/elementwise.cpp`): one pass per row where torch runs a chain of ops, each reading
   and writing the whole activation (engine.model.ops picks them).
@@ -32,7 +32,8 @@ from pdserve.models import cache_dir
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "elementwise.cpp"]
+SOURCES = [CSRC / n for n in ("cpu_kernels.cpp", "decode_attention.cpp", "small_gemm.cpp",
+                                "elementwise.cpp")]
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}
 # a build takes about 30 s (minutes on a loaded machine): a lock older than this was left
 # by a build that was killed midway

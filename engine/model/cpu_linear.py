@@ -1,14 +1,14 @@
-"""Linear layers for float32 CPU inference, picking the fastest kernel for the row count.
+"""Linear layers for float32 CPU inference: one copy of each weight, the kernel picked by
+the row count.
 
-PyTorch's default CPU linear (MKL sgemm on plain weights) is 1.3-1.5x slower on this kind
-of CPU than oneDNN with weights reordered once into its blocked layout, for prefill and
-batched decode alike. At 1-3 rows (decode at small batch) both stream the weights at about
-a third of the memory bandwidth; the `skinny_linear` C++ kernel (engine.cpu_kernels) gets
-close to all of it. Figures in bench/README.md.
-
-A `CpuLinear` therefore keeps the plain weight (for the skinny kernel) and, where oneDNN is
-available, a packed copy: on CPU the weights of the linear layers are held twice.
-A layer whose packed output disagrees with `F.linear` keeps the plain path.
+Decode runs a linear layer on a handful to a few dozen rows: memory-bound at first, then
+compute-bound. The `small_gemm` C++ kernel (engine.cpu_kernels) reads the plain weight as
+it is stored, streaming it once per call at close to the memory bandwidth and
+register-blocked across rows, which matched or beat oneDNN's GEMM on a weight packed into
+its blocked layout at 1-64 rows on this kind of CPU; prefill's hundreds of rows go to
+torch's own GEMM on the same plain weight. oneDNN's packed copy, which would have to sit
+beside the plain weight the kernel reads, is not made: the weights are held once. Figures
+in bench/README.md ("Weights held once").
 """
 
 from __future__ import annotations
@@ -20,49 +20,36 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-SKINNY_MAX_ROWS = 3  # from 4 rows on, oneDNN's GEMM is as fast (bench/README.md)
-
-
-def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# up to here the kernel is as fast as oneDNN on a packed copy and faster than torch; from 128
+# rows on the cache blocking of either wins (bench/README.md, "Weights held once")
+SMALL_GEMM_MAX_ROWS = 64
 
 
 class CpuLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, kernels: Any | None, pack: bool):
+    """Holds `linear`'s weight itself (no copy when it is contiguous: a tied LM head keeps
+    sharing the embedding's storage)."""
+
+    def __init__(self, linear: nn.Linear, kernels: Any | None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight.detach().contiguous()  # [out, in]
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.kernels = kernels
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight) if pack else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, in]
-        if self.kernels is not None and x.shape[0] <= SKINNY_MAX_ROWS:
-            with record_function("pdserve::skinny_linear"):  # named in profiles
-                return self.kernels.skinny_linear(x, self.weight, self.bias)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.kernels is not None and x.shape[0] <= SMALL_GEMM_MAX_ROWS:
+            with record_function("pdserve::small_gemm"):  # named in profiles
+                return self.kernels.small_gemm(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def optimize_linears(model: nn.Module, kernels: Any | None) -> int:
     """Replace every float32 CPU `nn.Linear` in `model` by a `CpuLinear`; returns how many."""
-    can_pack = onednn_available()
-    probe_gen = torch.Generator().manual_seed(0)
     targets = [(parent, name, child)
                for parent in model.modules()
                for name, child in parent.named_children()
                if isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
                and child.weight.dtype == torch.float32]
     for parent, name, linear in targets:
-        fast = CpuLinear(linear, kernels, pack=can_pack)
-        if fast.packed is not None:
-            probe = torch.randn(SKINNY_MAX_ROWS + 2, linear.in_features, generator=probe_gen)
-            with torch.inference_mode():
-                if not torch.allclose(fast(probe), F.linear(probe, linear.weight, linear.bias),
-                                      rtol=1e-4, atol=1e-4):
-                    fast.packed = None
-        setattr(parent, name, fast)
+        setattr(parent, name, CpuLinear(linear, kernels))
     return len(targets)

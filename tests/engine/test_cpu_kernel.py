@@ -18,10 +18,12 @@ def kernel():
     return k
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_kernel_matches_sdpa(kernel, heads, kv_heads):
+# groups of 3, 1, 8 (the vector path), 10 and a head_dim of 20 (the general one)
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 32), (4, 4, 32), (8, 1, 32), (20, 2, 16),
+                                              (6, 2, 20)])
+def test_kernel_matches_sdpa(kernel, heads, kv_heads, d):
     torch.manual_seed(0)
-    bs, d, num_blocks = 4, 32, 40
+    bs, num_blocks = 4, 40
     k_cache = torch.randn(num_blocks, bs, kv_heads, d)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(num_blocks).tolist()
@@ -45,14 +47,24 @@ def test_kernel_rejects_a_context_longer_than_its_blocks(kernel):
                                       torch.tensor([[0]]), torch.tensor([5]), 1.0)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_skinny_linear_matches_f_linear(kernel, rows, with_bias):
-    torch.manual_seed(rows)
-    x, w = torch.randn(rows, 96), torch.randn(200, 96)
-    b = torch.randn(200) if with_bias else None
-    torch.testing.assert_close(kernel.skinny_linear(x, w, b), F.linear(x, w, b),
+@pytest.mark.parametrize("n,k", [(200, 96), (13, 37), (4, 8), (1, 5)])
+def test_small_gemm_matches_f_linear(kernel, rows, with_bias, n, k):
+    """Every tile shape and remainder: weight rows not a multiple of the tile, K not a
+    multiple of the vector width, a non-contiguous input."""
+    torch.manual_seed(rows * 1000 + n)
+    x, w = torch.randn(k, rows).t(), torch.randn(n, k)
+    b = torch.randn(n) if with_bias else None
+    torch.testing.assert_close(kernel.small_gemm(x, w, b), F.linear(x, w, b),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_small_gemm_rejects_mismatched_shapes(kernel):
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and a contiguous w"):
+        kernel.small_gemm(torch.randn(2, 8), torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="bias of 4 floats"):
+        kernel.small_gemm(torch.randn(2, 8), torch.randn(4, 8), torch.randn(3))
 
 
 def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):

@@ -100,7 +100,7 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_llm, smollm2_hf):
     assert_no_leaks(smollm2_llm.engine)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 65])
 @pytest.mark.parametrize("with_kernels", [True, False], ids=["kernels", "no-kernels"])
 def test_cpu_linears_match_plain_linear(rows, with_kernels):
     from torch import nn
@@ -111,9 +111,13 @@ def test_cpu_linears_match_plain_linear(rows, with_kernels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
     x = torch.randn(rows, 16)
+    weights = [model[0].weight.data_ptr(), model[2].weight.data_ptr()]
     with torch.inference_mode():
         ref = model(x)
-        # without kernels (no compiler on the machine) the oneDNN / F.linear paths serve
+        # without kernels (no compiler on the machine) F.linear serves every row count
         assert optimize_linears(model, cpu_kernels() if with_kernels else None) == 2
         assert isinstance(model[0], CpuLinear) and isinstance(model[2], CpuLinear)
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    # the weights are held once: the layers read the storage they were given
+    assert [model[0].weight.data_ptr(), model[2].weight.data_ptr()] == weights
+    assert not any(isinstance(b, torch.Tensor) and b.is_mkldnn for b in vars(model[0]).values())
