@@ -156,6 +156,12 @@ class KVSender(ABC):
         """DONE once the receiver acknowledged; FAILED for an unknown id."""
 
     @abstractmethod
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        """Block until the transfer is DONE or FAILED (as `poll` then says), at most
+        `timeout_s`: after that, its state as it stands. Wakes as the verdict is recorded,
+        so a caller with nothing else to do sees it without polling."""
+
+    @abstractmethod
     def abort(self, transfer_id: str, reason: str) -> None:
         """Stop sending and tell the receiver; idempotent."""
 

@@ -141,6 +141,12 @@ class InProcSender(KVSender):
                 self._book.fail(transfer_id, why)
         return self._book.poll(transfer_id)
 
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        """`finish` settles in the caller's thread, so after it this returns at once;
+        before it, the wait renews the lease once, as one turn of the owner's loop."""
+        self.poll(transfer_id)
+        return self._book.wait(transfer_id, timeout_s)
+
     def abort(self, transfer_id: str, reason: str) -> None:
         if self._book.poll(transfer_id).status.is_terminal:
             return  # unknown or already ended

@@ -1,6 +1,7 @@
 """Sender-side bookkeeping, shared by every transport: which transfers are open, to which
 endpoint, and how each one stands. A result only ever moves forward: once DONE or FAILED
-it stays so (`settle` ignores later verdicts). Every method is thread-safe."""
+it stays so (`settle` ignores later verdicts). Every method is thread-safe; `wait` blocks
+until a verdict is recorded."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Outgoing:
 class OutgoingBook:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self._ended = threading.Condition(self.lock)  # notified whenever a result turns final
         self._transfers: dict[str, Outgoing] = {}
 
     def begin(self, transfer_id: str, endpoint: str, num_tokens: int,
@@ -86,6 +88,19 @@ class OutgoingBook:
                 return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
             return entry.result
 
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        """The result once it is final, or as it stands after `timeout_s`."""
+        with self.lock:
+            self._ended.wait_for(lambda: self._final(transfer_id), timeout_s)
+            entry = self._transfers.get(transfer_id)
+            if entry is None:
+                return TransferResult(TransferStatus.FAILED, reason="unknown transfer")
+            return entry.result
+
+    def _final(self, transfer_id: str) -> bool:
+        entry = self._transfers.get(transfer_id)
+        return entry is None or entry.result.status.is_terminal
+
     def settle(self, transfer_id: str, result: TransferResult) -> bool:
         """Record `result` unless the transfer already ended; True if it was recorded."""
         with self.lock:
@@ -93,6 +108,8 @@ class OutgoingBook:
             if entry is None or entry.result.status.is_terminal:
                 return False
             entry.result = result
+            if result.status.is_terminal:
+                self._ended.notify_all()
             return True
 
     def fail(self, transfer_id: str, reason: str) -> bool:
@@ -105,6 +122,7 @@ class OutgoingBook:
             for entry in self._transfers.values():
                 if not entry.result.status.is_terminal and predicate(entry):
                     entry.result = failed
+            self._ended.notify_all()
 
     def live_ids(self) -> list[str]:
         with self.lock:

@@ -122,6 +122,9 @@ class Sender(KVSender):
     def poll(self, transfer_id: str) -> TransferResult:
         return self._book.poll(transfer_id)
 
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        return self._book.wait(transfer_id, timeout_s)
+
     def abort(self, transfer_id: str, reason: str) -> None:
         if self._book.fail(transfer_id, reason):
             endpoint = self._book.get(transfer_id).endpoint

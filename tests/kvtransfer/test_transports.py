@@ -109,6 +109,24 @@ def test_no_receiver_fails_within_the_handshake_timeout(kind, sender, p_cache):
     assert expected in result.reason
 
 
+def test_wait_blocks_until_the_verdict_and_no_longer(kind, sender, receiver, p_cache):
+    receiver.expect("ok", [0], 4, lease_s=5)
+    sender.begin("ok", receiver.endpoint, 4)
+    send_layers(sender, "ok", p_cache, [0], 4)
+    receiver.expect("open", [1], 4, lease_s=5)
+    sender.begin("open", receiver.endpoint, 4)
+    send_layers(sender, "open", p_cache, [0], 4, layers=[0])
+    sender.finish("ok", 7)
+    assert sender.wait("ok", 30).status is TransferStatus.DONE
+    # not finished: the timeout ends the wait, the transfer stays live
+    assert not sender.wait("open", 0.05).status.is_terminal
+    assert sender.wait("never-begun", 0.05).reason == "unknown transfer"
+    # a failure recorded by the I/O thread (here: no handshake within 1 s) ends a wait too
+    sender.begin("lost", "tcp://127.0.0.1:1", 4)
+    assert sender.wait("lost", 30).status is TransferStatus.FAILED
+    sender.abort("open", "test over")
+
+
 def test_an_endpoint_that_cannot_be_connected_fails_at_once(kind, sender, receiver, p_cache):
     sender.begin("bad", "no-such-scheme://nowhere", 4)
     expected = "no receiver at" if kind == "inproc" else "cannot connect to"
