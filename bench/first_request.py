@@ -5,7 +5,10 @@ worker), send
 prefix (no prefix-cache hit can make a later one faster), and report each one's TTFT and
 prefill compute time from its final message, and the first's over the last's.
 
-    python -m pdserve.bench.first_request [--requests 10] [--runs 3] [--json PATH]
+    python -m pdserve.bench.first_request [--requests 10] [--runs 3] [--ray] [--json PATH]
+
+Also: the time from launching `pdserve serve` to its ready line (warm workers registered).
+With `--ray` the workers are actors of a local Ray instance.
 
 The server runs under this interpreter; to measure another checkout of pdserve, run this
 file with that checkout's interpreter (`/other/.venv/bin/python bench/first_request.py`).
@@ -26,8 +29,10 @@ from pdserve.rpc import pdserve_pb2 as pb
 from pdserve.rpc import pdserve_pb2_grpc
 
 
-def one_run(model: str, port: int, requests: int, input_len: int, seed: int) -> list[dict]:
-    server = Server(DEPLOYMENTS["1p1d"], model, port, None, log_name="first-request")
+def one_run(model: str, port: int, requests: int, input_len: int, seed: int,
+            ray: bool = False) -> dict:
+    """The server's start-up time and each request's figures."""
+    server = Server(DEPLOYMENTS["1p1d"], model, port, None, log_name="first-request", ray=ray)
     try:
         stub = pdserve_pb2_grpc.PdServeStub(grpc.insecure_channel(server.target))
         rng = random.Random(seed)
@@ -44,7 +49,7 @@ def one_run(model: str, port: int, requests: int, input_len: int, seed: int) -> 
                         "prefill_queue_ms": t.prefill_queue_ms,
                         "prefill_compute_ms": t.prefill_compute_ms,
                         "kv_transfer_ms": t.kv_transfer_ms, "decode_queue_ms": t.decode_queue_ms})
-        return out
+        return {"ready_s": server.ready_s, "requests": out}
     finally:
         server.stop()
 
@@ -57,11 +62,18 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=42)
     ap.add_argument("--runs", type=int, default=1, help="fresh servers, one after another")
     ap.add_argument("--port", type=int, default=50071)
+    ap.add_argument("--ray", action="store_true",
+                    help="workers on a local Ray instance (default: --no-ray, pinned processes)")
     ap.add_argument("--json", default=None, help="write the per-request figures here")
     args = ap.parse_args()
-    runs = [one_run(args.model, args.port, args.requests, args.input_len, seed)
-            for seed in range(args.runs)]
-    result = {"input_len": args.input_len, "runs": runs}
+    started = [one_run(args.model, args.port, args.requests, args.input_len, seed, args.ray)
+               for seed in range(args.runs)]
+    runs = [s["requests"] for s in started]
+    ready = statistics.median(s["ready_s"] for s in started)
+    result = {"input_len": args.input_len, "ray": args.ray, "ready_s": [s["ready_s"] for s in
+                                                                        started], "runs": runs}
+    print(f"ready after {ready:.1f} s from launch (median of {args.runs}; model and kernels "
+          "cached)")
     for key in ("ttft_ms", "prefill_compute_ms"):
         first = statistics.median(run[0][key] for run in runs)
         last = statistics.median(run[-1][key] for run in runs)

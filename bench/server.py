@@ -55,10 +55,13 @@ class Server:
 
     def __init__(self, deployment: Deployment, model: str, port: int, peer_python: str | None,
                  peer_cli: Path = PEER_CLI, extra_args: tuple[str, ...] = (),
-                 log_name: str = "sweep"):
-        """`extra_args`: more `pdserve serve` flags (after the deployment's own)."""
+                 log_name: str = "sweep", ray: bool = False):
+        """`extra_args`: more `pdserve serve` flags (after the deployment's own); `ray`: the
+        workers as actors of a local Ray instance, not pinned processes. `ready_s`: from
+        the launch to the server's ready line."""
         self.deployment = deployment
         self.port = port
+        self.ready_s: float | None = None
         path = Path(tempfile.gettempdir()) / f"pdserve-{log_name}-{deployment.name}.log"
         self.log_path = path
         log = path.open("w")  # noqa: SIM115 - the server's output, open while it runs
@@ -71,12 +74,15 @@ class Server:
             _wait_http(f"http://127.0.0.1:{port}/v1/models", self.proc, 600)
             self.http_url = f"http://127.0.0.1:{port}"
         else:
+            launch = () if ray else ("--no-ray", "--pin-cores")
+            t0 = time.monotonic()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve", "serve", "--no-ray", "--pin-cores",
+                [sys.executable, "-m", "pdserve", "serve", *launch,
                  "--model", model, "--port", str(port), "--num-blocks", "1024",
                  "--http-port", "0", *deployment.args, *extra_args],
                 stdout=subprocess.PIPE, stderr=log, text=True)
             started = self.proc.stdout.readline().strip()
+            self.ready_s = time.monotonic() - t0
             self.http_url = self.proc.stdout.readline().strip()  # its OpenAI-compatible API
             if not started:
                 self.proc.wait(60)  # stdout closed: the server is exiting

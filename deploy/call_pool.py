@@ -4,10 +4,12 @@ worker object): a small pool per worker, so a worker that stops answering holds 
 runs in asyncio's default executor, go on as before.
 
 Life of a pool: threads start on demand, up to `size`; one that had no call for `idle_s`
-exits. They are daemon threads: a call stuck on a worker that never answers again must not
-keep the process from exiting (ThreadPoolExecutor joins its threads at exit). Calls past
-the first `size` wait their turn in arrival order; a waiting call whose Future is
-cancelled is skipped.
+exits, except the last `keep`: a thread's first call to a `deploy.local` proxy opens its own
+connection to the worker's process (tens of ms), which a server idle for a minute should not
+pay again on its next request. They are daemon threads: a call stuck on a worker that
+never answers again must not keep the process from exiting (ThreadPoolExecutor joins its
+threads at exit). Calls past the first `size` wait their turn in arrival order; a waiting
+call whose Future is cancelled is skipped.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 
 
 class CallPool:
-    def __init__(self, name: str, size: int = 8, idle_s: float = 60.0):
+    def __init__(self, name: str, size: int = 8, idle_s: float = 60.0, keep: int = 1):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        self._name, self._size, self._idle_s = name, size, idle_s
+        if not 0 <= keep <= size:
+            raise ValueError(f"keep must be in [0, size], got {keep}")
+        self._name, self._size, self._idle_s, self._keep = name, size, idle_s, keep
         self._calls: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple]] = (
             queue.SimpleQueue())
         self._lock = threading.Lock()
@@ -56,7 +60,8 @@ class CallPool:
             except queue.Empty:
                 with self._lock:
                     self._idle -= 1
-                    if self._pending == 0:  # under the lock: no call can slip in unseen
+                    # under the lock: no call can slip in unseen
+                    if self._pending == 0 and self._threads > self._keep:
                         self._threads -= 1
                         return
                 continue

@@ -54,6 +54,12 @@ class ThreadCalls:
         self.timeout_s = timeout_s
         self._pool = CallPool(name, threads)
 
+    def warm(self, method: Callable[[], Any]) -> None:
+        """Make `method()` once on a pool thread, not waiting for it: that thread opens its
+        connection to the worker now, not on the first request. Errors are dropped (a
+        worker that is gone shows on the next real call)."""
+        self._pool.submit(method)
+
     async def __call__(self, method: Callable[[Any], Any], arg: Any, withdraw: bool = True):
         """`method(arg)` in a pool thread, waiting at most `timeout_s` (CallTimeout). With
         `withdraw` False the call still runs once a thread is free, after a timeout."""

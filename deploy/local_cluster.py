@@ -115,8 +115,9 @@ class LocalCluster(RoutedCluster):
         if record.started != proc.started:
             raise ValueError(f"worker {record.worker_id}: the process of the incarnation "
                              f"started at {record.started:.3f} is not running here (yet)")
-        return handle_for(record, proc.worker,
-                          ThreadCalls(self.spec.worker_call_timeout_s, name=record.worker_id))
+        calls = ThreadCalls(self.spec.worker_call_timeout_s, name=record.worker_id)
+        calls.warm(proc.worker.load)
+        return handle_for(record, proc.worker, calls)
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL, as a crash: nothing is unregistered, the heartbeat simply stops (the

@@ -99,7 +99,7 @@ def test_a_hung_worker_does_not_hold_the_default_executor_nor_other_workers_call
 
 
 def test_the_pool_bounds_its_threads_and_lets_idle_ones_go():
-    pool = CallPool("t", size=3, idle_s=0.2)
+    pool = CallPool("t", size=3, idle_s=0.2, keep=0)
     gate = threading.Event()
     futures = [pool.submit(gate.wait, 30) for _ in range(10)]
     assert pool.num_threads == 3
@@ -110,6 +110,26 @@ def test_the_pool_bounds_its_threads_and_lets_idle_ones_go():
         assert time.monotonic() < deadline, pool.num_threads
         time.sleep(0.05)
     assert pool.submit(lambda: 7).result(30) == 7  # a new thread serves again
+
+
+def test_the_pool_keeps_its_last_thread_and_its_connection():
+    """The thread a warm-up call made (and the worker connection it opened) still serves
+    the first call after the pool has been idle longer than `idle_s`."""
+    pool = CallPool("t", size=3, idle_s=0.2, keep=1)
+    gate = threading.Event()
+    futures = [pool.submit(gate.wait, 30) for _ in range(3)]
+    assert pool.num_threads == 3
+    gate.set()
+    assert all(f.result(30) for f in futures)
+    deadline = time.monotonic() + 30
+    while pool.num_threads > 1:
+        assert time.monotonic() < deadline, pool.num_threads
+        time.sleep(0.05)
+    kept = pool.submit(threading.get_ident).result(30)
+    time.sleep(0.5)  # idle past idle_s: the kept thread stays
+    assert pool.num_threads == 1 and pool.submit(threading.get_ident).result(30) == kept
+    with pytest.raises(ValueError, match="keep"):
+        CallPool("t", size=2, keep=3)
 
 
 @pytest.mark.parametrize("timeout_s", [0, -1])
