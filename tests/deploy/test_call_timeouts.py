@@ -98,6 +98,14 @@ def test_a_hung_worker_does_not_hold_the_default_executor_nor_other_workers_call
     assert len([a for a in hung.applied if a[0] == "generate"]) == 8
 
 
+def _wait_for_threads(pool: CallPool, left: int) -> None:
+    """Until the pool's idle threads have gone down to `left` (bounded)."""
+    deadline = time.monotonic() + 30
+    while pool.num_threads > left:
+        assert time.monotonic() < deadline, pool.num_threads
+        time.sleep(0.05)
+
+
 def test_the_pool_bounds_its_threads_and_lets_idle_ones_go():
     pool = CallPool("t", size=3, idle_s=0.2, keep=0)
     gate = threading.Event()
@@ -105,10 +113,7 @@ def test_the_pool_bounds_its_threads_and_lets_idle_ones_go():
     assert pool.num_threads == 3
     gate.set()
     assert all(f.result(30) for f in futures)
-    deadline = time.monotonic() + 30
-    while pool.num_threads:
-        assert time.monotonic() < deadline, pool.num_threads
-        time.sleep(0.05)
+    _wait_for_threads(pool, 0)
     assert pool.submit(lambda: 7).result(30) == 7  # a new thread serves again
 
 
@@ -121,10 +126,7 @@ def test_the_pool_keeps_its_last_thread_and_its_connection():
     assert pool.num_threads == 3
     gate.set()
     assert all(f.result(30) for f in futures)
-    deadline = time.monotonic() + 30
-    while pool.num_threads > 1:
-        assert time.monotonic() < deadline, pool.num_threads
-        time.sleep(0.05)
+    _wait_for_threads(pool, 1)
     kept = pool.submit(threading.get_ident).result(30)
     time.sleep(0.5)  # idle past idle_s: the kept thread stays
     assert pool.num_threads == 1 and pool.submit(threading.get_ident).result(30) == kept
