@@ -94,8 +94,8 @@ torch::Tensor small_gemm(torch::Tensor x, torch::Tensor w, c10::optional<torch::
     bias_c = bias->contiguous();
     bp = bias_c.data_ptr<float>();
   }
-  // 3 weight rows per tile at most rows (9 accumulators), 4 with 1-2 rows (memory-bound:
-  // more weight streams in flight)
+  // 4 weight rows per tile while the call is memory-bound (more weight streams in flight),
+  // 3 beyond (3 x 3 accumulators)
   const int64_t nr = m <= 8 ? 4 : 3;
   const int64_t grain = std::max<int64_t>(nr, 48 / nr * nr);
   at::parallel_for(0, (n + nr - 1) / nr, grain / nr, [&](int64_t begin, int64_t end) {

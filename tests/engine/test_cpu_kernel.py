@@ -49,7 +49,7 @@ def test_kernel_rejects_a_context_longer_than_its_blocks(kernel):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("n,k", [(200, 96), (13, 37), (4, 8), (1, 5)])
+@pytest.mark.parametrize("n,k", [(200, 96), (13, 37), (4, 8), (1, 5), (40, 603)])
 def test_small_gemm_matches_f_linear(kernel, rows, with_bias, n, k):
     """Every tile shape and remainder: weight rows not a multiple of the tile, K not a
     multiple of the vector width, a non-contiguous input."""
