@@ -4,11 +4,12 @@ the row count.
 Decode runs a linear layer on a handful to a few dozen rows: memory-bound at first, then
 compute-bound. The `small_gemm` C++ kernel (engine.cpu_kernels) reads the plain weight as
 it is stored, streaming it once per call at close to the memory bandwidth and
-register-blocked across rows, which matched or beat oneDNN's GEMM on a weight packed into
-its blocked layout at 1-64 rows on this kind of CPU; prefill's hundreds of rows go to
-torch's own GEMM on the same plain weight. oneDNN's packed copy, which would have to sit
-beside the plain weight the kernel reads, is not made: the weights are held once. Figures
-in bench/README.md ("Weights held once").
+register-blocked across rows: on this kind of CPU as fast as oneDNN's GEMM on a weight
+packed into its blocked layout at 1-8 rows, within 0-25% of it at 16-64 (where the step is
+compute-bound), and faster than torch's GEMM up to 32 rows, even with it at 64; prefill's
+hundreds of rows go to torch's own GEMM on the same plain weight. oneDNN's packed copy,
+which would have to sit beside the plain weight the kernel reads, is not made: the weights
+are held once. Figures in bench/README.md ("Weights held once").
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-# up to here the kernel is as fast as oneDNN on a packed copy and faster than torch; from 128
-# rows on the cache blocking of either wins (bench/README.md, "Weights held once")
+# up to here the kernel is at least as fast as torch's GEMM; from 128 rows on torch's cache
+# blocking wins (bench/README.md, "Weights held once")
 SMALL_GEMM_MAX_ROWS = 64
 
 
