@@ -39,6 +39,11 @@ class CallPool:
     def num_threads(self) -> int:
         return self._threads
 
+    @property
+    def num_idle(self) -> int:
+        """Threads waiting for a call: the next calls up to this many start at once."""
+        return self._idle
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run `fn(*args)` on a thread of the pool; its result or exception in a Future."""
         future: Future = Future()

@@ -60,6 +60,10 @@ class ThreadCalls:
         worker that is gone shows on the next real call)."""
         self._pool.submit(method)
 
+    @property
+    def pool(self) -> CallPool:
+        return self._pool
+
     async def __call__(self, method: Callable[[Any], Any], arg: Any, withdraw: bool = True):
         """`method(arg)` in a pool thread, waiting at most `timeout_s` (CallTimeout). With
         `withdraw` False the call still runs once a thread is free, after a timeout."""

@@ -98,6 +98,15 @@ def test_a_hung_worker_does_not_hold_the_default_executor_nor_other_workers_call
     assert len([a for a in hung.applied if a[0] == "generate"]) == 8
 
 
+def _busy_then_idle(pool: CallPool, calls: int, threads: int) -> None:
+    """`calls` calls that block until released: the pool grows to `threads`; then all end."""
+    gate = threading.Event()
+    futures = [pool.submit(gate.wait, 30) for _ in range(calls)]
+    assert pool.num_threads == threads
+    gate.set()
+    assert all(f.result(30) for f in futures)
+
+
 def _wait_for_threads(pool: CallPool, left: int) -> None:
     """Until the pool's idle threads have gone down to `left` (bounded)."""
     deadline = time.monotonic() + 30
@@ -108,11 +117,7 @@ def _wait_for_threads(pool: CallPool, left: int) -> None:
 
 def test_the_pool_bounds_its_threads_and_lets_idle_ones_go():
     pool = CallPool("t", size=3, idle_s=0.2, keep=0)
-    gate = threading.Event()
-    futures = [pool.submit(gate.wait, 30) for _ in range(10)]
-    assert pool.num_threads == 3
-    gate.set()
-    assert all(f.result(30) for f in futures)
+    _busy_then_idle(pool, calls=10, threads=3)
     _wait_for_threads(pool, 0)
     assert pool.submit(lambda: 7).result(30) == 7  # a new thread serves again
 
@@ -121,17 +126,37 @@ def test_the_pool_keeps_its_last_thread_and_its_connection():
     """The thread a warm-up call made (and the worker connection it opened) still serves
     the first call after the pool has been idle longer than `idle_s`."""
     pool = CallPool("t", size=3, idle_s=0.2, keep=1)
-    gate = threading.Event()
-    futures = [pool.submit(gate.wait, 30) for _ in range(3)]
-    assert pool.num_threads == 3
-    gate.set()
-    assert all(f.result(30) for f in futures)
+    _busy_then_idle(pool, calls=3, threads=3)
     _wait_for_threads(pool, 1)
     kept = pool.submit(threading.get_ident).result(30)
     time.sleep(0.5)  # idle past idle_s: the kept thread stays
     assert pool.num_threads == 1 and pool.submit(threading.get_ident).result(30) == kept
     with pytest.raises(ValueError, match="keep"):
         CallPool("t", size=2, keep=3)
+
+
+def test_a_warm_up_call_opens_the_thread_the_first_request_then_uses():
+    """ThreadCalls.warm runs its call on a pool thread without waiting; the first real call
+    finds that thread idle and runs there (a `deploy.local` proxy's connection is per
+    thread). A warm-up that raises leaves the handle working."""
+    calls = ThreadCalls(timeout_s=10, name="w")
+    warmed = threading.Event()
+    seen = []
+
+    def load():
+        seen.append(threading.get_ident())
+        warmed.set()
+        raise ConnectionError("the worker went away meanwhile")
+
+    calls.warm(load)
+    assert warmed.wait(30)
+    deadline = time.monotonic() + 30
+    while calls.pool.num_idle < 1:  # back from the warm-up call
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert calls.pool.num_threads == 1
+    first = asyncio.run(calls(lambda _: threading.get_ident(), None))
+    assert first == seen[0]
 
 
 @pytest.mark.parametrize("timeout_s", [0, -1])

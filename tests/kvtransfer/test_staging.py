@@ -195,6 +195,19 @@ def test_frames_split_copy_views_and_hash_their_bytes():
         next(stage_frames("t", 0, 0, k, v[:3], 1 << 20))
 
 
+def test_two_byte_kv_is_staged_as_its_own_bytes():
+    """bfloat16 (which numpy has no type for) from non-contiguous views: the host copy
+    moves raw bytes, so the frame holds exactly K then V."""
+    k32, v32 = fused_kv(5, 1)
+    with torch.inference_mode():
+        k, v = k32.to(torch.bfloat16), v32.to(torch.bfloat16)
+        k, v = k.transpose(0, 1).contiguous().transpose(0, 1), v  # another stride pattern
+    (frame,) = stage_frames("t", 0, 0, k, v, 1 << 20)
+    assert frame.header.dtype == "bfloat16"
+    kv = frame.payload.view(torch.bfloat16).view(2, 5, HEADS, DIM)
+    assert torch.equal(kv[0], k) and torch.equal(kv[1], v)
+
+
 def test_a_scratch_buffer_is_reused_and_grows():
     scratch = Scratch()
     a = scratch.take(100)
