@@ -63,16 +63,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       const int64_t len = lp[b];
       const float* q0 = qp + b * num_heads * head_dim;
       scores.assign(num_heads * len, 0.f);
-      for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-        const float* kb = kp + tp[b * width + blk] * block_size * token_stride;
-        const int64_t n = std::min(block_size, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* row = kb + i * token_stride;
-          for (int64_t h = 0; h < num_heads; ++h)
-            scores[h * len + t0 + i] = dot(q0 + h * head_dim, row + (h / group) * head_dim,
-                                           head_dim) * fscale;
+      // fn(t, row) for each of the sequence's tokens, block by block through the table
+      auto each_token = [&](const float* cache, auto&& fn) {
+        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
+          const float* block = cache + tp[b * width + blk] * block_size * token_stride;
+          const int64_t n = std::min(block_size, len - t0);
+          for (int64_t i = 0; i < n; ++i) fn(t0 + i, block + i * token_stride);
         }
-      }
+      };
+      each_token(kp, [&](int64_t t, const float* row) {
+        for (int64_t h = 0; h < num_heads; ++h)
+          scores[h * len + t] = dot(q0 + h * head_dim, row + (h / group) * head_dim,
+                                    head_dim) * fscale;
+      });
       for (int64_t h = 0; h < num_heads; ++h) {
         float* s = scores.data() + h * len;
         const float mx = *std::max_element(s, s + len);
@@ -88,16 +91,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
       float* o0 = op + b * num_heads * head_dim;
       std::fill(o0, o0 + num_heads * head_dim, 0.f);
-      for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {
-        const float* vb = vp + tp[b * width + blk] * block_size * token_stride;
-        const int64_t n = std::min(block_size, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* row = vb + i * token_stride;
-          for (int64_t h = 0; h < num_heads; ++h)
-            axpy(scores[h * len + t0 + i], row + (h / group) * head_dim, o0 + h * head_dim,
-                 head_dim);
-        }
-      }
+      each_token(vp, [&](int64_t t, const float* row) {
+        for (int64_t h = 0; h < num_heads; ++h)
+          axpy(scores[h * len + t], row + (h / group) * head_dim, o0 + h * head_dim, head_dim);
+      });
     }
   });
   return out;
