@@ -25,7 +25,7 @@ from pdserve.bench.kvtransfer import BLOCK, DIM, HEADS, TOKEN_BYTES, Impl, mp, r
 from pdserve.engine.host_memory import tune_malloc
 
 SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
-QUICK_SIZES = (64 << 10, 256 << 10, 1 << 20)
+QUICK_SIZES = (64 << 10, 1 << 20, 8 << 20)
 KIND = "zmq"
 BIND = "tcp://127.0.0.1:*"
 POLL_S = 0.0002  # the sender is polled as a prefill worker's loop polls it
