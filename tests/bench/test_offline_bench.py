@@ -1,6 +1,6 @@
-"""The offline-throughput bench (bench.offline), on the built-in model, runs each system, keeps every run's time
-and reports the best, and checks the transformers baselines' greedy tokens against
-pdserve's."""
+"""The offline-throughput bench (bench.offline), on the built-in model, runs each system,
+keeps every run's time and reports the best, and checks the transformers baselines' greedy
+tokens against pdserve's."""
 
 from __future__ import annotations
 
