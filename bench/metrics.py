@@ -134,6 +134,13 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: Slo | No
     out["output_lens"] = [r.output_len for r in results]
     out["input_lens"] = [r.prompt_len for r in results]
     out["errors"] = [r.error for r in results]
+    # per request, for the predictions' error by placement: the router's predicted TTFT
+    # and TPOT at admission (None: no prediction), its own TTFT (arrival to first token
+    # sent) and whether the request was disaggregated
+    out["predicted_ttfts_ms"] = [r.stages.get("predicted_ttft_ms") or None for r in results]
+    out["predicted_tpots_ms"] = [r.stages.get("predicted_tpot_ms") or None for r in results]
+    out["server_ttfts_ms"] = [r.stages.get("first_token_ms") or None for r in results]
+    out["disaggregated"] = [r.disaggregated for r in results]
     return out
 
 

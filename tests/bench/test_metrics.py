@@ -61,6 +61,12 @@ def test_prediction_errors_compare_the_routers_predictions_with_what_was_measure
     assert e["predicted_tpot_median_abs_error"] == pytest.approx((0.2 + 0.3) / 2)
     assert e["predicted_tpot_median_error"] == pytest.approx((-0.2 + 0.3) / 2)
     assert prediction_errors([unplaced])["predicted_tpot_median_error"] is None
+    b.disaggregated = True
+    s = summarize([a, b, unplaced], duration_s=3.0)  # and each request's, in order
+    assert s["predicted_ttfts_ms"] == [500.0, 900.0, None]
+    assert s["predicted_tpots_ms"] == [400.0, 130.0, None]
+    assert s["server_ttfts_ms"] == [400.0, 1000.0, None]
+    assert s["disaggregated"] == [False, True, False]
 
 
 def test_summary_uses_vllm_keys_and_counts_failures_as_slo_misses():
