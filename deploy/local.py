@@ -20,7 +20,10 @@ Life of a worker process:
              end, its sockets close) and the process exits; `kill()` is SIGKILL, as a
              crash would be (the entry then expires). Calls then raise ConnectionError or
              EOFError. Both may be called from any thread (a test and the supervisor at
-             once): only one of them reaps the process.
+             once): only one of them reaps the process. The child runs in its own process
+             group, so signals meant for the parent's group (a terminal's Ctrl-C) do not
+             reach it; if the parent dies without stopping it, the child stops itself the
+             same way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from multiprocessing.managers import BaseManager
 
 from pdserve.decode_worker import ColocatedWorker, DecodeWorker
@@ -145,6 +149,10 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
            authkey: bytes, build: Callable[[WorkerConfig], Worker]) -> None:
     """Child process: build the worker (and its heartbeat) and serve its methods until
     SIGTERM."""
+    # Its own process group: a terminal's Ctrl-C (or a signal to the parent's group) reaches
+    # the parent only, which then stops its workers in order (unregistered before Redis
+    # goes); the lifeline below ends the worker if the parent dies without doing so.
+    os.setpgid(0, 0)
     try:
         import torch
 
@@ -168,13 +176,22 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
                     exposed=exposed_methods(config.role, config.adaptive))
     server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
 
-    def shutdown(signum, frame):
+    stopping = threading.Lock()
+
+    def shutdown(*_) -> None:
+        if not stopping.acquire(blocking=False):
+            return  # the other path is already stopping it
         if beat is not None:
             beat.stop()
         worker.close()
         os._exit(0)
 
+    def lifeline() -> None:
+        wait([mp.parent_process().sentinel])  # readable once the parent has gone
+        shutdown()
+
     signal.signal(signal.SIGTERM, shutdown)
+    threading.Thread(target=lifeline, name="pdserve-lifeline", daemon=True).start()
     conn.send(("ready", (server.address, beat.started if beat is not None else None)))
     conn.close()
     server.serve_forever()

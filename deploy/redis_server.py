@@ -11,7 +11,9 @@ is a secret: the cluster hands it to its own processes only; print `public_url`.
 Life: `RedisServer()` starts the process on a free port (or `port`, with the `password` of
 the server that was there: a new, empty server where an old one was) and waits until it
 answers PING; `url` is what clients connect to; `stop()` (idempotent) terminates it;
-`kill()` is SIGKILL, as a crash would be.
+`kill()` is SIGKILL, as a crash would be. It runs in a session of its own, so a terminal's
+Ctrl-C reaches its owner, not it: the owner stops its workers (who unregister here) and then
+this server. An owner killed outright (SIGKILL) leaves it running: nothing tells it.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ class RedisServer:
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(_config(self.port, host, self._dir, self.password, settings or {}))
+        # its own session: a terminal's Ctrl-C stops the owner, which stops the workers
+        # (unregistering them here) before it stops this server
         self._proc = subprocess.Popen([redis_server_binary(), config],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      start_new_session=True)
         self.public_url = f"redis://{host}:{self.port}/0"
         self.url = f"redis://:{self.password}@{host}:{self.port}/0"
         deadline = time.monotonic() + start_timeout_s

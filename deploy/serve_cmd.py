@@ -1,4 +1,4 @@
-"""`pdserve serve`: a whole cluster on this machine, until Ctrl-C or SIGTERM."""
+"""`pdserve serve`: a whole cluster on this machine, until Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def add_serve(sub) -> None:
                        description="Start Redis (embedded unless --redis-url), the workers as "
                                    "Ray actors (a local Ray instance unless --ray-address) and "
                                    "the router's gRPC server; print the address when ready; "
-                                   "stop everything on Ctrl-C or SIGTERM.")
+                                   "stop everything on Ctrl-C, SIGTERM or SIGHUP.")
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in model name or local HF folder (default: %(default)s)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (%(default)s)")
@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"pdserve serve: {e}", file=sys.stderr)
             return 1
     # after the start: Ray installs its own handlers while it starts
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
         served = "" if http is None else f", HTTP on http://{cluster.http_address}"

@@ -1,8 +1,10 @@
 """`pdserve serve` as users run it: a subprocess that prints its address, answers
-`pdserve generate`, `pdserve status` and HTTP, and leaves no process behind after SIGTERM."""
+`pdserve generate`, `pdserve status` and HTTP, and leaves no process behind after SIGTERM
+or a Ctrl-C to its group, nor a worker after its own death."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +14,9 @@ import time
 import urllib.request
 
 import pytest
+
+from pdserve.deploy.redis_server import RedisServer
+from pdserve.router.registry import sync_client, worker_key
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +101,68 @@ def _alive(pid: int) -> bool:
     stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
                           text=True).stdout.strip()
     return bool(stat) and not stat.startswith("Z")
+
+
+def _serve_no_ray(*flags: str) -> tuple[subprocess.Popen, set[int]]:
+    """`pdserve serve --no-ray` leading its own process group, as a shell's foreground job;
+    once ready: the server and its process tree."""
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--no-ray",
+                               "--port", "0", *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    address = server.stdout.readline().strip()
+    assert address.startswith("127.0.0.1:"), server.stderr.read()
+    children = _children(server.pid)
+    assert len(children) >= 3  # two workers and Redis
+    return server, children
+
+
+def _gone(pids: set[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def test_ctrl_c_to_the_group_stops_everything_in_order():
+    """A terminal's Ctrl-C signals the whole foreground group: the server stops its workers,
+    each unregistering (not left to expire), and reports no failure on the way. Redis here
+    is the test's, to read the registry once the server is gone."""
+    redis_server = RedisServer()
+    server, children = _serve_no_ray("--redis-url", redis_server.url)
+    try:
+        client = sync_client(redis_server.url)
+        assert len(client.keys(worker_key("*"))) == 2
+        os.killpg(server.pid, signal.SIGINT)
+        assert server.wait(60) == 0
+        assert client.keys(worker_key("*")) == []
+        log = server.stderr.read()
+        assert "shutting down" in log
+        for sign in ("failed", "could not unregister", "Traceback", "restarted"):
+            assert sign not in log, log
+        assert not (alive := _gone(children, 10)), f"left behind: {alive}"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        redis_server.stop()
+
+
+def test_workers_stop_themselves_when_the_server_is_killed():
+    server, children = _serve_no_ray()
+    redis = [p for p in children if "redis-server" in _cmdline(p)]
+    try:
+        server.kill()
+        server.wait(10)
+        # the workers (and multiprocessing's helper) end; only Redis is left
+        assert not (alive := _gone(children - set(redis), 30)), f"left behind: {alive}"
+    finally:
+        for pid in redis:  # nothing tells Redis (deploy.redis_server)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
