@@ -26,7 +26,11 @@ The rule:
    to those steps (local prefills) the prefill side's; a worker prefilling long prompts
    where it decodes misses TPOTs for lack of prefill workers, not of decode ones.
 2. Hysteresis: one side must be at or above `high` while the other is at or below `low`
-   (a band, so values in between never move anyone); no move while a switch is under way
+   (a band, so values in between never move anyone), or below `high` and at most
+   1/`dominance` of the first: a side far past its edge does not wait for the other's
+   last few events to leave the window (one refusal among the few requests that ended
+   in it is already full pressure), but a side at or above `high` never gives a worker;
+   no move while a switch is under way
    (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
    or of a worker that took its role less than `dwell_s` ago.
 3. One move at a time: toward prefill, a decode (else colocated) worker becomes prefill;
@@ -57,6 +61,7 @@ class ControllerConfig:
     cooldown_s: float = 10.0  # between two switches in the cluster
     high: float = 0.8  # a side at or above this asks for a worker
     low: float = 0.3  # ... which the other side gives only at or below this
+    dominance: float = 3.0  # ... or below high and at most 1/dominance of the first side's
     miss_budget: float = 0.1  # the share of SLO misses (or refusals) that is full pressure
     window_s: float = 30.0  # SLO attainment and refusals are counted over this window
     ttft_target_s: float = 2.0  # the prefill wait that is full pressure, without TTFT SLOs
@@ -67,6 +72,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.low < self.high:
             raise ValueError(f"need 0 <= low < high, got {self.low}, {self.high}")
+        if not self.dominance > 1:
+            raise ValueError(f"dominance must be > 1, got {self.dominance}")
         if not self.lease_ttl_s > self.interval_s > 0:
             raise ValueError("need lease_ttl_s > interval_s > 0")
         for name in ("dwell_s", "cooldown_s", "ttft_target_s", "miss_budget", "window_s"):
@@ -196,10 +203,10 @@ def decide(snap: Snapshot, config: ControllerConfig) -> Decision:
         return hold("a switch is under way")
     if snap.now - snap.last_switch < config.cooldown_s:
         return hold("cooling down after the last switch")
-    if p.prefill >= config.high and p.decode <= config.low:
+    if _asks(p.prefill, p.decode, config):
         to, sources = WorkerRole.PREFILL, (WorkerRole.DECODE, WorkerRole.COLOCATED)
         reason = f"prefill pressure {p.prefill:.2f} >= {config.high}, decode {p.decode:.2f}"
-    elif p.decode >= config.high and p.prefill <= config.low:
+    elif _asks(p.decode, p.prefill, config):
         to, sources = WorkerRole.DECODE, (WorkerRole.PREFILL, WorkerRole.COLOCATED)
         reason = f"decode pressure {p.decode:.2f} >= {config.high}, prefill {p.prefill:.2f}"
     else:
@@ -213,6 +220,12 @@ def decide(snap: Snapshot, config: ControllerConfig) -> Decision:
             targets[w.worker_id] = to
             return Decision(targets, (Move(w.worker_id, w.role, to, reason),), p, reason)
     return hold(f"{reason}, but no worker can move (dwell time, or the last of its kind)")
+
+
+def _asks(side: float, other: float, config: ControllerConfig) -> bool:
+    """Whether a side at pressure `side` gets a worker from one at `other` (step 2)."""
+    return side >= config.high and (other <= config.low or (
+        other < config.high and side >= config.dominance * other))
 
 
 def _keeps_service(workers: Sequence[WorkerInfo], moving: WorkerInfo, to: WorkerRole) -> bool:

@@ -112,7 +112,16 @@ class Controller:
         self.holder = await self.election.holder()
         if not leads:
             return None
+        previous = self.last
         self.last = decision = decide(await self.snapshot(now), self.config)
+        if previous is None or previous.why != decision.why:
+            # each change of conclusion, so a log tells why the controller held or moved
+            log.info("controller (epoch %d): prefill pressure %.2f, decode %.2f: %s",
+                     self.election.epoch, decision.pressures.prefill,
+                     decision.pressures.decode, decision.why)
+        else:
+            log.debug("controller: prefill pressure %.2f, decode %.2f",
+                      decision.pressures.prefill, decision.pressures.decode)
         for move in decision.moves:
             entry = SwitchEntry(now, move.worker_id, move.from_role.value, move.to_role.value,
                                 move.reason, self.election.epoch)

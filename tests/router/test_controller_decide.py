@@ -75,6 +75,27 @@ def test_both_sides_under_pressure_or_neither_moves_nobody():
     assert not decide(cluster(prefill_queue=20, decode_running=1), CONFIG).moves
 
 
+def test_a_side_far_past_its_edge_takes_a_worker_from_one_inside_the_band():
+    # one refusal for prompt work among the requests that ended holds the prefill side
+    # inside the band, while most were refused for the decode batch they would join
+    far = cluster(finished=16, refused=6, refused_decode=5)
+    p = pressures(far, CONFIG)
+    assert CONFIG.low < p.prefill < CONFIG.high and p.decode >= CONFIG.dominance * p.prefill
+    (move,) = decide(far, CONFIG).moves
+    assert (move.worker_id, move.from_role, move.to_role) == ("a0", P, D)
+    assert "decode pressure" in move.reason
+    # past the edge, but not by `dominance` times the other side: the band holds
+    near = cluster(finished=16, refused=3, refused_decode=2)
+    p = pressures(near, CONFIG)
+    assert p.decode >= CONFIG.high and p.decode < CONFIG.dominance * p.prefill
+    assert not decide(near, CONFIG).moves
+    # a side at or above `high` never gives a worker, however far the other is past it
+    both = cluster(finished=6, refused=8, refused_decode=6)
+    p = pressures(both, CONFIG)
+    assert p.prefill >= CONFIG.high and p.decode >= CONFIG.dominance * p.prefill
+    assert not decide(both, CONFIG).moves
+
+
 def test_noise_inside_the_band_never_flaps():
     rng = random.Random(0)
     moves = 0
@@ -141,6 +162,8 @@ def test_static_workers_are_never_moved():
 def test_a_bad_band_is_refused():
     with pytest.raises(ValueError, match="low < high"):
         ControllerConfig(low=0.8, high=0.5)
+    with pytest.raises(ValueError, match="dominance"):
+        ControllerConfig(dominance=1.0)
 
 
 def test_pressures_are_judged_by_the_slos_the_requests_ask_for():
