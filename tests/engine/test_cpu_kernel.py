@@ -18,18 +18,22 @@ def kernel():
     return k
 
 
-# groups of 3, 1, 8 (the vector path), 10 and a head_dim of 20 (the general one)
-@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 32), (4, 4, 32), (8, 1, 32), (20, 2, 16),
+# groups of 3 (SmolLM2's), 1, 8, 4, 7 and 10, head dims of 16 to 128, contexts of 1 to 94
+# tokens across blocks, a batch of 6 and of 1
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 32), (9, 3, 64), (4, 4, 32), (8, 1, 32),
+                                              (32, 8, 128), (14, 2, 72), (6, 2, 40), (20, 2, 16),
                                               (6, 2, 20)])
-def test_kernel_matches_sdpa(kernel, heads, kv_heads, d):
+@pytest.mark.parametrize("batch", [6, 1])
+def test_kernel_matches_sdpa(kernel, heads, kv_heads, d, batch):
     torch.manual_seed(0)
-    bs, num_blocks = 4, 40
+    bs, num_blocks = 4, 60
     k_cache = torch.randn(num_blocks, bs, kv_heads, d)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(num_blocks).tolist()
     seqs = [SeqSlice(12, 1, perm[0:4]),
             SeqSlice(1, 1, perm[4:5]), SeqSlice(30, 1, perm[5:13]),
-            SeqSlice(7, 1, perm[13:15])]
+            SeqSlice(7, 1, perm[13:15]), SeqSlice(16, 1, perm[15:20]),
+            SeqSlice(93, 1, perm[20:44])][-batch:]
     q = torch.randn(len(seqs), heads, d)
     k = torch.stack([k_cache[s.block_ids].flatten(0, 1)[s.start] for s in seqs])
     v = torch.stack([v_cache[s.block_ids].flatten(0, 1)[s.start] for s in seqs])
