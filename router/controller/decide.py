@@ -32,7 +32,9 @@ The rule:
    in it is already full pressure), but a side at or above `high` never gives a worker;
    no move while a switch is under way
    (a worker draining, or a target not yet taken), within `cooldown_s` of the last one,
-   or of a worker that took its role less than `dwell_s` ago.
+   or of a worker that took its role less than `dwell_s` ago; nor one that would leave
+   the giving side at or above `high` (its pressure x n / (n - 1) for n workers: a move
+   that only shifts the shortage makes two workers flap between the layouts).
 3. One move at a time: toward prefill, a decode (else colocated) worker becomes prefill;
    toward decode, a prefill (else colocated) worker becomes decode; the least loaded
    candidate goes first. A move that would leave no serving worker able to decode (decode,
@@ -211,6 +213,11 @@ def decide(snap: Snapshot, config: ControllerConfig) -> Decision:
         reason = f"decode pressure {p.decode:.2f} >= {config.high}, prefill {p.prefill:.2f}"
     else:
         return hold("pressures within the band")
+    if (after := _left_behind(snap.workers, to, p)) >= config.high:
+        # the side that gives would be past its edge once one fewer: the move would only
+        # shift the shortage (two workers would flap between the layouts)
+        return hold(f"{reason}, but the other side would be at {after:.2f} with one "
+                    "worker fewer")
     candidates = [w for w in snap.workers
                   if w.adaptive and w.state is WorkerState.SERVING and w.role in sources
                   and snap.now - w.role_since >= config.dwell_s]
@@ -226,6 +233,18 @@ def _asks(side: float, other: float, config: ControllerConfig) -> bool:
     """Whether a side at pressure `side` gets a worker from one at `other` (step 2)."""
     return side >= config.high and (other <= config.low or (
         other < config.high and side >= config.dominance * other))
+
+
+def _left_behind(workers: Sequence[WorkerInfo], to: WorkerRole, p: Pressures) -> float:
+    """The giving side's pressure once one of its n serving workers has gone: x n / (n - 1).
+    A prefill side of one gives its prompts to the decode workers (prefilled locally), so it
+    is not projected."""
+    serving = [w for w in workers if w.state is WorkerState.SERVING]
+    if to is WorkerRole.PREFILL:
+        side, n = p.decode, sum(w.role.decodes for w in serving)
+    else:
+        side, n = p.prefill, sum(w.role is WorkerRole.PREFILL for w in serving)
+    return side * n / (n - 1) if n > 1 else 0.0
 
 
 def _keeps_service(workers: Sequence[WorkerInfo], moving: WorkerInfo, to: WorkerRole) -> bool:

@@ -78,7 +78,8 @@ def test_both_sides_under_pressure_or_neither_moves_nobody():
 def test_a_side_far_past_its_edge_takes_a_worker_from_one_inside_the_band():
     # one refusal for prompt work among the requests that ended holds the prefill side
     # inside the band, while most were refused for the decode batch they would join
-    far = cluster(finished=16, refused=6, refused_decode=5)
+    far = Snapshot(NOW, (worker("a0", P), worker("a1", D)),
+                   RouterSignals(finished=16, refused=6, refused_decode=5))
     p = pressures(far, CONFIG)
     assert CONFIG.low < p.prefill < CONFIG.high and p.decode >= CONFIG.dominance * p.prefill
     (move,) = decide(far, CONFIG).moves
@@ -94,6 +95,27 @@ def test_a_side_far_past_its_edge_takes_a_worker_from_one_inside_the_band():
     p = pressures(both, CONFIG)
     assert p.prefill >= CONFIG.high and p.decode >= CONFIG.dominance * p.prefill
     assert not decide(both, CONFIG).moves
+
+
+def test_no_move_leaves_the_giving_side_past_its_edge():
+    # two decode workers at 0.5 each; refusals for the stall of local prefills ask for a
+    # prefill worker, but one decoder left would be at 1.0: the shortage only moves
+    def two_decoders(step_s):
+        return Snapshot(NOW, (worker("a0", D, running=3, decode_step_s=step_s),
+                              worker("a1", D, running=3, decode_step_s=step_s)),
+                        RouterSignals(finished=16, refused=4, tpot_requests=16,
+                                      tpot_slo_ms_sum=16 * 100))
+    busy = two_decoders(0.05)
+    p = pressures(busy, CONFIG)
+    assert p.prefill >= CONFIG.high and p.decode == pytest.approx(0.5)
+    decision = decide(busy, CONFIG)
+    assert not decision.moves and "1.00 with one worker fewer" in decision.why
+    # at 0.3 each, one decoder can take the batch: the move is made
+    (move,) = decide(two_decoders(0.03), CONFIG).moves
+    assert move.to_role is P
+    # the same for the prefill side of several prefill workers (the second static one
+    # counts): 0.45 x 2 would be past the edge
+    assert not decide(cluster(finished=16, refused=6, refused_decode=5), CONFIG).moves
 
 
 def test_noise_inside_the_band_never_flaps():
