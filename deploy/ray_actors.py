@@ -31,6 +31,7 @@ from pdserve.deploy.logs import configure_logging
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import DecodeOrder, PrefillOrder, Reservation, WorkerRole
 
+NAMESPACE = "pdserve"
 log = logging.getLogger(__name__)
 
 

@@ -15,6 +15,7 @@ Life of a cluster:
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
 
@@ -25,8 +26,7 @@ from tqdm import tqdm
 
 from pdserve.deploy.handles import handle_for
 from pdserve.deploy.logs import runtime_env
-from pdserve.deploy.ray_actors import RayCalls, WorkerActor
-from pdserve.deploy.ray_start import NAMESPACE, start_ray
+from pdserve.deploy.ray_actors import NAMESPACE, RayCalls, WorkerActor
 from pdserve.deploy.redis_server import RedisServer
 from pdserve.deploy.router_thread import RoutedCluster, RouterThread
 from pdserve.deploy.spec import ClusterSpec
@@ -55,12 +55,9 @@ class RayCluster(RoutedCluster):
     def __init__(self, spec: ClusterSpec, placement: Placement = Placement(),
                  ray_address: str | None = None, redis_url: str | None = None,
                  address: str = "127.0.0.1:0", max_restarts: int = 3,
-                 progress: bool = False, http: HttpConfig | None = None,
-                 ray_started: bool = False):
-        """`ray_started`: the caller joined Ray (deploy.ray_start.start_ray) and hands the
-        connection to this cluster, which ends it on close as if it had started it."""
+                 progress: bool = False, http: HttpConfig | None = None):
         self.spec = spec
-        self._started_ray = ray_started
+        self._started_ray = False
         self._redis: RedisServer | None = None
         self._groups: list = []
         self.actors: dict[str, object] = {}
@@ -95,12 +92,19 @@ class RayCluster(RoutedCluster):
             raise ClusterStartError(f"starting the {what} failed: {e}") from e
 
     def _start_ray(self, ray_address: str | None) -> None:
+        if ray.is_initialized():
+            return
+        # A local instance gets at least a CPU per worker thread: on a small machine the
+        # workers share cores rather than wait for them.
         need = len(self.spec.roles()) * self.spec.threads_per_worker
+        extra = {} if ray_address else {"num_cpus": max(os.cpu_count() or 1, need)}
         try:
-            self._started_ray = start_ray(ray_address, need) or self._started_ray
+            ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, **extra)
         except Exception as e:  # noqa: BLE001
             where = ray_address or "a local Ray instance"
             raise ClusterStartError(f"starting Ray ({where}) failed: {e}") from e
+        self._started_ray = True
 
     def _start_redis(self, redis_url: str | None) -> None:
         if redis_url is None:  # workers on other nodes must reach it: bind the node's address

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 import threading
@@ -126,9 +125,16 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pdserve.deploy.local_cluster import LocalCluster
+    from pdserve.deploy.redis_server import public_url
+    from pdserve.deploy.spec import ClusterSpec, CurveMode
+    from pdserve.deploy.supervisor import RestartPolicy
+    from pdserve.kvtransfer.transports import TransportKind
     from pdserve.protocol import CostProfile
+    from pdserve.router.controller import ControllerConfig
+    from pdserve.router.http import HttpConfig
+    from pdserve.router.router import RouterConfig
 
-    t0 = time.monotonic()
     try:
         security = api_security(args)
     except (OSError, ValueError) as e:
@@ -142,58 +148,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
         return 2
-    n = args.prefill + args.decode + args.colocated + args.adaptive
-    where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"
-    print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
-          f"decode, {args.colocated} colocated, {args.adaptive} adaptive) on {where}, and "
-          "the router...", file=sys.stderr)
-    ray_started = False
-    if not args.no_ray:
-        try:
-            ray_started = _start_ray_beside_imports(args.ray_address,
-                                                    n * args.threads_per_worker)
-        except Exception as e:  # noqa: BLE001 - ray.init's errors have no common base
-            print(f"pdserve serve: starting Ray ({args.ray_address or 'a local Ray instance'})"
-                  f" failed: {e}", file=sys.stderr)
-            return 1
-    try:
-        return _serve(args, t0, security, profile, ray_started)
-    finally:
-        if ray_started:  # a no-op once a RayCluster took it over and closed
-            import ray
-
-            ray.shutdown()
-
-
-def _start_ray_beside_imports(address: str | None, cpus: int) -> bool:
-    """deploy.ray_start.start_ray, while another thread imports the modules the cluster
-    needs (torch among them): a local instance's start mostly waits for its processes."""
-    import ray  # noqa: F401 - whole before the thread below imports beside ray.init
-
-    from pdserve.deploy.ray_start import start_ray
-
-    def load() -> None:
-        try:
-            importlib.import_module("pdserve.deploy.ray_cluster")
-        except Exception:  # noqa: BLE001, S110 - the same import raises it again, on the main thread
-            pass
-
-    loader = threading.Thread(target=load, name="pdserve-imports", daemon=True)
-    loader.start()
-    try:
-        return start_ray(address, cpus)
-    finally:
-        loader.join()
-
-
-def _serve(args: argparse.Namespace, t0: float, security, profile, ray_started: bool) -> int:
-    from pdserve.deploy.redis_server import public_url
-    from pdserve.deploy.spec import ClusterSpec, CurveMode
-    from pdserve.kvtransfer.transports import TransportKind
-    from pdserve.router.controller import ControllerConfig
-    from pdserve.router.http import HttpConfig
-    from pdserve.router.router import RouterConfig
-
     controller = None if args.adaptive <= 0 else ControllerConfig(
         dwell_s=args.adaptive_dwell, cooldown_s=args.adaptive_dwell / 3)
     spec = ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode,
@@ -218,13 +172,16 @@ def _serve(args: argparse.Namespace, t0: float, security, profile, ray_started: 
                            controller=controller,
                            **apply_trace_flags(args)))
     stop = threading.Event()
+    n = args.prefill + args.decode + args.colocated + args.adaptive
+    where = "local processes" if args.no_ray else f"Ray ({args.ray_address or 'local'})"
+    print(f"pdserve: starting Redis, {n} workers ({args.prefill} prefill, {args.decode} "
+          f"decode, {args.colocated} colocated, {args.adaptive} adaptive) on {where}, and "
+          "the router...", file=sys.stderr)
+    t0 = time.monotonic()
     address = f"{args.host}:{args.port}"
     http = None if args.no_http else HttpConfig(args.host, args.http_port,
                                                 args.served_model_name or args.model)
     if args.no_ray:
-        from pdserve.deploy.local_cluster import LocalCluster
-        from pdserve.deploy.supervisor import RestartPolicy
-
         restarts = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         cluster = LocalCluster(spec, redis_url=args.redis_url, address=address,
                                restarts=restarts, http=http)
@@ -235,8 +192,7 @@ def _serve(args: argparse.Namespace, t0: float, security, profile, ray_started: 
         try:
             cluster = RayCluster(spec, placement, ray_address=args.ray_address,
                                  redis_url=args.redis_url, address=address,
-                                 max_restarts=args.max_restarts, progress=True, http=http,
-                                 ray_started=ray_started)
+                                 max_restarts=args.max_restarts, progress=True, http=http)
         except ClusterStartError as e:
             print(f"pdserve serve: {e}", file=sys.stderr)
             return 1
