@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -145,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-cli", type=Path, default=PEER_CLI,
                     help="vLLM's CLI wrapper for the peer (default: %(default)s)")
     ap.add_argument("--port", type=int, default=50090, help="the servers' gRPC / HTTP port")
+    ap.add_argument("--serve-args", default="",
+                    help="more `pdserve serve` flags for each pdserve deployment measured, "
+                         "e.g. '--log-requests' (the server's log: "
+                         "$TMPDIR/pdserve-sweep-<deployment>.log)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/sweep"),
                     help="folder of the results (default: %(default)s)")
     args = ap.parse_args(argv)
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{w.name}.json"
     done: list[Deployment] = []
     for dep in deployments:
-        server = Server(dep, args.model, args.port, args.peer_python, args.peer_cli)
+        server = Server(dep, args.model, args.port, args.peer_python, args.peer_cli,
+                        extra_args=tuple(shlex.split(args.serve_args)))
         try:
             runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds,
                                                  args.send_slo))

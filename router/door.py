@@ -25,7 +25,8 @@ predictions (router.calibration) that a stale profile would otherwise keep refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass
 
 from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
@@ -35,10 +36,12 @@ from pdserve.router.ledger import PrefillLedger
 from pdserve.router.observe import Shortage
 from pdserve.router.placement import Placement, Route, Slo, candidates, choose, side_of
 from pdserve.router.policy import Hint, should_disaggregate
-from pdserve.router.predict import Predictor
+from pdserve.router.predict import Predictor, Side
 from pdserve.router.queue import RouterQueue
 from pdserve.router.validate import ValidRequest
 from pdserve.router.view import ClusterView
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class Door:
         self.slots = SlotRate()
         self.interference = queue.interference
 
-    async def route(self, req: ValidRequest, arrival: float) -> tuple[Route, set[str]]:
+    async def route(self, req: ValidRequest, arrival: float,
+                    request_id: str = "") -> tuple[Route, set[str]]:
         """Admit the request (or raise, as `admit` and `place` do) and decide its route:
         by `place` with a cost profile, else by the hint and the threshold and `admit`.
         Returns the route and the workers its local prefill would stall past their SLO."""
@@ -76,7 +80,7 @@ class Door:
             disagg = self.disaggregates(req)
             return Route(deadline, None, None, 0.0, disagg), self.admit(req, disagg)
         hits = await self.queue.hits(req.prompt_token_ids)
-        placed = self.place(req, hits)
+        placed = self.place(req, hits, request_id)
         return (Route(deadline, hits, slo, placed.ttft_s, placed.disaggregated,
                       placed.placement.prediction.tpot_s), placed.unfit)
 
@@ -104,7 +108,7 @@ class Door:
             return stall_s(worker.record, num_tokens)
         return self.predictor.local(side_of(worker, self.ledger, {}), num_tokens).stall_s
 
-    def place(self, req: ValidRequest, hits: dict[str, int]) -> Placed:
+    def place(self, req: ValidRequest, hits: dict[str, int], request_id: str = "") -> Placed:
         """Where the request runs, by predicted cost (needs a predictor; `hits`: the
         prompt's leading blocks each worker's prefix cache holds). Raises
         RESOURCE_EXHAUSTED to refuse it now, INVALID_ARGUMENT for a prompt no worker could
@@ -128,7 +132,7 @@ class Door:
             out = {}
             for w in workers:
                 s = side_of(w, self.ledger, hits)
-                out[w.worker_id] = replace(s, queued_tokens=s.queued_tokens + share)
+                out[w.worker_id] = s.then_waiting(share)
             return out
 
         local = sides(holders, self.queue.queued_tokens_of(False))
@@ -150,7 +154,11 @@ class Door:
                  if best.prefill_id else f"on {best.decode_id}")
         used = ([remote[best.prefill_id], decode[best.decode_id]] if best.prefill_id
                 else [local[best.decode_id]])
-        if not self.queue.queued and not any(s.queued_tokens or s.batch for s in used):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s (%d tokens) placed %s: TTFT %.0f ms (slot wait included), "
+                      "TPOT %.0f ms; %s", request_id or "-", n, where, wait * 1e3,
+                      best.prediction.tpot_s * 1e3, "; ".join(self._seen(s) for s in used))
+        if not self.queue.queued and not any(s.backlog or s.batch for s in used):
             return Placed(best, unfit, wait)  # idle: see the module
         if slo.ttft_s and wait > slo.ttft_s:
             raise overloaded(
@@ -165,6 +173,16 @@ class Door:
                 f"{best.prediction.tpot_s * 1e3:.0f} ms at best ({where}) is beyond its TPOT "
                 f"SLO of {slo.tpot_s * 1e3:.0f} ms; retry later", short)
         return Placed(best, unfit, wait)
+
+    def _seen(self, s: Side) -> str:
+        """What a placement saw of one worker (the debug log's)."""
+        age = "?" if s.report_age_s is None else f"{s.report_age_s * 1e3:.0f} ms"
+        sent = ", ".join(f"{n} at +{a * 1e3:.0f} ms" for a, n in s.sent)
+        scale = self.predictor.calibration.ttft.scale(s.record.worker_id)
+        return (f"{s.record.worker_id}: {s.queued_tokens} tokens queued as of a report "
+                f"{age} old, sent since [{sent}], batch {s.batch}, context {s.context}, "
+                f"cached {s.cached_tokens}, TTFT scale {scale:.2f}, decode scale "
+                f"{self.predictor.decode_scale(s):.2f}")
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:
         """Raise RESOURCE_EXHAUSTED to refuse the request now (see the module), or

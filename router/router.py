@@ -181,7 +181,7 @@ class Router:
     async def _generate(self, req: ValidRequest, deadline: float | None, request_id: str,
                         arrival: float, dispatches: list[Dispatch]
                         ) -> AsyncIterator[pb.GenerateResponse]:
-        route, unfit = await self.door.route(req, arrival)
+        route, unfit = await self.door.route(req, arrival, request_id)
         detok = IncrementalDetokenizer(self.tokenizer.decode, req.sampling.stop)
         out_ids: list[int] = []
         first_token = 0.0

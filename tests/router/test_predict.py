@@ -142,3 +142,69 @@ def test_a_workers_measured_prefill_stall_adds_to_the_tpot_it_predicts():
     stalled = Side(replace(quiet.record, prefill_stall_s=0.05), 0, quiet.batch)
     assert p.tpot_s(stalled, 10) == pytest.approx(p.tpot_s(quiet, 10) + 0.05)
     assert p.local(stalled, 10).tpot_s == pytest.approx(p.local(quiet, 10).tpot_s + 0.05)
+
+
+def _timed(side: Side, age: float, sent: tuple[tuple[float, int], ...] = ()) -> Side:
+    """`side` as of a report whose load is `age` seconds old, with `sent` since."""
+    return replace(side, sent=sent, report_age_s=age)
+
+
+def test_a_prompt_waits_for_the_step_in_progress_then_runs_with_what_came_after_it():
+    p = Predictor(_profile())
+    prefill = _side("p", WorkerRole.PREFILL, queued=1500)
+    # unknown report time: the queue is about to start, the prompt shares its second step
+    assert p.ahead(prefill) == (0.0, 1500)
+    # known: 1,000 computed in [0, 0.03), the last 500 in [0.03, 0.06), in progress at 0.05
+    assert p.ahead(_timed(prefill, 0.05)) == (pytest.approx(0.01), 0)
+    remote = p.remote(_timed(prefill, 0.05), _side("d", WorkerRole.DECODE), 500)
+    assert remote.ttft_s == pytest.approx(0.01 + 0.03 + 0.001 + 0.005 + 0.02)
+    # a report older than its queue: all of it is computed by now
+    assert p.ahead(_timed(prefill, 1.0)) == (0.0, 0)
+    # idle at the report; 800 tokens came 10 ms later and computed in [0.01, 0.04); 300
+    # more came during that step and wait for it, ahead of a new prompt
+    idle = _side("p", WorkerRole.PREFILL)
+    assert p.ahead(_timed(idle, 0.02, ((0.01, 800), (0.015, 300)))) == (
+        pytest.approx(0.02), 300)
+    # what waits in the router comes at the report's age: after the step in progress
+    waiting = _timed(idle, 0.02, ((0.01, 800),)).then_waiting(200)
+    assert p.ahead(waiting) == (pytest.approx(0.02), 200)
+    assert _side("p", WorkerRole.PREFILL, queued=10).then_waiting(5).queued_tokens == 15
+
+
+def test_a_local_prefill_waits_for_the_decode_step_in_progress():
+    p = Predictor(_profile())
+    decode = _side("d", WorkerRole.COLOCATED, batch=10)
+    step = 0.01 + 0.02 + 10e-3  # decode-only, back to back since the report
+    assert p.ahead(_timed(decode, 0.1), 10) == (pytest.approx(3 * step - 0.1), 0)
+    busy = p.local(_timed(decode, 0.1), 500)
+    assert busy.ttft_s == pytest.approx(p.local(decode, 500).ttft_s + 3 * step - 0.1)
+    # a prompt sent 0.05 s after the report joins at the step boundary after it (0.08)
+    assert p.ahead(_timed(decode, 0.1, ((0.05, 400),)), 10) == (
+        pytest.approx(0.08 + 0.01 + 0.02 + 10e-3 - 0.1), 0)
+
+
+def test_a_side_counts_what_was_sent_after_its_report_only():
+    from pdserve.router.ledger import PrefillLedger
+    from pdserve.router.placement import side_of
+    from pdserve.router.view import LiveWorker
+
+    ledger = PrefillLedger()
+    ledger.started("p", "before", 700, at=99.0)  # in the report's count if not computed
+    # taken by the worker after its loop last took orders: not in its counts
+    ledger.started("p", "during", 100, at=99.9)
+    ledger.started("p", "after", 300, at=100.2)
+    ledger.started("q", "elsewhere", 50, at=100.3)
+    record = replace(_side("p", WorkerRole.PREFILL, queued=400).record, load_time=100.0,
+                     load_applied=99.5)
+    side = side_of(LiveWorker(record, None), ledger, {}, now=100.5)
+    assert (side.queued_tokens, side.sent) == (400, ((0.0, 100), (pytest.approx(0.2), 300)))
+    assert side.report_age_s == pytest.approx(0.5) and side.backlog == 800
+    # what came before the report's moment joins the step that began then
+    p = Predictor(_profile())
+    assert p.ahead(side) == (0.0, 0)  # 500 tokens computed in [0, 0.03), 300 in [0.2, 0.23)
+    assert p.ahead(replace(side, report_age_s=0.01)) == (pytest.approx(0.02), 300)
+    # a report that does not tell its time: the larger of it and the ledger
+    old = side_of(LiveWorker(replace(record, load_time=0.0), None), ledger, {})
+    assert (old.queued_tokens, old.sent, old.report_age_s) == (1100, (), None)
+    ledger.ended("after")
+    assert ledger.sent_since("p", 100.0) == []
