@@ -147,8 +147,7 @@ class Heartbeat:
                 load.prefill_tokens_per_s, load.num_leases, load.decode_step_s,
                 e.num_prefix_query_tokens, e.num_prefix_hit_tokens, load.chunk_tokens,
                 role.state if role else WorkerState.SERVING, self.adaptive,
-                role.since if role else self._started, load.prefill_stall_s, load.time,
-                load.applied),
+                role.since if role else self._started, load.prefill_stall_s),
                 self.config.ttl_s)
             if fresh or self._resync:
                 index_prefixes(self._client, self.worker_id, self.cached, self._removed)

@@ -35,11 +35,6 @@ class WorkerRecord:
     role_since: float = 0.0  # Unix seconds: when it took its present role (0.0: unknown)
     # what prompt chunks add to its decoding steps, per step on average, measured
     prefill_stall_s: float = 0.0
-    # Unix seconds of the loop turn its counts are of: the worker starts its next step right
-    # then, with the prompt tokens it reports queued (0.0: unknown), and the orders sent to
-    # it after `load_applied` (the last time it took orders) and before it
-    load_time: float = 0.0
-    load_applied: float = 0.0
 
     @property
     def serving(self) -> bool:

@@ -26,7 +26,7 @@ predictions (router.calibration) that a stale profile would otherwise keep refus
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
@@ -132,7 +132,7 @@ class Door:
             out = {}
             for w in workers:
                 s = side_of(w, self.ledger, hits)
-                out[w.worker_id] = s.then_waiting(share)
+                out[w.worker_id] = replace(s, queued_tokens=s.queued_tokens + share)
             return out
 
         local = sides(holders, self.queue.queued_tokens_of(False))
@@ -158,7 +158,7 @@ class Door:
             log.debug("request %s (%d tokens) placed %s: TTFT %.0f ms (slot wait included), "
                       "TPOT %.0f ms; %s", request_id or "-", n, where, wait * 1e3,
                       best.prediction.tpot_s * 1e3, "; ".join(self._seen(s) for s in used))
-        if not self.queue.queued and not any(s.backlog or s.batch for s in used):
+        if not self.queue.queued and not any(s.queued_tokens or s.batch for s in used):
             return Placed(best, unfit, wait)  # idle: see the module
         if slo.ttft_s and wait > slo.ttft_s:
             raise overloaded(
@@ -176,12 +176,11 @@ class Door:
 
     def _seen(self, s: Side) -> str:
         """What a placement saw of one worker (the debug log's)."""
-        age = "?" if s.report_age_s is None else f"{s.report_age_s * 1e3:.0f} ms"
-        sent = ", ".join(f"{n} at +{a * 1e3:.0f} ms" for a, n in s.sent)
-        scale = self.predictor.calibration.ttft.scale(s.record.worker_id)
-        return (f"{s.record.worker_id}: {s.queued_tokens} tokens queued as of a report "
-                f"{age} old, sent since [{sent}], batch {s.batch}, context {s.context}, "
-                f"cached {s.cached_tokens}, TTFT scale {scale:.2f}, decode scale "
+        r = s.record
+        return (f"{r.worker_id}: {s.queued_tokens} tokens queued (report {r.queued_prefill_tokens}"
+                f", sent by this router {self.ledger.tokens(r.worker_id)}), batch {s.batch}, "
+                f"context {s.context}, cached {s.cached_tokens}, TTFT scale "
+                f"{self.predictor.calibration.ttft.scale(r.worker_id):.2f}, decode scale "
                 f"{self.predictor.decode_scale(s):.2f}")
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:

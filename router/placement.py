@@ -24,7 +24,6 @@ whose prefix cache holds part of the prompt, are paired.
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -35,26 +34,14 @@ from pdserve.router.view import LiveWorker
 WIDTH = 4
 
 
-def side_of(w: LiveWorker, ledger: PrefillLedger, hits: dict[str, int],
-            now: float | None = None) -> Side:
-    """A worker as predictions see it at Unix time `now` (the present): its queue as its
-    report counts it and the prompts this router sent it since (router.ledger; where the
-    report does not tell when its load was read, the larger of the two), its batch the
-    larger of its report and this router's requests there, and the prompt's blocks its
-    prefix cache holds (`hits`). Times are compared across hosts: their clocks are taken
-    to agree within a step."""
+def side_of(w: LiveWorker, ledger: PrefillLedger, hits: dict[str, int]) -> Side:
+    """A worker as predictions see it: its queue the larger of its report and what this
+    router sent it since (router.ledger), its batch the larger of its report and this
+    router's requests there, and the prompt's blocks its prefix cache holds (`hits`)."""
     r = w.record
-    batch = max(r.running + r.waiting, len(w.in_flight))
-    cached = hits.get(r.worker_id, 0) * r.block_size
-    if r.load_time <= 0:
-        return Side(r, max(r.queued_prefill_tokens, ledger.tokens(r.worker_id)), batch, cached)
-    now = time.time() if now is None else now
-    # orders sent after the worker last took some are not in its counts; those sent before
-    # the report's moment join its next step, at the report's moment
-    since = min(r.load_applied or r.load_time, r.load_time)
-    sent = tuple((max(at - r.load_time, 0.0), n) for at, n in ledger.sent_since(r.worker_id,
-                                                                                since))
-    return Side(r, r.queued_prefill_tokens, batch, cached, sent, max(now - r.load_time, 0.0))
+    return Side(r, max(r.queued_prefill_tokens, ledger.tokens(r.worker_id)),
+                max(r.running + r.waiting, len(w.in_flight)),
+                hits.get(r.worker_id, 0) * r.block_size)
 
 
 @dataclass(frozen=True)
@@ -121,7 +108,7 @@ def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
             p = replace(p, others_tpot_ratio=ratio)
         out.append(Placement(s.record.worker_id, "", p))
     if prefills and decodes:
-        ps = best(prefills, lambda s: s.backlog + prompt - s.cached_tokens)
+        ps = best(prefills, lambda s: s.queued_tokens + prompt - s.cached_tokens)
         ds = best(decodes, lambda s: s.batch)
         out += [Placement(d.record.worker_id, p.record.worker_id,
                           predictor.remote(p, d, prompt)) for p in ps for d in ds]

@@ -9,11 +9,6 @@ its prefix cache holds are not computed); a decode or colocated worker's prefill
 carry its decoding batch as well (decodes first, the prompt's chunk in the rest of the
 budget: a mixed step). Step times are the profile's step model; the queued prompts' own
 attention is counted as if each chunk started a prompt (their lengths are not reported).
-A worker's report is of one moment (`load_time`), when it began its next step: the steps
-since are replayed, back to back, each prompt sent since joining at the first step
-boundary after it was sent (`ahead`), so a new prompt waits for the step in progress, not
-for prompts already computed, and does not share that step's budget. A report that does
-not tell its moment is taken as current, its queue about to start.
 
 Disaggregated: router_s + the prefill worker's queue and the prompt's prefill there + the
 KV transfer's tail + half a decode step + stream_s. The KV streams layer by layer while the
@@ -33,8 +28,7 @@ steps take beyond the decode-only steps they replace.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
 from pdserve.router.calibration import SCALE_BOUNDS, Calibration
@@ -47,17 +41,9 @@ class Side:
     """One worker as a prediction sees it."""
 
     record: WorkerRecord
-    # prompt tokens not computed as of the worker's report; where the report's time is not
-    # known (`report_age_s` None), the larger of the report and what this router sent
-    queued_tokens: int
+    queued_tokens: int  # prompt tokens ahead of a new one (the larger of report and ledger)
     batch: int  # sequences decoding there (the larger of report and this router's own)
     cached_tokens: int = 0  # the prompt's leading tokens its prefix cache holds
-    # prompts sent since the report, each (seconds after the report's load, tokens), in
-    # that order; the prompts waiting in the router ahead of this one last, at the age
-    sent: tuple[tuple[float, int], ...] = ()
-    # seconds from the report's load to now; None: not known (the queue is taken as about
-    # to start, not as computing)
-    report_age_s: float | None = None
 
     @property
     def chunk(self) -> int:
@@ -68,19 +54,6 @@ class Side:
         """KV tokens the worker holds: what its decoding sequences read each step."""
         r = self.record
         return (r.total_blocks - r.free_blocks) * r.block_size
-
-    @property
-    def backlog(self) -> int:
-        """Prompt tokens ahead of a new one, computing or queued, as far as it is known."""
-        return self.queued_tokens + sum(n for _, n in self.sent)
-
-    def then_waiting(self, tokens: int) -> Side:
-        """This side with `tokens` more prompt tokens sent to it now (ahead of a new one)."""
-        if not tokens:
-            return self
-        if self.report_age_s is None:
-            return replace(self, queued_tokens=self.queued_tokens + tokens)
-        return replace(self, sent=(*self.sent, (self.report_age_s, tokens)))
 
 
 @dataclass(frozen=True)
@@ -130,46 +103,6 @@ class Predictor:
             rest, left, done = 0, left - k, done + k
         return total, stall
 
-    def ahead(self, side: Side, seqs: int = 0, context: int = 0) -> tuple[float, int]:
-        """(seconds until the step the worker is computing ends, prompt tokens queued to
-        start after it), from its report: at the report's load the worker began a step of
-        its queued prompts (in chunks of its budget beside `seqs` decoding sequences reading
-        `context` KV tokens) or of its decodes, and it steps back to back while it has work;
-        each prompt sent since joins at the first step boundary after it was sent (those sent
-        before the report's moment and not in its counts, at its moment)."""
-        sent = side.sent
-        if side.report_age_s is None:
-            return 0.0, side.backlog
-        now, budget = side.report_age_s, max(side.chunk - seqs, 1)
-        decode_only = self.decode_step_s(seqs, context)
-        t, queue, i = 0.0, side.queued_tokens, 0
-        while i < len(sent) and sent[i][0] <= 0:  # sent before the report's moment
-            queue += sent[i][1]
-            i += 1
-        while True:
-            k = min(queue, budget)
-            if k:
-                d = self._mixed(k, chunk_pairs(0, k), seqs, context)
-            elif decode_only > 0:
-                d = decode_only
-                # whole decode-only steps before the next prompt comes (or now) change nothing
-                horizon = min(sent[i][0], now) if i < len(sent) else now
-                t += max(math.floor((horizon - t) / d), 0) * d
-            elif i < len(sent) and sent[i][0] < now:  # idle until the next prompt came
-                t = max(t, sent[i][0])
-                queue += sent[i][1]
-                i += 1
-                continue
-            else:
-                return 0.0, sum(n for _, n in sent[i:])
-            if t + d > now:
-                return t + d - now, queue - k + sum(n for _, n in sent[i:])
-            t += d
-            queue -= k
-            while i < len(sent) and sent[i][0] <= t:
-                queue += sent[i][1]
-                i += 1
-
     def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
         return (self.step.step_s(tokens + seqs, pairs, context, seqs)
                 + self.profile.serve_seq_s * seqs)
@@ -197,8 +130,7 @@ class Predictor:
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(prefill.cached_tokens, prompt - 1)
-        busy, queued = self.ahead(prefill)
-        compute = busy + self.prefill_s(queued, prompt - hit, hit, prefill.chunk)[0]
+        compute, _ = self.prefill_s(prefill.queued_tokens, prompt - hit, hit, prefill.chunk)
         sent = (prompt - min(decode.cached_tokens, prompt - 1)) * p.kv_bytes_per_token
         own = self.prefill_s(0, prompt - hit, hit, prefill.chunk)[0]
         wire = sent / p.transfer.bytes_per_s
@@ -212,9 +144,8 @@ class Predictor:
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(decode.cached_tokens, prompt - 1)
-        busy, queued = self.ahead(decode, decode.batch, decode.context)
-        compute, stall = self.prefill_s(queued, prompt - hit, hit, decode.chunk, decode.batch,
-                                        decode.context)
-        ttft = (p.router_s + busy + compute + p.stream_s) * self.calibration.ttft.scale(
+        compute, stall = self.prefill_s(decode.queued_tokens, prompt - hit, hit, decode.chunk,
+                                        decode.batch, decode.context)
+        ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft.scale(
             decode.record.worker_id)
         return Prediction(ttft, self.tpot_s(decode, prompt), stall)

@@ -56,9 +56,6 @@ class LoadReport:
     chunk_tokens: int = 0  # the engine's token budget per step (its prefill chunk)
     # what prompt chunks add to its decoding steps, per step on average (worker.rate)
     prefill_stall_s: float = 0.0
-    # time.time() when the loop last took the orders posted to it: those posted later are
-    # not in the counts, and the next step (which starts at `time`) takes them
-    applied: float = 0.0
 
     @property
     def is_idle(self) -> bool:
@@ -111,7 +108,6 @@ class EngineLoop:
         self._decode_step = DecodeStepTime()
         self._step_decodes = 0  # sequences decoding in the step that runs
         self._step_prefill_tokens = 0
-        self._applied = time.time()  # when the loop last found no order left to take
         self._report = self._snapshot()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -200,7 +196,6 @@ class EngineLoop:
         try:
             item = self._calls.get(timeout=block_s) if block_s > 0 else self._calls.get_nowait()
         except queue.Empty:
-            self._applied = time.time()
             return
         while item is not None:
             fn, future = item
@@ -214,7 +209,6 @@ class EngineLoop:
             try:
                 item = self._calls.get_nowait()
             except queue.Empty:
-                self._applied = time.time()
                 return
         self._stop.set()  # None: close() was called
 
@@ -254,4 +248,4 @@ class EngineLoop:
                           self._error, self._rate.tokens_per_s, self.handler.num_leases(),
                           self._decode_step.seconds,
                           self.engine.config.scheduler.max_num_batched_tokens,
-                          self._decode_step.stall_s, self._applied)
+                          self._decode_step.stall_s)

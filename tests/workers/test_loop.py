@@ -157,26 +157,3 @@ def test_the_load_report_carries_what_a_prompt_chunk_adds_to_the_decoding_steps(
     finally:
         loop.close()
     assert_no_leaks(engine)
-
-
-def test_the_load_report_tells_when_its_counts_were_taken(engine):
-    """A request posted after the report's `applied` is not in its counts; one posted before
-    is, until its prompt is computed; `time` is never before `applied`."""
-    import time
-
-    handler = Recorder()
-    loop = EngineLoop(engine, handler)
-    try:
-        posted = time.time()
-        loop.call(lambda: engine.add_request("r", list(range(1, 40)), greedy(3))).result(5)
-        wait_for(lambda: loop.load().applied >= posted, 10, "a report after the call")
-        report = loop.load()
-        assert report.applied <= report.time
-        wait_for(lambda: any(o.finished for o in handler.outputs), 30, "the request")
-        wait_for(lambda: loop.load().engine.num_running == 0, 10, "an idle loop")
-        idle = loop.load()
-        # idle: it looks for orders every idle wait, and says so
-        wait_for(lambda: loop.load().applied > idle.applied, 5, "a later look for orders")
-    finally:
-        loop.close()
-    assert_no_leaks(engine)
