@@ -243,3 +243,18 @@ def test_an_idle_cluster_admits_what_it_predicts_would_miss():
         with pytest.raises(RequestError, match="refused at admission"):
             queued.door.place(req, {})
     asyncio.run(main())
+
+
+def test_each_placement_is_logged_at_debug_with_what_it_saw(caplog):
+    async def main():
+        router = _router(_worker("p", WorkerRole.PREFILL, queued=3000),
+                         _worker("d", WorkerRole.DECODE, running=4))
+        router.ledger.started("p", "t1", 200)
+        with caplog.at_level("DEBUG", logger="pdserve.router.door"):
+            router.door.place(_request(500, slo_ttft_ms=10_000, hint=Hint.ALWAYS), {},
+                              "req-42")
+        line, = [r.getMessage() for r in caplog.records if "placed" in r.getMessage()]
+        assert line.startswith("request req-42 (500 tokens) placed prefilled on p, decoded on d")
+        assert "p: 3000 tokens queued (report 3000, sent by this router 200)" in line
+        assert "d: 0 tokens queued" in line and "batch 4" in line
+    asyncio.run(main())
