@@ -119,9 +119,12 @@ def test_bench_runs_in_process_with_paths_relative_to_the_caller(monkeypatch, tm
 
 
 def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypatch, tmp_path):
+    started = []
+
     class FakeServer:
-        def __init__(self, deployment, *args):
+        def __init__(self, deployment, *args, extra_args=()):
             self.deployment = deployment
+            started.append((deployment.name, extra_args))
 
         def backend(self) -> Backend:
             return Recorder()
@@ -132,9 +135,12 @@ def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypat
     monkeypatch.setattr(sweep, "Server", FakeServer)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "sweep", "--workload", "chat", "--deployments", "1p1d", "--rates",
-                 "1e6", "--seeds", "0", "--num-prompts", "3", "--out", "res"]) == 0
+                 "1e6", "--seeds", "0", "--num-prompts", "3", "--out", "res",
+                 "--serve-args", "--log-requests --api-key 'a b'"]) == 0
     result = json.loads((tmp_path / "res" / "chat.json").read_text())
     assert [r["deployment"] for r in result["runs"]] == ["1p1d"]
+    # the SLO's calibration server runs as it is; the measured ones take the flags
+    assert started == [("2colo", ()), ("1p1d", ("--log-requests", "--api-key", "a b"))]
 
 
 def test_serve_security_flags_parse_into_what_the_cluster_uses(tmp_path):
