@@ -320,17 +320,20 @@ class Router:
                     req, disagg, avoid, prefer_prefill=held.prefill_id if held else None,
                     retry=retry, deadline=route.deadline, hits=route.hits, slo=route.slo)
                 decode.in_flight[tid] = queue
+                if prefill is not None:
+                    prefill.in_flight[tid] = queue
+                # ahead of every later placement from now on, not from the orders' replies:
+                # a burst's next request is placed while this one's reserve is on the wire
+                self.ledger.started((prefill or decode).worker_id, tid,
+                                    len(req.prompt_token_ids))
                 dispatched = time.time()
                 endpoint = ""
                 try:
                     if prefill is None:
-                        self.ledger.started(decode.worker_id, tid, len(req.prompt_token_ids))
                         await self._call(decode, decode.handle.generate(order))
                         return decode, None, dispatched
                     reservation = await self._call(decode, decode.handle.reserve(order))
-                    prefill.in_flight[tid] = queue
                     resend = held if held and held.prefill_id == prefill.worker_id else None
-                    self.ledger.started(prefill.worker_id, tid, len(req.prompt_token_ids))
                     if resend is not None:
                         held = None  # the order below re-sends it or the worker ended it
                     if await self._call(prefill, prefill.handle.submit(PrefillOrder(
@@ -342,7 +345,7 @@ class Router:
                     return decode, prefill, dispatched
                 except NoRoom:  # its heartbeat was stale: wait for room like the others
                     self.ledger.ended(tid)
-                    _leave(tid, decode)
+                    _leave(tid, decode, prefill)
                     decode.record = decode.record.without_room()
                 except NotServing as e:  # a role switch the view had not seen yet
                     self.ledger.ended(tid)
@@ -351,6 +354,7 @@ class Router:
                         await asyncio.shield(self._abort(tid, decode, None))
                         raise worker_failed(str(e), prefill.worker_id) from e
                 except BaseException:
+                    self.ledger.ended(tid)
                     _leave(tid, decode, prefill)
                     await asyncio.shield(self._abort(tid, decode, prefill))
                     raise
