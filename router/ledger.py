@@ -17,7 +17,8 @@ class PrefillLedger:
         self._tokens: dict[str, int] = {}  # worker -> prompt tokens sent there
 
     def started(self, worker_id: str, tid: str, num_tokens: int) -> None:
-        """`tid`'s prompt was sent to the worker to prefill."""
+        """`tid`'s prompt goes to the worker to prefill: from the moment its workers are
+        picked, before the orders are answered (a burst's next placement comes meanwhile)."""
         self.ended(tid)
         self._at[tid] = (worker_id, num_tokens)
         self._tokens[worker_id] = self._tokens.get(worker_id, 0) + num_tokens
