@@ -17,7 +17,8 @@ Life of a request:
                (disaggregated; protocol.orders, Delta transfers), or has the
                decode/colocated worker prefill locally. No call stays open: the prefill
                worker reports its outcome on the stream. A worker draining for a role
-               switch refuses (NotServing): the request waits for another.
+               switch refuses (NotServing): the request waits for another
+               (router.dispatch).
 4. STREAMING   chunks from the decode worker are detokenized incrementally and yielded.
                The first chunk means the decode worker holds the KV: the prefill job is
                over (its slot is given back, its late outcome or death no longer matters).
@@ -56,20 +57,18 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pdserve.protocol import (
-    DecodeOrder,
     FinishReason,
     IncrementalDetokenizer,
-    PrefillOrder,
     TokenChunk,
 )
 from pdserve.router import telemetry
 from pdserve.router.chunks import token_chunks
 from pdserve.router.config import RouterConfig
 from pdserve.router.controller.loop import controller_for
+from pdserve.router.dispatch import Dispatcher, leave
 from pdserve.router.door import Door
-from pdserve.router.errors import RequestError, unavailable, worker_failed
+from pdserve.router.errors import RequestError, unavailable
 from pdserve.router.final import Retries, final_response
-from pdserve.router.handles import NoRoom, NotServing, WorkerGone
 from pdserve.router.intake import Intake
 from pdserve.router.interference import decoding
 from pdserve.router.ledger import PrefillLedger
@@ -82,7 +81,7 @@ from pdserve.router.stream import StreamReader
 from pdserve.router.tokenizer import RouterTokenizer
 from pdserve.router.tracecontext import TraceContext
 from pdserve.router.validate import ValidRequest
-from pdserve.router.view import ClusterView, HandleFactory, LiveWorker
+from pdserve.router.view import ClusterView, HandleFactory
 from pdserve.rpc import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -102,6 +101,7 @@ class Router:
         predictor = Predictor(config.cost_profile) if config.cost_profile else None
         self.queue = RouterQueue(config, self.view, redis, self.ledger, predictor)
         self.door = Door(config, self.view, self.queue, self.ledger, predictor)
+        self.dispatcher = Dispatcher(config, self.view, self.queue, self.ledger, self.stream)
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
@@ -224,7 +224,7 @@ class Router:
                     raise
                 if (out_ids and migrations >= self.config.migration_limit
                         or not out_ids and attempts >= self.config.max_attempts):
-                    await self._drop_held(e.held)
+                    await self.dispatcher.drop_held(e.held)
                     done = (f"after {migrations} migrations" if out_ids
                             else f"after {attempts} attempts")
                     raise unavailable(f"{e} ({done})") from e
@@ -256,7 +256,7 @@ class Router:
         finished = False  # the decode job ended by itself: nothing left to abort
         keep_prefill = False  # the prefill job holds the KV for the next attempt
         try:
-            decode, prefill, dispatched = await self._dispatch(
+            decode, prefill, dispatched = await self.dispatcher.dispatch(
                 req, tid, self.door.disaggregates(req, avoid, route.disaggregated), queue,
                 deadline, avoid, held, resends, route, retry)
             self.door.interference.joined(
@@ -294,110 +294,15 @@ class Router:
             if decode is not None:
                 self.door.interference.left(decode.worker_id, tid)
             self.stream.close_queue(tid)
-            _leave(tid, decode, prefill)
+            leave(tid, decode, prefill)
             if not finished:
                 # shielded: a cancelled request still frees what it holds on both workers
-                await asyncio.shield(self._abort(tid, decode,
+                await asyncio.shield(self.dispatcher.abort(tid, decode,
                                                  None if keep_prefill else prefill))
             if decode is not None:
                 self.door.slots.released(self.queue.queued > 0)
             await self.view.notify()
 
-    async def _dispatch(self, req: ValidRequest, tid: str, disagg: bool, queue,
-                        deadline: float | None, avoid: set[str], held: Held | None,
-                        resends: list[Held], route: Route,
-                        retry: bool) -> tuple[LiveWorker, LiveWorker | None, float]:
-        """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
-        local prefill. Returns the decode worker, the prefill worker (None when local) and
-        when the orders went out. If it fails or is cancelled midway, what it started is
-        aborted before it raises. A `held` prefill job is re-sent when its worker is the
-        one picked (the queue prefers it), else aborted."""
-        order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
-                            self.config.lease_s, deadline)
-        try:
-            while True:
-                decode, prefill = await self.queue.wait(
-                    req, disagg, avoid, prefer_prefill=held.prefill_id if held else None,
-                    retry=retry, deadline=route.deadline, hits=route.hits, slo=route.slo)
-                decode.in_flight[tid] = queue
-                if prefill is not None:
-                    prefill.in_flight[tid] = queue
-                # ahead of every later placement from now on, not from the orders' replies:
-                # a burst's next request is placed while this one's reserve is on the wire
-                self.ledger.started((prefill or decode).worker_id, tid,
-                                    len(req.prompt_token_ids))
-                dispatched = time.time()
-                endpoint = ""
-                try:
-                    if prefill is None:
-                        await self._call(decode, decode.handle.generate(order))
-                        return decode, None, dispatched
-                    reservation = await self._call(decode, decode.handle.reserve(order))
-                    resend = held if held and held.prefill_id == prefill.worker_id else None
-                    if resend is not None:
-                        held = None  # the order below re-sends it or the worker ended it
-                    if await self._call(prefill, prefill.handle.submit(PrefillOrder(
-                            tid, req.prompt_token_ids, req.sampling, reservation.kv_endpoint,
-                            self.stream.endpoint, deadline,
-                            resend_of=resend.transfer_id if resend else "",
-                            kv_start=reservation.num_cached_tokens))):
-                        resends.append(resend)
-                    return decode, prefill, dispatched
-                except NoRoom:  # its heartbeat was stale: wait for room like the others
-                    self.ledger.ended(tid)
-                    _leave(tid, decode, prefill)
-                    decode.record = decode.record.without_room()
-                except NotServing as e:  # a role switch the view had not seen yet
-                    self.ledger.ended(tid)
-                    _leave(tid, decode, prefill)
-                    if endpoint:  # the reservation is under this id: a new dispatch
-                        await asyncio.shield(self._abort(tid, decode, None))
-                        raise worker_failed(str(e), prefill.worker_id) from e
-                except BaseException:
-                    self.ledger.ended(tid)
-                    _leave(tid, decode, prefill)
-                    await asyncio.shield(self._abort(tid, decode, prefill))
-                    raise
-        finally:
-            if held is not None:  # another worker (or none) prefills it: free what it holds
-                await asyncio.shield(self._drop_held(held))
-
-    async def _call(self, worker: LiveWorker, call):
-        """A handle call; a worker that cannot be reached leaves the view (UNAVAILABLE)."""
-        try:
-            return await call
-        except NotServing:
-            self.view.not_serving(worker.worker_id)
-            raise
-        except WorkerGone as e:
-            self.view.drop(worker.worker_id)
-            raise worker_failed(f"worker {worker.worker_id} is gone: {e}",
-                                worker.worker_id) from e
-
-    async def _drop_held(self, held: Held | None) -> None:
-        """Abort a held prefill job that no attempt re-sends."""
-        worker = self.view.workers.get(held.prefill_id) if held else None
-        if worker is not None:
-            await self._abort(held.transfer_id, None, worker)
-
-    async def _abort(self, tid: str, decode: LiveWorker | None,
-                     prefill: LiveWorker | None) -> None:
-        """Abort on both workers at once; aborts are idempotent, and a worker that is gone
-        has freed what it held."""
-        workers = [w for w in (prefill, decode) if w is not None]
-        results = await asyncio.gather(*(w.handle.abort(tid) for w in workers),
-                                       return_exceptions=True)
-        for worker, result in zip(workers, results, strict=True):
-            if isinstance(result, Exception):
-                log.info("abort of %s on %s failed: %s", tid, worker.worker_id, result)
-
     def status(self) -> pb.ClusterStatus:
         status = self.view.status(self.config.router_id)
         return self.controller.describe(status) if self.controller else status
-
-
-def _leave(tid: str, *workers: LiveWorker | None) -> None:
-    """The request's attempt `tid` no longer holds a job on these workers."""
-    for w in workers:
-        if w is not None:
-            w.in_flight.pop(tid, None)

@@ -8,44 +8,14 @@ import asyncio
 import time
 
 import pytest
+from placement_helpers import request as _request
+from placement_helpers import router_of as _router
+from placement_helpers import worker as _worker
 
-from pdserve.protocol import (
-    CostProfile,
-    SamplingParams,
-    StepModel,
-    TransferModel,
-    WorkerRecord,
-    WorkerRole,
-)
+from pdserve.protocol import WorkerRecord, WorkerRole
 from pdserve.router.errors import RequestError
 from pdserve.router.observe import Shortage
 from pdserve.router.policy import Hint
-from pdserve.router.router import Router, RouterConfig
-from pdserve.router.validate import ValidRequest
-from pdserve.router.view import LiveWorker
-
-# 1 ms per token past the floor: a 1,000-token chunk is ~1 s
-PROFILE = CostProfile("measured", {}, {"layers": 4}, 100, 100_000,
-                      StepModel(0.0, 0.01, 1e-3, 0.0, 0.0, 0.0), TransferModel(0.01, 1e9))
-
-
-def _worker(wid: str, role: WorkerRole, queued: int = 0, running: int = 0) -> LiveWorker:
-    record = WorkerRecord(wid, role, "n", "", 16, 1000, 1000, running, 0, queued, time.time(),
-                          1.0, chunk_tokens=1000)
-    return LiveWorker(record, handle=None)
-
-
-def _request(n: int, slo_ttft_ms: float | None = None, hint: Hint = Hint.AUTO,
-             slo_tpot_ms: float | None = None) -> ValidRequest:
-    return ValidRequest("", tuple(range(1, n + 1)), SamplingParams(max_tokens=4), hint,
-                        slo_ttft_ms, slo_tpot_ms)
-
-
-def _router(*workers: LiveWorker, default_ttft_slo_s: float = 30.0) -> Router:
-    router = Router(RouterConfig(default_ttft_slo_s=default_ttft_slo_s, cost_profile=PROFILE),
-                    None, None, lambda record: None)
-    router.view.workers = {w.worker_id: w for w in workers}
-    return router
 
 
 def test_admission_refuses_by_predicted_ttft_and_names_it():
@@ -257,49 +227,4 @@ def test_each_placement_is_logged_at_debug_with_what_it_saw(caplog):
         assert line.startswith("request req-42 (500 tokens) placed prefilled on p, decoded on d")
         assert "p: 3000 tokens queued (report 3000, sent by this router 200)" in line
         assert "d: 0 tokens queued" in line and "batch 4" in line
-    asyncio.run(main())
-
-
-def test_a_dispatched_prompt_is_ahead_of_the_next_placement_before_its_orders_are_answered():
-    """A burst's second request is placed while the first's reserve is on the wire: it
-    must already see the first prompt queued on the prefill worker (and its slot taken)."""
-    from pdserve.router.placement import Route, Slo
-
-    async def main():
-        entered, release = asyncio.Event(), asyncio.Event()
-        aborted = []
-
-        class Decode:
-            async def reserve(self, order):
-                entered.set()
-                await release.wait()
-
-            async def abort(self, tid):
-                aborted.append(("d", tid))
-
-        class Prefill:
-            async def abort(self, tid):
-                aborted.append(("p", tid))
-
-        p, d = _worker("p", WorkerRole.PREFILL), _worker("d", WorkerRole.DECODE)
-        p.handle, d.handle = Prefill(), Decode()
-        router = _router(p, d)
-        try:
-            ask = _request(500, slo_ttft_ms=30_000, hint=Hint.ALWAYS)
-            alone = router.door.place(ask, {})
-            first = _request(1000, hint=Hint.ALWAYS)
-            route = Route(None, {}, Slo(30.0, None), alone.ttft_s, True)
-            task = asyncio.create_task(router._dispatch(first, "t1", True, asyncio.Queue(),
-                                                        None, set(), None, [], route, False))
-            await asyncio.wait_for(entered.wait(), 5)
-            assert router.ledger.tokens("p") == 1000 and "t1" in p.in_flight
-            behind = router.door.place(ask, {})
-            assert behind.ttft_s - alone.ttft_s == pytest.approx(1.0, rel=0.05)  # 1 ms/token
-            task.cancel()  # the request goes away mid-reserve: nothing of it is left
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert router.ledger.tokens("p") == 0 and not p.in_flight and not d.in_flight
-            assert sorted(aborted) == [("d", "t1"), ("p", "t1")]
-        finally:
-            await router.stream.close()
     asyncio.run(main())

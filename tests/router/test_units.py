@@ -74,7 +74,7 @@ def test_aborts_go_to_both_workers_at_once_and_one_failure_does_not_stop_the_oth
         router = Router(RouterConfig(), None, None, lambda record: None)
         try:
             d, p = Handle(), Handle(fail=prefill_fails)
-            await router._abort("t", worker("d", WorkerRole.DECODE, d),
+            await router.dispatcher.abort("t", worker("d", WorkerRole.DECODE, d),
                                 worker("p", WorkerRole.PREFILL, p))
             return d, p
         finally:
