@@ -44,9 +44,11 @@ class Dispatcher:
         """Wait for slots (and blocks), then reserve and submit the prefill job, or start a
         local prefill. Returns the decode worker, the prefill worker (None when local) and
         when the orders went out. A worker that turns out to be full (NoRoom) or switching
-        roles (NotServing) is passed over and the request waits for another. A `held`
-        prefill job is re-sent when its worker is the one picked (the queue prefers it),
-        else aborted."""
+        roles (NotServing) before anything is held under `tid` is passed over and the
+        request waits for another; a prefill worker that refuses after the decode worker
+        reserved ends this dispatch (the reservation is aborted; UNAVAILABLE, retryable:
+        the next dispatch has a new transfer id). A `held` prefill job is re-sent when its
+        worker is the one picked (the queue prefers it), else aborted."""
         order = DecodeOrder(tid, req.prompt_token_ids, req.sampling, self.stream.endpoint,
                             self.config.lease_s, deadline)
         try:
@@ -62,12 +64,13 @@ class Dispatcher:
                 self.ledger.started((prefill or decode).worker_id, tid,
                                     len(req.prompt_token_ids))
                 dispatched = time.time()
-                endpoint = ""
+                reserved = False
                 try:
                     if prefill is None:
                         await self.call(decode, decode.handle.generate(order))
                         return decode, None, dispatched
                     reservation = await self.call(decode, decode.handle.reserve(order))
+                    reserved = True
                     resend = held if held and held.prefill_id == prefill.worker_id else None
                     if resend is not None:
                         held = None  # the order below re-sends it or the worker ended it
@@ -85,7 +88,7 @@ class Dispatcher:
                 except NotServing as e:  # a role switch the view had not seen yet
                     self.ledger.ended(tid)
                     leave(tid, decode, prefill)
-                    if endpoint:  # the reservation is under this id: a new dispatch
+                    if reserved:  # the reservation is under this id: a new dispatch
                         await asyncio.shield(self.abort(tid, decode, None))
                         raise worker_failed(str(e), prefill.worker_id) from e
                 except BaseException:

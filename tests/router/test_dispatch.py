@@ -9,8 +9,9 @@ import asyncio
 import pytest
 from placement_helpers import request, router_of, worker
 
-from pdserve.protocol import Reservation, WorkerRole
-from pdserve.router.handles import NoRoom
+from pdserve.protocol import Reservation, WorkerRole, WorkerState
+from pdserve.router.errors import RequestError
+from pdserve.router.handles import NoRoom, NotServing
 from pdserve.router.placement import Route, Slo
 from pdserve.router.policy import Hint
 
@@ -80,6 +81,27 @@ def test_a_dispatched_prompt_is_ahead_of_the_next_placement_before_its_orders_ar
                 await task
             assert router.ledger.tokens("p") == 0 and not p.in_flight and not d.in_flight
             assert (decode.aborted, prefill.aborted) == (["t1"], ["t1"])
+        finally:
+            await router.stream.close()
+    asyncio.run(main())
+
+
+def test_a_prefill_worker_that_refuses_after_the_reservation_frees_it_and_ends_the_dispatch():
+    """The prefill worker began a role switch the view had not seen: the decode worker's
+    reservation under this transfer id is aborted, nothing stays held, and the request is
+    failed as retryable (its next dispatch has a new transfer id)."""
+    async def main():
+        decode, prefill = Decode(), Prefill(refuse=NotServing("worker p is draining"))
+        decode.release.set()
+        router, p, d = _cluster(decode, prefill)
+        try:
+            with pytest.raises(RequestError) as e:
+                await asyncio.wait_for(_dispatch(router), 5)
+            assert e.value.code == "UNAVAILABLE" and e.value.retryable
+            assert e.value.worker_ids == ("p",)
+            assert decode.aborted == ["t1"] and prefill.aborted == []
+            assert router.ledger.tokens("p") == 0 and not p.in_flight and not d.in_flight
+            assert router.view.workers["p"].record.state is not WorkerState.SERVING
         finally:
             await router.stream.close()
     asyncio.run(main())
