@@ -28,10 +28,13 @@ Life of a worker process:
 
 from __future__ import annotations
 
+import faulthandler
+import logging
 import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -51,6 +54,10 @@ _ANY_ROLE = ("submit", "reserve", "generate")
 _CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
             WorkerRole.DECODE: (DecodeWorker, ("reserve", "generate")),
             WorkerRole.COLOCATED: (ColocatedWorker, ("generate",))}
+
+
+_log = logging.getLogger(__name__)
+_LIFELINE_POLL_S = 1.0  # how soon a worker whose sentinel misled it notices its parent gone
 
 
 class WorkerStartError(RuntimeError):
@@ -153,6 +160,8 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
     # the parent only, which then stops its workers in order (unregistered before Redis
     # goes); the lifeline below ends the worker if the parent dies without doing so.
     os.setpgid(0, 0)
+    # a native crash (SIGSEGV, SIGABRT) says where it happened, in the server's log
+    faulthandler.enable()
     try:
         import torch
 
@@ -187,7 +196,17 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
         os._exit(0)
 
     def lifeline() -> None:
-        wait([mp.parent_process().sentinel])  # readable once the parent has gone
+        parent = mp.parent_process()
+        wait([parent.sentinel])
+        # The sentinel reads EOF once the parent's end of its pipe is closed: when the parent
+        # exits, but also when a stray close in the parent hits that descriptor. Only a new
+        # parent pid (this process adopted) says the server is gone.
+        if os.getppid() == parent.pid:
+            _log.warning("the server's sentinel closed while it runs (pid %d): watching its "
+                         "pid instead", parent.pid)
+            while os.getppid() == parent.pid:
+                time.sleep(_LIFELINE_POLL_S)
+        _log.warning("the server (pid %d) has gone: stopping", parent.pid)
         shutdown()
 
     signal.signal(signal.SIGTERM, shutdown)
