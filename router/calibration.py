@@ -8,9 +8,12 @@ request whose admission predicted its first token (`timing.predicted_ttft_ms`) m
 TTFT scale of the worker that prefilled it (the prefill worker, or the decode worker for
 a local prefill) by a step toward measured / predicted in log space (the mean of the
 ratios seen, until there are 1 / STEP of them: a run's first requests, or warm-up, find a
-stale profile corrected already): the predictions it multiplies then err as often long as
-short (its fixed point is the median ratio). A scale stays within SCALE_BOUNDS: more than
-that is a glitch, not a trend.
+stale profile corrected already). A ratio beyond CLIP counts as CLIP: a request that
+waited for something the scale does not stand for (a long step of another worker, a burst
+that came after it) moves the scale no further than one that was CLIP off, so the scale
+follows what most requests measure (its fixed point lies between their mean and their
+median ratio) and the predictions it multiplies err about as often long as short. A scale
+stays within SCALE_BOUNDS: more than that is a glitch, not a trend.
 
 A TPOT is corrected by the decode worker's own measure instead: its decode step time
 against the profile's for the batch it reports (router.predict's decode_scale, every
@@ -37,6 +40,7 @@ from pdserve.router.observe import RequestOutcome, RequestRecord
 # host now shared or quieter, is off by up to 2-3x; more is a glitch, not a trend
 SCALE_BOUNDS = (0.25, 4.0)
 STEP = 0.2  # of the log ratio per request: about ten requests to follow a shift
+CLIP = 2.0  # the largest ratio one request counts for, either way
 
 
 class Scales:
@@ -65,7 +69,9 @@ class Scales:
         # the mean of the first ratios, then the moving step: the first request already
         # corrects a profile that is 2x off, instead of the first ten
         step = max(self.step, 1 / (seen + 1))
-        moved = self._log.get(worker_id, 0.0) + step * math.log(measured_s / predicted_s)
+        clip = math.log(CLIP)
+        ratio = min(max(math.log(measured_s / predicted_s), -clip), clip)
+        moved = self._log.get(worker_id, 0.0) + step * ratio
         self._log[worker_id] = min(max(moved, lo), hi)
 
 

@@ -11,8 +11,10 @@ budget: a mixed step). Step times are the profile's step model; the queued promp
 attention is counted as if each chunk started a prompt (their lengths are not reported).
 
 Disaggregated: router_s + the prefill worker's queue and the prompt's prefill there + the
-KV transfer's tail + half a decode step + stream_s. The KV streams layer by layer while the
-prefill computes; what is left once the last layer is computed is that layer's share, plus
+KV transfer's tail + the decode worker's wait for a step boundary + stream_s. That wait is
+the rest of the step in progress when the KV arrives if the decode worker is then still
+prefilling prompts of its own (a mixed step can take seconds), else half a decode step.
+The KV streams layer by layer while the prefill computes; what is left once the last layer is computed is that layer's share, plus
 whatever the wire could not keep up with. Only the blocks the decode worker lacks are sent.
 Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. The
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
@@ -28,6 +30,7 @@ steps take beyond the decode-only steps they replace.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
@@ -103,6 +106,23 @@ class Predictor:
             rest, left, done = 0, left - k, done + k
         return total, stall
 
+    def step_end_s(self, queued: int, chunk: int, seqs: int, context: int,
+                   at_s: float) -> float:
+        """From `at_s` seconds from now to the end of the step then in progress on a worker
+        that prefills its `queued` prompt tokens from now on, in steps of `chunk` tokens
+        beside `seqs` decoding sequences (as `prefill_s` counts a queue); 0.0 when that
+        work is done by then."""
+        if queued <= 0:
+            return 0.0
+        budget = max(chunk - seqs, 1)
+        full, rest = divmod(queued, budget)
+        step = self._mixed(budget, chunk_pairs(0, budget), seqs, context)
+        if at_s < full * step:
+            return math.ceil(at_s / step) * step - at_s if at_s > 0 else step
+        end = full * step + (self._mixed(rest, chunk_pairs(0, rest), seqs, context)
+                             if rest else 0.0)
+        return end - at_s if at_s < end else 0.0
+
     def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
         return (self.step.step_s(tokens + seqs, pairs, context, seqs)
                 + self.profile.serve_seq_s * seqs)
@@ -136,9 +156,15 @@ class Predictor:
         wire = sent / p.transfer.bytes_per_s
         tail = p.transfer.latency_s + wire / p.num_layers + max(0.0, wire - own)
         tpot = self.tpot_s(decode, prompt)
-        # the KV is admitted between two steps: half the step in progress, on average
-        admit = self.decode_step_s(decode.batch, decode.context) * self.decode_scale(decode) / 2
-        ttft = p.router_s + compute + tail + admit + p.stream_s
+        arrival = p.router_s + compute + tail
+        # the KV is admitted between two steps: at the end of the step in progress when it
+        # arrives, if the decode worker is still prefilling prompts of its own then (a long
+        # mixed step), else half a decode step, on average
+        admit = (self.step_end_s(decode.queued_tokens, decode.chunk, decode.batch,
+                                 decode.context, arrival)
+                 or self.decode_step_s(decode.batch, decode.context)
+                 * self.decode_scale(decode) / 2)
+        ttft = arrival + admit + p.stream_s
         return Prediction(ttft * self.calibration.ttft.scale(prefill.record.worker_id), tpot)
 
     def local(self, decode: Side, prompt: int) -> Prediction:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pdserve.protocol import CostProfile, StepModel, TransferModel, WorkerRecord, WorkerRole
-from pdserve.router.calibration import SCALE_BOUNDS, Calibration, Scales
+from pdserve.router.calibration import CLIP, SCALE_BOUNDS, STEP, Calibration, Scales
 from pdserve.router.observe import RequestOutcome, RequestRecord, notify
 from pdserve.router.predict import Predictor, Side
 from pdserve.router.router import Router, RouterConfig
@@ -62,8 +62,24 @@ def test_the_first_ratios_are_averaged_so_one_request_corrects_a_stale_profile()
     assert s.scale("a") == pytest.approx(math.sqrt(0.5))
     for _ in range(3):
         s.observe("a", 1.0, 1.0)
-    s.observe("a", 1.0, math.e)  # the 6th moves by the step alone
-    assert s.scale("a") == pytest.approx(math.sqrt(0.5) * math.exp(0.2))
+    s.observe("a", 1.0, 1.5)  # the 6th moves by the step alone
+    assert s.scale("a") == pytest.approx(math.sqrt(0.5) * 1.5 ** 0.2)
+
+
+def test_one_request_that_waited_for_something_else_moves_a_scale_as_a_2x_miss_would():
+    settled = Scales()
+    for _ in range(20):
+        settled.observe("a", 1.0 * settled.scale("a"), 1.2)
+    before = settled.scale("a")
+    # a 145 ms prediction that took 2.7 s: its KV waited out another prompt's long step
+    settled.observe("a", 0.145 * before, 2.7)
+    assert settled.scale("a") == pytest.approx(before * CLIP ** STEP)
+    # and a worker that mostly runs as predicted, with one in ten requests 10x late,
+    # keeps a scale near what most of them measure (the mean log ratio would be 1.26)
+    s = Scales()
+    for i in range(200):
+        s.observe("a", 1.0 * s.scale("a"), 10.0 if i % 10 == 9 else 1.0)
+    assert 1.0 <= s.scale("a") < 1.2
 
 
 def test_a_scale_stays_within_bounds_and_ignores_what_it_cannot_use():

@@ -61,6 +61,24 @@ def test_remote_ttft_counts_the_transfer_tail_and_the_decode_side_cache():
     assert cached.ttft_s > full.ttft_s - 0.03 and cached.ttft_s <= full.ttft_s
 
 
+def test_a_kv_arriving_while_the_decode_worker_prefills_its_own_waits_for_that_step():
+    p = Predictor(_profile())
+    prefill = _side("p", WorkerRole.PREFILL)
+    idle = p.remote(prefill, _side("d", WorkerRole.DECODE), 1000)
+    assert idle.ttft_s == pytest.approx(0.111)  # as above: the KV is there at 0.111 s
+    # the decode worker prefills 20,000 tokens of its own in one step of 0.21 s: the KV is
+    # admitted at that step's end
+    one = p.remote(prefill, _side("d", WorkerRole.DECODE, queued=20_000, chunk=20_000), 1000)
+    assert one.ttft_s == pytest.approx(0.21)
+    # in steps of 5,000 tokens (0.06 s each): at the end of the second
+    steps = p.remote(prefill, _side("d", WorkerRole.DECODE, queued=20_000, chunk=5_000),
+                     1000)
+    assert steps.ttft_s == pytest.approx(0.12)
+    # its own prompts done (0.03 s) before the KV arrives: no wait
+    done = p.remote(prefill, _side("d", WorkerRole.DECODE, queued=1000), 1000)
+    assert done.ttft_s == pytest.approx(idle.ttft_s)
+
+
 def test_tpot_grows_with_the_batch_and_its_kv():
     p = Predictor(_profile())
     assert p.tpot_s(_side("d", WorkerRole.DECODE), 10) == pytest.approx(0.01 + 0.02 + 1e-3)
