@@ -14,8 +14,9 @@ Disaggregated: router_s + the prefill worker's queue and the prompt's prefill th
 KV transfer's tail + the decode worker's wait for a step boundary + stream_s. That wait is
 the rest of the step in progress when the KV arrives if the decode worker is then still
 prefilling prompts of its own (a mixed step can take seconds), else half a decode step.
-The KV streams layer by layer while the prefill computes; what is left once the last layer is computed is that layer's share, plus
-whatever the wire could not keep up with. Only the blocks the decode worker lacks are sent.
+The KV streams layer by layer while the prefill computes; what is left once the last
+layer is computed is that layer's share, plus whatever the wire could not keep up with.
+Only the blocks the decode worker lacks are sent.
 Local: router_s + the worker's queue and the prompt's mixed steps + stream_s. The
 request's TPOT is one decode step of the worker's batch with the request in it (its KV:
 every block the worker holds, and the prompt), scaled by what the worker measures of its
