@@ -36,12 +36,15 @@ WIDTH = 4
 
 def side_of(w: LiveWorker, ledger: PrefillLedger, hits: dict[str, int]) -> Side:
     """A worker as predictions see it: its queue the larger of its report and what this
-    router sent it since (router.ledger), its batch the larger of its report and this
+    router sent it since (router.ledger; with when each of those was sent, when it is the
+    larger), its batch the larger of its report and this
     router's requests there, and the prompt's blocks its prefix cache holds (`hits`)."""
     r = w.record
-    return Side(r, max(r.queued_prefill_tokens, ledger.tokens(r.worker_id)),
+    sent = ledger.tokens(r.worker_id)
+    return Side(r, max(r.queued_prefill_tokens, sent),
                 max(r.running + r.waiting, len(w.in_flight)),
-                hits.get(r.worker_id, 0) * r.block_size)
+                hits.get(r.worker_id, 0) * r.block_size,
+                ledger.sent(r.worker_id) if sent >= r.queued_prefill_tokens else ())
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class Side:
     queued_tokens: int  # prompt tokens ahead of a new one (the larger of report and ledger)
     batch: int  # sequences decoding there (the larger of report and this router's own)
     cached_tokens: int = 0  # the prompt's leading tokens its prefix cache holds
+    # when `queued_tokens` is this router's count (router.ledger): (seconds since sent,
+    # prompt tokens) of each prompt in it, the oldest first; empty when it is the report's
+    sent: tuple[tuple[float, int], ...] = ()
 
     @property
     def chunk(self) -> int:
@@ -124,6 +127,29 @@ class Predictor:
                              if rest else 0.0)
         return end - at_s if at_s < end else 0.0
 
+    def queued(self, side: Side, seqs: int = 0, context: int = 0) -> int:
+        """The prompt tokens still ahead on the worker: its queue (`Side.queued_tokens`)
+        less what it has computed by now of the prompts this router sent it, had it run
+        them one after the other from the moment each was sent, at the profile's pace
+        (beside `seqs` decoding sequences reading `context` KV tokens) times its TTFT
+        scale; whole steps only: a step's tokens count once it ends."""
+        if not side.sent:
+            return side.queued_tokens
+        scale = self.calibration.ttft.scale(side.record.worker_id)
+        budget = max(side.chunk - seqs, 1)
+        done, free_at = 0, -side.sent[0][0]  # in seconds from now
+        for age, tokens in side.sent:
+            start = max(free_at, -age)
+            took = self.prefill_s(0, tokens, 0, side.chunk, seqs, context)[0] * scale
+            if start + took <= 0:
+                done, free_at = done + tokens, start + took
+                continue
+            if start < 0:  # in progress: the steps it has finished
+                steps = int(-start / (took / -(-tokens // budget)))
+                done += min(tokens, steps * budget)
+            break
+        return max(side.queued_tokens - done, 0)
+
     def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
         return (self.step.step_s(tokens + seqs, pairs, context, seqs)
                 + self.profile.serve_seq_s * seqs)
@@ -151,7 +177,7 @@ class Predictor:
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(prefill.cached_tokens, prompt - 1)
-        compute, _ = self.prefill_s(prefill.queued_tokens, prompt - hit, hit, prefill.chunk)
+        compute, _ = self.prefill_s(self.queued(prefill), prompt - hit, hit, prefill.chunk)
         sent = (prompt - min(decode.cached_tokens, prompt - 1)) * p.kv_bytes_per_token
         own = self.prefill_s(0, prompt - hit, hit, prefill.chunk)[0]
         wire = sent / p.transfer.bytes_per_s
@@ -161,8 +187,8 @@ class Predictor:
         # the KV is admitted between two steps: at the end of the step in progress when it
         # arrives, if the decode worker is still prefilling prompts of its own then (a long
         # mixed step), else half a decode step, on average
-        admit = (self.step_end_s(decode.queued_tokens, decode.chunk, decode.batch,
-                                 decode.context, arrival)
+        admit = (self.step_end_s(self.queued(decode, decode.batch, decode.context),
+                                 decode.chunk, decode.batch, decode.context, arrival)
                  or self.decode_step_s(decode.batch, decode.context)
                  * self.decode_scale(decode) / 2)
         ttft = arrival + admit + p.stream_s
@@ -171,8 +197,9 @@ class Predictor:
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(decode.cached_tokens, prompt - 1)
-        compute, stall = self.prefill_s(decode.queued_tokens, prompt - hit, hit, decode.chunk,
-                                        decode.batch, decode.context)
+        compute, stall = self.prefill_s(self.queued(decode, decode.batch, decode.context),
+                                        prompt - hit, hit, decode.chunk, decode.batch,
+                                        decode.context)
         ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft.scale(
             decode.record.worker_id)
         return Prediction(ttft, self.tpot_s(decode, prompt), stall)

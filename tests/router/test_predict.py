@@ -79,6 +79,34 @@ def test_a_kv_arriving_while_the_decode_worker_prefills_its_own_waits_for_that_s
     assert done.ttft_s == pytest.approx(idle.ttft_s)
 
 
+def test_the_prompts_this_router_sent_count_less_what_the_worker_has_computed_since():
+    p = Predictor(_profile())
+
+    def side(sent, chunk=1000, queued=None):
+        record = WorkerRecord("p", WorkerRole.PREFILL, "n", "", 16, 1000, 1000, 0, 0, 0, 0.0,
+                              0.0, chunk_tokens=chunk)
+        return Side(record, sum(n for _, n in sent) if queued is None else queued, 0, 0,
+                    tuple(sent))
+
+    # 1,000 tokens take one 0.03 s step: one sent 1 s ago is computed (its first token is
+    # still on its way); the next, sent 20 ms ago, is in its step; the last not begun
+    assert p.queued(side([(1.0, 1000), (0.02, 1000), (0.0, 1000)])) == 2000
+    # in steps of 500 (0.03 s each): sent 40 ms ago, the first step has ended
+    assert p.queued(side([(0.04, 1000)], chunk=500)) == 500
+    # sent together 50 ms ago: the second waited for the first, and is still in its step
+    assert p.queued(side([(0.05, 1000), (0.05, 1000)])) == 1000
+    # a queue the worker reported (not this router's count) is taken as it is
+    assert p.queued(side([], queued=3000)) == 3000
+    # a worker measured 2x slower than the profile: 40 ms is not yet its first step
+    p.calibration.ttft.observe("p", 1.0, 2.0)
+    assert p.queued(side([(0.04, 1000)], chunk=500)) == 1000
+    # what a remote prompt's prediction then sees: a prompt long computed costs nothing
+    fresh = Predictor(_profile())
+    decode = _side("d", WorkerRole.DECODE)
+    assert fresh.remote(side([(1.0, 1000)]), decode, 1000).ttft_s == pytest.approx(
+        fresh.remote(side([]), decode, 1000).ttft_s)
+
+
 def test_tpot_grows_with_the_batch_and_its_kv():
     p = Predictor(_profile())
     assert p.tpot_s(_side("d", WorkerRole.DECODE), 10) == pytest.approx(0.01 + 0.02 + 1e-3)
