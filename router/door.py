@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 
 from pdserve.protocol import WorkerRole
 from pdserve.router.admission import Backlog, SlotRate, estimate_wait_s, refusal, slot_wait_s
@@ -62,12 +63,13 @@ class Door:
     def __init__(self, config, view: ClusterView, queue: RouterQueue, ledger: PrefillLedger,
                  predictor: Predictor | None = None):
         """`config`: the router's RouterConfig (the default TTFT SLO). `predictor`: from
-        the cost profile, None without one. The interference book is the queue's (both
-        judge a local prefill by it)."""
+        the cost profile, None without one. The interference and incoming books are the
+        queue's (both judge a local prefill by them)."""
         self.config, self.view, self.queue, self.ledger = config, view, queue, ledger
         self.predictor = predictor
         self.slots = SlotRate()
         self.interference = queue.interference
+        self.incoming = queue.incoming
 
     async def route(self, req: ValidRequest, arrival: float,
                     request_id: str = "") -> tuple[Route, set[str]]:
@@ -142,7 +144,8 @@ class Door:
             s.record, self.predictor.local(s, n).stall_s)}
         options = candidates(self.predictor, n, list(remote.values()), list(decode.values()),
                              [s for wid, s in local.items() if wid not in unfit],
-                             others=self.interference.others_ratio)
+                             others=self.interference.others_ratio,
+                             incoming=partial(self.incoming.others_ratio, self.predictor))
         best = choose(options, slo := self.slo(req))
         if best is None:
             raise overloaded(

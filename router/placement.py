@@ -5,8 +5,10 @@ where it decodes, and on which workers, all in one choice.
 Every candidate placement gets a predicted TTFT and TPOT; its headroom is the smaller of
 1 - TTFT / the TTFT SLO, 1 - TPOT / the TPOT SLO and, for a local prefill, 1 - the worst
 TPOT over its SLO of the requests already decoding on that worker once the prefill's stall
-is charged to them (a local prefill is chosen only with room in that batch's SLOs to
-spare; else the transfer is worth its cost) (the request's own SLOs, the router's
+is charged to them, and 1 - the worst TTFT over its SLO of the remote requests whose KV
+is on its way there once the prefill's steps delay them (router.incoming) (a local
+prefill is chosen only with room in those SLOs to spare; else the transfer is worth its
+cost) (the request's own SLOs, the router's
 default TTFT SLO when it has none; an SLO that is not set leaves its term out, and with
 neither the headroom is -TTFT in seconds, so the fastest first token wins). The choice is
 the placement with the most headroom: one that meets both SLOs beats any that does not,
@@ -82,8 +84,9 @@ class Slo:
         terms = [1 - p.ttft_s / self.ttft_s] if self.ttft_s else []
         if self.tpot_s:
             terms.append(1 - p.tpot_s / self.tpot_s)
-        if p.others_tpot_ratio:
-            terms.append(1 - p.others_tpot_ratio)
+        for ratio in (p.others_tpot_ratio, p.others_ttft_ratio):
+            if ratio:
+                terms.append(1 - ratio)
         return min(terms) if terms else -p.ttft_s
 
     def met(self, p: Prediction) -> bool:
@@ -92,12 +95,14 @@ class Slo:
 
 def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
                decodes: Sequence[Side], local: Sequence[Side], width: int = WIDTH,
-               others: Callable[[Side, float, float], float] | None = None
-               ) -> list[Placement]:
+               others: Callable[[Side, float, float], float] | None = None,
+               incoming: Callable[[Side, int], float] | None = None) -> list[Placement]:
     """Every placement worth predicting: remote over the best (prefill, decode) pairs, and
     local on each of `local` (the workers where a local prefill fits). `others(side,
     step_s, stall_s)`: the worst TPOT over its SLO of the requests decoding on the side's
-    worker once a local prefill's stall is charged (router.interference)."""
+    worker once a local prefill's stall is charged (router.interference); `incoming(side,
+    prompt)`: the worst TTFT over its SLO of the KVs on their way there, once the local
+    prefill's steps delay them (router.incoming)."""
     def best(sides: Sequence[Side], key: Callable[[Side], float]) -> list[Side]:
         top = heapq.nsmallest(width, sides, key=key)
         seen = {id(s) for s in top}
@@ -109,6 +114,8 @@ def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
         if others is not None:
             ratio = others(s, predictor.decode_step_s(s.batch, s.context), p.stall_s)
             p = replace(p, others_tpot_ratio=ratio)
+        if incoming is not None:
+            p = replace(p, others_ttft_ratio=incoming(s, prompt))
         out.append(Placement(s.record.worker_id, "", p))
     if prefills and decodes:
         ps = best(prefills, lambda s: s.queued_tokens + prompt - s.cached_tokens)

@@ -9,6 +9,9 @@ its prefix cache holds are not computed); a decode or colocated worker's prefill
 carry its decoding batch as well (decodes first, the prompt's chunk in the rest of the
 budget: a mixed step). Step times are the profile's step model; the queued prompts' own
 attention is counted as if each chunk started a prompt (their lengths are not reported).
+A queue this router counted itself (router.ledger) is taken less what the worker has
+computed of it by now, at the profile's pace from the moment each prompt was sent, and
+less what its step in progress has run.
 
 Disaggregated: router_s + the prefill worker's queue and the prompt's prefill there + the
 KV transfer's tail + the decode worker's wait for a step boundary + stream_s. That wait is
@@ -71,6 +74,9 @@ class Prediction:
     # the worst TPOT, over its SLO, of the requests already decoding there once a local
     # prefill's stall is charged to them (router.interference); 0.0: none to protect
     others_tpot_ratio: float = 0.0
+    # the worst TTFT, over its SLO, of the remote requests whose KV is on its way to that
+    # worker once a local prefill's steps are charged to them (router.incoming); 0.0: none
+    others_ttft_ratio: float = 0.0
 
 
 class Predictor:
@@ -127,28 +133,31 @@ class Predictor:
                              if rest else 0.0)
         return end - at_s if at_s < end else 0.0
 
-    def queued(self, side: Side, seqs: int = 0, context: int = 0) -> int:
-        """The prompt tokens still ahead on the worker: its queue (`Side.queued_tokens`)
-        less what it has computed by now of the prompts this router sent it, had it run
-        them one after the other from the moment each was sent, at the profile's pace
-        (beside `seqs` decoding sequences reading `context` KV tokens) times its TTFT
-        scale; whole steps only: a step's tokens count once it ends."""
+    def queued(self, side: Side, seqs: int = 0, context: int = 0) -> tuple[int, float]:
+        """(the prompt tokens still ahead on the worker, how long its step in progress has
+        run): its queue (`Side.queued_tokens`) less what it has computed by now of the
+        prompts this router sent it, had it run them one after the other from the moment
+        each was sent, at the profile's pace (beside `seqs` decoding sequences reading
+        `context` KV tokens) times its TTFT scale; whole steps only: a step's tokens count
+        once it ends. (queued_tokens, 0.0) for a queue the worker reported."""
         if not side.sent:
-            return side.queued_tokens
+            return side.queued_tokens, 0.0
         scale = self.calibration.ttft.scale(side.record.worker_id)
         budget = max(side.chunk - seqs, 1)
-        done, free_at = 0, -side.sent[0][0]  # in seconds from now
+        done, ran, free_at = 0, 0.0, -side.sent[0][0]  # in seconds from now
         for age, tokens in side.sent:
-            start = max(free_at, -age)
+            start = max(free_at, -age)  # <= 0: the one before it has ended
             took = self.prefill_s(0, tokens, 0, side.chunk, seqs, context)[0] * scale
             if start + took <= 0:
                 done, free_at = done + tokens, start + took
                 continue
-            if start < 0:  # in progress: the steps it has finished
-                steps = int(-start / (took / -(-tokens // budget)))
-                done += min(tokens, steps * budget)
+            step = took / -(-tokens // budget)
+            steps = int(-start / step)
+            done += min(tokens, steps * budget)
+            ran = -start - steps * step
             break
-        return max(side.queued_tokens - done, 0)
+        left = max(side.queued_tokens - done, 0)
+        return left, ran if left else 0.0
 
     def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
         return (self.step.step_s(tokens + seqs, pairs, context, seqs)
@@ -177,9 +186,10 @@ class Predictor:
     def remote(self, prefill: Side, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(prefill.cached_tokens, prompt - 1)
-        compute, _ = self.prefill_s(self.queued(prefill), prompt - hit, hit, prefill.chunk)
-        sent = (prompt - min(decode.cached_tokens, prompt - 1)) * p.kv_bytes_per_token
+        queued, ran = self.queued(prefill)
         own = self.prefill_s(0, prompt - hit, hit, prefill.chunk)[0]
+        compute = max(self.prefill_s(queued, prompt - hit, hit, prefill.chunk)[0] - ran, own)
+        sent = (prompt - min(decode.cached_tokens, prompt - 1)) * p.kv_bytes_per_token
         wire = sent / p.transfer.bytes_per_s
         tail = p.transfer.latency_s + wire / p.num_layers + max(0.0, wire - own)
         tpot = self.tpot_s(decode, prompt)
@@ -187,8 +197,9 @@ class Predictor:
         # the KV is admitted between two steps: at the end of the step in progress when it
         # arrives, if the decode worker is still prefilling prompts of its own then (a long
         # mixed step), else half a decode step, on average
-        admit = (self.step_end_s(self.queued(decode, decode.batch, decode.context),
-                                 decode.chunk, decode.batch, decode.context, arrival)
+        queued, ran = self.queued(decode, decode.batch, decode.context)
+        admit = (self.step_end_s(queued, decode.chunk, decode.batch, decode.context,
+                                 arrival + ran)
                  or self.decode_step_s(decode.batch, decode.context)
                  * self.decode_scale(decode) / 2)
         ttft = arrival + admit + p.stream_s
@@ -197,9 +208,10 @@ class Predictor:
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
         hit = min(decode.cached_tokens, prompt - 1)
-        compute, stall = self.prefill_s(self.queued(decode, decode.batch, decode.context),
-                                        prompt - hit, hit, decode.chunk, decode.batch,
-                                        decode.context)
+        queued, ran = self.queued(decode, decode.batch, decode.context)
+        args = (prompt - hit, hit, decode.chunk, decode.batch, decode.context)
+        compute, stall = self.prefill_s(queued, *args)
+        compute = max(compute - ran, self.prefill_s(0, *args)[0])
         ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft.scale(
             decode.record.worker_id)
         return Prediction(ttft, self.tpot_s(decode, prompt), stall)

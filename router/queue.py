@@ -22,9 +22,11 @@ import bisect
 import itertools
 import math
 from dataclasses import replace
+from functools import partial
 
 from pdserve.protocol import WorkerRole, block_hashes
 from pdserve.router.errors import check_fits, overloaded, unavailable, worker_failed
+from pdserve.router.incoming import IncomingBook
 from pdserve.router.interference import InterferenceBook
 from pdserve.router.ledger import PrefillLedger
 from pdserve.router.placement import Slo, candidates, choose, side_of
@@ -50,9 +52,10 @@ class RouterQueue:
         `predictor` the cost profile's, None without one."""
         self.config, self.view, self.redis, self.ledger = config, view, redis, ledger
         self.predictor = predictor
-        # the requests decoding on each worker (the door shares it): a local prefill's
-        # placement counts the TPOT it leaves them
+        # the requests decoding on each worker, and the KVs on their way to each (the door
+        # shares both): a local prefill's placement counts the TPOT and TTFT it leaves them
         self.interference = InterferenceBook()
+        self.incoming = IncomingBook()
         self.queued = 0
         self.queued_tokens = 0
         self._tokens = {True: 0, False: 0}
@@ -165,7 +168,8 @@ class RouterQueue:
                                  sides(free), [])
         else:
             options = candidates(self.predictor, n, [], [], sides(free),
-                                 others=self.interference.others_ratio)
+                                 others=self.interference.others_ratio,
+                                 incoming=partial(self.incoming.others_ratio, self.predictor))
         best = choose(options, slo)
         if best is None:
             return None

@@ -264,6 +264,10 @@ class Router:
                 self.door.stall_s(decode, len(req.prompt_token_ids)) if prefill is None
                 else 0.0,
                 decoding(req.slo_tpot_ms, req.sampling.max_tokens))
+            if prefill is not None and route.deadline is not None and route.slo is not None:
+                since = route.deadline - route.slo.ttft_s
+                self.door.incoming.expect(decode.worker_id, tid, since,
+                                          since + route.predicted_ttft_s, route.deadline)
             attempt = Attempt(dispatched, decode.worker_id,
                                prefill.worker_id if prefill else "", TokenChunk(tid, ()))
             chunks = token_chunks(queue, decode, prefill, tid)
@@ -271,6 +275,7 @@ class Router:
                 async for chunk in stream:
                     self.ledger.ended(tid)
                     if prefill is not None:  # the decode worker holds the KV: P is done
+                        self.door.incoming.arrived(decode.worker_id, tid)
                         prefill.in_flight.pop(tid, None)
                         prefill = None
                         await self.view.notify()
@@ -293,6 +298,7 @@ class Router:
             self.ledger.ended(tid)
             if decode is not None:
                 self.door.interference.left(decode.worker_id, tid)
+                self.door.incoming.arrived(decode.worker_id, tid)
             self.stream.close_queue(tid)
             leave(tid, decode, prefill)
             if not finished:

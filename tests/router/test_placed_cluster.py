@@ -81,3 +81,6 @@ def test_a_burst_past_the_slo_is_refused_at_once_with_the_prediction(cluster):
     assert all("predicted time to first token" in why for _, why, _ in refused)
     assert max(t for *_, t in refused) < 5.0
     wait_cluster_idle(cluster)
+    router = cluster.routers[0].router
+    # every remote request's KV was taken off the books once its first token came
+    assert len(router.door.incoming) == 0 and router.ledger.tokens("prefill-0") == 0

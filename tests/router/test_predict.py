@@ -74,6 +74,10 @@ def test_a_kv_arriving_while_the_decode_worker_prefills_its_own_waits_for_that_s
     steps = p.remote(prefill, _side("d", WorkerRole.DECODE, queued=20_000, chunk=5_000),
                      1000)
     assert steps.ttft_s == pytest.approx(0.12)
+    # the same step begun 50 ms ago (this router sent its prompt then): 50 ms less
+    begun = replace(_side("d", WorkerRole.DECODE, queued=20_000, chunk=20_000),
+                    sent=((0.05, 20_000),))
+    assert p.remote(prefill, begun, 1000).ttft_s == pytest.approx(0.16)
     # its own prompts done (0.03 s) before the KV arrives: no wait
     done = p.remote(prefill, _side("d", WorkerRole.DECODE, queued=1000), 1000)
     assert done.ttft_s == pytest.approx(idle.ttft_s)
@@ -89,19 +93,26 @@ def test_the_prompts_this_router_sent_count_less_what_the_worker_has_computed_si
                     tuple(sent))
 
     # 1,000 tokens take one 0.03 s step: one sent 1 s ago is computed (its first token is
-    # still on its way); the next, sent 20 ms ago, is in its step; the last not begun
-    assert p.queued(side([(1.0, 1000), (0.02, 1000), (0.0, 1000)])) == 2000
+    # still on its way); the next, sent 20 ms ago, has run 20 ms of its step; the last
+    # not begun
+    assert p.queued(side([(1.0, 1000), (0.02, 1000), (0.0, 1000)])) == (2000,
+                                                                        pytest.approx(0.02))
     # in steps of 500 (0.03 s each): sent 40 ms ago, the first step has ended
-    assert p.queued(side([(0.04, 1000)], chunk=500)) == 500
+    assert p.queued(side([(0.04, 1000)], chunk=500)) == (500, pytest.approx(0.01))
     # sent together 50 ms ago: the second waited for the first, and is still in its step
-    assert p.queued(side([(0.05, 1000), (0.05, 1000)])) == 1000
+    assert p.queued(side([(0.05, 1000), (0.05, 1000)])) == (1000, pytest.approx(0.02))
     # a queue the worker reported (not this router's count) is taken as it is
-    assert p.queued(side([], queued=3000)) == 3000
+    assert p.queued(side([], queued=3000)) == (3000, 0.0)
     # a worker measured 2x slower than the profile: 40 ms is not yet its first step
     p.calibration.ttft.observe("p", 1.0, 2.0)
-    assert p.queued(side([(0.04, 1000)], chunk=500)) == 1000
-    # what a remote prompt's prediction then sees: a prompt long computed costs nothing
+    assert p.queued(side([(0.04, 1000)], chunk=500)) == (1000, pytest.approx(0.04))
+    # a local prompt behind 10,000 tokens whose step began 20 ms ago: 20 ms sooner than
+    # behind the same queue reported (one step of 10,500 tokens, 0.115 s)
     fresh = Predictor(_profile())
+    behind = side([(0.02, 10_000)], chunk=20_000)
+    assert fresh.local(replace(behind, sent=()), 500).ttft_s == pytest.approx(0.115)
+    assert fresh.local(behind, 500).ttft_s == pytest.approx(0.095)
+    # what a remote prompt's prediction then sees: a prompt long computed costs nothing
     decode = _side("d", WorkerRole.DECODE)
     assert fresh.remote(side([(1.0, 1000)]), decode, 1000).ttft_s == pytest.approx(
         fresh.remote(side([]), decode, 1000).ttft_s)
