@@ -5,8 +5,12 @@ The cost profile is measured once (`pdserve profile`), often on another day or u
 another load; a worker then runs steadily faster or slower than it predicts (a host now
 shared, a warmer cache, a queue the profile's per-chunk cost compounds). Each finished
 request whose admission predicted its first token (`timing.predicted_ttft_ms`) moves the
-TTFT scale of the worker that prefilled it (the prefill worker, or the decode worker for
-a local prefill) by a step toward measured / predicted in log space (the mean of the
+TTFT scale of the worker that prefilled it, one scale for the prompts it prefilled for
+another worker to decode (`ttft`) and one for those it prefilled where it decodes
+(`local_ttft`): the two run different steps (a prefill worker's, queued behind other
+prompts; mixed steps beside a decoding batch), and an adaptive worker that changed roles
+keeps the scale its new role learned, not the other's. Each moves by a step toward
+measured / predicted in log space (the mean of the
 ratios seen, until there are 1 / STEP of them: a run's first requests, or warm-up, find a
 stale profile corrected already). A ratio beyond CLIP counts as CLIP: a request that
 waited for something the scale does not stand for (a long step of another worker, a burst
@@ -77,7 +81,8 @@ class Scales:
 
 class Calibration:
     def __init__(self, step: float = STEP):
-        self.ttft = Scales(step)  # by the worker that prefilled
+        self.ttft = Scales(step)  # prompts prefilled for another worker, by the prefiller
+        self.local_ttft = Scales(step)  # prompts prefilled where they decode
         # each worker's last measured decode step over the profile's (router.predict's
         # decode_scale): what it holds while the worker decodes nothing
         self.decode: dict[str, float] = {}
@@ -88,5 +93,11 @@ class Calibration:
                 or final.attempts > 1):
             return
         t = final.timing
-        self.ttft.observe(final.prefill_worker or final.decode_worker,
-                          t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
+        scales, worker = ((self.ttft, final.prefill_worker) if final.prefill_worker
+                          else (self.local_ttft, final.decode_worker))
+        scales.observe(worker, t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
+
+    def ttft_scale(self, worker_id: str, local: bool) -> float:
+        """The worker's TTFT scale for a prompt prefilled where it decodes (`local`) or
+        for another worker."""
+        return (self.local_ttft if local else self.ttft).scale(worker_id)

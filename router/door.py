@@ -183,7 +183,9 @@ class Door:
         return (f"{r.worker_id}: {s.queued_tokens} tokens queued (report {r.queued_prefill_tokens}"
                 f", sent by this router {self.ledger.tokens(r.worker_id)}), batch {s.batch}, "
                 f"context {s.context}, cached {s.cached_tokens}, TTFT scale "
-                f"{self.predictor.calibration.ttft.scale(r.worker_id):.2f}, decode scale "
+                f"{self.predictor.calibration.ttft_scale(r.worker_id, False):.2f} remote / "
+                f"{self.predictor.calibration.ttft_scale(r.worker_id, True):.2f} local, "
+                f"decode scale "
                 f"{self.predictor.decode_scale(s):.2f}")
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:

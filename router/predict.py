@@ -28,8 +28,9 @@ SCALE_BOUNDS: the profile may be of another day, or another machine's speed), pl
 the worker measures its prompt chunks to add to each step that decodes (a colocated
 worker's local prefills; none on a decode worker fed by prefill workers). A TTFT is
 scaled by what the router measured of those it predicted for prompts prefilled on the same
-worker (router.calibration). A local prefill stalls the worker's decodes by what its mixed
-steps take beyond the decode-only steps they replace.
+worker, in the same way (router.calibration: remote and local prompts each have theirs).
+A local prefill stalls the worker's decodes by what its mixed steps take beyond the
+decode-only steps they replace.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.protocol import CostProfile, WorkerRecord, chunk_pairs
+from pdserve.protocol import CostProfile, WorkerRecord, WorkerRole, chunk_pairs
 from pdserve.router.calibration import SCALE_BOUNDS, Calibration
 
 DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's default
@@ -139,10 +140,12 @@ class Predictor:
         prompts this router sent it, had it run them one after the other from the moment
         each was sent, at the profile's pace (beside `seqs` decoding sequences reading
         `context` KV tokens) times its TTFT scale; whole steps only: a step's tokens count
-        once it ends. (queued_tokens, 0.0) for a queue the worker reported."""
+        once it ends; never less than the worker last reported. (queued_tokens, 0.0) for a
+        queue the worker reported."""
         if not side.sent:
             return side.queued_tokens, 0.0
-        scale = self.calibration.ttft.scale(side.record.worker_id)
+        scale = self.calibration.ttft_scale(side.record.worker_id,
+                                            side.record.role is not WorkerRole.PREFILL)
         budget = max(side.chunk - seqs, 1)
         done, ran, free_at = 0, 0.0, -side.sent[0][0]  # in seconds from now
         for age, tokens in side.sent:
@@ -156,7 +159,10 @@ class Predictor:
             done += min(tokens, steps * budget)
             ran = -start - steps * step
             break
-        left = max(side.queued_tokens - done, 0)
+        left = side.queued_tokens - done
+        reported = side.record.queued_prefill_tokens
+        if left < reported:  # slower than the profile's pace: the worker knows better
+            return reported, 0.0
         return left, ran if left else 0.0
 
     def _mixed(self, tokens: int, pairs: int, seqs: int, context: int) -> float:
@@ -203,7 +209,8 @@ class Predictor:
                  or self.decode_step_s(decode.batch, decode.context)
                  * self.decode_scale(decode) / 2)
         ttft = arrival + admit + p.stream_s
-        return Prediction(ttft * self.calibration.ttft.scale(prefill.record.worker_id), tpot)
+        return Prediction(ttft * self.calibration.ttft_scale(prefill.record.worker_id, False),
+                          tpot)
 
     def local(self, decode: Side, prompt: int) -> Prediction:
         p = self.profile
@@ -212,6 +219,6 @@ class Predictor:
         args = (prompt - hit, hit, decode.chunk, decode.batch, decode.context)
         compute, stall = self.prefill_s(queued, *args)
         compute = max(compute - ran, self.prefill_s(0, *args)[0])
-        ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft.scale(
-            decode.record.worker_id)
+        ttft = (p.router_s + compute + p.stream_s) * self.calibration.ttft_scale(
+            decode.record.worker_id, True)
         return Prediction(ttft, self.tpot_s(decode, prompt), stall)

@@ -99,12 +99,17 @@ def test_a_finished_request_moves_the_ttft_scale_of_the_worker_that_prefilled_it
     cal = Calibration()
     cal.request_ended(_finished((1000.0, 2000.0), (50.0, 25.0), prefill="p"))
     assert cal.ttft.scale("p") > 1.0 and cal.ttft.scale("d") == 1.0
-    cal.request_ended(_finished((1000.0, 500.0), prefill=""))  # local: its decode worker
-    assert cal.ttft.scale("d") < 1.0
-    before = (cal.ttft.scale("p"), cal.ttft.scale("d"))
+    # local: its decode worker's scale for the prompts it prefills itself, apart from the
+    # one for prompts prefilled for another worker (an adaptive worker has both, in turn)
+    cal.request_ended(_finished((1000.0, 500.0), prefill=""))
+    assert cal.local_ttft.scale("d") < 1.0 and cal.ttft.scale("d") == 1.0
+    assert cal.local_ttft.scale("p") == 1.0
+    assert (cal.ttft_scale("p", False), cal.ttft_scale("d", True)) == (
+        cal.ttft.scale("p"), cal.local_ttft.scale("d"))
+    before = (cal.ttft.scale("p"), cal.local_ttft.scale("d"))
     cal.request_ended(_finished((1000.0, 9000.0), (50.0, 90.0), attempts=2))  # a failure
     cal.request_ended(RequestRecord("x", RequestOutcome.FAILED, 0.0, 1.0, 10, 0))
-    assert (cal.ttft.scale("p"), cal.ttft.scale("d")) == before
+    assert (cal.ttft.scale("p"), cal.local_ttft.scale("d")) == before
 
 
 def test_the_tpot_follows_the_workers_measured_step_not_the_requests_measured_tpots():
@@ -132,6 +137,10 @@ def test_predictions_scale_by_the_serving_workers_calibration():
     after = predictor.remote(p, d, 500)
     assert after.ttft_s == pytest.approx(2 * before.ttft_s, rel=0.01)
     assert predictor.local(d, 500).ttft_s == local.ttft_s  # d's TTFT scale is untouched
+    for _ in range(60):
+        cal.local_ttft.observe("d", cal.local_ttft.scale("d"), 0.5)
+    assert predictor.local(d, 500).ttft_s == pytest.approx(0.5 * local.ttft_s, rel=0.01)
+    assert predictor.remote(p, d, 500).ttft_s == after.ttft_s  # by p's scale alone
 
 
 def test_the_router_reports_its_finished_requests_to_the_calibration():

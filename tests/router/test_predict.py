@@ -101,6 +101,10 @@ def test_the_prompts_this_router_sent_count_less_what_the_worker_has_computed_si
     assert p.queued(side([(0.04, 1000)], chunk=500)) == (500, pytest.approx(0.01))
     # sent together 50 ms ago: the second waited for the first, and is still in its step
     assert p.queued(side([(0.05, 1000), (0.05, 1000)])) == (1000, pytest.approx(0.02))
+    # never less than the worker's report: it ran slower than the profile's pace
+    slow = side([(1.0, 1000), (0.02, 1000), (0.0, 1000)])
+    slow = replace(slow, record=replace(slow.record, queued_prefill_tokens=2500))
+    assert p.queued(slow) == (2500, 0.0)
     # a queue the worker reported (not this router's count) is taken as it is
     assert p.queued(side([], queued=3000)) == (3000, 0.0)
     # a worker measured 2x slower than the profile: 40 ms is not yet its first step
