@@ -185,8 +185,7 @@ class Door:
                 f"context {s.context}, cached {s.cached_tokens}, TTFT scale "
                 f"{self.predictor.calibration.ttft_scale(r.worker_id, False):.2f} remote / "
                 f"{self.predictor.calibration.ttft_scale(r.worker_id, True):.2f} local, "
-                f"decode scale "
-                f"{self.predictor.decode_scale(s):.2f}")
+                f"decode scale {self.predictor.decode_scale(s):.2f}")
 
     def admit(self, req: ValidRequest, disagg: bool) -> set[str]:
         """Raise RESOURCE_EXHAUSTED to refuse the request now (see the module), or

@@ -8,10 +8,9 @@ TPOT over its SLO of the requests already decoding on that worker once the prefi
 is charged to them, and 1 - the worst TTFT over its SLO of the remote requests whose KV
 is on its way there once the prefill's steps delay them (router.incoming) (a local
 prefill is chosen only with room in those SLOs to spare; else the transfer is worth its
-cost) (the request's own SLOs, the router's
-default TTFT SLO when it has none; an SLO that is not set leaves its term out, and with
-neither the headroom is -TTFT in seconds, so the fastest first token wins). The choice is
-the placement with the most headroom: one that meets both SLOs beats any that does not,
+cost) (the request's own SLOs, the router's default TTFT SLO when it has none; an SLO
+that is not set leaves its term out, and with neither the headroom is -TTFT in seconds,
+so the fastest first token wins). The choice is the placement with the most headroom: one that meets both SLOs beats any that does not,
 and among those that do, the one with the most slack; among those that do not, the one
 that misses by least; among equals, the one that stalls the requests already decoding
 least, then the earliest first token. A local placement must also fit the TPOT SLOs of
@@ -39,8 +38,8 @@ WIDTH = 4
 def side_of(w: LiveWorker, ledger: PrefillLedger, hits: dict[str, int]) -> Side:
     """A worker as predictions see it: its queue the larger of its report and what this
     router sent it since (router.ledger; with when each of those was sent, when it is the
-    larger), its batch the larger of its report and this
-    router's requests there, and the prompt's blocks its prefix cache holds (`hits`)."""
+    larger), its batch the larger of its report and this router's requests there, and the
+    prompt's blocks its prefix cache holds (`hits`)."""
     r = w.record
     sent = ledger.tokens(r.worker_id)
     return Side(r, max(r.queued_prefill_tokens, sent),
