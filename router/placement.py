@@ -5,17 +5,17 @@ where it decodes, and on which workers, all in one choice.
 Every candidate placement gets a predicted TTFT and TPOT; its headroom is the smaller of
 1 - TTFT / the TTFT SLO, 1 - TPOT / the TPOT SLO and, for a local prefill, 1 - the worst
 TPOT over its SLO of the requests already decoding on that worker once the prefill's stall
-is charged to them, and 1 - the worst TTFT over its SLO of the remote requests whose KV
-is on its way there once the prefill's steps delay them (router.incoming) (a local
-prefill is chosen only with room in those SLOs to spare; else the transfer is worth its
-cost) (the request's own SLOs, the router's default TTFT SLO when it has none; an SLO
-that is not set leaves its term out, and with neither the headroom is -TTFT in seconds,
-so the fastest first token wins). The choice is the placement with the most headroom: one that meets both SLOs beats any that does not,
-and among those that do, the one with the most slack; among those that do not, the one
-that misses by least; among equals, the one that stalls the requests already decoding
-least, then the earliest first token. A local placement must also fit the TPOT SLOs of
-the requests already decoding on its worker (router.interference, with the predicted
-stall).
+is charged to them, and 1 - the worst TTFT over its SLO of the remote requests whose KV is
+on its way there once the prefill's steps delay them (router.incoming) (a local prefill is
+chosen only with room in those SLOs to spare; else the transfer is worth its cost) (the
+request's own SLOs, the router's default TTFT SLO when it has none; an SLO that is not set
+leaves its term out, and with neither the headroom is -TTFT in seconds, so the fastest
+first token wins). The choice is the placement with the most headroom: one that meets both
+SLOs beats any that does not, and among those that do, the one with the most slack; among
+those that do not, the one that misses by least; among equals, the one that stalls the
+requests already decoding least, then the earliest first token. A local placement must
+also fit the TPOT SLOs of the requests already decoding on its worker
+(router.interference, with the predicted stall).
 
 The candidates are bounded for large clusters: the `width` best prefill workers by
 predicted prefill finish and the `width` best decode workers by batch, plus every worker
