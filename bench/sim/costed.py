@@ -68,7 +68,7 @@ class CostPlacement:
         router's queue counts (`queued`, `tokens_of`)."""
         self.config = config
         self.predictor = Predictor(config.cost_profile)
-        self.view = SimView(workers)
+        self.view = SimView(workers, lambda: loop.now)
         self.lines = lines
         self.queue = _Queue(config, self.view, self.predictor, lines)
         self.door = Door(config, self.view, self.queue, self.view, self.predictor)

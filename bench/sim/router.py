@@ -25,10 +25,12 @@ that ends (the controller's signal window, bench.sim.controller).
 Loads are what the workers last published (every heartbeat_s, as heartbeats do), plus the
 router's own counts: its requests on each worker (in_flight) and the prompt tokens it sent
 each whose first token has not come (router.ledger's rule). What differs, on purpose: the
-registry's own refresh period is not added to the heartbeat's, an order reaches a worker at
-once (the call's latency is in `router_s`), nothing fails, and there is one router. On
-clusters of more than `EXACT_UP_TO` candidates, admission's wait estimate takes the worker
-the prefill choice would take, the exact answer when the candidates' rates are equal.
+registry's own refresh period is not added to the heartbeat's, an order reaches a worker
+at once (the call's latency is in `router_s`), nothing fails, there is one router, and the
+KVs on their way to a decode worker are not booked (router.incoming: a local prefill is
+not charged the wait it adds to them). On clusters of more than `EXACT_UP_TO` candidates,
+admission's wait estimate takes the worker the prefill choice would take, the exact answer
+when the candidates' rates are equal.
 """
 
 from __future__ import annotations
@@ -288,7 +290,9 @@ class SimRouter:
         now = self.loop.now
         r.t_dispatch = now
         decode.in_flight += 1
-        (prefill if disagg else decode).sent_tokens += n
+        prefiller = prefill if disagg else decode
+        prefiller.sent_tokens += n
+        prefiller.sent[r.idx] = (now, n)
         if self.sent_slo is not None:
             stall = (0.0 if disagg else self.costed.stall_s(decode, n) if self.costed
                      else stall_s(_Record(decode), n))
@@ -348,7 +352,9 @@ class SimRouter:
         self._kick()
 
     def _first_token(self, r: SimRequest) -> None:
-        (r.prefill if r.disagg else r.decode).sent_tokens -= r.prompt_len
+        prefiller = r.prefill if r.disagg else r.decode
+        prefiller.sent_tokens -= r.prompt_len
+        prefiller.sent.pop(r.idx, None)
         if r.disagg:  # the hand-off: the prefill slot comes back
             r.prefill.in_flight -= 1
             self.slots.released(self.queued > 0, self.loop.now)

@@ -3,8 +3,9 @@ queue (router.door, router.queue, router.placement) decide on them unchanged: a
 WorkerRecord per worker made from what its heartbeat last published (free blocks, running,
 waiting, queued prefill tokens, prefill rate, decode step time) and its role and state as
 they stand, a LiveWorker around it whose `in_flight` counts the router's requests there,
-a ClusterView's `of_role`, the ledger's `tokens` (the prompt tokens the router sent each
-worker whose first token has not come), and admission's SlotRate on the simulated clock.
+a ClusterView's `of_role`, the ledger's `tokens` and `sent` (the prompt tokens the router
+sent each worker whose first token has not come, and when), and admission's SlotRate on
+the simulated clock.
 
 A record is made again only when what it is made of changed (the router asks for every
 worker's on every placement). What differs from the registry: the records carry no
@@ -14,6 +15,8 @@ worker refuses an order).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from pdserve.protocol import WorkerRecord, WorkerRole
 from pdserve.router.admission import SlotRate
@@ -33,9 +36,10 @@ class _InFlight:
 
 
 class SimView:
-    def __init__(self, workers: list):
-        """`workers`: the SimWorkers of the run."""
+    def __init__(self, workers: list, clock: Callable[[], float] = lambda: 0.0):
+        """`workers`: the SimWorkers of the run; `clock`: the simulated time."""
         self.workers = workers
+        self.clock = clock
         self.by_id = {w.worker_id: w for w in workers}
         self._live = {w.worker_id: LiveWorker(record_of(w), w, _InFlight(w)) for w in workers}
         self._made_of: dict[str, tuple] = {}
@@ -57,6 +61,11 @@ class SimView:
     def tokens(self, worker_id: str) -> int:
         """PrefillLedger.tokens: prompt tokens sent to the worker, no first token yet."""
         return self.by_id[worker_id].sent_tokens
+
+    def sent(self, worker_id: str) -> tuple[tuple[float, int], ...]:
+        """PrefillLedger.sent: (seconds since sent, prompt tokens) of each, oldest first."""
+        now = self.clock()
+        return tuple((now - t, n) for t, n in self.by_id[worker_id].sent.values())
 
 
 def record_of(w) -> WorkerRecord:

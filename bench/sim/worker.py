@@ -71,6 +71,8 @@ class SimWorker(leap.Leaping, Blocks, Switching):
         self.busy = False
         self.in_flight = 0  # the router's requests on this worker (the router keeps it)
         self.sent_tokens = 0  # prompt tokens the router sent it, no first token yet (ditto)
+        # request index -> (simulated time sent, prompt tokens), as router.ledger's `sent`
+        self.sent: dict[int, tuple[float, int]] = {}
         # (the router's) the worker indexes it is in, the load they ranked it by, and the
         # prefill rate the router has summed for it
         self.indexes: list = []
