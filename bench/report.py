@@ -121,6 +121,16 @@ def _fmt(x) -> str:
     return f"{x:.2f}"
 
 
+def _slo_line(w: dict, cal: dict | None, slo: dict) -> str:
+    if cal is None:  # `--slo-ttft-ms` / `--slo-tpot-ms`: no calibration ran
+        return (f"SLO given: TTFT **{slo['ttft_ms']:.0f} ms**, "
+                f"TPOT **{slo['tpot_ms']:.1f} ms**.")
+    return (f"Calibration (one request at a time, 2-colocated deployment): TTFT "
+            f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms. SLO = "
+            f"{w['ttft_scale']:g} x TTFT = **{slo['ttft_ms']:.0f} ms**, "
+            f"{w['tpot_scale']:g} x TPOT = **{slo['tpot_ms']:.1f} ms**.")
+
+
 def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
     lines = ["# SLO and goodput: disaggregated against colocated serving", "",
              f"Machine: {platform.machine()}, {next(iter(sweeps.values()))['machine']}, "
@@ -135,10 +145,7 @@ def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
                   f"(±{100 * w['range_ratio']:.0f}%), forced with ignore_eos; Poisson "
                   f"arrivals; {sweep['num_prompts']} requests per run, seeds "
                   f"{sweep['seeds']}.", "",
-                  f"Calibration (one request at a time, 2-colocated deployment): TTFT "
-                  f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms. SLO = "
-                  f"{w['ttft_scale']:g} x TTFT = **{slo['ttft_ms']:.0f} ms**, "
-                  f"{w['tpot_scale']:g} x TPOT = **{slo['tpot_ms']:.1f} ms**.", "",
+                  _slo_line(w, cal, slo), "",
                   f"Command: `{sweep['command']}` ({sweep['date']})", "",
                   "| deployment | workers | goodput (req/s) | per worker | min SLO scale at "
                   f"{w['fixed_rate']} req/s |", "|---|---:|---:|---:|---:|"]

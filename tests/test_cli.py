@@ -143,6 +143,36 @@ def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypat
     assert started == [("2colo", ()), ("1p1d", ("--log-requests", "--api-key", "a b"))]
 
 
+def test_bench_sweep_with_a_given_slo_starts_no_calibration_server(monkeypatch, tmp_path):
+    started = []
+
+    class FakeServer:
+        def __init__(self, deployment, *args, extra_args=()):
+            self.deployment = deployment
+            started.append(deployment.name)
+
+        def backend(self, slo=None) -> Backend:
+            return Recorder()
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(sweep, "Server", FakeServer)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "sweep", "--workload", "chat", "--deployments", "adaptive", "--rates",
+            "1e6", "--seeds", "0", "--num-prompts", "3", "--out", "res", "--send-slo"]
+    with pytest.raises(SystemExit):  # one without the other is an error, not a half-SLO
+        main([*argv, "--slo-ttft-ms", "5000"])
+    assert main([*argv, "--slo-ttft-ms", "5000", "--slo-tpot-ms", "300"]) == 0
+    result = json.loads((tmp_path / "res" / "chat.json").read_text())
+    assert started == ["adaptive"]
+    assert result["slo"] == {"ttft_ms": 5000.0, "tpot_ms": 300.0}
+    assert result["calibration"] is None
+    from pdserve.bench.report import report
+    assert "SLO given: TTFT **5000 ms**, TPOT **300.0 ms**" in report(
+        {"chat": result}, tmp_path, "")
+
+
 def test_serve_security_flags_parse_into_what_the_cluster_uses(tmp_path):
     """`--curve` names the data plane's mode; key files and TLS flags become the router's
     ApiSecurity (digests only); a lone certificate is refused before anything starts."""
