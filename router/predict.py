@@ -36,7 +36,7 @@ decode-only steps they replace.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.protocol import CostProfile, WorkerRecord, WorkerRole, chunk_pairs
 from pdserve.router.calibration import SCALE_BOUNDS, Calibration
@@ -46,7 +46,9 @@ DEFAULT_CHUNK = 2048  # a worker that does not report its budget: the engine's d
 
 @dataclass(frozen=True)
 class Side:
-    """One worker as a prediction sees it."""
+    """One worker as a prediction sees it, made for one placement: what a prediction
+    derives from it alone (`Predictor.queued`) is kept on it: a placement predicts every
+    (prefill, decode) pair of its candidates over the same sides."""
 
     record: WorkerRecord
     queued_tokens: int  # prompt tokens ahead of a new one (the larger of report and ledger)
@@ -55,6 +57,7 @@ class Side:
     # when `queued_tokens` is this router's count (router.ledger): (seconds since sent,
     # prompt tokens) of each prompt in it, the oldest first; empty when it is the report's
     sent: tuple[tuple[float, int], ...] = ()
+    _queued: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def chunk(self) -> int:
@@ -144,6 +147,12 @@ class Predictor:
         queue the worker reported."""
         if not side.sent:
             return side.queued_tokens, 0.0
+        key = (seqs, context)
+        if key not in side._queued:
+            side._queued[key] = self._queued(side, seqs, context)
+        return side._queued[key]
+
+    def _queued(self, side: Side, seqs: int, context: int) -> tuple[int, float]:
         scale = self.calibration.ttft_scale(side.record.worker_id,
                                             side.record.role is not WorkerRole.PREFILL)
         budget = max(side.chunk - seqs, 1)

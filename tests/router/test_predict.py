@@ -122,6 +122,31 @@ def test_the_prompts_this_router_sent_count_less_what_the_worker_has_computed_si
         fresh.remote(side([]), decode, 1000).ttft_s)
 
 
+def test_a_placement_walks_each_sides_ledger_once(monkeypatch):
+    """Every (prefill, decode) pair of a placement predicts over the same sides: each
+    side's queue is worked out from its ledger once, not once per pair; a side made
+    again from it (`replace`) works out its own."""
+    p = Predictor(_profile())
+    walks = []
+    walk = Predictor._queued
+    monkeypatch.setattr(Predictor, "_queued",
+                        lambda self, side, *a: walks.append(side.record.worker_id)
+                        or walk(self, side, *a))
+
+    def sent(wid, role):
+        return replace(_side(wid, role, queued=2000), sent=((0.01, 1000), (0.0, 1000)))
+
+    prefills = [sent(f"p{i}", WorkerRole.PREFILL) for i in range(3)]
+    decodes = [sent(f"d{i}", WorkerRole.DECODE) for i in range(3)]
+    placements = candidates(p, 500, prefills, decodes, decodes)
+    assert len(placements) == 3 + 9
+    assert sorted(walks) == sorted(["p0", "p1", "p2"] + ["d0", "d1", "d2"])
+    more = replace(prefills[0], queued_tokens=5000)
+    assert p.queued(prefills[0])[0] == 2000
+    assert p.queued(more)[0] == 5000  # not the memo of the side it was made from
+    assert walks.count("p0") == 2
+
+
 def test_tpot_grows_with_the_batch_and_its_kv():
     p = Predictor(_profile())
     assert p.tpot_s(_side("d", WorkerRole.DECODE), 10) == pytest.approx(0.01 + 0.02 + 1e-3)
