@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pdserve.bench.kvtransfer import BLOCK, Impl, mp, receiver_process
+from pdserve.bench.child import Child
+from pdserve.bench.kvtransfer import BLOCK, Impl, receiver_process
 from pdserve.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 from pdserve.engine.config import CacheConfig, EngineMode, SchedulerConfig
 from pdserve.models import resolve_model
@@ -58,17 +59,14 @@ class Side:
 
     def __init__(self, impl: Impl, engine: Engine, blocks: int, cpu: int | None):
         m = engine.config.model
-        self.conn, child_conn = mp.Pipe()
-        self.child = mp.Process(target=receiver_process, args=(
-            impl, "zmq", "tcp://127.0.0.1:*", m.num_layers, blocks, child_conn, cpu))
-        self.child.start()
-        self.endpoint = self.conn.recv()
+        self.child = Child(receiver_process, impl, "zmq", "tcp://127.0.0.1:*", m.num_layers,
+                           blocks, cpu)
+        self.endpoint = self.child.recv()
         self.sender = impl.sender("zmq", impl.spec(m.num_layers, m.num_kv_heads, m.head_dim))
 
     def close(self) -> None:
         self.sender.close()
-        self.conn.send(None)
-        self.child.join()
+        self.child.stop()
 
 
 def run_once(engine: Engine, side: Side | None, prompt, tid, mode) -> tuple[float, ...]:
@@ -76,8 +74,7 @@ def run_once(engine: Engine, side: Side | None, prompt, tid, mode) -> tuple[floa
     on this thread, process CPU during the prefill)."""
     n, in_send, held = len(prompt), [0.0], []
     if side is not None:
-        side.conn.send(("expect", tid, n))
-        side.conn.recv()
+        side.child.ask(("expect", tid, n))
 
     def layer_hook(layer, k, v):
         if mode == "layerwise":
@@ -106,8 +103,7 @@ def run_once(engine: Engine, side: Side | None, prompt, tid, mode) -> tuple[floa
     elapsed = time.perf_counter() - t0
     assert result.status.value == "done", result
     side.sender.release(tid)
-    side.conn.send(("release", tid, 0))
-    side.conn.recv()
+    side.child.ask(("release", tid, 0))
     return prefill_s, elapsed, in_send[0], cpu_s
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 import zmq
 from tqdm import tqdm
 
+from pdserve.bench.child import Child
 from pdserve.deploy.spec import make_curve_keys
 from pdserve.engine.host_memory import tune_malloc
 
@@ -41,7 +41,6 @@ SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer
 TOKEN_BYTES = 2 * HEADS * DIM * 4  # K and V, float32
 TRANSPORTS = (("zmq-tcp", "zmq"), ("zmq-ipc", "zmq"), ("torch-gloo", "torch"))
-mp = mp.get_context("spawn")  # children start clean: no inherited ZMQ context or threads
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class Impl:
         return transports.make_sender(transports.TransportKind(kind), spec, **extra)
 
 
-def receiver_process(impl: Impl, kind: str, bind: str, layers: int, blocks: int, conn,
+def receiver_process(conn, impl: Impl, kind: str, bind: str, layers: int, blocks: int,
                      cpu: int | None = None) -> None:
     """Child process: hosts a receiver (as a decode worker would) with `blocks` blocks of
     BLOCK tokens per layer, sends its endpoint, then obeys ("expect" | "release", transfer
@@ -96,7 +95,7 @@ def receiver_process(impl: Impl, kind: str, bind: str, layers: int, blocks: int,
     receiver.close()
 
 
-def _raw_process(bind: str, conn) -> None:
+def _raw_process(conn, bind: str) -> None:
     """Child process: receives one frame at a time and answers with one byte."""
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.bind(bind)
@@ -117,19 +116,16 @@ def transport_times(impls: dict[str, Impl], kind: str, bind: str, num_bytes: int
     blocks = -(-tokens // BLOCK)
     sides = {}
     for name, impl in impls.items():
-        conn, child_conn = mp.Pipe()
-        child = mp.Process(target=receiver_process, args=(
-            impl, kind, bind + name if bind.startswith("ipc") else bind, 1, blocks, child_conn))
-        child.start()
-        sides[name] = (impl.sender(kind, impl.spec(1)), conn, conn.recv(), child)
+        child = Child(receiver_process, impl, kind,
+                      bind + name if bind.startswith("ipc") else bind, 1, blocks)
+        sides[name] = (impl.sender(kind, impl.spec(1)), child, child.recv())
     k, v = torch.randn(tokens, HEADS, DIM), torch.randn(tokens, HEADS, DIM)
     times: dict[str, list[float]] = {name: [] for name in impls}
     try:
         for i in range(repeats + 1):
-            for name, (sender, conn, endpoint, _) in sides.items():
+            for name, (sender, child, endpoint) in sides.items():
                 tid = f"t{i}"
-                conn.send(("expect", tid, tokens))
-                conn.recv()
+                child.ask(("expect", tid, tokens))
                 t0 = time.perf_counter()
                 sender.begin(tid, endpoint, tokens)
                 sender.send_layer(tid, 0, 0, k, v)
@@ -143,22 +139,18 @@ def transport_times(impls: dict[str, Impl], kind: str, bind: str, num_bytes: int
                 if i:  # the first one pays for the connection and handshake
                     times[name].append(time.perf_counter() - t0)
                 sender.release(tid)
-                conn.send(("release", tid, 0))
-                conn.recv()
+                child.ask(("release", tid, 0))
     finally:
-        for sender, conn, _, child in sides.values():
+        for sender, child, _ in sides.values():
             sender.close()
-            conn.send(None)
-            child.join()
+            child.stop()
     return times
 
 
 def raw_zmq_times(bind: str, num_bytes: int, repeats: int) -> list[float]:
-    conn, child_conn = mp.Pipe()
-    child = mp.Process(target=_raw_process, args=(bind, child_conn))
-    child.start()
+    child = Child(_raw_process, bind)
     sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.connect(conn.recv())
+    sock.connect(child.recv())
     payload = torch.randn(num_bytes // 4).numpy()
     times = []
     for i in range(repeats + 1):
@@ -168,7 +160,7 @@ def raw_zmq_times(bind: str, num_bytes: int, repeats: int) -> list[float]:
         if i:
             times.append(time.perf_counter() - t0)
     sock.send(b"")
-    child.join()
+    child.stop()
     sock.close(linger=0)
     return times
 

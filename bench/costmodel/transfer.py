@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from pdserve.bench.kvtransfer import BLOCK, DIM, HEADS, TOKEN_BYTES, Impl, mp, receiver_process
+from pdserve.bench.child import Child
+from pdserve.bench.kvtransfer import BLOCK, DIM, HEADS, TOKEN_BYTES, Impl, receiver_process
 from pdserve.engine.host_memory import tune_malloc
 
 SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -40,35 +41,30 @@ def measure_transfers(sizes: tuple[int, ...], layers: int, repeats: int,
     tokens_of = {size: max(1, size // (layers * TOKEN_BYTES)) for size in sizes}
     blocks = -(-max(tokens_of.values()) // BLOCK)
     cores = sorted(os.sched_getaffinity(0))
-    conn, child_conn = mp.Pipe()
-    child = mp.Process(target=receiver_process, args=(
-        impl, KIND, BIND, layers, blocks, child_conn, cores[-1]))
-    child.start()
+    child = Child(receiver_process, impl, KIND, BIND, layers, blocks, cores[-1])
     sender = impl.sender(KIND, impl.spec(layers))
     points: list[tuple[int, float]] = []
     try:
-        endpoint = conn.recv()
+        endpoint = child.recv()
         ids = iter(range(1 << 30))
         for size in sizes:
             tokens = tokens_of[size]
             k, v = torch.randn(tokens, HEADS, DIM), torch.randn(tokens, HEADS, DIM)
             for i in range(repeats + 1):
-                seconds = _one(sender, conn, endpoint, f"t{next(ids)}", layers, k, v)
+                seconds = _one(sender, child, endpoint, f"t{next(ids)}", layers, k, v)
                 if i:
                     points.append((layers * tokens * TOKEN_BYTES, seconds))
             bar.update()
     finally:
         sender.close()
-        conn.send(None)
-        child.join()
+        child.stop()
     return points
 
 
-def _one(sender, conn, endpoint: str, tid: str, layers: int, k: torch.Tensor,
+def _one(sender, child: Child, endpoint: str, tid: str, layers: int, k: torch.Tensor,
          v: torch.Tensor) -> float:
     tokens = k.shape[0]
-    conn.send(("expect", tid, tokens))
-    conn.recv()
+    child.ask(("expect", tid, tokens))
     t0 = time.perf_counter()
     sender.begin(tid, endpoint, tokens)
     for layer in range(layers):
@@ -78,8 +74,7 @@ def _one(sender, conn, endpoint: str, tid: str, layers: int, k: torch.Tensor,
         time.sleep(POLL_S)
     seconds = time.perf_counter() - t0
     sender.release(tid)
-    conn.send(("release", tid, 0))
-    conn.recv()
+    child.ask(("release", tid, 0))
     if result.status.value != "done":
         raise RuntimeError(f"KV transfer {tid} {result.status.value}: {result.reason}")
     return seconds
