@@ -84,3 +84,28 @@ def test_a_burst_past_the_slo_is_refused_at_once_with_the_prediction(cluster):
     router = cluster.routers[0].router
     # every remote request's KV was taken off the books once its first token came
     assert len(router.door.incoming) == 0 and router.ledger.tokens("prefill-0") == 0
+
+
+def test_a_remote_request_cancelled_before_its_first_token_leaves_nothing_booked(cluster):
+    """The client goes away while its prompt is prefilled and its KV on its way: the KV is
+    taken off the decode worker's incoming book (router.incoming), the prompt off the
+    prefill worker's ledger, and every block is freed on both workers."""
+    stub = stub_for(cluster.address)
+    router = cluster.routers[0].router
+    req = greedy_request(LONG * 2, max_tokens=4, slo=pb.Slo(ttft_ms=600_000),
+                         disaggregation=pb.DISAGGREGATION_ALWAYS)
+    call = stub.Generate(req, timeout=300)
+    end = time.monotonic() + 60
+    while not len(router.door.incoming) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert len(router.door.incoming) == 1  # dispatched: the KV is on its way
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    wait_cluster_idle(cluster)
+    end = time.monotonic() + 5
+    while (len(router.door.incoming) or router.ledger.tokens("prefill-0")) \
+            and time.monotonic() < end:
+        time.sleep(0.01)
+    assert len(router.door.incoming) == 0 and router.ledger.tokens("prefill-0") == 0
