@@ -13,17 +13,24 @@ the server that was there: a new, empty server where an old one was) and waits u
 answers PING; `url` is what clients connect to; `stop()` (idempotent) terminates it;
 `kill()` is SIGKILL, as a crash would be. It runs in a session of its own, so a terminal's
 Ctrl-C reaches its owner, not it: the owner stops its workers (who unregister here) and then
-this server. An owner killed outright (SIGKILL) leaves it running: nothing tells it.
+this server. An owner killed outright (SIGKILL) takes it down too: started from the owner's
+main thread on Linux, it gets SIGTERM when that thread ends (the parent-death signal, which
+follows the thread that started it, so one started from another thread, which may end
+first, is left without it and outlives an owner killed outright).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,7 +60,7 @@ class RedisServer:
         # (unregistering them here) before it stops this server
         self._proc = subprocess.Popen([redis_server_binary(), config],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=_owner_death())
         self.public_url = f"redis://{host}:{self.port}/0"
         self.url = f"redis://:{self.password}@{host}:{self.port}/0"
         deadline = time.monotonic() + start_timeout_s
@@ -97,6 +104,27 @@ class RedisServer:
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _owner_death():
+    """What the child runs before exec so that it gets SIGTERM once its owner's main
+    thread ends (prctl PR_SET_PDEATHSIG); None off Linux or off the main thread. Resolved
+    here: between fork and exec the child only calls it."""
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    owner = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != owner:  # the owner died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _config(port: int, host: str, folder: str, password: str, settings: dict[str, str]) -> str:
