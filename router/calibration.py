@@ -3,9 +3,11 @@ worker: what the router measures against what the cost profile predicts.
 
 The cost profile is measured once (`pdserve profile`), often on another day or under
 another load; a worker then runs steadily faster or slower than it predicts (a host now
-shared, a warmer cache, a queue the profile's per-chunk cost compounds). Each finished
-request whose admission predicted its first token (`timing.predicted_ttft_ms`) moves the
-TTFT scale of the worker that prefilled it, one scale for the prompts it prefilled for
+shared, a warmer cache, a queue the profile's per-chunk cost compounds). Each request
+whose admission predicted its first token moves, when that first token comes
+(`first_token`: not when the request ends, a whole decode later, by which time a chat
+workload has admitted another ten or twenty requests on the stale scale), the TTFT scale
+of the worker that prefilled it, one scale for the prompts it prefilled for
 another worker to decode (`ttft`) and one for those it prefilled where it decodes
 (`local_ttft`): the two run different steps (a prefill worker's, queued behind other
 prompts; mixed steps beside a decoding batch), and an adaptive worker that changed roles
@@ -29,16 +31,14 @@ them would apply a past load's growth to predictions that already count today's 
 ratio that then refuses the burst's later requests on a batch the worker decodes within
 their SLO).
 
-A RequestObserver (router.observe), on the router's event loop; nothing is persisted: a
-new router starts at 1.0 for every worker. A request dispatched more than once is left
-out (it waited for a failure, not for the worker).
+Told by the router (router.router), on its event loop; nothing is persisted: a new
+router starts at 1.0 for every worker. A first token that came on a second dispatch is
+left out (it waited for a failure, not for the worker).
 """
 
 from __future__ import annotations
 
 import math
-
-from pdserve.router.observe import RequestOutcome, RequestRecord
 
 # how far measurement may move the profile's predictions: a profile from another day, or a
 # host now shared or quieter, is off by up to 2-3x; more is a glitch, not a trend
@@ -87,15 +87,15 @@ class Calibration:
         # decode_scale): what it holds while the worker decodes nothing
         self.decode: dict[str, float] = {}
 
-    def request_ended(self, record: RequestRecord) -> None:
-        final = record.final
-        if (record.outcome is not RequestOutcome.FINISHED or final is None
-                or final.attempts > 1):
-            return
-        t = final.timing
-        scales, worker = ((self.ttft, final.prefill_worker) if final.prefill_worker
-                          else (self.local_ttft, final.decode_worker))
-        scales.observe(worker, t.predicted_ttft_ms / 1e3, t.first_token_ms / 1e3)
+    def first_token(self, prefill_worker: str, decode_worker: str, predicted_s: float,
+                    measured_s: float) -> None:
+        """A request's first token came, on its first dispatch: `measured_s` after its
+        arrival, where admission predicted `predicted_s` (0.0: nothing predicted, ignored);
+        prefilled on `prefill_worker` for `decode_worker`, or where it decodes ("")."""
+        if prefill_worker:
+            self.ttft.observe(prefill_worker, predicted_s, measured_s)
+        else:
+            self.local_ttft.observe(decode_worker, predicted_s, measured_s)
 
     def ttft_scale(self, worker_id: str, local: bool) -> float:
         """The worker's TTFT scale for a prompt prefilled where it decodes (`local`) or

@@ -87,7 +87,7 @@ class Predictor:
     def __init__(self, profile: CostProfile, calibration: Calibration | None = None):
         """`calibration`: what the router measured of the TTFTs it predicted, and of the
         workers' decode steps, per worker (a fresh one, every scale 1.0, by default); the
-        router reports finished requests to it (router.calibration)."""
+        router tells it each first token (router.calibration)."""
         self.profile = profile
         self.step = profile.step
         self.calibration = calibration or Calibration()

@@ -105,8 +105,8 @@ class Router:
         # told of each request's end (observe): the request log, the tracer (telemetry)
         self.observers: list[RequestObserver] = telemetry.default_observers(
             config.otlp_endpoint, config.router_id)
-        if predictor is not None:  # its predictions follow what the requests measure
-            self.observers.append(predictor.calibration)
+        # its predictions follow what the requests measure (told at each first token)
+        self.calibration = predictor.calibration if predictor is not None else None
         # validates requests for every front end (gRPC, HTTP): one bound on their work
         self.intake = Intake(tokenizer, config.input_limits)
         self._refresher: asyncio.Task | None = None
@@ -206,8 +206,12 @@ class Router:
                         text = delta.text
                         if not delta.stopped and chunk.finish is not None:
                             text += detok.finish().text
-                        if chunk.token_ids or text:
-                            first_token = first_token or time.time()
+                        if (chunk.token_ids or text) and not first_token:
+                            first_token = time.time()
+                            if self.calibration is not None and attempts == 1:
+                                self.calibration.first_token(
+                                    attempt.prefill_id, attempt.decode_id,
+                                    route.predicted_ttft_s, first_token - arrival)
                             yield pb.GenerateResponse(chunk=pb.TokenChunk(
                                 token_ids=list(chunk.token_ids), text=text))
                         if delta.stopped or chunk.finish is not None:

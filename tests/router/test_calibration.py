@@ -7,32 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 import pytest
 
 from pdserve.protocol import CostProfile, StepModel, TransferModel, WorkerRecord, WorkerRole
 from pdserve.router.calibration import CLIP, SCALE_BOUNDS, STEP, Calibration, Scales
-from pdserve.router.observe import RequestOutcome, RequestRecord, notify
 from pdserve.router.predict import Predictor, Side
 from pdserve.router.router import Router, RouterConfig
-from pdserve.rpc import pdserve_pb2 as pb
 
 PROFILE = CostProfile("measured", {}, {"layers": 4}, 100, 100_000,
                       StepModel(0.0, 0.01, 1e-3, 0.0, 0.0, 0.0), TransferModel(0.01, 1e9))
-
-
-def _finished(ttft_ms: tuple[float, float], tpot_ms: tuple[float, float] = (0.0, 0.0),
-              prefill: str = "p", decode: str = "d", attempts: int = 1,
-              tokens: int = 11) -> RequestRecord:
-    """(predicted, measured) TTFT and TPOT."""
-    final = pb.FinalResponse(prefill_worker=prefill, decode_worker=decode, attempts=attempts)
-    t = final.timing
-    t.predicted_ttft_ms, t.first_token_ms = ttft_ms
-    t.predicted_tpot_ms, t.decode_ms = tpot_ms[0], tpot_ms[1] * (tokens - 1)
-    final.usage.completion_tokens = tokens
-    now = time.time()
-    return RequestRecord("r", RequestOutcome.FINISHED, now, now, 10, tokens, final=final)
 
 
 def _side(wid: str, role: WorkerRole) -> Side:
@@ -95,20 +79,19 @@ def test_a_scale_stays_within_bounds_and_ignores_what_it_cannot_use():
         Scales(step=0.0)
 
 
-def test_a_finished_request_moves_the_ttft_scale_of_the_worker_that_prefilled_it():
+def test_a_first_token_moves_the_ttft_scale_of_the_worker_that_prefilled_it():
     cal = Calibration()
-    cal.request_ended(_finished((1000.0, 2000.0), (50.0, 25.0), prefill="p"))
+    cal.first_token("p", "d", 1.0, 2.0)
     assert cal.ttft.scale("p") > 1.0 and cal.ttft.scale("d") == 1.0
     # local: its decode worker's scale for the prompts it prefills itself, apart from the
     # one for prompts prefilled for another worker (an adaptive worker has both, in turn)
-    cal.request_ended(_finished((1000.0, 500.0), prefill=""))
+    cal.first_token("", "d", 1.0, 0.5)
     assert cal.local_ttft.scale("d") < 1.0 and cal.ttft.scale("d") == 1.0
     assert cal.local_ttft.scale("p") == 1.0
     assert (cal.ttft_scale("p", False), cal.ttft_scale("d", True)) == (
         cal.ttft.scale("p"), cal.local_ttft.scale("d"))
     before = (cal.ttft.scale("p"), cal.local_ttft.scale("d"))
-    cal.request_ended(_finished((1000.0, 9000.0), (50.0, 90.0), attempts=2))  # a failure
-    cal.request_ended(RequestRecord("x", RequestOutcome.FAILED, 0.0, 1.0, 10, 0))
+    cal.first_token("p", "d", 0.0, 9.0)  # nothing predicted (no profile at admission)
     assert (cal.ttft.scale("p"), cal.local_ttft.scale("d")) == before
 
 
@@ -117,10 +100,11 @@ def test_the_tpot_follows_the_workers_measured_step_not_the_requests_measured_tp
     predictor = Predictor(PROFILE, cal)
     d = _side("d", WorkerRole.DECODE)
     before = predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s
-    # a burst's first requests decoded in a batch that grew after them: 2x their
-    # prediction; a prediction made now counts the batch as it is, so it stays
+    # requests' measured TPOTs move nothing (a burst's first requests decode in a batch
+    # that grew after them; a prediction made now counts the batch as it is): the
+    # calibration is told first tokens alone
     for _ in range(20):
-        cal.request_ended(_finished((1000.0, 1000.0), (before * 1e3, 2 * before * 1e3)))
+        cal.first_token("p", "d", 1.0, 1.0)
     assert predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s == before
     cal.decode["d"] = 0.5  # the worker measured its steps at half the profile's
     assert predictor.remote(_side("p", WorkerRole.PREFILL), d, 500).tpot_s == \
@@ -143,14 +127,15 @@ def test_predictions_scale_by_the_serving_workers_calibration():
     assert predictor.remote(p, d, 500).ttft_s == after.ttft_s  # by p's scale alone
 
 
-def test_the_router_reports_its_finished_requests_to_the_calibration():
+def test_the_router_tells_the_calibration_at_first_tokens_not_as_an_observer():
+    """Fed at each first token (router.router), not at the request's end: the end comes a
+    whole decode later (tests/router/test_placed_cluster.py checks the timing)."""
     async def main():
         router = Router(RouterConfig(cost_profile=PROFILE), None, None, lambda record: None)
         try:
-            notify(router.observers, _finished((1000.0, 1500.0), (40.0, 20.0), prefill="p"))
-            calibration = router.queue.predictor.calibration
-            assert calibration.ttft.scale("p") > 1.0
+            assert router.calibration is router.door.predictor.calibration
             assert router.door.predictor is router.queue.predictor
+            assert router.calibration not in router.observers
         finally:
             await router.stream.close()
     asyncio.run(main())
