@@ -206,12 +206,11 @@ class Router:
                         text = delta.text
                         if not delta.stopped and chunk.finish is not None:
                             text += detok.finish().text
-                        if (chunk.token_ids or text) and not first_token:
-                            first_token = time.time()
-                            if self.calibration is not None and attempts == 1:
-                                self.calibration.first_token(
-                                    attempt.prefill_id, attempt.decode_id,
-                                    route.predicted_ttft_s, first_token - arrival)
+                        if chunk.token_ids or text:
+                            if not first_token:
+                                first_token = time.time()
+                                self._first_token(attempt, attempts, route,
+                                                  first_token - arrival)
                             yield pb.GenerateResponse(chunk=pb.TokenChunk(
                                 token_ids=list(chunk.token_ids), text=text))
                         if delta.stopped or chunk.finish is not None:
@@ -238,6 +237,13 @@ class Router:
                 avoid.update(e.worker_ids)
                 log.warning("request %s: %s; %s", request_id, e,
                             "migrating" if out_ids else "dispatching again")
+
+    def _first_token(self, attempt: Attempt, attempts: int, route: Route,
+                     ttft_s: float) -> None:
+        """The calibration learns a TTFT as it comes, on a request's first dispatch."""
+        if self.calibration is not None and attempts == 1:
+            self.calibration.first_token(attempt.prefill_id, attempt.decode_id,
+                                         route.predicted_ttft_s, ttft_s)
 
     async def _attempt(self, request_id: str, req: ValidRequest, deadline: float | None,
                        avoid: set[str], held: Held | None, resends: list[Held],

@@ -109,3 +109,23 @@ def test_a_remote_request_cancelled_before_its_first_token_leaves_nothing_booked
             and time.monotonic() < end:
         time.sleep(0.01)
     assert len(router.door.incoming) == 0 and router.ledger.tokens("prefill-0") == 0
+
+
+def test_the_ttft_scale_learns_at_the_first_token_not_at_the_requests_end(cluster):
+    """A TTFT is known at the first token: the worker's scale moves then, while the request
+    still decodes, not a whole decode later (a chat workload admits ten or twenty more
+    requests in between, on the stale scale)."""
+    stub = stub_for(cluster.address)
+    calibration = cluster.routers[0].router.calibration
+    before = calibration.local_ttft.scale("decode-0")
+    call = stub.Generate(greedy_request(SHORT + " once more", max_tokens=200,
+                                        disaggregation=pb.DISAGGREGATION_NEVER), timeout=300)
+    first = next(call)
+    assert first.HasField("chunk")
+    end = time.monotonic() + 5  # the router stamps the token before it is streamed
+    while calibration.local_ttft.scale("decode-0") == before and time.monotonic() < end:
+        time.sleep(0.005)
+    assert calibration.local_ttft.scale("decode-0") != before
+    assert cluster.routers[0].router.view.workers["decode-0"].in_flight  # still decoding
+    call.cancel()
+    wait_cluster_idle(cluster)
