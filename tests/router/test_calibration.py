@@ -139,3 +139,27 @@ def test_the_router_tells_the_calibration_at_first_tokens_not_as_an_observer():
         finally:
             await router.stream.close()
     asyncio.run(main())
+
+
+def test_a_first_token_on_a_second_dispatch_teaches_nothing():
+    """It waited for a failure (a dead worker, a refused order), not for the worker that
+    served it: only a first dispatch's first token moves a scale."""
+    from pdserve.protocol import TokenChunk
+    from pdserve.router.placement import Route
+    from pdserve.router.retry import Attempt
+
+    async def main():
+        router = Router(RouterConfig(cost_profile=PROFILE), None, None, lambda record: None)
+        try:
+            route = Route(None, {}, None, 1.0, True)
+            remote = Attempt(0.0, "d", "p", TokenChunk("t", ()))
+            router._first_token(remote, 2, route, 5.0)
+            assert router.calibration.ttft.scale("p") == 1.0
+            router._first_token(remote, 1, route, 2.0)
+            assert router.calibration.ttft.scale("p") == pytest.approx(2.0)
+            local = Attempt(0.0, "d", "", TokenChunk("t", ()))
+            router._first_token(local, 1, route, 0.5)
+            assert router.calibration.local_ttft.scale("d") == pytest.approx(0.5)
+        finally:
+            await router.stream.close()
+    asyncio.run(main())
