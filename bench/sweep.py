@@ -45,7 +45,9 @@ from pdserve.bench.metrics import (
 from pdserve.bench.serve_bench import run_load
 from pdserve.bench.server import DEPLOYMENTS, PEER_CLI, Deployment, Server
 from pdserve.bench.sweep_workloads import WORKLOADS, Workload, samples_for
-from pdserve.bench.workload import Sample, warmup_samples
+from pdserve.bench.workload import Sample, shared_prefix_tokens, warmup_samples
+from pdserve.engine import ModelConfig
+from pdserve.models import resolve_model
 
 WARMUP = 2  # untimed requests per deployment before its rate sweep
 
@@ -74,9 +76,11 @@ async def unloaded_latency(backend: Backend, measured: list[Sample]) -> tuple[fl
 
 
 async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
-                           seeds: list[int], send_slo: bool = False) -> list[dict]:
+                           seeds: list[int], send_slo: bool = False,
+                           kv_bytes_per_token: int = 0) -> list[dict]:
     """Every (rate, seed) run on one deployment, after `WARMUP` untimed requests drawn apart
-    from all of the runs' prompts."""
+    from all of the runs' prompts. `kv_bytes_per_token` prices a disaggregated prompt's
+    whole KV, beside what was sent."""
     plan = [(rate, seed, samples_for(w, n, seed, i + 1, rate))
             for i, rate in enumerate(w.rates) for seed in seeds]
     warmup = warmup_samples([s for _, _, samples in plan for s in samples], WARMUP, seed=98)
@@ -91,6 +95,9 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
             run.update({"deployment": server.deployment.name, "workload": w.name,
                         "request_rate": rate, "seed": seed,
                         "num_workers": server.deployment.workers,
+                        "prompt_tokens": sum(len(s.prompt) for s in samples),
+                        "shared_prefix_tokens": shared_prefix_tokens(samples),
+                        "disagg_full_kv_bytes": run["disagg_prompt_tokens"] * kv_bytes_per_token,
                         "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
             runs.append(run)
             print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
@@ -100,6 +107,13 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
                   f"p50/p99 {run['median_ttft_ms']:.0f}/{run['p99_ttft_ms']:.0f} ms, TPOT "
                   f"p50/p99 {run['median_tpot_ms']:.0f}/{run['p99_tpot_ms']:.0f} ms",
                   file=sys.stderr)
+            if run["disagg_requests"] and run["disagg_full_kv_bytes"]:
+                print(f"    KV sent {run['disagg_kv_bytes'] / 1e6:.0f} MB for "
+                      f"{run['disagg_requests']} disaggregated requests, "
+                      f"{run['disagg_kv_bytes'] / run['disagg_full_kv_bytes']:.0%} of their "
+                      f"prompts' KV; the prompts share "
+                      f"{run['shared_prefix_tokens'] / run['prompt_tokens']:.0%} of their "
+                      "tokens with an earlier one", file=sys.stderr)
     finally:
         await backend.close()
     return runs
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = {"ttft_ms": ttft0, "tpot_ms": tpot0}
         print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
               f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
+    kv_per_token = ModelConfig.from_pretrained(resolve_model(args.model)).kv_bytes_per_token(4)
     runs: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{w.name}.json"
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         extra_args=tuple(shlex.split(args.serve_args)))
         try:
             runs += asyncio.run(sweep_deployment(server, w, slo, args.num_prompts, args.seeds,
-                                                 args.send_slo))
+                                                 args.send_slo, kv_per_token))
         finally:
             server.stop()
         done.append(dep)
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"workload": w.__dict__, "calibration": calibration,
                   "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
                   "num_prompts": args.num_prompts, "seeds": args.seeds,
+                  "kv_bytes_per_token": kv_per_token,
                   "machine": f"{os.cpu_count()} cores",
                   "date": time.strftime("%Y-%m-%d %H:%M"),
                   "command": " ".join(["python -m pdserve.bench.sweep", *(argv or sys.argv[1:])]),

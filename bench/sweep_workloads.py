@@ -5,7 +5,10 @@
 - `azure-code`, `azure-conv`, `mooncake`: a trace's requests in order, lengths scaled to this
   machine (bench.overload's REPLAYS scaling), its own gaps rescaled so the mean rate is the
   probed one: the trace's bursts stay. Mooncake's requests that share leading hash ids share
-  those prefix blocks, so prefix caches (and delta KV transfers) have something to reuse.
+  those prefix blocks, so prefix caches (and delta KV transfers) have something to reuse;
+  its window is the trace's last requests, which share prefixes among themselves as the
+  whole trace does (64% of the prompt tokens at these lengths; its first 32 share none, their
+  prefixes come back hundreds of requests later).
 - `shifting`: Poisson arrivals at the rate, the prompts alternating between chat-like and
   summarize-like phases every `phase_s` seconds of arrival time: the load's shape moves
   under a deployment tuned for either.
@@ -38,6 +41,7 @@ class Workload:
     tpot_scale: float
     about: str
     trace: str = ""  # a trace's requests instead of random ones (bench.workload.TRACES)
+    trace_tail: bool = False  # the trace's last requests instead of its first
     length_scale: float = 1.0  # the trace's lengths times this
     max_input: int = 2048
     max_output: int = 128
@@ -60,9 +64,11 @@ WORKLOADS = {
                            "answers up to 128, the trace's bursts",
                            trace="azure-conv", length_scale=0.5),
     "mooncake": Workload("mooncake", 0, 0, 0.0, (0.2, 0.4, 0.6, 0.8), 0.4, 5.0, 3.0,
-                         "Mooncake: shared prefix blocks (26 tokens each at x0.05), prompts "
-                         "up to 2,048 tokens, answers up to 64, the trace's bursts",
-                         trace="mooncake", length_scale=0.05, max_output=64),
+                         "Mooncake, the trace's last requests: shared prefix blocks (26 "
+                         "tokens each at x0.05; 54-66% of the prompt tokens in windows of "
+                         "32-128), prompts up to 2,048 tokens, answers up to 64, its bursts",
+                         trace="mooncake", trace_tail=True, length_scale=0.05,
+                         max_output=64),
     "shifting": Workload("shifting", 0, 0, 0.0, (0.25, 0.5, 0.75, 1.0), 0.5, 5.0, 2.0,
                          "chat-like and summarize-like phases alternating every 30 s (a "
                          "run of 48 requests at 0.5 req/s sees three)",
@@ -78,7 +84,7 @@ def samples_for(w: Workload, n: int, seed: int, rate_index: int = 0,
     draw = 1000 * (rate_index + 1) + seed
     if w.trace:
         out = trace_dataset(w.trace, DEFAULT_TRACES_DIR, n, w.length_scale, 1.0,
-                            w.max_input, w.max_output, seed=draw)
+                            w.max_input, w.max_output, seed=draw, tail=w.trace_tail)
         if rate is None or len(out) < 2 or out[-1].arrival <= 0:
             return [replace(s, arrival=None) for s in out]
         factor = (len(out) - 1) / out[-1].arrival / rate  # natural rate / probed rate

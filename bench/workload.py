@@ -8,7 +8,9 @@ lengths are exact) with forced output lengths (sent with ignore_eos).
   conversation / code (CSV) and Mooncake (JSONL) lengths and arrival times, scaled by
   `length_scale` (lengths) and `time_scale` (gaps are multiplied by it: 2.0 replays at half
   the rate). For Mooncake, requests that share leading `hash_ids` share that many prefix
-  blocks (512 tokens x length_scale each).
+  blocks (512 tokens x length_scale each). `tail` takes the trace's last requests instead of
+  its first: a window's prefix sharing is with the requests before it in the window, and a
+  trace's head finds every prefix cold.
 Warm-up: `warmup_samples` draws untimed requests apart from the measured ones, so no measured
 request finds its own prompt in a prefix cache because the warm-up put it there.
 Arrivals: gamma-distributed gaps with shape `burstiness` (1 = Poisson), rescaled so the last
@@ -63,10 +65,12 @@ def random_dataset(n: int, input_len: int, output_len: int, range_ratio: float =
 
 def trace_dataset(name: str, traces_dir: Path, n: int, length_scale: float = 1.0,
                   time_scale: float = 1.0, max_input: int | None = None, max_output: int = 512,
-                  vocab: int = 49152, seed: int = 0) -> list[Sample]:
-    """The first `n` requests of a trace (arrival times relative to the first)."""
+                  vocab: int = 49152, seed: int = 0, tail: bool = False) -> list[Sample]:
+    """The first (`tail`: last) `n` requests of a trace, arrival times relative to the
+    window's first."""
     path = traces_dir / TRACES[name]
-    rows = _mooncake_rows(path, n) if name == "mooncake" else _azure_rows(path, n)
+    read = _mooncake_rows if name == "mooncake" else _azure_rows
+    rows = read(path, None)[-n:] if tail else read(path, n)
     if not rows:
         raise ValueError(f"{path} has no requests")
     rng = random.Random(seed)
@@ -130,7 +134,26 @@ def warmup_samples(measured: Sequence[Sample], n: int, shared_prefix: int = 0,
     return out
 
 
-def _azure_rows(path: Path, n: int):
+def shared_prefix_tokens(samples: Sequence[Sample], block_size: int = 16) -> int:
+    """Prompt tokens a perfect prefix cache of `block_size`-token blocks would hold when each
+    sample arrives after the ones before it: for each prompt, its leading full blocks whose
+    whole prefix an earlier prompt began with (as the engine's chained block hashes match)."""
+    seen: set[tuple] = set()
+    shared = 0
+    for s in samples:
+        key: tuple = ()
+        hit = True
+        for b in range(len(s.prompt) // block_size):
+            key = (hash(key), s.prompt[b * block_size:(b + 1) * block_size])
+            if hit and key in seen:
+                shared += block_size
+            else:
+                hit = False
+                seen.add(key)
+    return shared
+
+
+def _azure_rows(path: Path, n: int | None):
     rows = []
     with path.open() as f:
         for row in csv.DictReader(f):
@@ -141,7 +164,7 @@ def _azure_rows(path: Path, n: int):
     return rows
 
 
-def _mooncake_rows(path: Path, n: int):
+def _mooncake_rows(path: Path, n: int | None):
     rows = []
     with path.open() as f:
         for line in f:

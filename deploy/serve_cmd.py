@@ -53,6 +53,11 @@ def add_serve(sub) -> None:
                    help="an external Redis (default: start the embedded one)")
     p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="reuse the KV of prompt prefixes a worker already holds: prefill "
+                        "computes only what it lacks, and a decode worker is sent only the "
+                        "blocks it lacks (default: on)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per engine step: the chunked-prefill budget")
     p.add_argument("--disaggregation-threshold", type=int, default=128,
@@ -154,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        colocated=args.colocated, adaptive=args.adaptive,
                        block_size=args.block_size,
                        num_blocks=args.num_blocks,
+                       enable_prefix_caching=args.enable_prefix_caching,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        transport=TransportKind(args.transport), curve=CurveMode(args.curve),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,

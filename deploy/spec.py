@@ -64,6 +64,7 @@ class ClusterSpec:
     adaptive: int = 0
     block_size: int = 16
     num_blocks: int = 512
+    enable_prefix_caching: bool = True  # off: every prompt computed and sent whole
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     transport: TransportKind = TransportKind.ZMQ
@@ -143,7 +144,8 @@ class ClusterSpec:
         device = self.device or default_device()
         engine = EngineConfig(
             model=ModelConfig.from_pretrained(resolve_model(self.model)),
-            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks),
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
+                              enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(mode=ENGINE_MODES[role],
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_num_seqs=self.max_num_seqs),

@@ -139,6 +139,9 @@ def test_bench_sweep_runs_in_process_with_paths_relative_to_the_caller(monkeypat
                  "--serve-args", "--log-requests --api-key 'a b'"]) == 0
     result = json.loads((tmp_path / "res" / "chat.json").read_text())
     assert [r["deployment"] for r in result["runs"]] == ["1p1d"]
+    run = result["runs"][0]  # random prompts: no prefix shared; nothing disaggregated here
+    assert run["prompt_tokens"] > 0 and run["shared_prefix_tokens"] == 0
+    assert run["disagg_full_kv_bytes"] == 0 and result["kv_bytes_per_token"] == 46_080
     # the SLO's calibration server runs as it is; the measured ones take the flags
     assert started == [("2colo", ()), ("1p1d", ("--log-requests", "--api-key", "a b"))]
 

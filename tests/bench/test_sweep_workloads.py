@@ -7,6 +7,12 @@ from __future__ import annotations
 import pytest
 
 from pdserve.bench.sweep_workloads import WORKLOADS, samples_for
+from pdserve.bench.workload import (
+    DEFAULT_TRACES_DIR,
+    Sample,
+    shared_prefix_tokens,
+    trace_dataset,
+)
 
 
 @pytest.mark.parametrize("name", ["azure-code", "azure-conv", "mooncake"])
@@ -30,6 +36,31 @@ def test_mooncake_requests_share_prefix_blocks_and_runs_do_not_share_prompts():
     assert len(set(firsts)) < len(firsts)  # some leading block is shared
     other = samples_for(w, 200, seed=1, rate_index=1, rate=1.0)
     assert not {x.prompt for x in s} & {x.prompt for x in other}
+
+
+def test_mooncake_replays_the_traces_tail_where_prompts_share_their_prefixes():
+    w = WORKLOADS["mooncake"]
+    s = samples_for(w, 32, seed=0, rate_index=1, rate=0.4)
+    last = trace_dataset("mooncake", DEFAULT_TRACES_DIR, 4000, w.length_scale, 1.0,
+                         w.max_input, w.max_output, seed=0)[-32:]
+    assert [len(x.prompt) for x in s] == [len(x.prompt) for x in last]
+    # a window of the head shares (almost) nothing: its prefixes come back much later
+    head = trace_dataset("mooncake", DEFAULT_TRACES_DIR, 32, w.length_scale, 1.0,
+                         w.max_input, w.max_output, seed=0)
+    assert shared_prefix_tokens(head) == 0
+    shared = shared_prefix_tokens(s) / sum(len(x.prompt) for x in s)
+    assert 0.4 < shared < 0.8
+
+
+def test_shared_prefix_tokens_counts_whole_blocks_an_earlier_prompt_began_with():
+    a = Sample(tuple(range(40)), 1)
+    b = Sample(tuple(range(20)) + (99,) * 20, 1)  # the first block of a, then its own
+    c = Sample((7,) + tuple(range(1, 40)), 1)  # a's second block after another first one
+    assert shared_prefix_tokens([a]) == 0
+    assert shared_prefix_tokens([a, b]) == 16
+    assert shared_prefix_tokens([a, b, a]) == 16 + 32  # a's partial last block is not counted
+    assert shared_prefix_tokens([a, c]) == 0  # blocks match only behind the same prefix
+    assert shared_prefix_tokens([a, b], block_size=8) == 16
 
 
 def test_shifting_alternates_phases_by_arrival_time():
