@@ -13,7 +13,11 @@ The rule:
      the decode side's (below), over `miss_budget`; the share of requests refused at the
      door for prompt work (the work queued ahead, a local prefill's stall of the decoding
      requests, or a TPOT made mostly of the worker's own prompt chunks), over
-     `miss_budget`; and the prompt chunks' part of the TPOT misses (below).
+     `miss_budget`; the prompt chunks' part of the TPOT misses (below); and how busy
+     prompts kept those workers over the window (the prompt tokens computed for the
+     requests that ended in it, at the measured prefill rate, over `window_s`): a lone
+     prefill worker busy three quarters of the time reads no queue between two prompts,
+     and moving it to decode would hand that work to the decoding workers' batches.
    - decode: the larger of the decode workers' mean fill (each one's measured decode step
      over the TPOT SLO, else its running batch over `batch_cap`; the KV share in use
      when higher; 1.0 when requests wait in its engine); the share that missed their
@@ -126,6 +130,7 @@ class RouterSignals:
     tpot_misses: int = 0
     ttft_slo_ms_sum: int = 0  # over the ttft_requests: their mean is the TTFT SLO judged by
     tpot_slo_ms_sum: int = 0  # over the tpot_requests
+    prompt_tokens: int = 0  # computed for the requests that ended (prefix-cache hits apart)
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,8 @@ def pressures(snap: Snapshot, config: ControllerConfig) -> Pressures:
     ttft_s = _share(r.ttft_slo_ms_sum, r.ttft_requests) / 1e3 or config.ttft_target_s
     tpot_s = _share(r.tpot_slo_ms_sum, r.tpot_requests) / 1e3
     budget = config.miss_budget
-    prefill = max(wait_s / ttft_s,
+    busy = r.prompt_tokens / config.window_s / rate if rate else 0.0
+    prefill = max(wait_s / ttft_s, busy,
                   _share(r.ttft_misses - r.ttft_misses_decode, r.ttft_requests) / budget,
                   _share(r.refused - r.refused_decode, ended) / budget)
     decoders = [w for w in serving if w.role.decodes]

@@ -10,7 +10,10 @@ is the decode side's when more than half its first token's time went to the deco
 (the KV's transfer and its admission into the decode batch, as its stages report them);
 a wait in the router's queue is not counted for either side, since a slot of either role
 may be what it waited for. The SLOs asked for are summed, for the controller to judge by
-their mean.
+their mean. The prompt tokens the requests that ended had computed (those a prefix cache
+served left out; a refusal computed none) tell the controller how busy prompts kept the
+workers that take them over the window, whether or not any prompt is queued at the
+instant it looks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class _Ended:
     ttft_decode: bool = False  # a TTFT miss that waited mostly for the decode side
     slo_ttft_ms: float = 0.0  # where `ttft` is not None
     slo_tpot_ms: float = 0.0  # where `tpot` is not None
+    prompt_tokens: int = 0  # computed for it (a prefix cache's tokens left out)
 
 
 class SignalWindow:
@@ -60,10 +64,12 @@ class SignalWindow:
             ttft = False if record.slo_ttft_ms is not None else None
             tpot = False if record.slo_tpot_ms is not None else None
         refused = record.outcome is RequestOutcome.REFUSED
+        cached = record.final.usage.cached_prompt_tokens if record.final is not None else 0
         self._ended.append(_Ended(
             self._clock(), finished, refused, refused and record.short_of is Shortage.DECODE,
             ttft, tpot, decode_side, record.slo_ttft_ms if ttft is not None else 0.0,
-            record.slo_tpot_ms if tpot is not None else 0.0))
+            record.slo_tpot_ms if tpot is not None else 0.0,
+            0 if refused else max(0, record.prompt_tokens - cached)))
         self._expire()
 
     def front_end_refused(self) -> None:
@@ -83,7 +89,8 @@ class SignalWindow:
             tpot_requests=sum(x.tpot is not None for x in e),
             tpot_misses=sum(x.tpot is False for x in e),
             ttft_slo_ms_sum=round(sum(x.slo_ttft_ms for x in e)),
-            tpot_slo_ms_sum=round(sum(x.slo_tpot_ms for x in e)))
+            tpot_slo_ms_sum=round(sum(x.slo_tpot_ms for x in e)),
+            prompt_tokens=sum(x.prompt_tokens for x in e))
 
     def _expire(self) -> None:
         cutoff = self._clock() - self.window_s

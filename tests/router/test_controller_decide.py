@@ -167,6 +167,20 @@ def test_two_workers_move_between_1p1d_and_two_decode_workers():
     assert not decision.moves and "last of its kind" in decision.why
 
 
+def test_a_lone_prefill_worker_kept_busy_between_prompts_stays_a_prefill_worker():
+    # summarize-like: no prompt queued at this instant, the decode batch near its edge
+    # (0.8); prompts kept the prefill worker busy 75% of the window (100 tokens/s x 30 s)
+    workers = (worker("a0", P, queued_prefill_tokens=0), worker("a1", D, running=8))
+    busy = Snapshot(NOW, workers, RouterSignals(prompt_tokens=int(0.75 * 100 * 30)))
+    decision = decide(busy, CONFIG)
+    assert pressures(busy, CONFIG).prefill == pytest.approx(0.75)
+    assert not decision.moves and decision.why == "pressures within the band"
+    # the same batch beside a prefill worker idle most of the window: it goes to decode
+    idle = Snapshot(NOW, workers, RouterSignals(prompt_tokens=int(0.1 * 100 * 30)))
+    (move,) = decide(idle, CONFIG).moves
+    assert (move.worker_id, move.to_role) == ("a0", D)
+
+
 def test_a_colocated_worker_moves_only_while_others_decode():
     lone = (worker("a0", C, queued_prefill_tokens=900),)
     assert not decide(Snapshot(NOW, lone), CONFIG).moves

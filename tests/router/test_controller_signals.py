@@ -62,3 +62,16 @@ def test_a_ttft_miss_is_the_decode_sides_when_its_wait_went_mostly_elsewhere():
     assert (s.ttft_requests, s.ttft_misses, s.ttft_misses_decode) == (3, 2, 1)
     # the SLOs asked for, summed for the controller's mean
     assert (s.ttft_slo_ms_sum, s.tpot_requests, s.tpot_slo_ms_sum) == (1700, 3, 300)
+
+
+def test_prompt_work_counts_the_tokens_computed_not_those_a_prefix_cache_served():
+    clock = Clock()
+    window = SignalWindow(30.0, clock)
+    done = finished(300.0, 100.0, 700.0)  # 10 prompt tokens
+    done.final.usage.cached_prompt_tokens = 4
+    window.request_ended(done)
+    window.request_ended(refused(Shortage.PREFILL))  # nothing computed
+    window.request_ended(RequestRecord("c", RequestOutcome.CANCELLED, 0.0, 0.0, 7, 0))
+    assert window.signals().prompt_tokens == 6 + 7  # no final: all of it may have run
+    clock.now += 31
+    assert window.signals().prompt_tokens == 0
