@@ -95,9 +95,7 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
             run.update({"deployment": server.deployment.name, "workload": w.name,
                         "request_rate": rate, "seed": seed,
                         "num_workers": server.deployment.workers,
-                        "prompt_tokens": sum(len(s.prompt) for s in samples),
-                        "shared_prefix_tokens": shared_prefix_tokens(samples),
-                        "disagg_full_kv_bytes": run["disagg_prompt_tokens"] * kv_bytes_per_token,
+                        **_prefix_sharing(samples, results, kv_bytes_per_token),
                         "required_scales": [min(x, 1e9) for x in _scales(results, slo)]})
             runs.append(run)
             print(f"  {server.deployment.name:6} rate {rate:<5} seed {seed}: attainment "
@@ -111,12 +109,29 @@ async def sweep_deployment(server: Server, w: Workload, slo: Slo, n: int,
                 print(f"    KV sent {run['disagg_kv_bytes'] / 1e6:.0f} MB for "
                       f"{run['disagg_requests']} disaggregated requests, "
                       f"{run['disagg_kv_bytes'] / run['disagg_full_kv_bytes']:.0%} of their "
-                      f"prompts' KV; the prompts share "
-                      f"{run['shared_prefix_tokens'] / run['prompt_tokens']:.0%} of their "
-                      "tokens with an earlier one", file=sys.stderr)
+                      "prompts' whole KV; those prompts share "
+                      f"{run['disagg_shared_prefix_tokens'] / run['disagg_prompt_tokens']:.0%}"
+                      " of their tokens with an earlier prompt let in (all prompts, "
+                      f"refused too: {run['shared_prefix_tokens'] / run['prompt_tokens']:.0%})",
+                      file=sys.stderr)
     finally:
         await backend.close()
     return runs
+
+
+def _prefix_sharing(samples: list[Sample], results: list, kv_bytes_per_token: int) -> dict:
+    """How much of a run's prompts a prefix cache could have held: of all of them in send
+    order, and of the disaggregated ones behind the prompts let in before them (a refused
+    prompt left nothing to reuse); and their whole KV, for the bytes sent beside it."""
+    let_in = [(s, r) for s, r in zip(samples, results, strict=True) if not r.refused]
+    behind_let_in = shared_prefix_tokens([s for s, _ in let_in])
+    moved = [(s, r) for s, r in let_in if r.success and r.disaggregated]
+    return {"prompt_tokens": sum(len(s.prompt) for s in samples),
+            "shared_prefix_tokens": sum(shared_prefix_tokens(samples)),
+            "disagg_shared_prefix_tokens": sum(
+                n for n, (_, r) in zip(behind_let_in, let_in, strict=True)
+                if r.success and r.disaggregated),
+            "disagg_full_kv_bytes": sum(len(s.prompt) for s, _ in moved) * kv_bytes_per_token}
 
 
 def _scales(results, base: Slo) -> list[float]:

@@ -134,14 +134,15 @@ def warmup_samples(measured: Sequence[Sample], n: int, shared_prefix: int = 0,
     return out
 
 
-def shared_prefix_tokens(samples: Sequence[Sample], block_size: int = 16) -> int:
-    """Prompt tokens a perfect prefix cache of `block_size`-token blocks would hold when each
-    sample arrives after the ones before it: for each prompt, its leading full blocks whose
+def shared_prefix_tokens(samples: Sequence[Sample], block_size: int = 16) -> list[int]:
+    """Per sample, the prompt tokens a perfect prefix cache of `block_size`-token blocks
+    would hold when it arrives after the samples before it: its leading full blocks whose
     whole prefix an earlier prompt began with (as the engine's chained block hashes match)."""
     seen: set[tuple] = set()
-    shared = 0
+    out = []
     for s in samples:
         key: tuple = ()
+        shared = 0
         hit = True
         for b in range(len(s.prompt) // block_size):
             key = (hash(key), s.prompt[b * block_size:(b + 1) * block_size])
@@ -150,7 +151,8 @@ def shared_prefix_tokens(samples: Sequence[Sample], block_size: int = 16) -> int
             else:
                 hit = False
                 seen.add(key)
-    return shared
+        out.append(shared)
+    return out
 
 
 def _azure_rows(path: Path, n: int | None):

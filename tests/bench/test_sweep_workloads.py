@@ -47,8 +47,8 @@ def test_mooncake_replays_the_traces_tail_where_prompts_share_their_prefixes():
     # a window of the head shares (almost) nothing: its prefixes come back much later
     head = trace_dataset("mooncake", DEFAULT_TRACES_DIR, 32, w.length_scale, 1.0,
                          w.max_input, w.max_output, seed=0)
-    assert shared_prefix_tokens(head) == 0
-    shared = shared_prefix_tokens(s) / sum(len(x.prompt) for x in s)
+    assert sum(shared_prefix_tokens(head)) == 0
+    shared = sum(shared_prefix_tokens(s)) / sum(len(x.prompt) for x in s)
     assert 0.4 < shared < 0.8
 
 
@@ -56,11 +56,11 @@ def test_shared_prefix_tokens_counts_whole_blocks_an_earlier_prompt_began_with()
     a = Sample(tuple(range(40)), 1)
     b = Sample(tuple(range(20)) + (99,) * 20, 1)  # the first block of a, then its own
     c = Sample((7,) + tuple(range(1, 40)), 1)  # a's second block after another first one
-    assert shared_prefix_tokens([a]) == 0
-    assert shared_prefix_tokens([a, b]) == 16
-    assert shared_prefix_tokens([a, b, a]) == 16 + 32  # a's partial last block is not counted
-    assert shared_prefix_tokens([a, c]) == 0  # blocks match only behind the same prefix
-    assert shared_prefix_tokens([a, b], block_size=8) == 16
+    assert shared_prefix_tokens([a]) == [0]
+    assert shared_prefix_tokens([a, b]) == [0, 16]
+    assert shared_prefix_tokens([a, b, a]) == [0, 16, 32]  # a's partial last block: not held
+    assert shared_prefix_tokens([a, c]) == [0, 0]  # blocks match only behind the same prefix
+    assert shared_prefix_tokens([a, b], block_size=8) == [0, 16]
 
 
 def test_shifting_alternates_phases_by_arrival_time():
@@ -73,3 +73,18 @@ def test_shifting_alternates_phases_by_arrival_time():
                   else (summarize.input_len * 0.75, summarize.input_len * 1.25))
         assert lo <= len(x.prompt) <= hi
     assert {int(x.arrival // w.phase_s) % 2 for x in s} == {0, 1}
+
+
+def test_a_runs_prefix_sharing_counts_only_prompts_let_in_before_a_disaggregated_one():
+    from pdserve.bench.metrics import RequestResult
+    from pdserve.bench.sweep import _prefix_sharing
+
+    a = Sample(tuple(range(32)), 1)
+    b = Sample(tuple(range(16)) + (5,) * 16, 1)  # a's first block
+    results = [RequestResult(32, refused=True),  # a refused: nothing left to reuse
+               RequestResult(32, True, disaggregated=True),
+               RequestResult(32, True, disaggregated=True)]
+    out = _prefix_sharing([a, b, a], results, kv_bytes_per_token=10)
+    assert out["prompt_tokens"] == 96 and out["shared_prefix_tokens"] == 16 + 32
+    assert out["disagg_shared_prefix_tokens"] == 16  # the last a finds only b's first block
+    assert out["disagg_full_kv_bytes"] == 64 * 10
