@@ -131,6 +131,31 @@ def _slo_line(w: dict, cal: dict | None, slo: dict) -> str:
             f"{w['tpot_scale']:g} x TPOT = **{slo['tpot_ms']:.1f} ms**.")
 
 
+def _shape(w: dict) -> str:
+    if w.get("trace"):
+        return (f"The {w['trace']} trace's {'last' if w.get('trace_tail') else 'first'} "
+                f"requests, lengths x{w['length_scale']:g} (inputs up to {w['max_input']}, "
+                f"outputs up to {w['max_output']} tokens), forced with ignore_eos; the "
+                "trace's gaps rescaled to each rate")
+    return (f"Inputs {w['input_len']} tokens (±{100 * w['range_ratio']:.0f}%), outputs "
+            f"{w['output_len']} (±{100 * w['range_ratio']:.0f}%), forced with ignore_eos; "
+            "Poisson arrivals")
+
+
+def _kv(runs: list[dict]) -> str:
+    """The disaggregated prompts' KV sent over their whole KV, and the share of their
+    tokens a prefix cache could have held (results from before these were recorded: -)."""
+    whole = sum(r.get("disagg_full_kv_bytes", 0) for r in runs)
+    if not whole:
+        return "-"
+    sent = sum(r["disagg_kv_bytes"] for r in runs) / whole
+    tokens = sum(r["disagg_prompt_tokens"] for r in runs)
+    if all("disagg_shared_prefix_tokens" in r for r in runs) and tokens:
+        shared = sum(r["disagg_shared_prefix_tokens"] for r in runs) / tokens
+        return f"{sent:.0%} ({shared:.0%})"
+    return f"{sent:.0%}"
+
+
 def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
     lines = ["# SLO and goodput: disaggregated against colocated serving", "",
              f"Machine: {platform.machine()}, {next(iter(sweeps.values()))['machine']}, "
@@ -140,11 +165,8 @@ def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
              "generator (`pdserve bench`) runs on the same machine.", ""]
     for name, sweep in sweeps.items():
         w, cal, slo = sweep["workload"], sweep["calibration"], sweep["slo"]
-        lines += [f"## {name}", "", f"{w['about']}. Inputs {w['input_len']} tokens "
-                  f"(±{100 * w['range_ratio']:.0f}%), outputs {w['output_len']} "
-                  f"(±{100 * w['range_ratio']:.0f}%), forced with ignore_eos; Poisson "
-                  f"arrivals; {sweep['num_prompts']} requests per run, seeds "
-                  f"{sweep['seeds']}.", "",
+        lines += [f"## {name}", "", f"{w['about']}. {_shape(w)}; {sweep['num_prompts']} "
+                  f"requests per run, seeds {sweep['seeds']}.", "",
                   _slo_line(w, cal, slo), "",
                   f"Command: `{sweep['command']}` ({sweep['date']})", "",
                   "| deployment | workers | goodput (req/s) | per worker | min SLO scale at "
@@ -156,8 +178,9 @@ def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
                          f"{_fmt(s['min_slo_scale_at_fixed_rate'])} |")
         lines += ["", "Attainment (mean over seeds) and medians per rate:", "",
                   "| deployment | rate | attainment | TTFT-only | TPOT-only | TTFT p50 / p99 ms "
-                  "| TPOT p50 / p99 ms | output tok/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| TPOT p50 / p99 ms | output tok/s | refused | KV sent of the whole "
+                  "(prefix shared) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for dep in sweep["summary"]:
             for rate in w["rates"]:
                 runs = [r for r in sweep["runs"] if r["deployment"] == dep
@@ -173,7 +196,7 @@ def report(sweeps: dict[str, dict], out: Path, notes: str) -> str:
                     f"{m('slo_ttft_attainment'):.0%} | {m('slo_tpot_attainment'):.0%} | "
                     f"{m('median_ttft_ms'):.0f} / {m('p99_ttft_ms'):.0f} | "
                     f"{m('median_tpot_ms'):.0f} / {m('p99_tpot_ms'):.0f} | "
-                    f"{m('output_throughput'):.1f} |")
+                    f"{m('output_throughput'):.1f} | {m('refused'):.1f} | {_kv(runs)} |")
         lines += ["", f"![CDFs](cdf_{name}.png)", ""]
     lines += ["## Attainment against rate", "", "![attainment](attainment.png)", "",
               "## Server-side stages", "", "![stages](stages.png)", ""]

@@ -197,3 +197,20 @@ def test_serve_security_flags_parse_into_what_the_cluster_uses(tmp_path):
     lone = build_parser().parse_args(["serve", "--tls-cert", str(keys)])
     with pytest.raises(ValueError, match="certificate and its private key"):
         api_security(lone)
+
+
+def test_the_sweep_report_describes_a_trace_and_the_kv_its_disaggregated_prompts_sent(
+        tmp_path):
+    from pdserve.bench.report import report
+
+    here = Path(__file__).resolve().parents[1] / "bench/results/adaptive/mooncake_tail"
+    sweep = json.loads((here / "nocache/mooncake.json").read_text())
+    text = report({"mooncake": sweep}, tmp_path, "")
+    assert "The mooncake trace's last requests, lengths x0.05" in text
+    assert "Poisson" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| pdserve 1P1D | 0.2"))
+    assert row.endswith("| 14.0 | 100% (24%) |")  # prefix caching off: every block sent
+    older = json.loads((here / "cached/mooncake.json").read_text())  # before "shared"
+    row = next(line for line in report({"mooncake": older}, tmp_path, "").splitlines()
+               if line.startswith("| pdserve 1P1D | 0.2"))
+    assert row.endswith("| 15.5 | 73% |")
