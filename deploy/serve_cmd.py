@@ -60,6 +60,12 @@ def add_serve(sub) -> None:
                         "blocks it lacks (default: on)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per engine step: the chunked-prefill budget")
+    p.add_argument("--prefill-pack-tokens", type=int, default=None, metavar="N",
+                   help="a prefill worker's step takes more prompts only up to N tokens in "
+                        "all: short prompts share a step, a long one runs alone, so no "
+                        "prompt's first token waits for the prompts packed beside it "
+                        "(default: 256 on a CPU, whose step costs the sum of its tokens; "
+                        "the whole --max-num-batched-tokens on a GPU)")
     p.add_argument("--disaggregation-threshold", type=int, default=128,
                    help="prompts shorter than this prefill on the decode worker under the "
                         "`auto` hint (%(default)s tokens)")
@@ -161,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        num_blocks=args.num_blocks,
                        enable_prefix_caching=args.enable_prefix_caching,
                        max_num_batched_tokens=args.max_num_batched_tokens,
+                       prefill_pack_tokens=args.prefill_pack_tokens,
                        transport=TransportKind(args.transport), curve=CurveMode(args.curve),
                        threads_per_worker=args.threads_per_worker, pin_cores=args.pin_cores,
                        gpus_per_worker=args.gpus_per_worker,

@@ -27,6 +27,10 @@ from pdserve.router.router import RouterConfig
 from pdserve.router.security import ApiSecurity
 from pdserve.worker import ENGINE_MODES, WorkerConfig
 
+# A CPU step costs its tokens plus ~56 ms (the cost profile's fit): at 256 tokens that is
+# ~5% of the step here, so shorter prompts still share a step and longer ones run alone.
+CPU_PREFILL_PACK_TOKENS = 256
+
 
 class CurveMode(enum.Enum):
     """Whether the data plane (KV transfer, token stream) is authenticated and encrypted."""
@@ -67,6 +71,9 @@ class ClusterSpec:
     enable_prefix_caching: bool = True  # off: every prompt computed and sent whole
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    # a prefill worker's steps take more prompts only up to this many tokens (engine
+    # SchedulerConfig); None: CPU_PREFILL_PACK_TOKENS on a CPU, the whole budget on a GPU
+    prefill_pack_tokens: int | None = None
     transport: TransportKind = TransportKind.ZMQ
     device: str | None = None  # None: CUDA where the worker runs has it, else CPU
     threads_per_worker: int = 1
@@ -93,6 +100,8 @@ class ClusterSpec:
             raise ValueError("curve is off but CURVE keys were given")
         if min(self.prefill, self.decode, self.colocated, self.adaptive) < 0:
             raise ValueError("worker counts must be >= 0")
+        if self.prefill_pack_tokens is not None and self.prefill_pack_tokens < 1:
+            raise ValueError(f"prefill_pack_tokens must be >= 1, got {self.prefill_pack_tokens}")
         if self.decode + self.colocated + self.adaptive == 0:
             raise ValueError("at least one decode or colocated worker is needed")
         for name, value in (("worker_call_timeout_s", self.worker_call_timeout_s),
@@ -137,6 +146,12 @@ class ClusterSpec:
     def is_adaptive(self, worker_id: str) -> bool:
         return any(worker_id == w for w, _ in self.adaptive_roles())
 
+    def pack_tokens(self, device: str) -> int | None:
+        """The prefill step's packing limit for a worker on `device`."""
+        if self.prefill_pack_tokens is not None:
+            return self.prefill_pack_tokens
+        return None if device.startswith("cuda") else CPU_PREFILL_PACK_TOKENS
+
     def worker_config(self, worker_id: str, role: WorkerRole,
                       kv_host: str = "127.0.0.1") -> WorkerConfig:
         """The configuration of one worker. Call it where the worker runs: it resolves (and
@@ -148,7 +163,8 @@ class ClusterSpec:
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(mode=ENGINE_MODES[role],
                                       max_num_batched_tokens=self.max_num_batched_tokens,
-                                      max_num_seqs=self.max_num_seqs),
+                                      max_num_seqs=self.max_num_seqs,
+                                      prefill_pack_tokens=self.pack_tokens(device)),
             device=device)
         # a held KV waits for the router's re-send as long as a reservation waits for KV
         return WorkerConfig(role, engine, worker_id, self.transport, kv_host,

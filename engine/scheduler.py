@@ -17,7 +17,8 @@ Life of a request in the scheduler:
 
 Each step schedules running requests first (decodes cost one token each, so they are never
 starved by a long prompt, as in Sarathi-Serve), then admits waiting ones while the token
-budget and `max_num_seqs` allow. When blocks run out, the newest running request is
+budget and `max_num_seqs` allow (a prefill-only engine packs prompts into a step only up
+to `prefill_pack_tokens`). When blocks run out, the newest running request is
 preempted by recompute: its blocks are freed and it is re-queued, so the engine never
 deadlocks and never writes into a block another request owns.
 
@@ -223,12 +224,19 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        pack = (self.config.prefill_pack_tokens
+                if self.config.mode is EngineMode.PREFILL_ONLY else None)
         while (
             self.waiting
             and budget > 0
             and not preempted
             and len(self.running) < self.config.max_num_seqs
         ):
+            # a prompt joins another's prefill step only whole and within the pack limit:
+            # a chunk of it there would delay the other's first token and not bring its own
+            if pack is not None and scheduled and self._uncached_tokens(self.waiting[0]) > (
+                    pack - sum(s.num_new_tokens for s in scheduled)):
+                break
             admitted = self._admit(self.waiting[0], budget)
             if admitted is None:
                 break
@@ -273,11 +281,19 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
 
-    def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
+    def _cached_prefix(self, request: Request) -> tuple[list[int], list[int]]:
+        """The request's leading blocks the prefix cache holds (no state changes)."""
         bm = self.block_manager
         # Keep the last token out of the cache lookup: it must be computed to sample.
-        max_hit_blocks = (request.num_tokens - 1) // bm.block_size
-        hits, hashes = bm.match_prefix(request.all_token_ids, max_hit_blocks)
+        return bm.match_prefix(request.all_token_ids, (request.num_tokens - 1) // bm.block_size)
+
+    def _uncached_tokens(self, request: Request) -> int:
+        return request.num_tokens - len(self._cached_prefix(request)[0]) * (
+            self.block_manager.block_size)
+
+    def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
+        bm = self.block_manager
+        hits, hashes = self._cached_prefix(request)
         num_cached = len(hits) * bm.block_size
         num_new = min(request.num_tokens - num_cached, budget)
         num_fresh = bm.blocks_needed(num_cached + num_new) - len(hits)

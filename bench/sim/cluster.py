@@ -23,6 +23,7 @@ from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.request import SimRequest
 from pdserve.bench.sim.router import SimRouter
 from pdserve.bench.sim.worker import SimWorker
+from pdserve.deploy.spec import CPU_PREFILL_PACK_TOKENS
 from pdserve.protocol import WorkerRole
 from pdserve.protocol.cost_profile import CostProfile
 from pdserve.router.config import RouterConfig
@@ -46,6 +47,9 @@ class Deployment:
     host_size: int | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
     adaptive: int = 0  # workers whose role the controller sets (after the others)
+    # a prefill step packs prompts up to this many tokens; None: as `pdserve serve` picks
+    # for the profile's device (deploy.spec's CPU limit, none on a GPU)
+    prefill_pack_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.colocated, self.adaptive) < 0:
@@ -94,6 +98,13 @@ class SimRun:
                          kv_bytes_per_token=kv_bytes_per_token)
 
 
+def _pack_tokens(deployment: Deployment, profile: CostProfile) -> int | None:
+    if deployment.prefill_pack_tokens is not None:
+        return deployment.prefill_pack_tokens
+    on_gpu = profile.source == "roofline" or "gpu" in profile.machine
+    return None if on_gpu else CPU_PREFILL_PACK_TOKENS
+
+
 def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence[int],
              output_lens: Sequence[int], arrivals: Sequence[float], *,
              sent_slo: Slo | None = None, keep_itl: bool = True,
@@ -114,7 +125,8 @@ def simulate(deployment: Deployment, profile: CostProfile, prompt_lens: Sequence
                       max_num_batched_tokens=deployment.max_num_batched_tokens,
                       max_num_seqs=deployment.max_num_seqs,
                       block_size=deployment.block_size, num_blocks=num_blocks,
-                      keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s)
+                      keep_token_times=keep_itl, heartbeat_s=deployment.heartbeat_s,
+                      prefill_pack_tokens=_pack_tokens(deployment, profile))
         w.adaptive = adaptive
         workers.append(w)
     host = deployment.host_size or (int(profile.machine.get("cores_usable", 1))

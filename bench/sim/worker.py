@@ -51,9 +51,10 @@ class SimWorker(leap.Leaping, Blocks, Switching):
     def __init__(self, worker_id: str, role: WorkerRole, loop: EventLoop,
                  profile: CostProfile, *, max_num_batched_tokens: int, max_num_seqs: int,
                  block_size: int, num_blocks: int, keep_token_times: bool = False,
-                 heartbeat_s: float = 0.5):
+                 heartbeat_s: float = 0.5, prefill_pack_tokens: int | None = None):
         self.worker_id, self.role, self.loop, self.profile = worker_id, role, loop, profile
         self.budget, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.pack = prefill_pack_tokens  # as the engine's prefill-only steps pack prompts
         self.block_size, self.num_blocks = block_size, num_blocks
         self.keep_token_times = keep_token_times
         self._leaps = not keep_token_times  # every token's time kept: step by step
@@ -257,6 +258,9 @@ class SimWorker(leap.Leaping, Blocks, Switching):
         while (self.waiting and budget > 0
                and self.decoding.size + len(self.prefilling) < self.max_num_seqs):
             r = self.waiting[0]
+            if (self.pack is not None and chunks and self.role is WorkerRole.PREFILL
+                    and r.target - r.computed > self.pack - sum(n for _, n in chunks)):
+                break  # the engine packs a prompt only whole and within its limit
             n = min(r.target - r.computed, budget)
             if not self._take_blocks(r, r.computed + n):
                 break

@@ -15,7 +15,7 @@ from pdserve.bench.sim.events import EventLoop
 from pdserve.bench.sim.picker import DecodePicker, PrefillPicker
 from pdserve.bench.sim.worker import SimWorker
 from pdserve.bench.workload import arrival_times
-from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel
+from pdserve.protocol.cost_profile import CostProfile, StepModel, TransferModel, chunk_pairs
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import WorkerLoad, choose_decode, choose_prefill
 from pdserve.worker.rate import DecodeStepTime
@@ -60,6 +60,29 @@ def test_one_request_alone_costs_exactly_its_steps():
     assert disagg.ttft == pytest.approx(p.router_s + STEP_S + kv + p.stream_s)
     assert disagg.tpot == pytest.approx(STEP_S)
     assert disagg.stages["kv_transfer_ms"] == pytest.approx(kv * 1e3)
+
+
+@pytest.mark.parametrize("pack", [None, 256, 4096])
+def test_a_prefill_worker_packs_prompts_as_the_engine_does(pack):
+    """Three prompts at once on a CPU-like step: the first starts alone; the next two
+    (200 and 100 tokens) wait for it, then share a step only within the pack limit (256,
+    the default for a measured CPU profile: 300 tokens exceed it, so each runs alone)."""
+    p = profile(step=CPU_LIKE)
+    run = simulate(Deployment(1, 1, 0, router=RouterConfig(disaggregation_threshold=1),
+                              prefill_pack_tokens=pack), p, [300, 200, 100], [2, 2, 2],
+                   [0.0, 0.0, 0.0])
+    first, second, third = run.results
+    compute = [r.stages["prefill_compute_ms"] for r in run.results]
+    alone = [CPU_LIKE.step_s(n, chunk_pairs(0, n)) * 1e3 for n in (300, 200, 100)]
+    assert compute[0] == pytest.approx(alone[0])
+    if pack == 4096:
+        together = CPU_LIKE.step_s(300, chunk_pairs(0, 200) + chunk_pairs(0, 100)) * 1e3
+        assert compute[1] == compute[2] == pytest.approx(together)
+    else:
+        assert compute[1:] == pytest.approx(alone[1:])
+        # the third waited for the second's step, its first token that much earlier
+        waited = third.stages["prefill_queue_ms"] - second.stages["prefill_queue_ms"]
+        assert waited == pytest.approx(alone[1])
 
 
 def _workload(n, seed, max_prompt=3000, max_out=200):

@@ -1,5 +1,5 @@
-"""`pdserve serve --[no-]enable-prefix-caching` reaches every worker's engine (vLLM's flag:
-on by default)."""
+"""`pdserve serve --[no-]enable-prefix-caching` (vLLM's flag: on by default) and
+`--prefill-pack-tokens` (by default 256 on a CPU, none on a GPU) reach the workers' engines."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 
 from pdserve.deploy import local_cluster
 from pdserve.deploy.cli import main
+from pdserve.deploy.spec import ClusterSpec
+from pdserve.protocol import WorkerRole
 
 
 class Captured(Exception):
@@ -32,3 +34,24 @@ def test_prefix_caching_flag_reaches_every_workers_cache(monkeypatch, flags, ena
     for worker_id, role in spec.roles():
         cache = spec.worker_config(worker_id, role).engine.cache
         assert cache.enable_prefix_caching is enabled
+
+
+@pytest.mark.parametrize(("flags", "cpu", "gpu"), [([], 256, None),
+                                                   (["--prefill-pack-tokens", "64"], 64, 64)])
+def test_prefill_pack_limit_defaults_by_device_and_reaches_the_engine(monkeypatch, flags, cpu,
+                                                                      gpu):
+    specs = []
+
+    def capture(spec, **kw):
+        specs.append(spec)
+        raise Captured
+
+    monkeypatch.setattr(local_cluster, "LocalCluster", capture)
+    with pytest.raises(Captured):
+        main(["serve", "--no-ray", *flags])
+    (spec,) = specs
+    assert (spec.pack_tokens("cpu"), spec.pack_tokens("cuda:0")) == (cpu, gpu)
+    scheduler = spec.worker_config("prefill-0", WorkerRole.PREFILL).engine.scheduler
+    assert scheduler.prefill_pack_tokens == cpu  # these tests run on a CPU
+    with pytest.raises(ValueError, match="prefill_pack_tokens"):
+        ClusterSpec(prefill_pack_tokens=0)

@@ -167,6 +167,65 @@ def test_prefill_only_mode_finishes_after_the_first_token():
     assert_empty(s)
 
 
+def packing_scheduler(pack, mode=EngineMode.PREFILL_ONLY) -> Scheduler:
+    return Scheduler(SchedulerConfig(mode=mode, max_num_batched_tokens=512,
+                                     prefill_pack_tokens=pack),
+                     BlockManager(1024, 4), max_model_len=1024, eos_token_ids=(0,))
+
+
+def fresh(rid: str, n: int, seed: int) -> Request:
+    """A prompt whose first block no other seed's shares (no prefix-cache hit)."""
+    return Request(rid, [(31 * seed + 7 * i) % 50 + 1 for i in range(n)],
+                   SamplingParams(max_tokens=1, temperature=0.0))
+
+
+def step_sizes(s: Scheduler) -> dict[str, int]:
+    return {i.request.request_id: i.num_new_tokens for i in fake_step(s).requests}
+
+
+def test_a_prefill_step_packs_prompts_only_up_to_its_pack_limit():
+    s = packing_scheduler(256)
+    s.add(fresh("long-a", 300, 1))
+    s.add(fresh("long-b", 200, 2))
+    # the first runs alone: packing the second would give it the second's time too
+    assert step_sizes(s) == {"long-a": 300}
+    assert step_sizes(s) == {"long-b": 200}
+    for i in range(10):  # short prompts share a step, up to the limit
+        s.add(fresh(f"short-{i}", 20 + i, 3 + i))
+    assert step_sizes(s) == {f"short-{i}": 20 + i for i in range(10)}  # 245 tokens
+    s.add(fresh("head", 100, 20))
+    s.add(fresh("next", 400, 21))
+    s.add(fresh("after", 50, 22))
+    # a chunk of the next would only delay the head's first token: it waits, whole, and
+    # nothing passes it
+    assert step_sizes(s) == {"head": 100}
+    assert step_sizes(s) == {"next": 400}
+    assert step_sizes(s) == {"after": 50}
+    s.add(fresh("head2", 100, 23))
+    s.add(fresh("fits", 150, 24))  # 250 tokens in all: one step
+    assert step_sizes(s) == {"head2": 100, "fits": 150}
+    drain(s)
+    s.add(fresh("again", 300, 1))  # long-a's prompt: all but its last block cached
+    s.add(fresh("head3", 200, 25))
+    s.add(fresh("again2", 300, 1))
+    assert step_sizes(s) == {"again": 4, "head3": 200, "again2": 4}  # what it computes
+    drain(s)
+    assert_empty(s)
+
+
+@pytest.mark.parametrize(("pack", "mode"), [(None, EngineMode.PREFILL_ONLY),
+                                            (256, EngineMode.MIXED)])
+def test_without_a_pack_limit_or_beside_decodes_a_step_fills_its_budget(pack, mode):
+    s = packing_scheduler(pack, mode)
+    s.add(fresh("a", 300, 1))
+    s.add(fresh("b", 200, 2))
+    assert step_sizes(s) == {"a": 300, "b": 200}
+    drain(s)
+    assert_empty(s)
+    with pytest.raises(ValueError, match="prefill_pack_tokens"):
+        SchedulerConfig(prefill_pack_tokens=0)
+
+
 def test_reserve_and_admit():
     s = make_scheduler(mode=EngineMode.DECODE_ONLY, num_blocks=8, block_size=4)
     r = req("x", 10, max_tokens=3)
