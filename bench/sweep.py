@@ -46,8 +46,6 @@ from pdserve.bench.serve_bench import run_load
 from pdserve.bench.server import DEPLOYMENTS, PEER_CLI, Deployment, Server
 from pdserve.bench.sweep_workloads import WORKLOADS, Workload, samples_for
 from pdserve.bench.workload import Sample, shared_prefix_tokens, warmup_samples
-from pdserve.engine import ModelConfig
-from pdserve.models import resolve_model
 
 WARMUP = 2  # untimed requests per deployment before its rate sweep
 
@@ -134,6 +132,14 @@ def _prefix_sharing(samples: list[Sample], results: list, kv_bytes_per_token: in
             "disagg_full_kv_bytes": sum(len(s.prompt) for s, _ in moved) * kv_bytes_per_token}
 
 
+def _kv_bytes_per_token(model: str) -> int:
+    # here, not at the top: `pdserve bench sweep --help` runs on a client install (no torch)
+    from pdserve.engine import ModelConfig
+    from pdserve.models import resolve_model
+
+    return ModelConfig.from_pretrained(resolve_model(model)).kv_bytes_per_token(4)
+
+
 def _scales(results, base: Slo) -> list[float]:
     return [required_slo_scale(r, base) for r in results]
 
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = {"ttft_ms": ttft0, "tpot_ms": tpot0}
         print(f"calibration: unloaded TTFT {ttft0:.0f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT "
               f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.1f} ms", file=sys.stderr)
-    kv_per_token = ModelConfig.from_pretrained(resolve_model(args.model)).kv_bytes_per_token(4)
+    kv_per_token = _kv_bytes_per_token(args.model)
     runs: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{w.name}.json"
