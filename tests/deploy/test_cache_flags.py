@@ -4,32 +4,18 @@
 from __future__ import annotations
 
 import pytest
+from spec_capture import served_spec
 
-from pdserve.deploy import local_cluster
-from pdserve.deploy.cli import main
 from pdserve.deploy.spec import ClusterSpec
 from pdserve.protocol import WorkerRole
-
-
-class Captured(Exception):
-    pass
 
 
 @pytest.mark.parametrize(("flags", "enabled"), [([], True),
                                                 (["--enable-prefix-caching"], True),
                                                 (["--no-enable-prefix-caching"], False)])
 def test_prefix_caching_flag_reaches_every_workers_cache(monkeypatch, flags, enabled):
-    specs = []
-
-    def capture(spec, **kw):
-        specs.append(spec)
-        raise Captured
-
-    monkeypatch.setattr(local_cluster, "LocalCluster", capture)
-    with pytest.raises(Captured):
-        main(["serve", "--no-ray", "--prefill", "1", "--decode", "1", "--adaptive", "2",
-              *flags])
-    (spec,) = specs
+    spec = served_spec(monkeypatch, "--prefill", "1", "--decode", "1", "--adaptive", "2",
+                       *flags)
     assert spec.enable_prefix_caching is enabled
     for worker_id, role in spec.roles():
         cache = spec.worker_config(worker_id, role).engine.cache
@@ -40,16 +26,7 @@ def test_prefix_caching_flag_reaches_every_workers_cache(monkeypatch, flags, ena
                                                    (["--prefill-pack-tokens", "64"], 64, 64)])
 def test_prefill_pack_limit_defaults_by_device_and_reaches_the_engine(monkeypatch, flags, cpu,
                                                                       gpu):
-    specs = []
-
-    def capture(spec, **kw):
-        specs.append(spec)
-        raise Captured
-
-    monkeypatch.setattr(local_cluster, "LocalCluster", capture)
-    with pytest.raises(Captured):
-        main(["serve", "--no-ray", *flags])
-    (spec,) = specs
+    spec = served_spec(monkeypatch, *flags)
     assert (spec.pack_tokens("cpu"), spec.pack_tokens("cuda:0")) == (cpu, gpu)
     scheduler = spec.worker_config("prefill-0", WorkerRole.PREFILL).engine.scheduler
     assert scheduler.prefill_pack_tokens == cpu  # these tests run on a CPU

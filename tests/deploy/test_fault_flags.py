@@ -4,28 +4,14 @@ the spec refuses bounds that are not positive."""
 from __future__ import annotations
 
 import pytest
+from spec_capture import served_spec
 
-from pdserve.deploy import local_cluster
-from pdserve.deploy.cli import main
 from pdserve.deploy.spec import ClusterSpec
 
 
-class Captured(Exception):
-    pass
-
-
 def test_serve_flags_reach_the_spec(monkeypatch):
-    specs = []
-
-    def capture(spec, **kw):
-        specs.append(spec)
-        raise Captured
-
-    monkeypatch.setattr(local_cluster, "LocalCluster", capture)
-    with pytest.raises(Captured):
-        main(["serve", "--no-ray", "--worker-call-timeout", "1.5", "--heartbeat-ttl", "2.5",
-              "--router-stream-grace", "7"])
-    (spec,) = specs
+    spec = served_spec(monkeypatch, "--worker-call-timeout", "1.5", "--heartbeat-ttl", "2.5",
+                       "--router-stream-grace", "7")
     assert (spec.worker_call_timeout_s, spec.heartbeat_ttl_s, spec.router_stream_grace_s) == (
         1.5, 2.5, 7.0)
     assert spec.worker_config("d", spec.roles()[-1][1]).stream_grace_s == 7.0
