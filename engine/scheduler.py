@@ -234,10 +234,13 @@ class Scheduler:
         ):
             # a prompt joins another's prefill step only whole and within the pack limit:
             # a chunk of it there would delay the other's first token and not bring its own
-            if pack is not None and scheduled and self._uncached_tokens(self.waiting[0]) > (
-                    pack - sum(s.num_new_tokens for s in scheduled)):
+            # (the prefix-cache lookup only for a prompt that does not fit as it stands)
+            head = self.waiting[0]
+            room = pack - (self.config.max_num_batched_tokens - budget) if pack else 0
+            if (pack is not None and scheduled and head.num_tokens > room
+                    and self._uncached_tokens(head) > room):
                 break
-            admitted = self._admit(self.waiting[0], budget)
+            admitted = self._admit(head, budget)
             if admitted is None:
                 break
             self.waiting.popleft()
