@@ -45,6 +45,20 @@ def copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
     return 2 * num_bytes / min(times)
 
 
+def read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Read-only streaming bandwidth in bytes/s: a sum over a tensor far larger than the
+    caches. A decode step's weights are read, never written, so this, not copy's read +
+    write, is the rate their stream can reach."""
+    src = torch.randn(num_bytes // 4)
+    src.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t0)
+    return num_bytes / min(times)
+
+
 def weight_bytes(cfg: ModelConfig) -> int:
     """Bytes of weights one decode step reads (embedding rows aside, everything once)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim

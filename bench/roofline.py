@@ -5,12 +5,17 @@ Two roofs, measured now with the engine's torch threads:
 - compute: the achieved FLOP/s of a large fp32 GEMM (torch.mm, `--gemm-n` square, best
   of 5), the most this CPU's cores do with the library the engine's linears use;
 - bandwidth: STREAM "copy" (bench.decode_floor.copy_bandwidth: bytes read + written per
-  second, best of 5), the most its memory moves.
+  second, best of 5), the most its memory moves;
+- read: a sum over 512 MB (bench.decode_floor.read_bandwidth, best of 5), the most a
+  stream that only reads (a decode step's weights and KV) can reach.
 For each step, two floors: its bytes (every weight once, and the KV it reads) at the
 bandwidth roof, and its FLOPs (2 per parameter per token computed, the LM head only for
 the tokens sampled; attention's QK^T and PV, 4 x head_dim per (query, key) pair per head
 and layer) at the compute roof. The step is bound by the larger: its ratio to that floor
-is how far from the machine's limit it runs (1.0: at it).
+is how far from the machine's limit it runs (1.0: at it). Where a decode step's time
+goes: its linear layers (profiled self time) against their own floor (the weights at the
+read roof, or their FLOPs at the GEMM roof), its attention against the KV at the read roof,
+and the rest of the step (other ops and the framework between them), which has no floor.
 
 - decode: batch 1-64, each sequence with a `--prompt-len`-token prompt, the median of
   `--steps` decode-only steps (bench.decode_floor.measure, with its profile of the step);
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 
 from pdserve.bench.costmodel.machine import matmul_flops
-from pdserve.bench.decode_floor import copy_bandwidth, measure, weight_bytes
+from pdserve.bench.decode_floor import copy_bandwidth, measure, read_bandwidth, weight_bytes
 from pdserve.engine import LLM, ModelConfig, SamplingParams
 
 
@@ -58,6 +63,18 @@ def bound(step_s: float, bytes_: float, flops: float, roofs: dict) -> dict:
             "ratio_to_roof": step_s / floor}
 
 
+def parts(m: dict, weights: float, kv: float, linear_flops: float, roofs: dict) -> dict:
+    """A decode step's profiled linear and attention time against their own floors."""
+    linear_ms = m["profile_ms"].get("linear", 0.0)
+    attention_ms = m["profile_ms"].get("attention", 0.0)
+    linear_floor_ms = max(weights / roofs["read_Bps"], linear_flops / roofs["gemm_flops"]) * 1e3
+    attention_floor_ms = kv / roofs["read_Bps"] * 1e3
+    return {"linear_ms": linear_ms, "linear_floor_ms": linear_floor_ms,
+            "attention_ms": attention_ms, "attention_floor_ms": attention_floor_ms,
+            "rest_ms": max(0.0, m["step_ms"] - linear_ms - attention_ms),
+            "read_floor_ms": (weights + kv) / roofs["read_Bps"] * 1e3}
+
+
 def decode_rows(llm: LLM, batches, prompt_len: int, steps: int, roofs: dict) -> list[dict]:
     cfg = llm.engine.config.model
     rows = []
@@ -67,7 +84,8 @@ def decode_rows(llm: LLM, batches, prompt_len: int, steps: int, roofs: dict) -> 
         kv = b * context * cfg.kv_bytes_per_token(4)
         row = {"batch": b, "mean_context": context, "profile_ms": m["profile_ms"],
                **bound(m["step_ms"] / 1e3, weight_bytes(cfg) + kv,
-                       step_flops(cfg, b, b, int(b * context)), roofs)}
+                       step_flops(cfg, b, b, int(b * context)), roofs),
+               **parts(m, weight_bytes(cfg), kv, step_flops(cfg, b, b, 0), roofs)}
         rows.append(row)
         log(f"decode batch {b}: {row['step_ms']:.1f} ms, {row['ratio_to_roof']:.2f}x its "
             f"{row['bound_by']} floor")
@@ -119,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     roofs = {"gemm_flops": matmul_flops(n=args.gemm_n), "bandwidth_Bps": copy_bandwidth(),
-             "torch_threads": torch.get_num_threads(), "gemm_n": args.gemm_n}
+             "read_Bps": read_bandwidth(), "torch_threads": torch.get_num_threads(),
+             "gemm_n": args.gemm_n}
     log(f"roofs: {roofs['gemm_flops'] / 1e9:.1f} GFLOP/s fp32 GEMM, "
-        f"{roofs['bandwidth_Bps'] / 1e9:.1f} GB/s copy, {roofs['torch_threads']} threads")
+        f"{roofs['bandwidth_Bps'] / 1e9:.1f} GB/s copy, {roofs['read_Bps'] / 1e9:.1f} GB/s "
+        f"read, {roofs['torch_threads']} threads")
     llm = LLM(args.model, kv_cache_memory_bytes=2 << 30, enable_prefix_caching=False)
     decode = decode_rows(llm, args.batches, args.prompt_len, args.steps, roofs)
     del llm
@@ -134,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                 else f"prefill {r['prompt_len']}")
         print(f"{name:>14} {r['step_ms']:8.1f} {r['memory_floor_ms']:13.1f} "
               f"{r['compute_floor_ms']:14.1f} {r['bound_by']:>9} {r['ratio_to_roof']:6.2f}x")
+    print(f"\n{'where it goes':>14} {'linear ms':>10} {'x floor':>8} {'attention ms':>13} "
+          f"{'x floor':>8} {'rest ms':>8} {'step x read floor':>18}")
+    for r in decode:
+        print(f"{'decode b=' + str(r['batch']):>14} {r['linear_ms']:10.1f} "
+              f"{r['linear_ms'] / r['linear_floor_ms']:7.2f}x {r['attention_ms']:13.1f} "
+              f"{r['attention_ms'] / r['attention_floor_ms']:7.2f}x {r['rest_ms']:8.1f} "
+              f"{r['step_ms'] / max(r['read_floor_ms'], r['compute_floor_ms']):17.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"roofs": roofs, "decode": decode,

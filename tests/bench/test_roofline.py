@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.bench.decode_floor import weight_bytes
-from pdserve.bench.roofline import bound, step_flops
+from pdserve.bench.roofline import bound, parts, step_flops
 from pdserve.engine import ModelConfig
 
 # 2 layers, hidden 8, 2 heads of 4 (one KV head), MLP 16, vocabulary 10
@@ -29,3 +29,16 @@ def test_a_step_is_judged_against_the_larger_floor():
     assert memory["bound_by"] == "memory" and memory["ratio_to_roof"] == pytest.approx(2.0)
     compute = bound(0.004, bytes_=1e6, flops=4e6, roofs=roofs)
     assert compute["bound_by"] == "compute" and compute["ratio_to_roof"] == pytest.approx(1.0)
+
+
+def test_a_decode_steps_linears_and_attention_are_judged_against_their_own_floors():
+    roofs = {"gemm_flops": 1e9, "read_Bps": 1e9}
+    m = {"step_ms": 10.0, "profile_ms": {"linear": 6.0, "attention": 1.0, "other ops": 0.5}}
+    # weights 3 ms at the read roof, their FLOPs 2 ms at the GEMM roof; KV 0.5 ms
+    r = parts(m, weights=3e6, kv=0.5e6, linear_flops=2e6, roofs=roofs)
+    assert r["linear_floor_ms"] == pytest.approx(3.0)
+    assert r["attention_floor_ms"] == pytest.approx(0.5)
+    assert r["rest_ms"] == pytest.approx(3.0)  # other ops and the framework between them
+    assert r["read_floor_ms"] == pytest.approx(3.5)
+    # at many rows the linears' FLOPs bind instead
+    assert parts(m, 3e6, 0.5e6, 8e6, roofs)["linear_floor_ms"] == pytest.approx(8.0)
