@@ -1,7 +1,7 @@
 """The engine against this machine's roofline: how far each decode and prefill step is from
 the physical limit it is bound by, measured side by side in one run.
 
-Two roofs, measured now with the engine's torch threads:
+Three roofs, measured now with the engine's torch threads:
 - compute: the achieved FLOP/s of a large fp32 GEMM (torch.mm, `--gemm-n` square, best
   of 5), the most this CPU's cores do with the library the engine's linears use;
 - bandwidth: STREAM "copy" (bench.decode_floor.copy_bandwidth: bytes read + written per
