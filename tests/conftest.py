@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random-weight models written to disk once per session, the real
-SmolLM2 model loaded once per session, and the `gpu` marker's skip."""
+SmolLM2 model loaded once per session, the `gpu` marker's skip, and, in a failing test's
+report, the worker processes that died under it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report names the worker processes (tests/worker_procs) that died
+    under it, and how (a signal, or an exit code)."""
+    outcome = yield
+    report = outcome.get_result()
+    procs = sys.modules.get("worker_procs")
+    if report.failed and procs is not None and (dead := procs.dead_workers()):
+        report.sections.append(("worker processes that died", "\n".join(dead)))
 
 
 def _write_tiny(folder: Path, config, seed: int) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,14 +33,37 @@ def slow_prefill_config(model_dir: Path, worker_id: str) -> WorkerConfig:
                          max_num_seqs=1, ack_timeout_s=5.0, router=RouterConfig(lease_s=3.0))
 
 
+# what `spawn` started and `stop_all` has not stopped: (worker id, process) by id(process)
+_RUNNING: dict[int, tuple[str, WorkerProcess]] = {}
+
+
 def spawn(configs: list[WorkerConfig]) -> list[WorkerProcess]:
     """Start one process per config, concurrently; one torch thread each."""
     with ThreadPoolExecutor(len(configs)) as pool:
         futures = [pool.submit(WorkerProcess, config, cpus=None, num_threads=1)
                    for config in configs]
-        return [f.result() for f in futures]
+        procs = [f.result() for f in futures]
+    for config, proc in zip(configs, procs, strict=True):
+        _RUNNING[id(proc)] = (config.worker_id, proc)
+    return procs
 
 
 def stop_all(procs: list[WorkerProcess]) -> None:
     for p in procs:
+        _RUNNING.pop(id(p), None)
         p.stop()
+
+
+def dead_workers() -> list[str]:
+    """The spawned worker processes that exited before `stop_all`, with how: a failing
+    test's report names them (conftest), since a worker's own output may be lost to the
+    capture of the test that started it."""
+    dead = []
+    for worker_id, proc in list(_RUNNING.values()):
+        if proc.is_alive():
+            continue
+        code = proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited with code {code}")
+        dead.append(f"worker {worker_id} (pid {proc.pid}, {proc.role.value}): {how}")
+    return dead
