@@ -236,10 +236,10 @@ class Scheduler:
             # a chunk of it there would delay the other's first token and not bring its own
             # (the prefix-cache lookup only for a prompt that does not fit as it stands)
             head = self.waiting[0]
-            room = pack - (self.config.max_num_batched_tokens - budget) if pack else 0
-            if (pack is not None and scheduled and head.num_tokens > room
-                    and self._uncached_tokens(head) > room):
-                break
+            if pack is not None and scheduled:
+                room = pack - (self.config.max_num_batched_tokens - budget)
+                if head.num_tokens > room and self._uncached_tokens(head) > room:
+                    break
             admitted = self._admit(head, budget)
             if admitted is None:
                 break
