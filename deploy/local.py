@@ -11,9 +11,12 @@ Life of a worker process:
              worker (loading the model, warming it up), given a `heartbeat` registers it
              and starts its heartbeat there (deploy.heartbeat: the worker's own process
              vouches that it lives, whatever the parent is busy with), starts a manager
-             server on loopback and reports its address and the incarnation it registered
-             (`started`: its registry record's, None unregistered), or the error that
-             stopped it (raised here as WorkerStartError).
+             server on a Unix socket in a directory of its own and reports the incarnation
+             it registered (`started`: its registry record's, None unregistered), or the
+             error that stopped it (raised here as WorkerStartError). The address is new
+             for every process: multiprocessing keeps each thread's connection per server
+             address, so a worker that listened where a dead one had would be called over
+             the dead one's connections (EOFError at its first call from those threads).
 2. SERVING   `.worker` is a proxy; each calling thread gets its own connection, so calls
              run concurrently, as the workers' thread-safe methods allow.
 3. STOPPED   `stop()` stops the heartbeat (unregistering), closes the worker (its jobs
@@ -23,7 +26,7 @@ Life of a worker process:
              once): only one of them reaps the process. The child runs in its own process
              group, so signals meant for the parent's group (a terminal's Ctrl-C) do not
              reach it; if the parent dies without stopping it, the child stops itself the
-             same way.
+             same way. The socket's directory is removed once the process is reaped.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import faulthandler
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -98,9 +103,11 @@ class WorkerProcess:
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
+        self._socket_dir = tempfile.mkdtemp(prefix="pdserve-worker-")
+        self.address = address = os.path.join(self._socket_dir, "manager.sock")
         self.process = ctx.Process(
             target=_serve, args=(config, cpus, num_threads, heartbeat, child_conn, authkey,
-                                 build),
+                                 build, address),
             name=f"pdserve-{role.value}", daemon=True)
         # one thread at a time waits for the process: a second waitpid would find it gone
         # and take it for alive (multiprocessing.Process is not thread-safe)
@@ -116,8 +123,9 @@ class WorkerProcess:
             status, detail = "error", f"exited with code {self.process.exitcode}"
         if status != "ready":
             self.process.join(10)
+            self.kill()
             raise WorkerStartError(f"{role.value} worker failed to start: {detail}")
-        address, self.started = detail
+        self.started = detail
         self._manager = _Manager(address=address, authkey=authkey)
         self._manager.connect()
         self.worker = self._manager.worker()
@@ -150,10 +158,11 @@ class WorkerProcess:
             if self.process.is_alive():
                 self.process.kill()
             self.process.join()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig | None, conn,
-           authkey: bytes, build: Callable[[WorkerConfig], Worker]) -> None:
+           authkey: bytes, build: Callable[[WorkerConfig], Worker], address: str) -> None:
     """Child process: build the worker (and its heartbeat) and serve its methods until
     SIGTERM."""
     # Its own process group: a terminal's Ctrl-C (or a signal to the parent's group) reaches
@@ -183,7 +192,7 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
 
     Server.register("worker", callable=lambda: worker,
                     exposed=exposed_methods(config.role, config.adaptive))
-    server = Server(address=("127.0.0.1", 0), authkey=authkey).get_server()
+    server = Server(address=address, authkey=authkey).get_server()
 
     stopping = threading.Lock()
 
@@ -211,6 +220,6 @@ def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig |
 
     signal.signal(signal.SIGTERM, shutdown)
     threading.Thread(target=lifeline, name="pdserve-lifeline", daemon=True).start()
-    conn.send(("ready", (server.address, beat.started if beat is not None else None)))
+    conn.send(("ready", beat.started if beat is not None else None))
     conn.close()
     server.serve_forever()

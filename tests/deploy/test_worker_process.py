@@ -1,7 +1,11 @@
 """A worker process (deploy.local) stops itself only when the process that started it has
 gone: its lifeline reads the parent's sentinel, a pipe whose write end the parent holds,
 and a stray close of that descriptor in a live parent must not take a healthy worker down
-(its next call would find the process gone, with nothing in any log)."""
+(its next call would find the process gone, with nothing in any log).
+
+Each worker process listens at an address of its own: multiprocessing keeps a thread's
+connection per server address, so a worker listening where a dead one had would be called
+over the dead one's connection."""
 
 from __future__ import annotations
 
@@ -30,3 +34,20 @@ def test_a_closed_sentinel_in_a_live_parent_leaves_the_worker_serving(tiny_llama
     finally:
         proc.stop()
         assert not proc.is_alive()
+
+
+def test_a_worker_started_after_one_was_killed_listens_elsewhere_and_answers(tiny_llama_dir):
+    config = worker_config(WorkerRole.DECODE, tiny_llama_dir, "reborn")
+    first = WorkerProcess(config, num_threads=1)
+    try:
+        assert first.worker.load().engine.num_free_blocks > 0  # this thread's connection
+    finally:
+        first.kill()
+    assert not os.path.exists(first.address)  # its socket's directory went with it
+    second = WorkerProcess(config, num_threads=1)
+    try:
+        assert second.address != first.address
+        assert second.worker.load().engine.num_free_blocks > 0
+    finally:
+        second.stop()
+    assert not os.path.exists(os.path.dirname(second.address))

@@ -87,7 +87,7 @@ def test_a_prefill_worker_killed_mid_partial_transfer_ends_with_the_lease(
         wait_state(decode, "delta-kill-p", DecodeState.RECEIVING)
         victim.kill()
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     final = collector.wait_final("delta-kill-p", timeout=15).final
     assert final.finish is FinishReason.ERROR and "lease expired" in final.error
 
@@ -111,7 +111,7 @@ def test_a_decode_worker_killed_mid_partial_transfer_the_kv_goes_to_another(
         held = collector.wait_outcome("delta-kill-d", timeout=30)
         assert held.status is PrefillStatus.HELD
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     second = reserve(collector, decode, "delta-kill-d-2", prompt, greedy(4))
     assert second.num_cached_tokens == 120
     assert prefill.submit(PrefillOrder("delta-kill-d-2", prompt, greedy(4), second.kv_endpoint,

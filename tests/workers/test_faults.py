@@ -117,7 +117,7 @@ def test_decode_worker_killed_mid_transfer_the_kv_is_resent_without_recompute(
         assert held.status is PrefillStatus.HELD
         assert "disconnected" in held.reason  # the dropped connection, not a timeout
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     assert resend(collector, prefill, decode.worker, "kill-d", "kill-d-2")
     streamed = collector.wait_final("kill-d-2", timeout=60)
     assert streamed.final.error == "" and streamed.token_ids == long_expected
@@ -147,7 +147,7 @@ def test_decode_worker_killed_while_the_prefill_waits_for_its_ack(tiny_llama_dir
         assert "disconnected" in held.reason or "acknowledgement" in held.reason
         assert held.stamps.prefill_end > 0  # the prefill had ended
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     want = LLM(str(tiny_llama_dir), block_size=4).generate([list(prompt)],
                                                           greedy(4))[0].token_ids
     assert resend(collector, prefill, decode.worker, "kill-d-ack", "kill-d-ack-2", prompt)
@@ -168,7 +168,7 @@ def test_a_held_job_no_order_claims_ends_by_itself(tiny_llama_dir, collector, pr
             victim.kill()
         assert collector.wait_outcome("unclaimed", timeout=30).status is PrefillStatus.HELD
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     assert prefill.job_state("unclaimed") is PrefillState.HELD
     wait_for(lambda: prefill.load().num_leases == 1, 5, "the held KV in the load report")
     wait_idle(prefill)  # within hold_s
@@ -194,7 +194,7 @@ def test_prefill_worker_killed_mid_transfer(tiny_llama_dir, collector, decode):
         wait_state(decode.worker, "kill-p", DecodeState.RECEIVING)
         victim.kill()
     finally:
-        victim.kill()
+        stop_all([victim])  # dead on purpose: no longer a worker that died under a test
     final = collector.wait_final("kill-p", timeout=15).final  # the lease expires
     assert final.finish is FinishReason.ERROR
     assert "lease expired" in final.error
