@@ -107,9 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     convert = sub.add_parser("convert", help="convert a built-in model into the model cache",
-                             description="Convert a built-in model once (with progress) and "
-                                         "print the folder it lives in.")
+                             description="Convert a built-in model once (with progress), "
+                                         "build this machine's CPU kernels into the same "
+                                         "cache (once per machine), and print the model's "
+                                         "folder. Workers then start without compiling.")
     convert.add_argument("model", nargs="?", default="smollm2-135m")
+    convert.add_argument("--no-kernels", action="store_true",
+                         help="skip the CPU kernels (workers then build them at their first "
+                              "start, or use torch ops where they cannot be built)")
     convert.set_defaults(func=cmd_convert)
 
     models = sub.add_parser("models", help="list the built-in models")
@@ -154,6 +159,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown built-in model {args.model!r}; "
                          f"known: {', '.join(sorted(BUILTIN_MODELS))}")
     print(resolve_model(args.model))
+    if not args.no_kernels:
+        from pdserve.engine.cpu_kernels import build_dir, cpu_kernels
+
+        t0 = time.perf_counter()
+        ready = cpu_kernels() is not None
+        print(f"CPU kernels {'ready' if ready else 'unavailable (the engine uses torch ops)'}"
+              f": {build_dir()} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     return 0
 
 

@@ -49,6 +49,7 @@ from pdserve.decode_worker import ColocatedWorker, DecodeWorker
 from pdserve.deploy.adaptive_worker import AdaptiveWorker
 from pdserve.deploy.heartbeat import Heartbeat, HeartbeatConfig
 from pdserve.deploy.logs import configure_logging
+from pdserve.engine.cpu_kernels import build_dir, build_in_progress
 from pdserve.prefill_worker import PrefillWorker
 from pdserve.protocol import WorkerRole
 from pdserve.worker import Worker, WorkerConfig
@@ -62,7 +63,8 @@ _CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
 
 
 _log = logging.getLogger(__name__)
-_LIFELINE_POLL_S = 1.0  # how soon a worker whose sentinel misled it notices its parent gone
+_LIFELINE_POLL_S = 1.0
+_BUILD_POLL_S = 1.0  # how often a start that waits for a kernel build looks again  # how soon a worker whose sentinel misled it notices its parent gone
 
 
 class WorkerStartError(RuntimeError):
@@ -114,7 +116,7 @@ class WorkerProcess:
         self._reaping = threading.RLock()
         self.process.start()
         child_conn.close()
-        if not conn.poll(start_timeout_s):
+        if not _await_start(conn, start_timeout_s):
             self.kill()
             raise WorkerStartError(f"{role.value} worker did not start in {start_timeout_s}s")
         try:
@@ -159,6 +161,23 @@ class WorkerProcess:
                 self.process.kill()
             self.process.join()
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _await_start(conn, timeout_s: float) -> bool:
+    """Whether the child answered (ready, failed or gone) within `timeout_s`, or later while
+    the CPU kernels compile: a build on the worker's own pinned core can take minutes, and
+    it happens once per machine, not per worker (engine.cpu_kernels)."""
+    if conn.poll(timeout_s):
+        return True
+    waited = False
+    while build_in_progress():
+        if not waited:
+            _log.warning("a worker still starts after %.0fs: waiting for the CPU kernels' "
+                         "build in progress (%s)", timeout_s, build_dir())
+            waited = True
+        if conn.poll(_BUILD_POLL_S):
+            return True
+    return conn.poll(0)
 
 
 def _serve(config: WorkerConfig, cpus, num_threads, heartbeat: HeartbeatConfig | None, conn,

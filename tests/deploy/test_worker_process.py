@@ -51,3 +51,30 @@ def test_a_worker_started_after_one_was_killed_listens_elsewhere_and_answers(tin
     finally:
         second.stop()
     assert not os.path.exists(os.path.dirname(second.address))
+
+
+def test_a_start_waits_past_its_timeout_only_while_the_kernels_build(tmp_path, monkeypatch):
+    """A worker compiling the CPU kernels on its one core may take minutes: its start is
+    awaited while the build's lock is there, and not beyond."""
+    import multiprocessing as mp
+    import threading
+
+    from pdserve.deploy.local import _await_start
+    from pdserve.engine.cpu_kernels import build_dir
+    from pdserve.models.registry import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    ours, theirs = mp.Pipe(duplex=False)
+    t0 = time.monotonic()
+    assert not _await_start(ours, 0.2)  # no build: the timeout holds
+    assert time.monotonic() - t0 < 2.0
+    build_dir().mkdir(parents=True)
+    lock = build_dir() / "lock"
+    lock.touch()
+    threading.Timer(1.5, theirs.send, args=(("ready", None),)).start()
+    assert _await_start(ours, 0.2)  # answered during the build, well past the timeout
+    assert ours.recv() == ("ready", None)
+    threading.Timer(1.0, lock.unlink).start()
+    t0 = time.monotonic()
+    assert not _await_start(ours, 0.2)  # the build ended and the worker still said nothing
+    assert 1.0 <= time.monotonic() - t0 < 4.0

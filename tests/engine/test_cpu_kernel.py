@@ -85,3 +85,39 @@ def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
     old = lock.stat().st_mtime - STALE_LOCK_S - 1
     os.utime(lock, (old, old))
     assert clear_stale_lock(tmp_path) and not lock.exists()
+
+
+def test_a_build_is_in_progress_while_its_lock_is_young(tmp_path, monkeypatch):
+    import os
+
+    from pdserve.engine.cpu_kernels import STALE_LOCK_S, build_dir, build_in_progress
+    from pdserve.models.registry import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert not build_in_progress()  # no build folder yet
+    build_dir().mkdir(parents=True)
+    lock = build_dir() / "lock"
+    lock.touch()
+    assert build_in_progress()
+    old = lock.stat().st_mtime - STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert not build_in_progress()  # a killed build's: nothing to wait for
+
+
+def test_the_sources_copy_is_rewritten_only_where_it_differs(tmp_path):
+    """Checkouts in other folders compile the same copy; a file whose content is unchanged
+    keeps its time, so the build does not redo it."""
+    from pdserve.engine.cpu_kernels import CSRC, SOURCES, _sources_copy
+
+    src = _sources_copy(tmp_path / "src")
+    for path in SOURCES:
+        assert (src / path.name).read_bytes() == path.read_bytes()
+    assert (src / "elementwise.h").is_file()  # the headers too
+    kept = src / SOURCES[0].name
+    stamp = kept.stat().st_mtime_ns
+    stale = src / SOURCES[1].name
+    stale.write_bytes(b"// another checkout's version\n")
+    _sources_copy(tmp_path / "src")
+    assert kept.stat().st_mtime_ns == stamp
+    assert stale.read_bytes() == (CSRC / SOURCES[1].name).read_bytes()
+    assert not [p for p in src.iterdir() if p.name.startswith(".")]  # no temporary left
