@@ -63,8 +63,8 @@ _CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
 
 
 _log = logging.getLogger(__name__)
-_LIFELINE_POLL_S = 1.0
-_BUILD_POLL_S = 1.0  # how often a start that waits for a kernel build looks again  # how soon a worker whose sentinel misled it notices its parent gone
+_LIFELINE_POLL_S = 1.0  # how soon a worker whose sentinel misled it notices its parent gone
+_BUILD_POLL_S = 1.0  # how often a start that waits for a kernel build looks again
 
 
 class WorkerStartError(RuntimeError):

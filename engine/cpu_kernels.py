@@ -17,9 +17,9 @@ else the first time an engine starts on a machine (about 30 s, minutes on a load
 machine or a single pinned core; needs a C++ compiler and ninja), and again when the
 sources change. The build compiles a copy of the sources kept in the cache, so checkouts
 of the same sources in other folders share one build (the compiler's command line names
-the source folder, and a new command line rebuilds everything). A worker process waits for a build in progress beyond its start timeout
-(deploy.local, `build_in_progress`). When the build fails the engine keeps the torch-ops
-path, which gives the same results.
+the source folder, and a new command line rebuilds everything). A worker process waits
+for a build in progress beyond its start timeout (deploy.local, `build_in_progress`).
+When the build fails the engine keeps the torch-ops path, which gives the same results.
 """
 
 from __future__ import annotations
