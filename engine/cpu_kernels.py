@@ -15,9 +15,10 @@ The module is built with torch's C++ extension loader into
 `$PDSERVE_CACHE_DIR/kernels/<cpu capability>/` by `pdserve convert` (`make model`), or
 else the first time an engine starts on a machine (about 30 s, minutes on a loaded
 machine or a single pinned core; needs a C++ compiler and ninja), and again when the
-sources change. The build compiles a copy of the sources kept in the cache, so checkouts
-of the same sources in other folders share one build (the compiler's command line names
-the source folder, and a new command line rebuilds everything). A worker process waits
+sources or the torch install change. The build compiles a copy of the sources kept in
+the cache, so checkouts of the same sources in other folders, with one virtual
+environment, share one build (the compiler's command line names the source folder and
+torch's headers, and a new command line rebuilds everything). A worker process waits
 for a build in progress beyond its start timeout (deploy.local, `build_in_progress`).
 When the build fails the engine keeps the torch-ops path, which gives the same results.
 """
