@@ -5,7 +5,10 @@ For each KV size, one transfer = a single layer's chunk of that many bytes sent 
 reserved, until the sender sees DONE (staging, framing, checksums, scatter and the
 acknowledgement included), for zmq-tcp, zmq-ipc and torch (gloo over TCP, control on ZMQ).
 Baselines, same bytes, same run: a raw ZMQ send of one frame (copy=False) to a second
-process that answers with one byte, and a torch tensor copy; with `--baseline PATH`, the
+process that answers with one byte; the same through the threads a KVSender has ("raw
+through threads": the caller hands the frame to an I/O thread through a mailbox and waits
+for it to see the answer, two hand-offs in all), which is the floor of any sender built
+that way; and a torch tensor copy; with `--baseline PATH`, the
 same transfers through the kvtransfer of an older checkout at PATH (one whose parts import
 as top-level packages, `kvtransfer.transports`), side by side; with `--curve`, the same
 transfers with the cluster's CURVE keys (authenticated, encrypted control plane and inline
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from tqdm import tqdm
 from pdserve.bench.child import Child
 from pdserve.deploy.spec import make_curve_keys
 from pdserve.engine.host_memory import tune_malloc
+from pdserve.kvtransfer.mailbox import Mailbox
 
 SIZES = [128 << 10, 1 << 20, 8 << 20, 64 << 20]
 HEADS, DIM, BLOCK = 3, 64, 16  # SmolLM2's KV shape per layer
@@ -165,6 +170,48 @@ def raw_zmq_times(bind: str, num_bytes: int, repeats: int) -> list[float]:
     return times
 
 
+def threaded_raw_times(bind: str, num_bytes: int, repeats: int) -> list[float]:
+    """`raw_zmq_times` with the socket on an I/O thread, as a KVSender's is: the caller
+    posts the frame to the thread's mailbox and waits for an event the thread sets when
+    the answer comes."""
+    child = Child(_raw_process, bind)
+    endpoint = child.recv()
+    mailbox, answered = Mailbox(), threading.Event()
+
+    def io() -> None:
+        sock = zmq.Context.instance().socket(zmq.PAIR)
+        sock.connect(endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mailbox.fd, zmq.POLLIN)
+        while True:
+            for item in mailbox.take():
+                sock.send(item, copy=False)
+                if len(item) == 0:
+                    sock.close(linger=1000)
+                    return
+            if sock in mailbox.poll(poller, 1000):
+                sock.recv()
+                answered.set()
+
+    thread = threading.Thread(target=io, daemon=True)
+    thread.start()
+    payload = torch.randn(num_bytes // 4).numpy()
+    times = []
+    for i in range(repeats + 1):
+        answered.clear()
+        t0 = time.perf_counter()
+        mailbox.put(payload)
+        answered.wait()
+        if i:
+            times.append(time.perf_counter() - t0)
+    mailbox.put(b"")
+    thread.join()
+    mailbox.close()
+    child.stop()
+    return times
+
+
 def copy_times(num_bytes: int, repeats: int) -> list[float]:
     src = torch.randn(num_bytes // 4)
     dst = torch.empty_like(src)
@@ -190,6 +237,9 @@ def measure(num_bytes: int, repeats: int, tmp: str, other: tuple[str, Impl] | No
     for name in ("zmq-tcp", "zmq-ipc"):
         raw_bind = binds[name] + ("-raw" if "ipc" in name else "")
         r[f"raw-{name}"] = summarize(raw_zmq_times(raw_bind, num_bytes, repeats), num_bytes)
+        r[f"threaded-raw-{name}"] = summarize(
+            threaded_raw_times(raw_bind + ("-thr" if "ipc" in name else ""), num_bytes,
+                               repeats), num_bytes)
     impls = {"": Impl()} | (dict([other]) if other else {})
     for name, kind in TRANSPORTS:
         for prefix, times in transport_times(impls, kind, binds[name], num_bytes,
@@ -202,15 +252,18 @@ def print_table(rows: list[dict], other: str | None) -> None:
     """`other`: the prefix of the implementation measured beside this tree's ("baseline-":
     ratio this / baseline; "curve-": ratio curve / without)."""
     ratio = "curve / plain" if other == "curve-" else "/ baseline"
-    print(f"\n{'size':>7} {'transport':>10} | {'GB/s':>6} {'raw GB/s':>8} {'/ raw':>6} | "
-          f"{'p50 / p99 ms':>15}" + (f" | {other[:-1] + ' GB/s':>13} {ratio:>13}"
-                                     if other else ""))
+    print(f"\n{'size':>7} {'transport':>10} | {'GB/s':>6} {'raw GB/s':>8} {'/ raw':>6} "
+          f"{'thr GB/s':>8} {'/ thr':>6} | {'p50 / p99 ms':>15} {'raw p50':>8} {'thr p50':>8}"
+          + (f" | {other[:-1] + ' GB/s':>13} {ratio:>13}" if other else ""))
     for r in rows:
         size = f"{r['bytes'] >> 10} KB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MB"
         for name, _ in TRANSPORTS:
-            t, raw = r[name], r["raw-" + name.replace("torch-gloo", "zmq-tcp")]
+            wire = name.replace("torch-gloo", "zmq-tcp")
+            t, raw, thr = r[name], r["raw-" + wire], r["threaded-raw-" + wire]
             line = (f"{size:>7} {name:>10} | {t['gbps']:6.2f} {raw['gbps']:8.2f} "
-                    f"{t['gbps'] / raw['gbps']:6.2f} | {t['p50_ms']:7.2f} / {t['p99_ms']:5.2f}")
+                    f"{t['gbps'] / raw['gbps']:6.2f} {thr['gbps']:8.2f} "
+                    f"{t['gbps'] / thr['gbps']:6.2f} | {t['p50_ms']:7.2f} / {t['p99_ms']:5.2f} "
+                    f"{raw['p50_ms']:8.2f} {thr['p50_ms']:8.2f}")
             if other:
                 b = r[other + name]
                 share = b["gbps"] / t["gbps"] if other == "curve-" else t["gbps"] / b["gbps"]

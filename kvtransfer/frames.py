@@ -68,31 +68,38 @@ def stage_frames(transfer_id: str, layer: int, start: int, k: torch.Tensor, v: t
     token_bytes = 2 * heads * dim * k.element_size()
     step = max(1, max_frame_bytes // max(1, token_bytes))
     dtype = str(k.dtype).removeprefix("torch.")
+    # host K/V as numpy byte rows, made once per chunk: numpy copies without waking torch's
+    # intra-op pool (which would compete with the engine's threads on an I/O thread), and
+    # a small frame's staging is dominated by the per-call cost of making such views
+    host = _byte_rows(k, v)
     for i in range(0, tokens, step):
         n = min(step, tokens - i)
-        # inference mode: K/V may be inference tensors, and a scratch buffer made here is one
-        with torch.inference_mode():
-            payload = alloc(n * token_bytes)
-            kv = payload.view(k.dtype).view(2, n, heads, dim)
-            if payload.device.type == k.device.type == v.device.type == "cpu":
-                _host_copy(kv, k[i:i + n], v[i:i + n])
-            elif payload.device == k.device == v.device:
-                torch.stack((k[i:i + n], v[i:i + n]), out=kv)  # one op: less than two copies
-            else:  # to or from a GPU
-                kv[0].copy_(k[i:i + n])
-                kv[1].copy_(v[i:i + n])
+        payload = alloc(n * token_bytes)
+        if host is not None and payload.device.type == "cpu":
+            out = payload.numpy().reshape(2, n, heads, -1)
+            out[0] = host[0][i:i + n]
+            out[1] = host[1][i:i + n]
+        else:
+            # inference mode: K/V may be inference tensors
+            with torch.inference_mode():
+                kv = payload.view(k.dtype).view(2, n, heads, dim)
+                if payload.device == k.device == v.device:
+                    torch.stack((k[i:i + n], v[i:i + n]), out=kv)  # one op, not two copies
+                else:  # to or from a GPU
+                    kv[0].copy_(k[i:i + n])
+                    kv[1].copy_(v[i:i + n])
         digest = 0 if payload.is_cuda else checksum(memoryview(payload.numpy()))
         yield Frame(ChunkHeader(transfer_id, layer, start + i, start + i + n, dtype, heads, dim,
                                 digest), payload)
 
 
-def _host_copy(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """K and V into `kv` ([2, tokens, heads, dim]) by numpy, as raw bytes: torch's copy
-    wakes its intra-op thread pool above ~32K elements, and on an I/O thread that pool
-    competes for the cores with the engine's own (bench/README.md, "KV transfer")."""
-    out = kv.view(torch.uint8).numpy()
-    for dst, src in ((out[0], k), (out[1], v)):
-        np.copyto(dst, src.view(torch.uint8).numpy())
+def _byte_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """K and V as numpy `[tokens, kv_heads, head_dim * element size]` uint8 views, when
+    both are host tensors that allow one (unit stride in head_dim); else None."""
+    if k.device.type != "cpu" or v.device.type != "cpu" or k.stride(-1) != 1 \
+            or v.stride(-1) != 1:
+        return None
+    return k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()
 
 
 class Scratch:

@@ -208,6 +208,20 @@ def test_two_byte_kv_is_staged_as_its_own_bytes():
     assert torch.equal(kv[0], k) and torch.equal(kv[1], v)
 
 
+def test_kv_with_a_strided_head_dim_is_staged_by_torch_alike():
+    """K/V whose head_dim is not unit-strided (no byte view): torch's copy, same bytes."""
+    k, v = fused_kv(6, 2)
+    k2, v2 = torch.stack((k, k), -1)[..., 0], torch.stack((v, v), -1)[..., 1]
+    assert k2.stride(-1) == 2 and torch.equal(k2, k)
+    frames = list(stage_frames("t", 0, 0, k2, v2, 4 * 2 * HEADS * DIM * 4))
+    assert [f.header.num_tokens for f in frames] == [4, 2]
+    for f in frames:
+        h = f.header
+        assert h.checksum == checksum(memoryview(f.payload.numpy()))
+        kv = f.payload.view(torch.float32).view(2, h.num_tokens, HEADS, DIM)
+        assert torch.equal(kv[0], k[h.start:h.end]) and torch.equal(kv[1], v[h.start:h.end])
+
+
 def test_a_scratch_buffer_is_reused_and_grows():
     scratch = Scratch()
     a = scratch.take(100)
