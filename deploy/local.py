@@ -65,6 +65,7 @@ _CLASSES = {WorkerRole.PREFILL: (PrefillWorker, ("submit",)),
 _log = logging.getLogger(__name__)
 _LIFELINE_POLL_S = 1.0  # how soon a worker whose sentinel misled it notices its parent gone
 _BUILD_POLL_S = 1.0  # how often a start that waits for a kernel build looks again
+_MAX_SOCKET_DIR = 90  # sun_path holds 108 bytes on Linux, 104 on macOS, with the file name
 
 
 class WorkerStartError(RuntimeError):
@@ -105,7 +106,7 @@ class WorkerProcess:
         ctx = mp.get_context("spawn")
         conn, child_conn = ctx.Pipe(duplex=False)
         authkey = os.urandom(16)
-        self._socket_dir = tempfile.mkdtemp(prefix="pdserve-worker-")
+        self._socket_dir = _socket_dir()
         self.address = address = os.path.join(self._socket_dir, "manager.sock")
         self.process = ctx.Process(
             target=_serve, args=(config, cpus, num_threads, heartbeat, child_conn, authkey,
@@ -161,6 +162,16 @@ class WorkerProcess:
                 self.process.kill()
             self.process.join()
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _socket_dir() -> str:
+    """A new private directory for a worker's socket: under $TMPDIR, or /tmp where that
+    path would be too long for a Unix socket's address (about 100 bytes)."""
+    folder = tempfile.mkdtemp(prefix="pdserve-worker-")
+    if len(folder) > _MAX_SOCKET_DIR:
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix="pdserve-worker-", dir="/tmp")
+    return folder
 
 
 def _await_start(conn, timeout_s: float) -> bool:

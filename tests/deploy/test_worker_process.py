@@ -78,3 +78,19 @@ def test_a_start_waits_past_its_timeout_only_while_the_kernels_build(tmp_path, m
     t0 = time.monotonic()
     assert not _await_start(ours, 0.2)  # the build ended and the worker still said nothing
     assert 1.0 <= time.monotonic() - t0 < 4.0
+
+
+def test_a_long_tmpdir_still_gives_a_socket_address_that_fits(tmp_path, monkeypatch):
+    import tempfile
+
+    from pdserve.deploy.local import _socket_dir
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = _socket_dir()
+    try:
+        assert len(os.path.join(folder, "manager.sock")) < 104
+        assert os.path.isdir(folder) and not list(deep.iterdir())  # the long one was removed
+    finally:
+        os.rmdir(folder)
