@@ -123,9 +123,13 @@ async def capacity(backend: Backend, window: list[Sample], concurrency: int) -> 
                 done_at.append(time.perf_counter() - start)
 
     await asyncio.gather(*(loop() for _ in range(concurrency)))
+    duration = time.perf_counter() - start
+    # with the latencies and where the prompts ran: a throughput gap between deployments
+    # shows there (e.g. prompts prefilled where they decode, stalling the batch)
     return {"rate": steady_rate(done_at, concurrency), "requests": len(window),
             "completed": len(done_at), "refused": sum(r.refused for r in results),
-            "concurrency": concurrency, "duration": time.perf_counter() - start}
+            "concurrency": concurrency, "duration": duration,
+            "summary": summarize(results, duration)}
 
 
 async def run_deployment(server: Server, r: Replay, args, slo: Slo | None,

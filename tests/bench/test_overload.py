@@ -76,6 +76,9 @@ def test_capacity_is_a_closed_loop_at_the_given_concurrency():
     assert backend.sent == 30 and backend.most == 3
     assert cap["completed"] == 20 and cap["refused"] == 10
     assert 10 < cap["rate"] < 1000
+    summary = cap["summary"]  # vLLM's keys over the closed loop's requests
+    assert summary["completed"] == 20 and summary["refused"] == 10
+    assert summary["disagg_requests"] == 0 and summary["median_ttft_ms"] == 1.0
 
 
 def run(mult, failed=0, refused=0, attainment=1.0, p99_refusal=0.0, leaked=0):
