@@ -145,7 +145,8 @@ class Door:
         options = candidates(self.predictor, n, list(remote.values()), list(decode.values()),
                              [s for wid, s in local.items() if wid not in unfit],
                              others=self.interference.others_ratio,
-                             incoming=partial(self.incoming.others_ratio, self.predictor))
+                             incoming=partial(self.incoming.others_ratio, self.predictor),
+                             unprotected=self.interference.unprotected)
         best = choose(options, slo := self.slo(req))
         if best is None:
             raise overloaded(

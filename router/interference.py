@@ -85,6 +85,11 @@ class InterferenceBook:
         """Requests on the worker with a TPOT SLO."""
         return len(self._on.get(worker_id, {}))
 
+    def unprotected(self, side) -> int:
+        """Requests decoding on a placement side's worker without a TPOT SLO (of its batch,
+        those this router protects aside): router.placement's `unprotected`."""
+        return max(0, side.batch - self.protected(side.record.worker_id))
+
     def joined(self, worker_id: str, transfer_id: str, stall: float,
                request: Decoding | None) -> None:
         """`transfer_id` was dispatched to the worker; its prefill there (if local) stalls

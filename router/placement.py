@@ -10,12 +10,17 @@ on its way there once the prefill's steps delay them (router.incoming) (a local 
 chosen only with room in those SLOs to spare; else the transfer is worth its cost) (the
 request's own SLOs, the router's default TTFT SLO when it has none; an SLO that is not set
 leaves its term out, and with neither the headroom is -TTFT in seconds, so the fastest
-first token wins). The choice is the placement with the most headroom: one that meets both
-SLOs beats any that does not, and among those that do, the one with the most slack; among
-those that do not, the one that misses by least; among equals, the one that stalls the
-requests already decoding least, then the earliest first token. A local placement must
-also fit the TPOT SLOs of the requests already decoding on its worker
-(router.interference, with the predicted stall).
+first token wins). A local prefill also delays the requests decoding on its worker that
+set no TPOT SLO, which no term above protects: that delay, summed over them, counts as
+first-token time of the placement (in the TTFT term, or the -TTFT), so with no SLOs the
+choice keeps the total delay least instead of buying one request's first token with the
+whole batch's time (a closed loop at capacity otherwise prefilled most prompts where they
+decode, next to an idle prefill worker, at half of 1P1D's throughput). The choice is the
+placement with the most headroom: one that meets both SLOs beats any that does not, and
+among those that do, the one with the most slack; among those that do not, the one that
+misses by least; among equals, the one that stalls the requests already decoding least,
+then the earliest first token. A local placement must also fit the TPOT SLOs of the
+requests already decoding on its worker (router.interference, with the predicted stall).
 
 The candidates are bounded for large clusters: the `width` best prefill workers by
 predicted prefill finish and the `width` best decode workers by batch, plus every worker
@@ -80,13 +85,14 @@ class Slo:
     tpot_s: float | None
 
     def headroom(self, p: Prediction) -> float:
-        terms = [1 - p.ttft_s / self.ttft_s] if self.ttft_s else []
+        first = p.ttft_s + p.others_delay_s
+        terms = [1 - first / self.ttft_s] if self.ttft_s else []
         if self.tpot_s:
             terms.append(1 - p.tpot_s / self.tpot_s)
         for ratio in (p.others_tpot_ratio, p.others_ttft_ratio):
             if ratio:
                 terms.append(1 - ratio)
-        return min(terms) if terms else -p.ttft_s
+        return min(terms) if terms else -first
 
     def met(self, p: Prediction) -> bool:
         return self.headroom(p) >= 0 if (self.ttft_s or self.tpot_s) else True
@@ -95,13 +101,16 @@ class Slo:
 def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
                decodes: Sequence[Side], local: Sequence[Side], width: int = WIDTH,
                others: Callable[[Side, float, float], float] | None = None,
-               incoming: Callable[[Side, int], float] | None = None) -> list[Placement]:
+               incoming: Callable[[Side, int], float] | None = None,
+               unprotected: Callable[[Side], int] | None = None) -> list[Placement]:
     """Every placement worth predicting: remote over the best (prefill, decode) pairs, and
     local on each of `local` (the workers where a local prefill fits). `others(side,
     step_s, stall_s)`: the worst TPOT over its SLO of the requests decoding on the side's
     worker once a local prefill's stall is charged (router.interference); `incoming(side,
     prompt)`: the worst TTFT over its SLO of the KVs on their way there, once the local
-    prefill's steps delay them (router.incoming)."""
+    prefill's steps delay them (router.incoming); `unprotected(side)`: how many requests
+    decoding on the side's worker set no TPOT SLO (the delay a local prefill adds to them
+    is charged to the placement)."""
     def best(sides: Sequence[Side], key: Callable[[Side], float]) -> list[Side]:
         top = heapq.nsmallest(width, sides, key=key)
         seen = {id(s) for s in top}
@@ -115,6 +124,8 @@ def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],
             p = replace(p, others_tpot_ratio=ratio)
         if incoming is not None:
             p = replace(p, others_ttft_ratio=incoming(s, prompt))
+        if unprotected is not None:
+            p = replace(p, others_delay_s=p.stall_s * unprotected(s))
         out.append(Placement(s.record.worker_id, "", p))
     if prefills and decodes:
         ps = best(prefills, lambda s: s.queued_tokens + prompt - s.cached_tokens)

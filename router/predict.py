@@ -81,6 +81,9 @@ class Prediction:
     # the worst TTFT, over its SLO, of the remote requests whose KV is on its way to that
     # worker once a local prefill's steps are charged to them (router.incoming); 0.0: none
     others_ttft_ratio: float = 0.0
+    # the time a local prefill's stall adds to the requests decoding there that set no
+    # TPOT SLO, summed over them (router.placement); 0.0: none, or a remote prefill
+    others_delay_s: float = 0.0
 
 
 class Predictor:

@@ -169,7 +169,8 @@ class RouterQueue:
         else:
             options = candidates(self.predictor, n, [], [], sides(free),
                                  others=self.interference.others_ratio,
-                                 incoming=partial(self.incoming.others_ratio, self.predictor))
+                                 incoming=partial(self.incoming.others_ratio, self.predictor),
+                                 unprotected=self.interference.unprotected)
         best = choose(options, slo)
         if best is None:
             return None

@@ -60,27 +60,33 @@ def publish(w: SimWorker, free: int, running: int, waiting: int, queued: int, ra
                         chunk_tokens=2048, adaptive=True)
 
 
-@pytest.mark.parametrize("p_queued, d_queued, slo_ms, expect", [
-    (0, 5000, (4000, 200), "remote"),  # the decode worker's queue is long: prefill apart
-    (3000, 0, (4000, 200), "local"),  # the prefill worker's is: prefill where it decodes
-    (3000, 0, (None, None), "local"),  # no SLO of its own: the router's default TTFT
-    (3000, 0, (300, 200), "refused"),  # no placement's first token comes in time
-    (0, 5000, (4000, 40), "refused"),  # no placement's TPOT is within the SLO
+@pytest.mark.parametrize("p_queued, d_queued, d_batch, slo_ms, expect", [
+    (0, 5000, 10, (4000, 200), "remote"),  # the decode worker's queue is long: apart
+    (3000, 0, 1, (4000, 200), "local"),  # the prefill worker's is: where it decodes
+    (3000, 0, 1, (None, None), "local"),  # no SLO of its own: the router's default TTFT
+    # ten requests decoding with no TPOT SLO the router knows of: a local prefill's stall
+    # delays each of them, which outweighs the prefill queue
+    (3000, 0, 10, (4000, 200), "remote"),
+    (3000, 0, 10, (None, None), "remote"),
+    (3000, 0, 10, (300, 200), "refused"),  # no placement's first token comes in time
+    (0, 5000, 10, (4000, 40), "refused"),  # no placement's TPOT is within the SLO
 ])
 def test_the_sims_placement_is_the_real_functions_choice_on_the_same_loads(
-        p_queued, d_queued, slo_ms, expect):
+        p_queued, d_queued, d_batch, slo_ms, expect):
     loop, (p, d), router = cluster(RouterConfig(cost_profile=PROFILE))
     p_rec = publish(p, BLOCKS, 1, 2, p_queued, 5000.0, 0.0, sent=500, in_flight=3)
-    d_rec = publish(d, BLOCKS - 400, 10, 0, d_queued, 4000.0, 0.045, in_flight=10)
+    d_rec = publish(d, BLOCKS - 400, d_batch, 0, d_queued, 4000.0, 0.045, in_flight=d_batch)
     n = 800
     ask = Ask(range(n), slo_ttft_ms=slo_ms[0], slo_tpot_ms=slo_ms[1])
     # by hand: the sides as router.placement's side_of makes them (queue: the larger of
     # report and ledger; batch: of running + waiting and this router's requests)
     sides_p = [Side(p_rec, max(p_queued, 500), 3)]
-    sides_d = [Side(d_rec, d_queued, 10)]
+    sides_d = [Side(d_rec, d_queued, d_batch)]
     slo = PlacementSlo(slo_ms[0] / 1000 if slo_ms[0] else 30.0,
                        slo_ms[1] / 1000 if slo_ms[1] else None)
-    best = choose(candidates(Predictor(PROFILE), n, sides_p, sides_d, sides_d), slo)
+    # none of the decoding requests is this router's: none has a TPOT SLO it protects
+    best = choose(candidates(Predictor(PROFILE), n, sides_p, sides_d, sides_d,
+                             unprotected=lambda side: side.batch), slo)
     placed, error = router.costed.place(ask)
     if expect == "refused":
         assert placed is None and error.code == "RESOURCE_EXHAUSTED"

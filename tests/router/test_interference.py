@@ -44,6 +44,8 @@ def test_each_local_prefill_is_charged_to_the_requests_already_there():
     assert book.fits(_record("other"), 100.0)
     book.joined("c", "d", stall=0.0, request=decoding(60.0, 11))  # disaggregated
     assert book.protected("c") == 2 and not book.fits(c, 0.2)  # d: 50 + 20 > 60 ms
+    side = type("Side", (), {"record": c, "batch": 3})()  # a, b and d decode there
+    assert book.unprotected(side) == 1  # b
     book.left("c", "d")
     book.left("c", "a")
     book.left("c", "a")  # idempotent

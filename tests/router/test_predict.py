@@ -228,3 +228,27 @@ def test_a_workers_measured_prefill_stall_adds_to_the_tpot_it_predicts():
     stalled = Side(replace(quiet.record, prefill_stall_s=0.05), 0, quiet.batch)
     assert p.tpot_s(stalled, 10) == pytest.approx(p.tpot_s(quiet, 10) + 0.05)
     assert p.local(stalled, 10).tpot_s == pytest.approx(p.local(quiet, 10).tpot_s + 0.05)
+
+
+def test_a_local_prefill_pays_for_the_time_it_adds_to_decodes_without_a_tpot_slo():
+    """No TPOT SLO protects the batch: the stall a local prefill adds to each request
+    decoding there counts as the placement's first-token time, so a first token a little
+    sooner does not cost the whole batch a prefill's time."""
+    # prompt tokens ten times dearer than STEP's: a prompt's chunk outweighs the decodes
+    p = Predictor(replace(_profile(latency_s=0.05, bytes_per_s=1e9),
+                          step=replace(STEP, token_s=1e-4)))
+    prefill = _side("p", WorkerRole.PREFILL)
+    decode = _side("d", WorkerRole.DECODE, batch=8)
+
+    def placed(slo, unprotected=None):
+        return choose(candidates(p, 2000, [prefill], [decode], [decode],
+                                 unprotected=unprotected), slo)
+
+    for slo in (Slo(None, None), Slo(30.0, None)):
+        assert not placed(slo).disaggregated  # the transfer's 50 ms saved, the batch ignored
+        assert placed(slo, lambda s: s.batch).disaggregated
+        assert not placed(slo, lambda s: 0).disaggregated  # nothing decoding unprotected
+    (local,) = [c for c in candidates(p, 2000, [prefill], [decode], [decode],
+                                      unprotected=lambda s: 8) if not c.disaggregated]
+    assert local.prediction.stall_s > 0
+    assert local.prediction.others_delay_s == pytest.approx(8 * local.prediction.stall_s)
