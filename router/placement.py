@@ -95,7 +95,10 @@ class Slo:
         return min(terms) if terms else -first
 
     def met(self, p: Prediction) -> bool:
-        return self.headroom(p) >= 0 if (self.ttft_s or self.tpot_s) else True
+        """Whether the placement meets the request's and the protected requests' SLOs (the
+        delay charged for unprotected decodes ranks placements; it is no SLO)."""
+        own = replace(p, others_delay_s=0.0)
+        return self.headroom(own) >= 0 if (self.ttft_s or self.tpot_s) else True
 
 
 def candidates(predictor: Predictor, prompt: int, prefills: Sequence[Side],

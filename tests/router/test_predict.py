@@ -252,3 +252,11 @@ def test_a_local_prefill_pays_for_the_time_it_adds_to_decodes_without_a_tpot_slo
                                       unprotected=lambda s: 8) if not c.disaggregated]
     assert local.prediction.stall_s > 0
     assert local.prediction.others_delay_s == pytest.approx(8 * local.prediction.stall_s)
+
+
+def test_the_delay_charged_for_unprotected_decodes_ranks_placements_but_is_no_slo():
+    slo = Slo(ttft_s=1.0, tpot_s=None)
+    local = Prediction(0.5, 0.05, stall_s=0.2, others_delay_s=2.0)
+    assert slo.headroom(local) < 0  # ranked as a 2.5 s first token
+    assert slo.met(local)  # its own first token, 0.5 s, is within the SLO
+    assert not slo.met(replace(local, ttft_s=1.5))
